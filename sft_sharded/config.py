@@ -1,0 +1,182 @@
+"""Typed, frozen run configuration; `load_config(yaml, ["a.b=1", ...])` with checks that name the key.
+
+This module does not import jax: the CLI reads the config first, then sets up simulated devices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MeshConfig:
+    data: int = 2
+    fsdp: int = 2
+    tensor: int = 2
+
+    def __post_init__(self):
+        sizes = dataclasses.asdict(self)
+        for key, size in sizes.items():
+            if size < 1 and size != -1:
+                raise ValueError(f"mesh.{key}={size}: must be a positive int or -1")
+        if list(sizes.values()).count(-1) > 1:
+            raise ValueError(f"mesh: at most one of data/fsdp/tensor may be -1, got {sizes}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    preset: str = "tiny"
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    remat: Literal["none", "full", "save_dots"] = "none"
+    scan_layers: bool = False
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    task: Literal["reverse", "sort", "mixed"] = "mixed"  # the built-in synthetic task
+    max_length: int = 32
+    batch_size: int = 64  # global, in rows
+    num_eval: int = 256  # held-out examples
+
+    def __post_init__(self):
+        for key in ("max_length", "batch_size", "num_eval"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"data.{key}={getattr(self, key)} must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class OptimConfig:
+    lr: float = 3e-3
+    warmup_steps: int = 20
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    end_lr_ratio: float = 0.1  # final lr = lr * end_lr_ratio
+    weight_decay: float = 0.01
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    clip_norm: float | None = 1.0
+    grad_accum_steps: int = 1
+
+    def __post_init__(self):
+        if self.lr <= 0:
+            raise ValueError(f"optim.lr={self.lr} must be > 0")
+        if self.warmup_steps < 0:
+            raise ValueError(f"optim.warmup_steps={self.warmup_steps} must be >= 0")
+        if not 0.0 <= self.end_lr_ratio <= 1.0:
+            raise ValueError(f"optim.end_lr_ratio={self.end_lr_ratio} must be in [0, 1]")
+        if self.clip_norm is not None and self.clip_norm <= 0:
+            raise ValueError(f"optim.clip_norm={self.clip_norm} must be > 0 or null")
+        if self.grad_accum_steps < 1:
+            raise ValueError(f"optim.grad_accum_steps={self.grad_accum_steps} must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class EvalConfig:
+    every: int = 100  # steps between held-out evaluations (0: only at the end)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    run_dir: str = "runs/default"
+    steps: int = 400
+    seed: int = 0
+    simulate_devices: int = 8  # CPU only: simulated devices set up before jax starts (0: leave as is)
+    log_every: int = 20
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+
+    def __post_init__(self):
+        if self.steps < 1:
+            raise ValueError(f"steps={self.steps} must be >= 1")
+        if self.log_every < 1:
+            raise ValueError(f"log_every={self.log_every} must be >= 1")
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """Check `value` against a field's type hint; ints widen to floats. Errors name the key."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Literal:
+        if value not in args:
+            raise ValueError(f"{key}={value!r} must be one of {list(args)}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(key, value, inner)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is float and isinstance(value, str):  # PyYAML reads "1e-3" (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            raise ValueError(f"{key}={value!r} must be a number") from None
+    if hint in (int, float, str, bool) and (type(value) is not hint):
+        raise ValueError(f"{key}={value!r} must be of type {hint.__name__}, got {type(value).__name__}")
+    return value
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        path = f"{prefix}{key}"
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=3)
+            hint = f"; did you mean {', '.join(prefix + c for c in close)}?" if close else ""
+            raise ValueError(f"unknown config key {path!r}{hint} (keys here: {', '.join(sorted(names))})")
+        if dataclasses.is_dataclass(hints[key]):
+            if not isinstance(value, dict):
+                raise ValueError(f"{path} must be a mapping, got {value!r}")
+            kwargs[key] = _build(hints[key], value, path + ".")
+        else:
+            kwargs[key] = _coerce(path, value, hints[key])
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        tree = tree.setdefault(part, {})
+        if not isinstance(tree, dict):
+            raise ValueError(f"override {dotted!r}: {part!r} is not a section")
+    tree[leaf] = value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    """TrainConfig from defaults, then a YAML file, then `KEY=VALUE` overrides (values parsed as YAML)."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except yaml.YAMLError as err:
+            raise ValueError(f"{path}: not valid YAML: {err}") from err
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ValueError(f"{path}: the top level must be a mapping of config keys")
+        values = loaded or {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"override {item!r} must look like key=value (e.g. optim.lr=1e-3)")
+        _set_dotted(values, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
+    return _build(TrainConfig, values, "")
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def dump_config(cfg: TrainConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -1,0 +1,207 @@
+"""Llama-family decoder (Llama, Qwen2 with q/k/v bias, Mistral) in flax linen, logical axis names only.
+
+Weights of rank 3 are declared with `self.param` and used with einsum: flax `DenseGeneral` with logical
+partitioning of >2-D kernels fails under `jax.set_mesh` (flax#3676). RoPE uses the Hugging Face
+"rotate half" layout so that imported checkpoints need no permutation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from sft_sharded.models.attention import dot_product_attention
+from sft_sharded.sharding import constrain
+
+RESIDUAL = ("batch", "length", "act_embed")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LlamaConfig:
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    mlp_dim: int
+    head_dim: int | None = None  # default hidden_size // num_heads
+    rope_theta: float = 10_000.0
+    rms_norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    qkv_bias: bool = False  # Qwen2
+    dtype: str = "float32"  # compute dtype
+    param_dtype: str = "float32"
+    remat: Literal["none", "full", "save_dots"] = "none"
+    scan_layers: bool = False
+    init_std: float = 0.02
+
+    def __post_init__(self):
+        for key in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "mlp_dim"):
+            if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
+                raise ValueError(f"LlamaConfig.{key}={getattr(self, key)!r} must be a positive int")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"LlamaConfig.num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}"
+            )
+        if self.head_dim is None and self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"LlamaConfig.hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}; "
+                "set head_dim explicitly"
+            )
+        if self.remat not in ("none", "full", "save_dots"):
+            raise ValueError(f"LlamaConfig.remat={self.remat!r} must be one of 'none', 'full', 'save_dots'")
+        for key in ("dtype", "param_dtype"):
+            jnp.dtype(getattr(self, key))  # raises a TypeError naming the bad dtype
+
+    @property
+    def head_size(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_heads
+
+    def num_params(self) -> int:
+        d, h, k, f, v = self.hidden_size, self.head_size, self.num_kv_heads, self.mlp_dim, self.vocab_size
+        attn = d * h * (2 * self.num_heads + 2 * k) + (h * (self.num_heads + 2 * k) if self.qkv_bias else 0)
+        layer = attn + 3 * d * f + 2 * d
+        return self.num_layers * layer + v * d * (1 if self.tie_embeddings else 2) + d
+
+
+def _param(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str, ...], init) -> jax.Array:
+    cfg = module.config
+    return module.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.dtype(cfg.param_dtype))
+
+
+class RMSNorm(nn.Module):
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
+        scale_D = _param(self, "scale", (x_BxTxD.shape[-1],), ("norm",), nn.initializers.ones)
+        x = x_BxTxD.astype(jnp.float32)
+        x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.config.rms_norm_eps)
+        return scale_D.astype(self.config.dtype) * x.astype(self.config.dtype)
+
+
+def rope(x_BxTxNxD: jax.Array, positions_BxT: jax.Array, theta: float) -> jax.Array:
+    """Rotary embedding, rotate-half layout, angles in float32."""
+    head_dim = x_BxTxNxD.shape[-1]
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    angles_BxTxH = positions_BxT.astype(jnp.float32)[..., None] * inv_freq
+    angles_BxTxD = jnp.concatenate([angles_BxTxH, angles_BxTxH], axis=-1)[:, :, None, :]
+    x = x_BxTxNxD.astype(jnp.float32)
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return (x * jnp.cos(angles_BxTxD) + rotated * jnp.sin(angles_BxTxD)).astype(x_BxTxNxD.dtype)
+
+
+class Attention(nn.Module):
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x_BxTxD, positions_BxT, segment_ids_BxT):
+        cfg = self.config
+        dtype, d, h = jnp.dtype(cfg.dtype), cfg.hidden_size, cfg.head_size
+        init = nn.initializers.normal(cfg.init_std)
+
+        def project(name, heads, head_axis):
+            w_DxNxH = _param(self, name, (d, heads, h), ("embed", head_axis, "head_dim"), init)
+            y = jnp.einsum("btd,dnh->btnh", x_BxTxD, w_DxNxH.astype(dtype))
+            if cfg.qkv_bias:
+                y = y + _param(self, name + "_bias", (heads, h), (head_axis, "head_dim"), nn.initializers.zeros).astype(dtype)
+            return y
+
+        q_BxTxNxH = project("wq", cfg.num_heads, "heads")
+        k_BxTxKxH = project("wk", cfg.num_kv_heads, "kv_heads")
+        v_BxTxKxH = project("wv", cfg.num_kv_heads, "kv_heads")
+        q_BxTxNxH = constrain(rope(q_BxTxNxH, positions_BxT, cfg.rope_theta), ("batch", "length", "act_heads", "head_dim"))
+        k_BxTxKxH = rope(k_BxTxKxH, positions_BxT, cfg.rope_theta)
+        out_BxTxNxH = dot_product_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT)
+        wo_NxHxD = _param(self, "wo", (cfg.num_heads, h, d), ("heads", "head_dim", "embed"), init)
+        return jnp.einsum("btnh,nhd->btd", out_BxTxNxH, wo_NxHxD.astype(dtype))
+
+
+class MLP(nn.Module):
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x_BxTxD):
+        cfg = self.config
+        dtype, d, f = jnp.dtype(cfg.dtype), cfg.hidden_size, cfg.mlp_dim
+        init = nn.initializers.normal(cfg.init_std)
+        gate_DxF = _param(self, "w_gate", (d, f), ("embed", "mlp"), init)
+        up_DxF = _param(self, "w_up", (d, f), ("embed", "mlp"), init)
+        down_FxD = _param(self, "w_down", (f, d), ("mlp", "embed"), init)
+        gate_BxTxF = jnp.einsum("btd,df->btf", x_BxTxD, gate_DxF.astype(dtype))
+        up_BxTxF = jnp.einsum("btd,df->btf", x_BxTxD, up_DxF.astype(dtype))
+        hidden_BxTxF = constrain(nn.silu(gate_BxTxF) * up_BxTxF, ("batch", "length", "act_mlp"))
+        return jnp.einsum("btf,fd->btd", hidden_BxTxF, down_FxD.astype(dtype))
+
+
+class DecoderLayer(nn.Module):
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x_BxTxD, positions_BxT, segment_ids_BxT):
+        cfg = self.config
+        x_BxTxD = x_BxTxD + Attention(cfg, name="attn")(RMSNorm(cfg, name="attn_norm")(x_BxTxD), positions_BxT, segment_ids_BxT)
+        x_BxTxD = x_BxTxD + MLP(cfg, name="mlp")(RMSNorm(cfg, name="mlp_norm")(x_BxTxD))
+        x_BxTxD = constrain(x_BxTxD, RESIDUAL)
+        if cfg.scan_layers:
+            return x_BxTxD, None
+        return x_BxTxD
+
+
+_REMAT_POLICIES = {
+    "full": None,  # save nothing: recompute the whole layer in the backward pass
+    "save_dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+class Llama(nn.Module):
+    """`apply({'params': p}, input_ids_BxT, positions=None, segment_ids=None) -> logits_BxTxV` (float32)."""
+
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, input_ids_BxT, positions=None, segment_ids=None):
+        cfg = self.config
+        dtype = jnp.dtype(cfg.dtype)
+        batch, length = input_ids_BxT.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+        embedding_VxD = _param(
+            self, "embedding", (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), nn.initializers.normal(cfg.init_std)
+        )
+        # Gather from a table whose hidden dim is whole (vocab stays split): with the hidden dim on fsdp the
+        # partitioner cannot map the gather onto batch-sharded activations and replicates everything.
+        table_VxD = constrain(embedding_VxD, ("vocab", None))
+        x_BxTxD = constrain(jnp.take(table_VxD, input_ids_BxT, axis=0).astype(dtype), RESIDUAL)
+
+        layer_cls = DecoderLayer
+        if cfg.remat != "none":
+            layer_cls = nn.remat(DecoderLayer, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+        if cfg.scan_layers:
+            stack = nn.scan(
+                layer_cls,
+                variable_axes={"params": 0},
+                split_rngs={"params": True},
+                in_axes=(nn.broadcast, nn.broadcast),
+                length=cfg.num_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )
+            x_BxTxD, _ = stack(cfg, name="layers")(x_BxTxD, positions, segment_ids)
+        else:
+            for i in range(cfg.num_layers):
+                x_BxTxD = layer_cls(cfg, name=f"layer_{i}")(x_BxTxD, positions, segment_ids)
+
+        x_BxTxD = RMSNorm(cfg, name="final_norm")(x_BxTxD)
+        if cfg.tie_embeddings:
+            head_DxV = embedding_VxD.T
+        else:
+            head_DxV = _param(
+                self, "lm_head", (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), nn.initializers.normal(cfg.init_std)
+            )
+        logits_BxTxV = jnp.einsum("btd,dv->btv", x_BxTxD, head_DxV.astype(dtype), preferred_element_type=jnp.float32)
+        return constrain(logits_BxTxV, ("batch", "length", "act_vocab"))

@@ -1,0 +1,29 @@
+"""Named model shapes. Sizes from each family's published config.json."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from sft_sharded.models.llama import LlamaConfig
+
+PRESETS: dict[str, dict] = {
+    # The built-in task's model: a few hundred thousand params, trains in minutes on a laptop CPU.
+    "tiny": dict(vocab_size=384, hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, mlp_dim=384),
+    "llama3.2-1b": dict(vocab_size=128256, hidden_size=2048, num_layers=16, num_heads=32, num_kv_heads=8,
+                        mlp_dim=8192, rope_theta=500_000.0, tie_embeddings=True),
+    "llama3.1-8b": dict(vocab_size=128256, hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8,
+                        mlp_dim=14336, rope_theta=500_000.0),
+    "qwen2.5-0.5b": dict(vocab_size=151936, hidden_size=896, num_layers=24, num_heads=14, num_kv_heads=2,
+                         mlp_dim=4864, rope_theta=1_000_000.0, rms_norm_eps=1e-6, tie_embeddings=True, qkv_bias=True),
+    "qwen2.5-7b": dict(vocab_size=152064, hidden_size=3584, num_layers=28, num_heads=28, num_kv_heads=4,
+                       mlp_dim=18944, rope_theta=1_000_000.0, rms_norm_eps=1e-6, qkv_bias=True),
+    "mistral-7b": dict(vocab_size=32768, hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8,
+                       mlp_dim=14336, rope_theta=1_000_000.0),
+}
+
+
+def preset(name: str, **overrides) -> LlamaConfig:
+    """LlamaConfig for a named shape; `overrides` replace fields (dtype, remat, ...)."""
+    if name not in PRESETS:
+        raise ValueError(f"model.preset={name!r} is not one of {sorted(PRESETS)}")
+    return dataclasses.replace(LlamaConfig(**PRESETS[name]), **overrides)

@@ -1,0 +1,55 @@
+"""make_optimizer(OptimConfig, total_steps) -> optax: clip, AdamW, warmup then cosine/linear decay."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import optax
+
+from sft_sharded.config import OptimConfig
+
+_NO_DECAY_NAMES = ("bias", "scale", "norm")
+
+
+def _key_name(entry: Any) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(entry, attr):
+            return str(getattr(entry, attr))
+    return str(entry)
+
+
+def decay_mask(params: Any) -> Any:
+    """True where weight decay applies: not on norm scales or biases (matched by parameter path name,
+    because with scan-over-layers a norm scale is 2-D and a rank rule would decay it)."""
+    def decays(path, _):
+        names = [_key_name(entry).lower() for entry in path]
+        return not any(marker in name for name in names for marker in _NO_DECAY_NAMES)
+
+    return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def make_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
+    """Linear warmup from 0 to lr, then decay to lr * end_lr_ratio at `total_steps` (optimizer updates)."""
+    end = cfg.lr * cfg.end_lr_ratio
+    warmup = min(cfg.warmup_steps, total_steps)
+    decay_steps = max(total_steps - warmup, 1)
+    if cfg.schedule == "cosine":
+        decay = optax.cosine_decay_schedule(cfg.lr, decay_steps, alpha=cfg.end_lr_ratio)
+    elif cfg.schedule == "linear":
+        decay = optax.linear_schedule(cfg.lr, end, decay_steps)
+    else:
+        decay = optax.constant_schedule(cfg.lr)
+    if warmup == 0:
+        return decay
+    return optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, warmup), decay], [warmup])
+
+
+def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
+    tx = optax.adamw(
+        make_schedule(cfg, total_steps), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+        weight_decay=cfg.weight_decay, mask=decay_mask,
+    )
+    if cfg.clip_norm is not None:
+        tx = optax.chain(optax.clip_by_global_norm(cfg.clip_norm), tx)
+    return tx

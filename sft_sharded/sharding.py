@@ -1,0 +1,188 @@
+"""The one place that knows mesh axis names: mesh, logical-axis rules, shardings, global batches.
+
+Models speak logical names only ("embed", "mlp", "heads", ...). `LOGICAL_AXIS_RULES` maps them to the
+mesh axes `data` (replicas), `fsdp` (data parallel with sharded params and optimizer state) and `tensor`
+(Megatron-style splits of heads, mlp and vocab). A dimension its mesh axes do not divide is replicated on
+those axes with a one-time warning: the table says where things go when they can, the shapes decide.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+# Logical name -> mesh axes. Activation names ("act_*") are separate from weight names so that sharding
+# a weight's hidden dim on fsdp does not drag the residual stream onto fsdp (see STACK-NOTES, speed).
+LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", BATCH_AXES),
+    ("embed", "fsdp"),
+    ("act_embed", None),
+    ("mlp", "tensor"),
+    ("act_mlp", "tensor"),
+    ("heads", "tensor"),
+    ("act_heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("act_kv_heads", "tensor"),
+    ("vocab", "tensor"),
+    ("act_vocab", "tensor"),
+    ("length", None),
+    ("head_dim", None),
+    ("layers", None),
+    ("norm", None),
+)
+
+_warned: set[tuple] = set()
+
+
+def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Sequence[Any] | None = None) -> Mesh:
+    """A Mesh with axes ("data", "fsdp", "tensor") over `devices` (default: all); one size may be -1."""
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = {"data": data, "fsdp": fsdp, "tensor": tensor}
+    for name, size in sizes.items():
+        if not isinstance(size, int) or (size < 1 and size != -1):
+            raise ValueError(f"mesh.{name}={size!r}: each mesh size must be a positive int or -1")
+    free = [name for name, size in sizes.items() if size == -1]
+    if len(free) > 1:
+        raise ValueError(f"mesh {sizes}: at most one axis may be -1, got {free}")
+    fixed = math.prod(size for size in sizes.values() if size != -1)
+    if free:
+        if len(devices) % fixed:
+            raise ValueError(
+                f"mesh {sizes}: the fixed axes multiply to {fixed}, which does not divide the "
+                f"{len(devices)} available devices"
+            )
+        sizes[free[0]] = len(devices) // fixed
+    shape = tuple(sizes[name] for name in MESH_AXES)
+    if math.prod(shape) != len(devices):
+        raise ValueError(
+            f"mesh data={shape[0]} x fsdp={shape[1]} x tensor={shape[2]} = {math.prod(shape)} devices, "
+            f"but {len(devices)} devices are available"
+        )
+    # jax.make_mesh orders devices by physical topology (TPU/GPU); Auto axes keep flax logical rules working.
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+
+
+def _axis_size(mesh_axes: Any, mesh: Mesh) -> int:
+    if mesh_axes is None:
+        return 1
+    names = (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes)
+    return math.prod(mesh.shape[name] for name in names)
+
+
+def _fit_spec(spec: P, shape: Sequence[int], mesh: Mesh, what: str) -> P:
+    """Drop the mesh axes of any dimension they do not divide (replicate it), warning once."""
+    entries = list(spec) + [None] * (len(shape) - len(spec))
+    for dim, mesh_axes in enumerate(entries):
+        size = _axis_size(mesh_axes, mesh)
+        if size > 1 and shape[dim] % size:
+            key = (shape[dim], mesh_axes)  # once per size and axes, not once per leaf
+            if key not in _warned:
+                _warned.add(key)
+                warnings.warn(
+                    f"{what}: dimension {dim} of shape {tuple(shape)} is not divisible by mesh axes "
+                    f"{mesh_axes} (size {size}); replicating it on those axes (here and in every other "
+                    f"array with a dimension of {shape[dim]} on {mesh_axes})",
+                    stacklevel=3,
+                )
+            entries[dim] = None
+    return P(*entries)
+
+
+def logical_to_sharding(
+    logical_spec: P | None, shape: Sequence[int], mesh: Mesh, rules=LOGICAL_AXIS_RULES, what: str = "array"
+) -> NamedSharding:
+    """NamedSharding for one array from its logical axis names (None or P() means replicated)."""
+    if logical_spec is None or len(logical_spec) == 0:
+        return NamedSharding(mesh, P())
+    mesh_spec = nn.logical_to_mesh_axes(tuple(logical_spec), rules)
+    return NamedSharding(mesh, _fit_spec(mesh_spec, shape, mesh, what))
+
+
+def tree_shardings(abstract_boxed: Any, mesh: Mesh, rules=LOGICAL_AXIS_RULES) -> Any:
+    """Shardings for an abstract tree whose leaves may be boxed in `nn.LogicallyPartitioned`.
+
+    Returns a tree with the unboxed structure (the one the jitted functions see).
+    """
+    def one(path, leaf):
+        what = jax.tree_util.keystr(path)
+        if isinstance(leaf, nn.Partitioned):
+            names = leaf.names
+            value = leaf.value
+            if not isinstance(leaf, nn.LogicallyPartitioned):  # already mesh axis names
+                return NamedSharding(mesh, _fit_spec(P(*names), value.shape, mesh, what))
+            return logical_to_sharding(P(*names), value.shape, mesh, rules, what)
+        return NamedSharding(mesh, P())
+
+    return jax.tree_util.tree_map_with_path(one, abstract_boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+
+
+def unbox(tree: Any) -> Any:
+    """Take `.value` of every `nn.Partitioned` leaf without applying sharding constraints."""
+    return jax.tree.map(
+        lambda x: x.value if isinstance(x, nn.Partitioned) else x, tree, is_leaf=lambda x: isinstance(x, nn.Partitioned)
+    )
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+    return _axis_size(BATCH_AXES, mesh)
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+    """Batch dim split over ("data", "fsdp"); the rest replicated."""
+    return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def constrain(x: jax.Array, logical_axes: tuple[str | None, ...]) -> jax.Array:
+    """Logical sharding constraint for an activation; a no-op outside a mesh, dims that do not divide replicate.
+
+    Called by models under `jax.set_mesh(mesh)` and `nn.logical_axis_rules(rules)` (the Trainer sets both).
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    mesh_spec = nn.logical_to_mesh_axes(logical_axes)
+    if mesh_spec is None:
+        return x
+    spec = _fit_spec(mesh_spec, x.shape, mesh, f"activation {logical_axes}")
+    return jax.lax.with_sharding_constraint(x, spec)
+
+
+def global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """Assemble each process's slice of the batch into global arrays sharded on ("data", "fsdp").
+
+    Single process: the local batch is the global batch. Many processes: each passes its own rows, in
+    process order; `make_array_from_process_local_data` never assumes contiguous device ids.
+    """
+    out = {}
+    for key, local in local_batch.items():
+        local = np.asarray(local)
+        global_shape = (local.shape[0] * jax.process_count(), *local.shape[1:])
+        out[key] = jax.make_array_from_process_local_data(batch_sharding(mesh, local.ndim), local, global_shape)
+    return out
+
+
+def split_microbatches(x_BxT: jax.Array, k: int, mesh: Mesh) -> jax.Array:
+    """[B, ...] -> [k, B/k, ...] with micro-batch i = rows i, i+k, i+2k, ...
+
+    Interleaving keeps every micro-batch spread over all data-parallel devices (each device's rows feed
+    every micro-batch) so the split needs no communication.
+    """
+    rows = x_BxT.shape[0]
+    x = x_BxT.reshape(rows // k, k, *x_BxT.shape[1:]).swapaxes(0, 1)
+    if (rows // k) % data_parallel_size(mesh) == 0:
+        x = jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(None, BATCH_AXES)))
+    return x

@@ -1,0 +1,211 @@
+"""TrainState and the Trainer base class: shardings, the jitted train/eval steps, gradient accumulation.
+
+A subclass says how to build the state and what the loss is; everything that touches the mesh lives
+here. The step differentiates the *summed* loss of every micro-batch and divides by the global token
+count once, so any mesh and any `grad_accum_steps` give the token-weighted mean over the whole batch.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from sft_sharded import sharding
+from sft_sharded.losses import LossTerms
+
+Batch = Mapping[str, Any]
+BATCH_KEYS = ("input_ids", "labels", "loss_mask", "segment_ids", "positions")
+
+
+@flax.struct.dataclass
+class TrainState:
+    params: Any
+    opt_state: Any
+    step: jax.Array
+
+
+class Trainer(abc.ABC):
+    """Base trainer. Options: `mesh` (default: every device on "fsdp"), `grad_accum_steps`,
+    `pad_label_id` (label id treated as padding when a batch has no `loss_mask`; None: off), `z_loss`,
+    `rules` (logical axis rules; default `sharding.LOGICAL_AXIS_RULES`)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: optax.GradientTransformation,
+        *,
+        mesh: jax.sharding.Mesh | None = None,
+        grad_accum_steps: int = 1,
+        pad_label_id: int | None = 0,
+        z_loss: float = 0.0,
+        rules=sharding.LOGICAL_AXIS_RULES,
+    ):
+        if not isinstance(grad_accum_steps, int) or grad_accum_steps < 1:
+            raise ValueError(f"grad_accum_steps={grad_accum_steps!r} must be an int >= 1")
+        self.model = model
+        self.optimizer = optimizer
+        self.mesh = mesh if mesh is not None else sharding.make_mesh()
+        self.grad_accum_steps = grad_accum_steps
+        self.pad_label_id = pad_label_id
+        self.z_loss = z_loss
+        self.rules = rules
+        self.state_shardings: Any = None  # set by init_sharded (create_train_state)
+        self.abstract_state: Any = None  # ShapeDtypeStructs with shardings, e.g. a checkpoint restore target
+        self._jitted: dict[str, Callable] = {}
+        self._checked_signatures: set = set()
+
+    # --- what a subclass provides -------------------------------------------------------------------
+    @abc.abstractmethod
+    def create_train_state(self, key: jax.Array, dummy_input: jax.Array) -> TrainState:
+        """Sharded TrainState(params, opt_state, step=0); implementations call `init_sharded`."""
+
+    @abc.abstractmethod
+    def compute_loss(self, params: Any, batch: Batch) -> jax.Array:
+        """Scalar float32 loss of the batch."""
+
+    def loss_terms(self, params: Any, batch: Batch) -> tuple[LossTerms, dict[str, jax.Array]]:
+        """(loss sum, weight) and extra metric sums. Default: the mean with weight 1, so micro-batches
+        count equally; SFTTrainer overrides it with per-token sums for exact token weighting."""
+        return LossTerms(self.compute_loss(params, batch), jnp.float32(1.0)), {}
+
+    # --- mesh context and sharded init --------------------------------------------------------------
+    @contextlib.contextmanager
+    def activate(self):
+        """The mesh and logical rules that model code (and its sharding constraints) trace under."""
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+            yield
+
+    def init_sharded(self, init_fn: Callable[[jax.Array, jax.Array], Any], key: jax.Array, dummy_input) -> Any:
+        """Run `init_fn(key, dummy_input)` (may return `nn.Partitioned` leaves) straight into its shardings:
+        shapes from `eval_shape`, specs from the logical rules, then `jit(out_shardings=...)`."""
+        with self.activate():
+            abstract_boxed = jax.eval_shape(init_fn, key, dummy_input)
+            self.state_shardings = sharding.tree_shardings(abstract_boxed, self.mesh, self.rules)
+            self.abstract_state = jax.tree.map(
+                lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                sharding.unbox(abstract_boxed), self.state_shardings,
+            )
+            init = jax.jit(lambda k, x: sharding.unbox(init_fn(k, x)), out_shardings=self.state_shardings)
+            state = init(key, dummy_input)
+        self._jitted.clear()
+        return state
+
+    # --- the compiled steps -------------------------------------------------------------------------
+    def train_step(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
+        """One optimizer update on the global batch. Donates `state`: do not reuse the argument."""
+        return self._run("train", state, batch)
+
+    def eval_step(self, state: TrainState, batch: Batch) -> dict[str, jax.Array]:
+        """Loss (and extra) sums and counts on a batch, no update."""
+        return self._run("eval", state, batch)
+
+    def loss_and_grad(self, params: Any, batch: Batch) -> tuple[jax.Array, Any]:
+        """The train step's loss and gradients (after the single division), without an update."""
+        return self._run("grad", params, batch)
+
+    def _run(self, kind: str, first: Any, batch: Batch):
+        self._check_batch(batch)
+        if kind not in self._jitted:
+            self._jitted[kind] = self._build(kind)
+        batch = {key: batch[key] for key in BATCH_KEYS if key in batch}
+        with self.activate():
+            return self._jitted[kind](first, batch)
+
+    def _build(self, kind: str) -> Callable:
+        if self.state_shardings is None:
+            raise RuntimeError("call create_train_state first: it fixes the shardings the steps compile for")
+        batch_sh = sharding.batch_sharding(self.mesh)  # a prefix: every batch array is [B, T]
+        repl = sharding.replicated(self.mesh)
+        if kind == "train":
+            return jax.jit(self._train_step_fn, in_shardings=(self.state_shardings, batch_sh),
+                           out_shardings=(self.state_shardings, repl), donate_argnums=0)
+        if kind == "eval":
+            return jax.jit(self._eval_step_fn, in_shardings=(self.state_shardings, batch_sh), out_shardings=repl)
+        params_sh = self.state_shardings.params
+        return jax.jit(self._grad_fn, in_shardings=(params_sh, batch_sh), out_shardings=(repl, params_sh))
+
+    def _sums_and_grads(self, params: Any, batch: Batch):
+        """Summed loss, token count, extra sums and the gradient of the sum, over `grad_accum_steps` micro-batches."""
+        def micro(mb):
+            def f(p):
+                terms, extra = self.loss_terms(p, mb)
+                return terms.loss_sum, (terms.num_tokens, extra)
+            (loss_sum, (num_tokens, extra)), grads = jax.value_and_grad(f, has_aux=True)(params)
+            return (loss_sum, num_tokens, extra), grads
+
+        k = self.grad_accum_steps
+        if k == 1:
+            return micro(batch)
+        micro_batches = {key: sharding.split_microbatches(x, k, self.mesh) for key, x in batch.items()}
+
+        def body(acc, mb):
+            sums, grads = micro(mb)
+            return jax.tree.map(jnp.add, acc, (sums, grads)), None
+
+        zero_sums, _ = jax.eval_shape(micro, jax.tree.map(lambda x: x[0], micro_batches))
+        init = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero_sums), jax.tree.map(
+            lambda p: jnp.zeros(p.shape, jnp.float32), params
+        )
+        (sums, grads), _ = jax.lax.scan(body, init, micro_batches)
+        return sums, grads
+
+    def _grad_fn(self, params, batch):
+        (loss_sum, num_tokens, extra), grads = self._sums_and_grads(params, batch)
+        denom = jnp.maximum(num_tokens, 1.0)
+        grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, params)
+        return loss_sum / denom, grads
+
+    def _train_step_fn(self, state: TrainState, batch: Batch):
+        (loss_sum, num_tokens, extra), grads = self._sums_and_grads(state.params, batch)
+        denom = jnp.maximum(num_tokens, 1.0)
+        grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, state.params)
+        updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {"loss": loss_sum / denom, "loss_sum": loss_sum, "num_tokens": num_tokens,
+                   "grad_norm": optax.global_norm(grads), **extra}
+        return TrainState(params, opt_state, state.step + 1), metrics
+
+    def _eval_step_fn(self, state: TrainState, batch: Batch):
+        terms, extra = self.loss_terms(state.params, batch)
+        return {"loss": terms.mean(), "loss_sum": terms.loss_sum, "num_tokens": terms.num_tokens, **extra}
+
+    # --- input checks (host side, once per batch signature) -----------------------------------------
+    def _check_batch(self, batch: Batch) -> None:
+        if not isinstance(batch, Mapping):
+            raise TypeError(f"batch must be a mapping of arrays with keys {BATCH_KEYS}, got {type(batch).__name__}")
+        signature = tuple(sorted((k, tuple(np.shape(v)), str(getattr(v, "dtype", type(v)))) for k, v in batch.items()))
+        if signature in self._checked_signatures:
+            return
+        for key in ("input_ids", "labels"):
+            if key not in batch:
+                raise KeyError(f"batch is missing {key!r}; it has keys {sorted(batch)}")
+        unknown = sorted(set(batch) - set(BATCH_KEYS))
+        if unknown:
+            raise KeyError(f"batch has unknown keys {unknown}; allowed keys are {list(BATCH_KEYS)}")
+        shape = tuple(np.shape(batch["input_ids"]))
+        if len(shape) != 2:
+            raise ValueError(f"batch['input_ids'] must be [batch, length], got shape {shape}")
+        for key, value in batch.items():
+            dtype = np.dtype(getattr(value, "dtype", np.asarray(value).dtype))
+            if tuple(np.shape(value)) != shape:
+                raise ValueError(f"batch[{key!r}] has shape {tuple(np.shape(value))}, expected {shape} like input_ids")
+            if key != "loss_mask" and not np.issubdtype(dtype, np.integer):
+                raise TypeError(f"batch[{key!r}] must hold integer ids, got dtype {dtype}")
+        rows, dp, k = shape[0], sharding.data_parallel_size(self.mesh), self.grad_accum_steps
+        if rows % dp:
+            raise ValueError(
+                f"batch size {rows} (batch['input_ids'].shape={shape}) is not divisible by the data-parallel "
+                f"size data x fsdp = {dp} of mesh {dict(self.mesh.shape)}"
+            )
+        if rows % k:
+            raise ValueError(f"batch size {rows} is not divisible by grad_accum_steps={k}")
+        self._checked_signatures.add(signature)
