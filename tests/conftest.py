@@ -1,0 +1,23 @@
+"""8 simulated CPU devices, set before jax is imported anywhere in the test session."""
+
+import os
+
+os.environ["XLA_FLAGS"] = " ".join(
+    [f for f in os.environ.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
+    + ["--xla_force_host_platform_device_count=8"]
+)
+os.environ["JAX_PLATFORMS"] = "cpu"
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+from sft_sharded.models import LlamaConfig  # noqa: E402
+
+assert jax.device_count() == 8, jax.devices()
+
+
+@pytest.fixture
+def tiny_config() -> LlamaConfig:
+    """GQA (4 query heads on 2 kv heads), untied, small enough for exact float32 comparisons."""
+    return LlamaConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=64,
+                       init_std=0.2)

@@ -1,0 +1,256 @@
+"""SFTTrainer against independent references: a single-device jax loss written here, and numpy."""
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import PartitionSpec as P
+from reference import GRAD_TOL, masked_ce, random_batch, to_numpy
+
+from sft_sharded import Llama, SFTTrainer, make_mesh
+from sft_sharded.sharding import unbox
+
+MESHES = [(8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 2, 4)]
+
+
+def reference_loss(model, params, batch, mask):
+    """Single-device masked mean cross entropy, written without the library's loss code."""
+    logits = model.apply({"params": params}, batch["input_ids"], **{k: batch[k] for k in ("segment_ids", "positions") if k in batch})
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    picked = jnp.take_along_axis(logp, jnp.where(mask, batch["labels"], 0)[..., None], -1)[..., 0]
+    return -jnp.sum(jnp.where(mask, picked, 0.0)) / jnp.maximum(mask.sum(), 1)
+
+
+def single_device(fn, *args):
+    """Run `fn` on one device with every input replicated there (no mesh)."""
+    device = jax.devices()[0]
+    args = jax.device_put(jax.tree.map(np.asarray, args), device)
+    return jax.jit(fn)(*args)
+
+
+def jit_loss(trainer, params, batch):
+    """`compute_loss` compiled under the trainer's mesh (eager op-by-op execution is slow on 8 devices)."""
+    with trainer.activate():
+        return jax.jit(trainer.compute_loss)(params, batch)
+
+
+def make_trainer(cfg, mesh_shape=(1, 8, 1), optimizer=None, **options):
+    mesh = make_mesh(*mesh_shape)
+    trainer = SFTTrainer(Llama(cfg), optimizer or optax.sgd(0.1), mesh=mesh, **options)
+    state = trainer.create_train_state(jax.random.key(0), jnp.zeros((8, 16), jnp.int32))
+    return trainer, state
+
+
+@pytest.mark.parametrize("mesh_shape", MESHES)
+def test_loss_and_grads_match_single_device_on_every_mesh(tiny_config, mesh_shape):
+    trainer, state = make_trainer(tiny_config, mesh_shape)
+    batch = random_batch(0)
+    mask = (batch["labels"] != 0) & (batch["labels"] != -100)
+    params = jax.device_get(state.params)
+    ref_loss, ref_grads = single_device(
+        jax.value_and_grad(lambda p, b, m: reference_loss(Llama(tiny_config), p, b, m)), params, batch, mask
+    )
+    loss, grads = trainer.loss_and_grad(state.params, batch)
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+    if mesh_shape == (2, 2, 2):  # the public method also works eagerly, outside any jit
+        np.testing.assert_allclose(trainer.compute_loss(state.params, batch), ref_loss, rtol=1e-5)
+    chex.assert_trees_all_close(jax.device_get(grads), jax.device_get(ref_grads), **GRAD_TOL)
+    # and the loss equals a float64 numpy cross entropy of the single-device logits
+    logits = single_device(lambda p, x: Llama(tiny_config).apply({"params": p}, x), params, batch["input_ids"])
+    np.testing.assert_allclose(loss, masked_ce(logits, batch["labels"], mask)[0], rtol=1e-5)
+
+
+def test_train_step_metrics_and_update_match_reference(tiny_config):
+    trainer, state = make_trainer(tiny_config, (2, 2, 2), optimizer=optax.sgd(0.1))
+    batch = random_batch(1)
+    mask = batch["labels"] != 0
+    params = jax.device_get(state.params)
+    ref_loss, ref_grads = single_device(
+        jax.value_and_grad(lambda p, b, m: reference_loss(Llama(tiny_config), p, b, m)), params, batch, mask
+    )
+    state, metrics = trainer.train_step(state, batch)
+    assert int(state.step) == 1
+    np.testing.assert_allclose(metrics["loss"], ref_loss, rtol=1e-5)
+    assert float(metrics["num_tokens"]) == mask.sum()
+    np.testing.assert_allclose(metrics["grad_norm"], optax.global_norm(ref_grads), rtol=1e-5)
+    expected = jax.tree.map(lambda p, g: p - 0.1 * g, params, jax.device_get(ref_grads))
+    chex.assert_trees_all_close(jax.device_get(state.params), expected, **GRAD_TOL)
+
+
+def test_pad_label_zero_and_ignore_index_are_both_masked(tiny_config):
+    trainer, state = make_trainer(tiny_config)
+    batch = random_batch(2)
+    with_minus_100 = dict(batch, labels=np.where(batch["labels"] == 0, -100, batch["labels"]))
+    explicit = dict(batch, loss_mask=batch["labels"] != 0)
+    loss = jit_loss(trainer, state.params, batch)
+    np.testing.assert_allclose(jit_loss(trainer, state.params, with_minus_100), loss, rtol=1e-6)
+    np.testing.assert_allclose(jit_loss(trainer, state.params, explicit), loss, rtol=1e-6)
+    # pad_label_id=None: only -100 is padding, so label-0 targets now count and the loss changes
+    trainer_no_pad, _ = make_trainer(trainer.model.config, pad_label_id=None)
+    assert abs(float(jit_loss(trainer_no_pad, state.params, batch)) - float(loss)) > 1e-3
+
+
+def test_explicit_loss_mask_counts_token_zero_and_ignores_masked_targets(tiny_config):
+    trainer, state = make_trainer(tiny_config)
+    batch = random_batch(3)
+    mask = np.zeros_like(batch["labels"], bool)
+    mask[:, 2:9] = True
+    batch["labels"][:, 4] = 0  # a real target with id 0, inside the mask
+    batch["loss_mask"] = mask
+    loss = jit_loss(trainer, state.params, batch)
+    logits = jax.jit(Llama(tiny_config).apply)({"params": jax.device_get(state.params)}, batch["input_ids"])
+    np.testing.assert_allclose(loss, masked_ce(logits, batch["labels"], mask)[0], rtol=1e-5)
+    assert float(trainer.eval_step(state, batch)["num_tokens"]) == mask.sum()  # the id-0 targets count
+    noise = np.random.default_rng(0).integers(-100, 64, mask.shape).astype(np.int32)
+    scrambled = dict(batch, labels=np.where(mask, batch["labels"], noise))
+    np.testing.assert_allclose(jit_loss(trainer, state.params, scrambled), loss, rtol=1e-6)
+
+
+def test_grad_accumulation_is_token_weighted_with_unequal_micro_batches(tiny_config):
+    batch = random_batch(4, rows=16)
+    mask = np.zeros((16, 16), bool)
+    # interleaved micro-batch i holds rows i, i+4, ...: give them 1, 2, 15 and 40 targets
+    for micro, count in enumerate([1, 2, 15, 40]):
+        rows = np.arange(micro, 16, 4)
+        flat = np.zeros(len(rows) * 16, bool)
+        flat[:count] = True
+        mask[rows] = flat.reshape(len(rows), 16)
+    batch["loss_mask"] = mask
+    one, state = make_trainer(tiny_config, (2, 4, 1))
+    four, _ = make_trainer(tiny_config, (2, 4, 1), grad_accum_steps=4)
+    loss1, grads1 = one.loss_and_grad(state.params, batch)
+    loss4, grads4 = four.loss_and_grad(state.params, batch)
+    np.testing.assert_allclose(loss4, loss1, rtol=1e-5)
+    chex.assert_trees_all_close(jax.device_get(grads4), jax.device_get(grads1), **GRAD_TOL)
+    # the test can fail: the mean of per-micro-batch means is far from the token-weighted mean
+    means = [float(jit_loss(one, state.params, {k: v[i::4] for k, v in batch.items()})) for i in range(4)]
+    assert abs(np.mean(means) - float(loss1)) > 1e-2
+
+
+def test_packed_row_gives_the_same_per_token_losses_as_separate_rows(tiny_config):
+    rng = np.random.default_rng(5)
+    a, b = rng.integers(1, 64, 6), rng.integers(1, 64, 8)
+    apply = jax.jit(Llama(tiny_config).apply)
+    _, state = make_trainer(tiny_config)
+    params = jax.device_get(state.params)
+    packed = np.zeros((1, 16), np.int32)
+    packed[0, :6], packed[0, 6:14] = a, b
+    segments = np.array([[1] * 6 + [2] * 8 + [0] * 2], np.int32)
+    positions = np.array([list(range(6)) + list(range(8)) + [0, 0]], np.int32)
+    logits_packed = apply({"params": params}, packed, positions=positions, segment_ids=segments)
+    logits_a = apply({"params": params}, a[None].astype(np.int32))
+    logits_b = apply({"params": params}, b[None].astype(np.int32))
+    np.testing.assert_allclose(logits_packed[0, :6], logits_a[0], atol=1e-5)
+    np.testing.assert_allclose(logits_packed[0, 6:14], logits_b[0], atol=1e-5)
+    # without segment ids the second sequence would see the first: the check above is not vacuous
+    unmasked = apply({"params": params}, packed, positions=positions)
+    assert np.abs(unmasked[0, 6:14] - logits_b[0]).max() > 1e-3
+
+
+def test_all_masked_batch_gives_zero_loss_and_zero_grads(tiny_config):
+    trainer, state = make_trainer(tiny_config, (2, 2, 2), grad_accum_steps=2)
+    batch = random_batch(6)
+    batch["loss_mask"] = np.zeros_like(batch["labels"], bool)
+    loss, grads = trainer.loss_and_grad(state.params, batch)
+    assert float(loss) == 0.0
+    leaves = jax.tree.leaves(jax.device_get(grads))
+    assert all(np.all(g == 0) for g in leaves)
+    batch["labels"] = np.full_like(batch["labels"], -100)
+    del batch["loss_mask"]
+    state, metrics = trainer.train_step(state, batch)
+    assert float(metrics["loss"]) == 0.0 and float(metrics["num_tokens"]) == 0.0
+    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(jax.device_get(state)))
+
+
+# Logical rules applied by hand for mesh (2, 2, 2): embed->fsdp, heads/kv_heads/mlp/vocab->tensor.
+EXPECTED_SPECS = {
+    "embedding": P("tensor", "fsdp"),
+    "lm_head": P("fsdp", "tensor"),
+    "final_norm/scale": P(None),
+    "layer_0/attn/wq": P("fsdp", "tensor", None),
+    "layer_0/attn/wk": P("fsdp", "tensor", None),
+    "layer_0/attn/wo": P("tensor", None, "fsdp"),
+    "layer_1/mlp/w_gate": P("fsdp", "tensor"),
+    "layer_1/mlp/w_down": P("tensor", "fsdp"),
+    "layer_1/mlp_norm/scale": P(None),
+}
+
+
+def _get(tree, path):
+    for part in path.split("/"):
+        tree = tree[part]
+    return tree
+
+
+def test_create_train_state_values_structure_and_shardings(tiny_config):
+    optimizer = optax.adamw(1e-3)
+    trainer, state = make_trainer(tiny_config, (2, 2, 2), optimizer=optimizer)
+    assert int(state.step) == 0
+    reference = to_numpy(Llama(tiny_config).init(jax.random.key(0), jnp.zeros((8, 16), jnp.int32))["params"])
+    # equal up to float32 rounding: the jitted init fuses the initializers' math, eager init does not
+    chex.assert_trees_all_close(to_numpy(state.params), reference, rtol=1e-6, atol=0)
+    assert jax.tree.structure(state.opt_state) == jax.tree.structure(optimizer.init(unbox(reference)))
+    adam = state.opt_state[0]
+    for path, spec in EXPECTED_SPECS.items():
+        for tree in (state.params, adam.mu, adam.nu):
+            sharding = _get(tree, path).sharding
+            assert sharding.mesh.shape == trainer.mesh.shape
+            assert sharding.spec == spec, (path, sharding.spec)
+
+
+def test_fsdp8_each_device_holds_an_eighth_of_fsdp_sharded_leaves(tiny_config):
+    trainer, state = make_trainer(tiny_config, (1, 8, 1), optimizer=optax.adamw(1e-3))
+    checked = 0
+    for leaf in jax.tree.leaves((state.params, state.opt_state)):
+        spec = leaf.sharding.spec
+        if "fsdp" not in spec:
+            assert all(s.data.shape == leaf.shape for s in leaf.addressable_shards)
+            continue
+        dim = list(spec).index("fsdp")
+        expected = list(leaf.shape)
+        expected[dim] //= 8
+        assert len(leaf.addressable_shards) == 8
+        assert all(list(s.data.shape) == expected for s in leaf.addressable_shards)
+        checked += 1
+    assert checked == 3 * 16  # 16 weight matrices, each in params, mu and nu
+
+
+class _Plain(nn.Module):
+    """A module with no partitioning annotations."""
+
+    @nn.compact
+    def __call__(self, ids):
+        return nn.Dense(64)(nn.Embed(64, 16)(ids))
+
+
+def test_unannotated_module_trains_with_replicated_params():
+    trainer = SFTTrainer(_Plain(), optax.adam(1e-2), mesh=make_mesh(2, 2, 2))
+    state = trainer.create_train_state(jax.random.key(0), jnp.zeros((8, 16), jnp.int32))
+    assert all(leaf.sharding.is_fully_replicated for leaf in jax.tree.leaves(state.params))
+    batch = random_batch(7)
+    losses = []
+    for _ in range(5):
+        state, metrics = trainer.train_step(state, batch)
+        losses.append(float(metrics["loss"]))
+    assert losses[-1] < losses[0]
+
+
+def test_bad_batches_raise_clear_errors(tiny_config):
+    trainer, state = make_trainer(tiny_config, (2, 2, 2))
+    batch = random_batch(8)
+    with pytest.raises(ValueError, match=r"batch size 6 .*data x fsdp = 4"):
+        trainer.train_step(state, {k: v[:6] for k, v in batch.items()})
+    with pytest.raises(KeyError, match="missing 'labels'"):
+        trainer.train_step(state, {"input_ids": batch["input_ids"]})
+    with pytest.raises(TypeError, match=r"batch\['input_ids'\] must hold integer ids, got dtype float32"):
+        trainer.train_step(state, dict(batch, input_ids=batch["input_ids"].astype(np.float32)))
+    with pytest.raises(ValueError, match=r"batch\['labels'\] has shape \(8, 15\)"):
+        trainer.train_step(state, dict(batch, labels=batch["labels"][:, :15]))
+    with pytest.raises(KeyError, match="unknown keys"):
+        trainer.train_step(state, dict(batch, attention_mask=batch["labels"]))
+    accum, accum_state = make_trainer(tiny_config, (2, 2, 2), grad_accum_steps=3)
+    with pytest.raises(ValueError, match="batch size 8 is not divisible by grad_accum_steps=3"):
+        accum.train_step(accum_state, random_batch(9, rows=8))
