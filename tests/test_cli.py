@@ -1,0 +1,37 @@
+"""The main job end to end, in a subprocess exactly as a user runs it."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+
+def run_cli(*args, timeout=600):
+    return subprocess.run([sys.executable, "-m", "sft_sharded.cli", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.mark.slow
+def test_train_writes_run_dir_and_the_loss_falls(tmp_path):
+    run_dir = tmp_path / "run"
+    result = run_cli("train", f"run_dir={run_dir}", "steps=60", "log_every=10", "eval.every=30")
+    assert result.returncode == 0, result.stderr
+    assert "8 cpu devices, mesh {'data': 2, 'fsdp': 2, 'tensor': 2}" in result.stdout
+    assert "held-out token accuracy" in result.stdout
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if "loss" in r]
+    evals = [r for r in records if "eval_loss" in r]
+    assert [r["step"] for r in train] == [10, 20, 30, 40, 50, 60]
+    assert [r["step"] for r in evals] == [30, 60]
+    assert all(r["tokens_per_sec"] > 0 and r["num_tokens"] > 0 for r in train)
+    assert train[-1]["loss"] < 0.6 * train[0]["loss"]
+    assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["steps"] == 60
+
+
+def test_config_errors_exit_2_with_the_key():
+    result = run_cli("train", "optim.lrr=0.1")
+    assert result.returncode == 2
+    assert "unknown config key 'optim.lrr'; did you mean optim.lr" in result.stderr
