@@ -6,7 +6,6 @@ jax is imported only after the config is read, so `simulate_devices` can set up 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -26,12 +25,22 @@ def _simulate_devices(count: int) -> None:
     os.environ["XLA_FLAGS"] = " ".join([*flags, f"--xla_force_host_platform_device_count={count}"])
 
 
+def _progress(cfg: TrainConfig, record: dict) -> str:
+    eta = (cfg.steps - record["step"]) * record["step_time_s"]
+    done = int(20 * record["step"] / cfg.steps)
+    return (f"[{'#' * done}{'.' * (20 - done)}] step {record['step']:>5}/{cfg.steps}  loss {record['loss']:.4f}  "
+            f"acc {record.get('accuracy', float('nan')):.2%}  {record['tokens_per_sec']:,.0f} tok/s  "
+            f"eta {eta // 60:.0f}m{eta % 60:02.0f}s")
+
+
 def train(cfg: TrainConfig) -> list[dict]:
     import jax
     import jax.numpy as jnp
 
-    from sft_sharded.data import synthetic
-    from sft_sharded.data.tokenizers import ByteTokenizer
+    from sft_sharded.data.pipeline import make_iterator, open_records, scan_counts
+    from sft_sharded.data.tokenizers import load_tokenizer
+    from sft_sharded.generate import exact_match
+    from sft_sharded.metrics import MetricsWriter
     from sft_sharded.models import Llama, preset
     from sft_sharded.optim import make_optimizer
     from sft_sharded.sharding import make_mesh
@@ -41,49 +50,67 @@ def train(cfg: TrainConfig) -> list[dict]:
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, run_dir / "config.yaml")
+    main_process = jax.process_index() == 0
+    say = print if main_process else (lambda *a, **k: None)
+
+    tokenizer = load_tokenizer(cfg.tokenizer.path)
+    counts = scan_counts(cfg.data, tokenizer, cfg.seed)
+    say(f"data: {counts['scanned']:,} records scanned{' (all)' if counts['complete'] else ''}: "
+        f"{counts['kept']:,} kept, {counts['truncated']:,} truncated, {counts['too_long']:,} dropped as too long, "
+        f"{counts['no_target']:,} dropped with no trained token, {counts['template']:,} dropped by the chat template",
+        flush=True)
 
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
-    tok = ByteTokenizer()
     m = cfg.model
     model_cfg = preset(m.preset, dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat, scan_layers=m.scan_layers)
-    if model_cfg.vocab_size < tok.vocab_size:
-        raise ValueError(f"model.preset={m.preset!r} has vocab_size {model_cfg.vocab_size} < the tokenizer's {tok.vocab_size}")
+    if model_cfg.vocab_size < tokenizer.vocab_size:
+        raise ValueError(f"model.preset={m.preset!r} has vocab_size {model_cfg.vocab_size} < the tokenizer's "
+                         f"{tokenizer.vocab_size}")
     trainer = SFTTrainer(
         Llama(model_cfg), make_optimizer(cfg.optim, cfg.steps), mesh=mesh, grad_accum_steps=cfg.optim.grad_accum_steps
     )
     dummy = jnp.zeros((cfg.data.batch_size, cfg.data.max_length), jnp.int32)
     state = trainer.create_train_state(jax.random.key(cfg.seed), dummy)
-    print(
-        f"sft-sharded: {model_cfg.num_params() / 1e6:.2f}M params on {len(mesh.devices.flat)} "
+    say(f"model: {model_cfg.num_params() / 1e6:.2f}M params on {len(mesh.devices.flat)} "
         f"{jax.devices()[0].platform} devices, mesh {dict(mesh.shape)}; {cfg.steps} steps of "
-        f"{cfg.data.batch_size}x{cfg.data.max_length} tokens; run dir {run_dir}",
-        flush=True,
-    )
-    held_out = synthetic.eval_batches(cfg.data, cfg.seed, tok)
-    metrics_file = (run_dir / "metrics.jsonl").open("w")
+        f"{cfg.data.batch_size}x{cfg.data.max_length} tokens; run dir {run_dir}", flush=True)
+
+    shard = dict(process_index=jax.process_index(), process_count=jax.process_count())
+    batches = make_iterator(cfg.data, tokenizer, seed=cfg.seed, **shard)
+    has_eval = cfg.data.path is None or cfg.data.eval_path is not None
+    eval_fn = None
+    if has_eval:
+        def eval_fn(state):
+            return evaluate(trainer, state, make_iterator(cfg.data, tokenizer, split="eval", seed=cfg.seed, **shard))
+
+    writer = MetricsWriter(run_dir, enabled=main_process)
+    interactive = sys.stdout.isatty()
 
     def on_record(record: dict) -> None:
-        metrics_file.write(json.dumps(record) + "\n")
-        metrics_file.flush()
+        if "loss" in record:
+            record["packing_efficiency"] = batches.efficiency_sum / max(batches.batches, 1)
+        writer.write(record)
         if "eval_loss" in record:
-            print(f"step {record['step']:>5}  eval loss {record['eval_loss']:.4f}  "
-                  f"held-out token accuracy {record.get('eval_accuracy', float('nan')):.2%}", flush=True)
-        else:
-            eta = (cfg.steps - record["step"]) * record["step_time_s"]
-            print(f"step {record['step']:>5}/{cfg.steps}  loss {record['loss']:.4f}  "
-                  f"acc {record.get('accuracy', float('nan')):.2%}  {record['tokens_per_sec']:,.0f} tok/s  "
-                  f"eta {eta:,.0f}s", flush=True)
+            say(f"{'' if not interactive else chr(10)}step {record['step']:>5}  eval loss {record['eval_loss']:.4f}  "
+                f"held-out token accuracy {record.get('eval_accuracy', float('nan')):.2%}", flush=True)
+        elif "loss" in record:
+            say(("\r" if interactive else "") + _progress(cfg, record), end="" if interactive else "\n", flush=True)
 
     t0 = time.perf_counter()
-    _, records = fit(
-        trainer, state, synthetic.train_batches(cfg.data, cfg.seed, tok), steps=cfg.steps,
-        log_every=cfg.log_every, eval_every=cfg.eval.every,
-        eval_fn=lambda s: evaluate(trainer, s, held_out), on_record=on_record,
-    )
-    metrics_file.close()
-    final = records[-1]
-    print(f"done in {time.perf_counter() - t0:.1f}s: held-out loss {final['eval_loss']:.4f}, "
-          f"held-out token accuracy {final['eval_accuracy']:.2%} ({int(final['eval_num_tokens'])} answer tokens)")
+    state, records = fit(trainer, state, batches, steps=cfg.steps, log_every=cfg.log_every,
+                         eval_every=cfg.eval.every, eval_fn=eval_fn, on_record=on_record)
+    say(f"{'' if not interactive else chr(10)}trained {cfg.steps} steps in {time.perf_counter() - t0:.1f}s; "
+        f"packing efficiency {batches.efficiency_sum / max(batches.batches, 1):.1%}", flush=True)
+    if has_eval:
+        held_out = [open_records(cfg.data, "eval", cfg.seed)[i][0] for i in range(cfg.eval.num_generate)]
+        accuracy, pairs = exact_match(trainer, state.params, held_out, tokenizer, cfg.eval.max_new_tokens)
+        final = {"step": cfg.steps, "eval_exact_match": accuracy, "eval_generated": len(pairs)}
+        writer.write(final)
+        records.append(final)
+        wrong = [(a, b) for a, b in pairs if a != b][:3]
+        say(f"held-out exact match (greedy generation): {accuracy:.2%} of {len(pairs)}"
+            + (f"; e.g. expected {wrong[0][0]!r}, got {wrong[0][1]!r}" if wrong else ""), flush=True)
+    writer.close()
     return records
 
 

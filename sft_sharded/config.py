@@ -41,15 +41,32 @@ class ModelConfig:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DataConfig:
-    task: Literal["reverse", "sort", "mixed"] = "mixed"  # the built-in synthetic task
-    max_length: int = 32
-    batch_size: int = 64  # global, in rows
-    num_eval: int = 256  # held-out examples
+    path: str | list[str] | None = None  # JSONL/Parquet file, glob or list; None: the built-in task
+    eval_path: str | list[str] | None = None  # held-out files (the built-in task has its own split)
+    weights: list[float] | None = None  # per-file mixture weights for data.path
+    format: Literal["auto", "text", "prompt_completion", "messages"] = "auto"
+    task: Literal["reverse", "sort", "mixed"] = "mixed"  # the built-in task
+    train_on_prompt: bool = False  # False: loss on completions / assistant turns only
+    max_length: int = 128  # positions per row
+    truncation: Literal["truncate", "drop"] = "truncate"  # for examples longer than max_length
+    packing: bool = True
+    pack_buffer: int = 256  # examples packed together (best fit decreasing)
+    pad_to_multiple_of: int = 8  # unpacked mode: rows padded to the batch's longest, rounded up
+    batch_size: int = 16  # global, in rows
+    num_eval: int = 256  # held-out examples of the built-in task
+    worker_count: int = 0  # grain worker processes for tokenization (0: in the main process)
 
     def __post_init__(self):
-        for key in ("max_length", "batch_size", "num_eval"):
+        for key in ("max_length", "batch_size", "num_eval", "pack_buffer", "pad_to_multiple_of"):
             if getattr(self, key) < 1:
                 raise ValueError(f"data.{key}={getattr(self, key)} must be >= 1")
+        if self.worker_count < 0:
+            raise ValueError(f"data.worker_count={self.worker_count} must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TokenizerConfig:
+    path: str | None = None  # a directory with tokenizer.json (+ tokenizer_config.json); None: bytes
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -80,7 +97,9 @@ class OptimConfig:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class EvalConfig:
-    every: int = 100  # steps between held-out evaluations (0: only at the end)
+    every: int = 100  # steps between held-out loss/accuracy evaluations (0: only at the end)
+    num_generate: int = 256  # held-out records scored by greedy generation at the end (exact match)
+    max_new_tokens: int = 16
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -93,6 +112,7 @@ class TrainConfig:
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = dataclasses.field(default_factory=TokenizerConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
 
@@ -113,8 +133,17 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _coerce(key, value, inner)
+        errors = []
+        for inner in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(key, value, inner)
+            except ValueError as err:
+                errors.append(str(err))
+        raise ValueError(" or ".join(errors))
+    if origin is list:
+        if not isinstance(value, list):
+            raise ValueError(f"{key}={value!r} must be a list")
+        return [_coerce(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value)]
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if hint is float and isinstance(value, str):  # PyYAML reads "1e-3" (no dot) as a string

@@ -16,19 +16,41 @@ def run_cli(*args, timeout=600):
 @pytest.mark.slow
 def test_train_writes_run_dir_and_the_loss_falls(tmp_path):
     run_dir = tmp_path / "run"
-    result = run_cli("train", f"run_dir={run_dir}", "steps=60", "log_every=10", "eval.every=30")
+    result = run_cli("train", f"run_dir={run_dir}", "steps=60", "log_every=10", "eval.every=30",
+                     "eval.num_generate=16", "data.num_eval=32")
     assert result.returncode == 0, result.stderr
     assert "8 cpu devices, mesh {'data': 2, 'fsdp': 2, 'tensor': 2}" in result.stdout
-    assert "held-out token accuracy" in result.stdout
+    assert "20,000 records scanned: 20,000 kept, 0 truncated" in result.stdout
+    assert "held-out exact match (greedy generation):" in result.stdout
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if "loss" in r]
     evals = [r for r in records if "eval_loss" in r]
     assert [r["step"] for r in train] == [10, 20, 30, 40, 50, 60]
     assert [r["step"] for r in evals] == [30, 60]
     assert all(r["tokens_per_sec"] > 0 and r["num_tokens"] > 0 for r in train)
+    assert all(0.8 < r["packing_efficiency"] <= 1.0 for r in train)
     assert train[-1]["loss"] < 0.6 * train[0]["loss"]
     assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]
+    assert 0.0 <= records[-1]["eval_exact_match"] <= 1.0 and records[-1]["eval_generated"] == 16
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["steps"] == 60
+    assert (run_dir / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert any((run_dir / "tensorboard").iterdir())
+
+
+def test_train_on_a_jsonl_file_with_a_hf_tokenizer(tmp_path):
+    from data_fixtures import write_hf_tokenizer
+
+    tok_dir = write_hf_tokenizer(tmp_path / "tok")
+    data = tmp_path / "chats.jsonl"
+    chats = [{"messages": [{"role": "user", "content": f"hello {i}"}, {"role": "assistant", "content": "the cat"}]}
+             for i in range(40)]
+    data.write_text("".join(json.dumps(c) + "\n" for c in chats))
+    result = run_cli("train", f"run_dir={tmp_path / 'run'}", "steps=4", "log_every=2", f"data.path={data}",
+                     f"data.eval_path={data}", "data.format=messages", f"tokenizer.path={tok_dir}", "data.max_length=64",
+                     "data.batch_size=8", "eval.num_generate=8", "eval.every=0", "mesh.fsdp=-1", "mesh.data=1",
+                     "mesh.tensor=1")
+    assert result.returncode == 0, result.stderr
+    assert "40 records scanned (all): 40 kept" in result.stdout
 
 
 def test_config_errors_exit_2_with_the_key():

@@ -1,31 +1,125 @@
-"""Tokenizers. The built-in byte tokenizer needs no files: ids 0..2 are special, byte b is id b + 3."""
+"""Tokenizers: a built-in byte tokenizer (no files) and a Hugging Face `tokenizer.json` wrapper.
+
+Both give `encode(text) -> (ids, char_offsets)` so chat-template assistant spans (in characters) map to
+tokens, and both know their special tokens by text so a rendered template's `<|end|>` becomes one id.
+Padding is never recognised by id anywhere in the pipeline: masks travel next to the tokens.
+"""
 
 from __future__ import annotations
 
-import dataclasses
+import json
+import re
+from pathlib import Path
+
+# The built-in chat template: roles as special tokens, each turn closed by <|end|>, which is trained on
+# assistant turns. `{% generation %}` marks what the assistant says (the trained span).
+BYTE_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|{{ message.role }}|>"
+    "{% if message.role == 'assistant' %}{% generation %}{{ message.content }}<|end|>{% endgeneration %}"
+    "{% else %}{{ message.content }}<|end|>{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
 
 
-@dataclasses.dataclass(frozen=True)
 class ByteTokenizer:
-    pad_id: int = 0
-    bos_id: int = 1
-    eos_id: int = 2
-    offset: int = 3
+    """ids 0..7 are special (pad, bos, eos, the chat roles and <|end|>); byte b is id b + 8."""
+
+    SPECIALS = ("<pad>", "<bos>", "<eos>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>", "<unused>")
+
+    def __init__(self):
+        self.special_ids = {tok: i for i, tok in enumerate(self.SPECIALS)}
+        self.pad_id, self.bos_id, self.eos_id = 0, 1, 2
+        self.offset = len(self.SPECIALS)
+        self.chat_template = BYTE_CHAT_TEMPLATE
+        self.bos_token, self.eos_token = "<bos>", "<eos>"
+        self.stop_ids = (self.eos_id, self.special_ids["<|end|>"])
+        self._split = re.compile("(" + "|".join(re.escape(t) for t in self.SPECIALS) + ")")
 
     @property
     def vocab_size(self) -> int:
         return 256 + self.offset
 
-    def encode(self, text: str) -> list[int]:
-        return [b + self.offset for b in text.encode("utf-8")]
+    def encode(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        ids, offsets, pos = [], [], 0
+        for piece in self._split.split(text):
+            if piece in self.special_ids:
+                ids.append(self.special_ids[piece])
+                offsets.append((pos, pos + len(piece)))
+            else:
+                for i, char in enumerate(piece):
+                    for byte in char.encode("utf-8"):
+                        ids.append(byte + self.offset)
+                        offsets.append((pos + i, pos + i + 1))
+            pos += len(piece)
+        return ids, offsets
 
     def decode(self, ids) -> str:
-        """Bytes of the non-special ids; stops at the first EOS."""
+        """Text of the ids up to the first stop token; other special ids are dropped."""
         out = bytearray()
-        for i in ids:
-            i = int(i)
-            if i == self.eos_id:
+        for i in map(int, ids):
+            if i in self.stop_ids:
                 break
             if i >= self.offset:
                 out.append(i - self.offset)
         return out.decode("utf-8", errors="replace")
+
+
+class HFTokenizer:
+    """`tokenizer.json` + `tokenizer_config.json` from a local directory (never remote code)."""
+
+    def __init__(self, directory: str | Path):
+        from tokenizers import Tokenizer
+
+        directory = Path(directory)
+        path = directory / "tokenizer.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"tokenizer.path={str(directory)!r}: no tokenizer.json in that directory")
+        self._tok = Tokenizer.from_file(str(path))
+        config_path = directory / "tokenizer_config.json"
+        config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+        self.bos_token = _token_text(config.get("bos_token"))
+        self.eos_token = _token_text(config.get("eos_token"))
+        pad_token = _token_text(config.get("pad_token"))
+        self.bos_id = self._id(self.bos_token, config_path)
+        self.eos_id = self._id(self.eos_token, config_path)
+        self.pad_id = self._id(pad_token, config_path) if pad_token else self.eos_id
+        self.add_bos = bool(config.get("add_bos_token", self.bos_id is not None))
+        self.chat_template = config.get("chat_template")
+        if self.chat_template is None and (directory / "chat_template.jinja").is_file():
+            self.chat_template = (directory / "chat_template.jinja").read_text()
+        self.stop_ids = tuple(i for i in (self.eos_id,) if i is not None)
+
+    def _id(self, token: str | None, where: Path) -> int | None:
+        if token is None:
+            return None
+        token_id = self._tok.token_to_id(token)
+        if token_id is None:
+            raise ValueError(f"{where}: special token {token!r} is not in tokenizer.json's vocabulary")
+        return token_id
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        enc = self._tok.encode(text, add_special_tokens=False)
+        return list(enc.ids), [tuple(o) for o in enc.offsets]
+
+    def decode(self, ids) -> str:
+        ids = list(map(int, ids))
+        for stop in self.stop_ids:
+            if stop in ids:
+                ids = ids[: ids.index(stop)]
+        return self._tok.decode(ids, skip_special_tokens=True)
+
+
+def _token_text(value) -> str | None:
+    """tokenizer_config.json stores special tokens as strings or as {"content": ...} objects."""
+    if isinstance(value, dict):
+        return value.get("content")
+    return value
+
+
+def load_tokenizer(path: str | None):
+    """The byte tokenizer when `path` is None, else the Hugging Face tokenizer in that directory."""
+    return ByteTokenizer() if path is None else HFTokenizer(path)

@@ -100,7 +100,9 @@ class Attention(nn.Module):
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, x_BxTxD, positions_BxT, segment_ids_BxT):
+    def __call__(self, x_BxTxD, positions_BxT, segment_ids_BxT, decode=None, cache=None):
+        """`decode` (kv_segment_ids, q_offset) and `cache` (k, v of this layer) are given when decoding
+        with a KV cache; the layer then returns its updated cache next to the output."""
         cfg = self.config
         dtype, d, h = jnp.dtype(cfg.dtype), cfg.hidden_size, cfg.head_size
         init = nn.initializers.normal(cfg.init_std)
@@ -117,9 +119,19 @@ class Attention(nn.Module):
         v_BxTxKxH = project("wv", cfg.num_kv_heads, "kv_heads")
         q_BxTxNxH = constrain(rope(q_BxTxNxH, positions_BxT, cfg.rope_theta), ("batch", "length", "act_heads", "head_dim"))
         k_BxTxKxH = rope(k_BxTxKxH, positions_BxT, cfg.rope_theta)
-        out_BxTxNxH = dot_product_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT)
+        new_cache = None
+        if cache is None:
+            out_BxTxNxH = dot_product_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT)
+        else:
+            kv_segment_ids_BxS, offset = decode
+            k_BxSxKxH = jax.lax.dynamic_update_slice(cache["k"], k_BxTxKxH.astype(cache["k"].dtype), (0, offset, 0, 0))
+            v_BxSxKxH = jax.lax.dynamic_update_slice(cache["v"], v_BxTxKxH.astype(cache["v"].dtype), (0, offset, 0, 0))
+            new_cache = {"k": k_BxSxKxH, "v": v_BxSxKxH}
+            out_BxTxNxH = dot_product_attention(
+                q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, segment_ids_BxT, kv_segment_ids_BxS, q_offset=offset
+            )
         wo_NxHxD = _param(self, "wo", (cfg.num_heads, h, d), ("heads", "head_dim", "embed"), init)
-        return jnp.einsum("btnh,nhd->btd", out_BxTxNxH, wo_NxHxD.astype(dtype))
+        return jnp.einsum("btnh,nhd->btd", out_BxTxNxH, wo_NxHxD.astype(dtype)), new_cache
 
 
 class MLP(nn.Module):
@@ -143,14 +155,15 @@ class DecoderLayer(nn.Module):
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, x_BxTxD, positions_BxT, segment_ids_BxT):
+    def __call__(self, x_BxTxD, positions_BxT, segment_ids_BxT, decode=None, cache=None):
+        """Returns (x, this layer's updated KV cache or None); the pair is also nn.scan's (carry, ys)."""
         cfg = self.config
-        x_BxTxD = x_BxTxD + Attention(cfg, name="attn")(RMSNorm(cfg, name="attn_norm")(x_BxTxD), positions_BxT, segment_ids_BxT)
+        attn_BxTxD, new_cache = Attention(cfg, name="attn")(
+            RMSNorm(cfg, name="attn_norm")(x_BxTxD), positions_BxT, segment_ids_BxT, decode, cache
+        )
+        x_BxTxD = x_BxTxD + attn_BxTxD
         x_BxTxD = x_BxTxD + MLP(cfg, name="mlp")(RMSNorm(cfg, name="mlp_norm")(x_BxTxD))
-        x_BxTxD = constrain(x_BxTxD, RESIDUAL)
-        if cfg.scan_layers:
-            return x_BxTxD, None
-        return x_BxTxD
+        return constrain(x_BxTxD, RESIDUAL), new_cache
 
 
 _REMAT_POLICIES = {
@@ -160,12 +173,16 @@ _REMAT_POLICIES = {
 
 
 class Llama(nn.Module):
-    """`apply({'params': p}, input_ids_BxT, positions=None, segment_ids=None) -> logits_BxTxV` (float32)."""
+    """`apply({'params': p}, input_ids_BxT, positions=None, segment_ids=None) -> logits_BxTxV` (float32).
+
+    With `cache` (from `init_cache`) it decodes: the tokens are written at `cache["index"]` and it returns
+    `(logits, new_cache)`.
+    """
 
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, input_ids_BxT, positions=None, segment_ids=None):
+    def __call__(self, input_ids_BxT, positions=None, segment_ids=None, cache=None):
         cfg = self.config
         dtype = jnp.dtype(cfg.dtype)
         batch, length = input_ids_BxT.shape
@@ -179,6 +196,13 @@ class Llama(nn.Module):
         table_VxD = constrain(embedding_VxD, ("vocab", None))
         x_BxTxD = constrain(jnp.take(table_VxD, input_ids_BxT, axis=0).astype(dtype), RESIDUAL)
 
+        decode = None
+        if cache is not None:
+            if segment_ids is None:
+                segment_ids = jnp.ones((batch, length), jnp.int32)
+            kv_segments = jax.lax.dynamic_update_slice(cache["segment_ids"], segment_ids, (0, cache["index"]))
+            decode = (kv_segments, cache["index"])
+
         layer_cls = DecoderLayer
         if cfg.remat != "none":
             layer_cls = nn.remat(DecoderLayer, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
@@ -187,14 +211,18 @@ class Llama(nn.Module):
                 layer_cls,
                 variable_axes={"params": 0},
                 split_rngs={"params": True},
-                in_axes=(nn.broadcast, nn.broadcast),
+                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0),
                 length=cfg.num_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
-            x_BxTxD, _ = stack(cfg, name="layers")(x_BxTxD, positions, segment_ids)
+            layer_caches = None if cache is None else cache["layers"]
+            x_BxTxD, new_layers = stack(cfg, name="layers")(x_BxTxD, positions, segment_ids, decode, layer_caches)
         else:
+            new_layers = []
             for i in range(cfg.num_layers):
-                x_BxTxD = layer_cls(cfg, name=f"layer_{i}")(x_BxTxD, positions, segment_ids)
+                layer_cache = None if cache is None else cache["layers"][i]
+                x_BxTxD, new_layer = layer_cls(cfg, name=f"layer_{i}")(x_BxTxD, positions, segment_ids, decode, layer_cache)
+                new_layers.append(new_layer)
 
         x_BxTxD = RMSNorm(cfg, name="final_norm")(x_BxTxD)
         if cfg.tie_embeddings:
@@ -204,4 +232,19 @@ class Llama(nn.Module):
                 self, "lm_head", (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), nn.initializers.normal(cfg.init_std)
             )
         logits_BxTxV = jnp.einsum("btd,dv->btv", x_BxTxD, head_DxV.astype(dtype), preferred_element_type=jnp.float32)
-        return constrain(logits_BxTxV, ("batch", "length", "act_vocab"))
+        logits_BxTxV = constrain(logits_BxTxV, ("batch", "length", "act_vocab"))
+        if cache is None:
+            return logits_BxTxV
+        new_cache = {"layers": new_layers, "segment_ids": decode[0], "index": cache["index"] + length}
+        return logits_BxTxV, new_cache
+
+
+def init_cache(cfg: LlamaConfig, batch: int, max_length: int) -> dict:
+    """An empty KV cache for `max_length` positions: zeros, segment 0 (nothing visible), index 0."""
+    shape = (batch, max_length, cfg.num_kv_heads, cfg.head_size)
+    if cfg.scan_layers:
+        shape = (cfg.num_layers, *shape)
+        layers = {"k": jnp.zeros(shape, cfg.dtype), "v": jnp.zeros(shape, cfg.dtype)}
+    else:
+        layers = [{"k": jnp.zeros(shape, cfg.dtype), "v": jnp.zeros(shape, cfg.dtype)} for _ in range(cfg.num_layers)]
+    return {"layers": layers, "segment_ids": jnp.zeros((batch, max_length), jnp.int32), "index": jnp.int32(0)}

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import jax
@@ -15,7 +15,7 @@ from sft_sharded.trainers.trainer import Trainer, TrainState
 Record = dict[str, Any]
 
 
-def evaluate(trainer: Trainer, state: TrainState, batches: list[Mapping[str, np.ndarray]]) -> Record:
+def evaluate(trainer: Trainer, state: TrainState, batches: Iterable[Mapping[str, np.ndarray]]) -> Record:
     """Held-out loss and token accuracy: sums over every batch, divided once on the host."""
     totals: dict[str, float] = {}
     for batch in batches:

@@ -1,0 +1,126 @@
+"""Chat templates rendered in jinja2's immutable sandbox, and the assistant (trained) token mask.
+
+The mask comes from `{% generation %}...{% endgeneration %}` markers when the template has them: the block
+wraps its output in two private-use sentinel characters, which are found and removed after rendering.
+Otherwise each assistant turn is located by rendering the conversation prefix by prefix: the tokens that
+`messages[:i+1]` adds beyond `messages[:i]` + generation prompt (longest common token prefix) are the turn,
+less trailing whitespace-only tokens (the template's separator between turns).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+
+import jinja2
+import numpy as np
+from jinja2 import nodes
+from jinja2.ext import Extension
+from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
+
+START, END = "\ue000", "\ue001"  # private-use characters; content containing them is rejected
+
+
+class TemplateError(ValueError):
+    """A conversation the template cannot render or mask (reported per row, never silently trained)."""
+
+
+class _Generation(Extension):
+    tags = {"generation"}
+
+    def parse(self, parser):
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return nodes.CallBlock(self.call_method("_wrap"), [], [], body).set_lineno(lineno)
+
+    def _wrap(self, caller):
+        return START + caller() + END
+
+
+class _Sandbox(ImmutableSandboxedEnvironment):
+    def unsafe_undefined(self, obj, attribute):
+        # The default returns an Undefined that fails only when used; fail at once, naming the attribute.
+        raise SecurityError(f"chat template tried to access {attribute!r} of a {type(obj).__name__} object")
+
+
+def _raise(message):
+    raise TemplateError(f"chat template raised: {message}")
+
+
+@functools.lru_cache(maxsize=16)
+def compile_template(source: str) -> jinja2.Template:
+    env = _Sandbox(trim_blocks=True, lstrip_blocks=True, extensions=[_Generation])
+    env.filters["tojson"] = lambda value, indent=None: json.dumps(value, indent=indent, ensure_ascii=False)
+    env.globals["raise_exception"] = _raise
+    return env.from_string(source)
+
+
+def has_generation_markers(source: str) -> bool:
+    return "{% generation %}" in source.replace("{%-", "{%").replace("-%}", "%}")
+
+
+def render(source: str, messages: list[dict], tokenizer, add_generation_prompt: bool = False) -> tuple[str, list[tuple[int, int]]]:
+    """Rendered text and the character spans inside `{% generation %}` blocks (empty without markers)."""
+    for message in messages:
+        if START in message["content"] or END in message["content"]:
+            raise TemplateError("message content contains reserved characters U+E000/U+E001")
+    raw = compile_template(source).render(
+        messages=messages, add_generation_prompt=add_generation_prompt,
+        bos_token=tokenizer.bos_token or "", eos_token=tokenizer.eos_token or "",
+    )
+    text, spans, pos, opened = [], [], 0, None
+    for char in raw:
+        if char == START:
+            opened = pos
+        elif char == END:
+            spans.append((opened, pos))
+            opened = None
+        else:
+            text.append(char)
+            pos += 1
+    return "".join(text), spans
+
+
+def _spans_to_mask(offsets, spans) -> np.ndarray:
+    starts = np.array([o[0] for o in offsets]) if offsets else np.zeros(0, int)
+    mask = np.zeros(len(offsets), bool)
+    for lo, hi in spans:
+        mask |= (starts >= lo) & (starts < hi)
+    return mask
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def encode_chat(source: str, messages: list[dict], tokenizer, train_on_all: bool = False) -> tuple[list[int], np.ndarray]:
+    """Token ids of the rendered conversation and a bool mask of the tokens to train on."""
+    text, spans = render(source, messages, tokenizer)
+    ids, offsets = tokenizer.encode(text)
+    if train_on_all:
+        return ids, np.ones(len(ids), bool)
+    if has_generation_markers(source):
+        mask = _spans_to_mask(offsets, spans)
+    else:
+        mask = np.zeros(len(ids), bool)
+        for i, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            prompt_ids = tokenizer.encode(render(source, messages[:i], tokenizer, add_generation_prompt=True)[0])[0]
+            turn_ids = tokenizer.encode(render(source, messages[: i + 1], tokenizer)[0])[0]
+            if ids[: len(turn_ids)] != turn_ids:
+                raise TemplateError(f"rendering messages[:{i + 1}] is not a prefix of the whole conversation")
+            start, end = _common_prefix(prompt_ids, turn_ids), len(turn_ids)
+            # Whitespace the template puts between turns (ChatML's "\n" after <|im_end|>) is not the
+            # assistant's to say: generation markers leave it out too.
+            while end > start and not text[offsets[end - 1][0] : offsets[end - 1][1]].strip():
+                end -= 1
+            mask[start:end] = True
+    if not mask.any():
+        raise TemplateError("the assistant mask is empty: no assistant tokens to train on")
+    return ids, mask

@@ -1,0 +1,59 @@
+"""Run-directory metrics: metrics.jsonl, TensorBoard events, and loss.png at the end (process 0 only)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+
+class MetricsWriter:
+    def __init__(self, run_dir: str | Path, enabled: bool = True):
+        self.run_dir = Path(run_dir)
+        self.enabled = enabled
+        self.records: list[dict] = []
+        if not enabled:
+            return
+        from tensorboardX import SummaryWriter
+
+        self._jsonl = (self.run_dir / "metrics.jsonl").open("a")
+        self._tb = SummaryWriter(str(self.run_dir / "tensorboard"))
+
+    def write(self, record: dict) -> None:
+        self.records.append(record)
+        if not self.enabled:
+            return
+        self._jsonl.write(json.dumps(record) + "\n")
+        self._jsonl.flush()
+        for key, value in record.items():
+            if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
+                self._tb.add_scalar(key, value, record["step"])
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self._jsonl.close()
+        self._tb.close()
+        plot_losses(self.records, self.run_dir / "loss.png")
+
+
+def plot_losses(records: list[dict], path: Path) -> None:
+    """Train and eval loss over steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, label in (("loss", "train"), ("eval_loss", "eval")):
+        points = [(r["step"], r[key]) for r in records if key in r and math.isfinite(r[key])]
+        if points:
+            ax.plot(*zip(*points), marker="o" if key == "eval_loss" else None, label=label)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (masked mean cross entropy)")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,134 @@
+"""Golden token/mask vectors for each format, with the byte tokenizer and a tiny real tokenizer.json."""
+
+import json
+
+import numpy as np
+import pytest
+from jinja2.sandbox import SecurityError
+from data_fixtures import CHATML, write_hf_tokenizer
+from tokenizers import Tokenizer
+
+from sft_sharded.data.formats import RecordError, RowSkipped, encode_record, fit_length
+from sft_sharded.data.tokenizers import ByteTokenizer, HFTokenizer, load_tokenizer
+
+B = ByteTokenizer()  # specials: pad 0, bos 1, eos 2, <|system|> 3, <|user|> 4, <|assistant|> 5, <|end|> 6
+
+
+def ids(text):  # bytes shifted by the 8 special ids, written out independently of the tokenizer
+    return [b + 8 for b in text.encode()]
+
+
+def test_text_golden_byte():
+    ex = encode_record({"text": "hi"}, B)
+    assert ex.tokens.tolist() == [1, 104 + 8, 105 + 8, 2]
+    assert ex.mask.tolist() == [False, True, True, True]  # BOS is context; EOS is trained
+
+
+def test_prompt_completion_golden_byte():
+    ex = encode_record({"prompt": "a=", "completion": "b"}, B)
+    assert ex.tokens.tolist() == [1, *ids("a="), *ids("b"), 2]
+    assert ex.mask.tolist() == [False, False, False, True, True]
+    everything = encode_record({"prompt": "a=", "completion": "b"}, B, train_on_prompt=True)
+    assert everything.mask.tolist() == [False, True, True, True, True]
+
+
+def test_messages_golden_byte():
+    record = {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "q"},
+                           {"role": "assistant", "content": "a"}, {"role": "user", "content": "r"},
+                           {"role": "assistant", "content": "bc"}]}
+    ex = encode_record(record, B)
+    assert ex.tokens.tolist() == [3, *ids("s"), 6, 4, *ids("q"), 6, 5, *ids("a"), 6, 4, *ids("r"), 6, 5, *ids("bc"), 6]
+    expected = [0, 0, 0, 0, 0, 0, 0, 1, 1, 0, 0, 0, 0, 1, 1, 1]  # assistant content and its <|end|>
+    assert ex.mask.astype(int).tolist() == expected
+    assert encode_record(record, B, train_on_prompt=True).mask[1:].all()
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    return write_hf_tokenizer(tmp_path_factory.mktemp("tok"))
+
+
+def test_hf_tokenizer_formats_against_the_raw_library(hf_dir):
+    tok = HFTokenizer(hf_dir)
+    raw = Tokenizer.from_file(str(hf_dir / "tokenizer.json"))
+    enc = lambda s: raw.encode(s, add_special_tokens=False).ids  # noqa: E731
+    bos, eos = raw.token_to_id("<s>"), raw.token_to_id("</s>")
+    assert (tok.bos_id, tok.eos_id, tok.pad_id) == (bos, eos, eos)
+    ex = encode_record({"prompt": "hello world", "completion": " the cat"}, tok)
+    assert ex.tokens.tolist() == [bos, *enc("hello world"), *enc(" the cat"), eos]
+    n_prompt = 1 + len(enc("hello world"))
+    assert ex.mask.tolist() == [False] * n_prompt + [True] * (len(enc(" the cat")) + 1)
+    text = encode_record({"text": "the mat"}, tok)
+    assert text.tokens.tolist() == [bos, *enc("the mat"), eos]
+    chat = encode_record({"messages": [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "the cat"}]}, tok)
+    prefix = enc("<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n")
+    answer = enc("the cat<|im_end|>")
+    assert chat.tokens.tolist() == prefix + answer + enc("\n")
+    assert chat.mask.tolist() == [False] * len(prefix) + [True] * len(answer) + [False]
+
+
+def test_template_without_generation_markers_gives_the_same_mask(hf_dir):
+    tok = HFTokenizer(hf_dir)
+    plain = CHATML.replace("{% generation %}", "").replace("{% endgeneration %}", "")
+    record = {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"},
+                           {"role": "assistant", "content": "hello there"}, {"role": "user", "content": "sort 3 1 2"},
+                           {"role": "assistant", "content": "1 2 3"}]}
+    marked = encode_record(record, tok)
+    tok.chat_template = plain
+    unmarked = encode_record(record, tok)
+    assert unmarked.tokens.tolist() == marked.tokens.tolist()
+    assert unmarked.mask.tolist() == marked.mask.tolist() and marked.mask.sum() > 4
+    B2 = ByteTokenizer()
+    B2.chat_template = B2.chat_template.replace("{% generation %}", "").replace("{% endgeneration %}", "")
+    assert encode_record(record, B2).mask.tolist() == encode_record(record, B).mask.tolist()
+
+
+def test_pad_equal_to_eos_does_not_mask_the_real_eos(hf_dir):
+    tok = HFTokenizer(hf_dir)
+    assert tok.pad_id == tok.eos_id
+    ex = encode_record({"prompt": "hello", "completion": " world"}, tok)
+    assert ex.tokens[-1] == tok.eos_id and ex.mask[-1]
+
+
+def test_sandbox_blocks_python_internals():
+    tok = ByteTokenizer()
+    tok.chat_template = "{{ ''.__class__.__mro__ }}"
+    with pytest.raises(SecurityError, match="__class__"):  # a broken template stops the run
+        encode_record({"messages": [{"role": "assistant", "content": "x"}]}, tok)
+
+
+def test_empty_assistant_mask_is_a_row_error_not_a_silent_mask():
+    tok = ByteTokenizer()
+    tok.chat_template = "{% for m in messages %}{% if m.role == 'user' %}{{ m.content }}{% endif %}{% endfor %}"
+    with pytest.raises(RowSkipped, match="assistant mask is empty"):
+        encode_record({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}, tok)
+
+
+@pytest.mark.parametrize("record, message", [
+    ({"foo": 1}, r"f.jsonl:3: no known format in keys \['foo'\]"),
+    ({"messages": [{"role": "robot", "content": "x"}]}, r"f.jsonl:3: messages\[0\] has unknown role 'robot'"),
+    ({"messages": [{"role": "user", "content": 5}]}, r"f.jsonl:3: messages\[0\].content must be a string, got int"),
+    ({"text": ["a"]}, r"f.jsonl:3: 'text' must be a string, got list"),
+    ([1, 2], r"f.jsonl:3: a record must be a JSON object"),
+])
+def test_bad_records_name_file_and_line(record, message):
+    with pytest.raises(RecordError, match=message):
+        encode_record(record, B, where="f.jsonl:3")
+
+
+def test_tokenizer_directory_without_tokenizer_json(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no tokenizer.json"):
+        load_tokenizer(str(tmp_path))
+    (tmp_path / "tokenizer.json").write_text(json.dumps({}))  # present but not a tokenizer: the library says so
+    with pytest.raises(Exception):
+        load_tokenizer(str(tmp_path))
+
+
+def test_truncation_and_drop_policies():
+    ex = encode_record({"prompt": "abcdef", "completion": "xy"}, B)  # 10 tokens, 9 positions
+    assert fit_length(ex, 9, "drop") is ex
+    assert fit_length(ex, 8, "drop") is None
+    cut = fit_length(ex, 8, "truncate")
+    assert cut.truncated and len(cut.tokens) == 9 and cut.mask.tolist() == ex.mask[:9].tolist()
+    assert fit_length(ex, 6, "truncate") is None  # only prompt left: no trained token, dropped
+    np.testing.assert_array_equal(ex.tokens[:7], ids("abcdef") and [1, *ids("abcdef")])

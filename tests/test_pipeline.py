@@ -1,0 +1,134 @@
+"""Sources, per-process shards, exact resume, mixtures and errors that name file and line."""
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+
+from sft_sharded.config import DataConfig
+from sft_sharded.data.packing import unpack
+from sft_sharded.data.pipeline import make_iterator, scan_counts
+from sft_sharded.data.sources import JsonlSource, ParquetSource
+from sft_sharded.data.tokenizers import ByteTokenizer
+
+TOK = ByteTokenizer()
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def texts_of(batch):
+    out = []
+    for r in range(batch["input_ids"].shape[0]):
+        for tokens, _ in unpack({k: v[r] for k, v in batch.items()}):
+            out.append(TOK.decode(tokens[1:]))
+    return out
+
+
+@pytest.fixture
+def numbered(tmp_path):
+    return write_jsonl(tmp_path / "n.jsonl", [{"text": f"record {i}"} for i in range(40)])
+
+
+def test_jsonl_source_indexes_lines_and_skips_blank_ones(tmp_path):
+    path = tmp_path / "a.jsonl"
+    path.write_text('{"text": "a"}\n\n{"text": "b"}\n')
+    src = JsonlSource(path)
+    assert len(src) == 2 and src[1] == ({"text": "b"}, f"{path}:3")
+
+
+def test_parquet_source_reads_row_groups(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "a.parquet"
+    pq.write_table(pa.table({"prompt": [f"p{i}" for i in range(10)], "completion": ["c"] * 10}), path, row_group_size=3)
+    src = ParquetSource(path)
+    assert len(src) == 10 and src[7][0] == {"prompt": "p7", "completion": "c"}
+
+
+def test_two_processes_get_disjoint_shards_that_cover_the_data(numbered):
+    cfg = DataConfig(path=str(numbered), packing=False, batch_size=2, pack_buffer=4, max_length=32)
+    seen = []
+    for process in (0, 1):
+        it = make_iterator(cfg, TOK, seed=3, process_index=process, process_count=2, num_epochs=1)
+        seen.append([t for batch in it for t in texts_of(batch)])
+    assert not set(seen[0]) & set(seen[1])
+    assert sorted(seen[0] + seen[1]) == sorted(f"record {i}" for i in range(40))
+
+
+def test_resume_from_saved_state_yields_the_same_batches(numbered):
+    cfg = DataConfig(path=str(numbered), batch_size=4, pack_buffer=8, max_length=32)
+    it = make_iterator(cfg, TOK, seed=1)
+    for _ in range(3):
+        next(it)
+    state = json.loads(json.dumps(it.get_state()))  # the state must survive a JSON round trip
+    expected = [next(it) for _ in range(6)]  # crosses chunk and epoch boundaries
+    resumed = make_iterator(cfg, TOK, seed=1)
+    resumed.set_state(state)
+    for want in expected:
+        got = next(resumed)
+        for key in want:
+            np.testing.assert_array_equal(got[key], want[key])
+
+
+def test_epochs_reshuffle_and_seed_matters(numbered):
+    cfg = DataConfig(path=str(numbered), packing=False, batch_size=40, pack_buffer=40, max_length=32)
+    it = make_iterator(cfg, TOK, seed=0)
+    first, second = texts_of(next(it)), texts_of(next(it))
+    assert sorted(first) == sorted(second) and first != second
+    assert texts_of(next(make_iterator(cfg, TOK, seed=1))) != first
+
+
+def test_unpacked_rows_pad_to_a_multiple_of(tmp_path):
+    path = write_jsonl(tmp_path / "s.jsonl", [{"text": "abc"}, {"text": "abcdefghijk"}])
+    cfg = DataConfig(path=str(path), packing=False, batch_size=2, pad_to_multiple_of=8, max_length=64)
+    batch = next(make_iterator(cfg, TOK, seed=0))
+    assert batch["input_ids"].shape == (2, 16)  # longest row 12 positions -> 16
+    assert batch["segment_ids"].sum() == 4 + 12
+
+
+def test_mixture_weights_follow_the_ratio(tmp_path):
+    a = write_jsonl(tmp_path / "a.jsonl", [{"text": "a"}] * 50)
+    b = write_jsonl(tmp_path / "b.jsonl", [{"text": "b"}] * 50)
+    cfg = DataConfig(path=[str(a), str(b)], weights=[3.0, 1.0], packing=False, batch_size=40, max_length=8)
+    it = make_iterator(cfg, TOK, seed=0)
+    texts = [t for _ in range(5) for t in texts_of(next(it))]
+    assert 0.68 <= texts.count("a") / len(texts) <= 0.82  # 3:1 in expectation; shuffled after mixing
+
+
+def test_counts_report_truncated_and_dropped(tmp_path):
+    path = write_jsonl(tmp_path / "c.jsonl", [{"text": "x" * 50}, {"prompt": "y" * 40, "completion": "z"},
+                                              {"text": "ok"}])
+    counts = scan_counts(DataConfig(path=str(path), max_length=20), TOK, 0)
+    assert (counts["kept"], counts["truncated"], counts["no_target"], counts["complete"]) == (2, 1, 1, True)
+    dropped = scan_counts(DataConfig(path=str(path), max_length=20, truncation="drop"), TOK, 0)
+    assert (dropped["kept"], dropped["too_long"]) == (1, 2)
+
+
+def test_bad_files_name_file_and_line(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"text": oops}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: malformed JSON"):
+        scan_counts(DataConfig(path=str(bad)), TOK, 0)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(ValueError, match=r"empty.jsonl: the file has no records"):
+        make_iterator(DataConfig(path=str(empty)), TOK)
+    with pytest.raises(FileNotFoundError, match="matches no file"):
+        make_iterator(DataConfig(path=str(tmp_path / "*.parquet")), TOK)
+    unknown = write_jsonl(tmp_path / "u.jsonl", [{"text": "a"}, {"question": "?"}])
+    with pytest.raises(ValueError, match=r"u.jsonl:2: no known format"):
+        scan_counts(DataConfig(path=str(unknown)), TOK, 0)
+
+
+def test_built_in_task_is_a_messages_source_with_a_disjoint_held_out_split():
+    cfg = DataConfig(num_eval=64)
+    eval_texts = {t for batch in make_iterator(cfg, TOK, split="eval") for t in texts_of(batch)}
+    train_it = make_iterator(dataclasses.replace(cfg, batch_size=64), TOK)
+    train_texts = {t for _ in range(10) for t in texts_of(next(train_it))}
+    assert len(eval_texts) > 50 and len(train_texts) > 1000
+    assert not eval_texts & train_texts
