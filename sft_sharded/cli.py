@@ -35,16 +35,12 @@ def _progress(cfg: TrainConfig, record: dict) -> str:
 
 def train(cfg: TrainConfig) -> list[dict]:
     import jax
-    import jax.numpy as jnp
 
     from sft_sharded.data.pipeline import make_iterator, open_records, scan_counts
     from sft_sharded.data.tokenizers import load_tokenizer
     from sft_sharded.generate import exact_match
+    from sft_sharded.checkpoint import save_params
     from sft_sharded.metrics import MetricsWriter
-    from sft_sharded.models import Llama, preset
-    from sft_sharded.optim import make_optimizer
-    from sft_sharded.sharding import make_mesh
-    from sft_sharded.trainers import SFTTrainer
     from sft_sharded.trainers.loop import evaluate, fit
 
     run_dir = Path(cfg.run_dir)
@@ -60,17 +56,8 @@ def train(cfg: TrainConfig) -> list[dict]:
         f"{counts['no_target']:,} dropped with no trained token, {counts['template']:,} dropped by the chat template",
         flush=True)
 
-    mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
-    m = cfg.model
-    model_cfg = preset(m.preset, dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat, scan_layers=m.scan_layers)
-    if model_cfg.vocab_size < tokenizer.vocab_size:
-        raise ValueError(f"model.preset={m.preset!r} has vocab_size {model_cfg.vocab_size} < the tokenizer's "
-                         f"{tokenizer.vocab_size}")
-    trainer = SFTTrainer(
-        Llama(model_cfg), make_optimizer(cfg.optim, cfg.steps), mesh=mesh, grad_accum_steps=cfg.optim.grad_accum_steps
-    )
-    dummy = jnp.zeros((cfg.data.batch_size, cfg.data.max_length), jnp.int32)
-    state = trainer.create_train_state(jax.random.key(cfg.seed), dummy)
+    trainer, state = _build_trainer(cfg, tokenizer)
+    mesh, model_cfg = trainer.mesh, trainer.model.config
     say(f"model: {model_cfg.num_params() / 1e6:.2f}M params on {len(mesh.devices.flat)} "
         f"{jax.devices()[0].platform} devices, mesh {dict(mesh.shape)}; {cfg.steps} steps of "
         f"{cfg.data.batch_size}x{cfg.data.max_length} tokens; run dir {run_dir}", flush=True)
@@ -111,7 +98,48 @@ def train(cfg: TrainConfig) -> list[dict]:
         say(f"held-out exact match (greedy generation): {accuracy:.2%} of {len(pairs)}"
             + (f"; e.g. expected {wrong[0][0]!r}, got {wrong[0][1]!r}" if wrong else ""), flush=True)
     writer.close()
+    save_params(run_dir, state.params)
     return records
+
+
+def _build_trainer(cfg: TrainConfig, tokenizer):
+    """Mesh, model, optimizer and the sharded initial state of a config."""
+    import jax
+    import jax.numpy as jnp
+
+    from sft_sharded.models import Llama, preset
+    from sft_sharded.optim import make_optimizer
+    from sft_sharded.sharding import make_mesh
+    from sft_sharded.trainers import SFTTrainer
+
+    mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    m = cfg.model
+    model_cfg = preset(m.preset, dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat, scan_layers=m.scan_layers)
+    if model_cfg.vocab_size < tokenizer.vocab_size:
+        raise ValueError(f"model.preset={m.preset!r} has vocab_size {model_cfg.vocab_size} < the tokenizer's "
+                         f"{tokenizer.vocab_size}")
+    trainer = SFTTrainer(
+        Llama(model_cfg), make_optimizer(cfg.optim, cfg.steps), mesh=mesh, grad_accum_steps=cfg.optim.grad_accum_steps
+    )
+    dummy = jnp.zeros((cfg.data.batch_size, cfg.data.max_length), jnp.int32)
+    return trainer, trainer.create_train_state(jax.random.key(cfg.seed), dummy)
+
+
+def generate(run_dir: str, prompts: list[str], max_new_tokens: int, raw: bool) -> list[str]:
+    """Greedy answers of a trained run to user messages (or raw text prompts with `raw`)."""
+    from sft_sharded.checkpoint import load_params
+    from sft_sharded.data.tokenizers import load_tokenizer
+    from sft_sharded.generate import greedy_generate, prompt_and_answer
+
+    cfg = load_config(Path(run_dir) / "config.yaml")
+    tokenizer = load_tokenizer(cfg.tokenizer.path)
+    trainer, _ = _build_trainer(cfg, tokenizer)
+    params = load_params(run_dir, trainer.abstract_state.params)
+    records = [{"prompt": p, "completion": ""} if raw else
+               {"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": ""}]} for p in prompts]
+    ids = [prompt_and_answer(r, tokenizer)[0] for r in records]
+    outs = greedy_generate(trainer, params, ids, max_new_tokens, tokenizer.stop_ids)
+    return [tokenizer.decode(o) for o in outs]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -120,13 +148,23 @@ def main(argv: list[str] | None = None) -> int:
     p_train = sub.add_parser("train", help="train (no arguments: the built-in task on 8 simulated devices)")
     p_train.add_argument("--config", help="YAML file of config keys")
     p_train.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. steps=100 optim.lr=1e-3")
+    p_gen = sub.add_parser("generate", help="greedy answers from a trained run directory")
+    p_gen.add_argument("--run-dir", required=True, help="a run directory written by `sft-sharded train`")
+    p_gen.add_argument("--prompt", action="append", required=True, help="a user message (repeatable)")
+    p_gen.add_argument("--max-new-tokens", type=int, default=64)
+    p_gen.add_argument("--raw", action="store_true", help="plain text prompts, no chat template")
     args = parser.parse_args(argv)
+    config_path = Path(args.run_dir) / "config.yaml" if args.command == "generate" else args.config
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(config_path, getattr(args, "overrides", ()))
     except (ValueError, OSError) as err:
         parser.exit(2, f"sft-sharded: config error: {err}\n")
     _simulate_devices(cfg.simulate_devices)
-    train(cfg)
+    if args.command == "train":
+        train(cfg)
+    else:
+        for prompt, answer in zip(args.prompt, generate(args.run_dir, args.prompt, args.max_new_tokens, args.raw)):
+            print(f"{prompt} -> {answer}")
     return 0
 
 

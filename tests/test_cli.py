@@ -35,6 +35,11 @@ def test_train_writes_run_dir_and_the_loss_falls(tmp_path):
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["steps"] == 60
     assert (run_dir / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert any((run_dir / "tensorboard").iterdir())
+    gen = run_cli("generate", "--run-dir", str(run_dir), "--prompt", "rev:1234", "--prompt", "sort:4321",
+                  "--max-new-tokens", "8")
+    assert gen.returncode == 0, gen.stderr
+    lines = gen.stdout.strip().splitlines()
+    assert lines[0].startswith("rev:1234 -> ") and lines[1].startswith("sort:4321 -> ")
 
 
 def test_train_on_a_jsonl_file_with_a_hf_tokenizer(tmp_path):

@@ -132,3 +132,33 @@ def test_built_in_task_is_a_messages_source_with_a_disjoint_held_out_split():
     train_texts = {t for _ in range(10) for t in texts_of(next(train_it))}
     assert len(eval_texts) > 50 and len(train_texts) > 1000
     assert not eval_texts & train_texts
+
+
+WORKER_SCRIPT = """
+import json, sys
+from absl import flags
+from sft_sharded.config import DataConfig
+from sft_sharded.data.pipeline import make_iterator
+from sft_sharded.data.tokenizers import ByteTokenizer
+
+if __name__ == "__main__":  # grain workers re-import __main__
+    flags.FLAGS.mark_as_parsed()
+    out = []
+    for workers in (0, 2):
+        it = make_iterator(DataConfig(path=sys.argv[1], batch_size=4, pack_buffer=8, max_length=32,
+                                      worker_count=workers), ByteTokenizer(), seed=0)
+        out.append([next(it)["input_ids"].tolist() for _ in range(6)])
+    print(json.dumps(out[0] == out[1]))
+"""
+
+
+@pytest.mark.slow
+def test_worker_processes_give_the_same_batches(numbered, tmp_path):
+    import subprocess
+    import sys
+
+    script = tmp_path / "workers.py"
+    script.write_text(WORKER_SCRIPT)
+    result = subprocess.run([sys.executable, str(script), str(numbered)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == "true"
