@@ -1,26 +1,31 @@
-# `make train` and `make test` each create .venv with python3 when it is missing, install, then run.
+# `make train` and `make test` each create .venv with python3 when it is missing, install what they need,
+# then run. torch is pinned to 2.13.0: its CPU build lies on this project's machines for Python 3.11.
 PYTHON ?= python3
 VENV := .venv
-STAMP := $(VENV)/.installed
 ARGS ?=
 
 .PHONY: train test test-fast clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
-
-$(STAMP): $(VENV)/bin/python pyproject.toml
 	$(VENV)/bin/pip install --quiet --upgrade pip
-	$(VENV)/bin/pip install --quiet -e ".[test]"
-	touch $(STAMP)
 
-train: $(STAMP)
+$(VENV)/.installed-base: $(VENV)/bin/python pyproject.toml
+	$(VENV)/bin/pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed-base
+	$(VENV)/bin/pip install --quiet "torch==2.13.0"
+	$(VENV)/bin/pip install --quiet -e ".[test,hf]"
+	touch $@
+
+train: $(VENV)/.installed-base
 	$(VENV)/bin/sft-sharded train $(ARGS)
 
-test: $(STAMP)
+test: $(VENV)/.installed-test
 	$(VENV)/bin/python -m pytest -q tests
 
-test-fast: $(STAMP)
+test-fast: $(VENV)/.installed-test
 	$(VENV)/bin/python -m pytest -q -m "not slow" tests
 
 clean:

@@ -1,17 +1,123 @@
-"""Checkpoints with orbax (OCDBT + zarr, never pickles). For now: the final params of a run, restored into
-any mesh's shardings for `sft-sharded generate`; full train-state checkpoints and resume build on this."""
+"""Checkpoints with orbax (OCDBT + zarr; nothing is a pickle).
+
+A checkpoint `<run_dir>/checkpoints/<step>/` holds the train state (params, optimizer state, step), each
+process's data-iterator state (`data/process_I-of-N.json`) and the resolved config. Saves are async and
+atomic: orbax writes into a temporary directory and renames it when every process is done, so a kill
+mid-save leaves the previous checkpoint as the newest. Restoring goes into the shardings of whatever mesh
+the restoring trainer has, so a checkpoint moves between meshes.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import logging
 from pathlib import Path
 from typing import Any
 
+import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
+log = logging.getLogger(__name__)
 FINAL_PARAMS = "final_params"
 
 
+class DataStateHandler(ocp.CheckpointHandler):
+    """One JSON file per process with that process's data-iterator state."""
+
+    def save(self, directory: epath.Path, args: DataStateSave) -> None:
+        name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+        (directory / name).write_text(json.dumps(args.state))
+
+    def restore(self, directory: epath.Path, args: DataStateRestore | None = None) -> dict:
+        name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+        path = directory / name
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: no data-iterator state for this process (saved with another process count?)")
+        return json.loads(path.read_text())
+
+    def metadata(self, directory: epath.Path) -> None:
+        return None
+
+    def finalize(self, directory: epath.Path) -> None:
+        return None
+
+    def close(self) -> None:
+        return None
+
+
+@ocp.args.register_with_handler(DataStateHandler, for_save=True)
+@dataclasses.dataclass
+class DataStateSave(ocp.args.CheckpointArgs):
+    state: dict
+
+
+@ocp.args.register_with_handler(DataStateHandler, for_restore=True)
+@dataclasses.dataclass
+class DataStateRestore(ocp.args.CheckpointArgs):
+    pass
+
+
+class Checkpointer:
+    """Save every `every` steps, keep the newest `keep` (and every `keep_every`-th step, if set)."""
+
+    def __init__(self, directory: str | Path, *, every: int, keep: int, keep_every: int | None = None,
+                 async_save: bool = True):
+        self.directory = Path(directory).absolute()
+        self.every = every
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, keep_period=keep_every, enable_async_checkpointing=async_save, create=True,
+        )
+        self._manager = ocp.CheckpointManager(
+            self.directory, options=options,
+            item_handlers={"state": ocp.StandardCheckpointHandler(), "data": DataStateHandler(),
+                           "config": ocp.JsonCheckpointHandler()},
+        )
+
+    def all_steps(self) -> list[int]:
+        return sorted(self._manager.all_steps())
+
+    def save(self, step: int, state: Any, data_state: dict, config: dict, force: bool = False) -> bool:
+        """Start an async save (returns once device buffers are copied, so the state may then be donated)."""
+        if not force and (self.every <= 0 or step % self.every):
+            return False
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=DataStateSave(data_state),
+                                  config=ocp.args.JsonSave(config))
+        return self._manager.save(step, args=args, force=force)
+
+    def restore_latest(self, abstract_state: Any) -> tuple[Any, dict, int] | None:
+        """(state, data state, step) from the newest checkpoint that restores; None when there is none.
+
+        A checkpoint that fails to restore (truncated, corrupt) is reported and the previous one is tried;
+        when checkpoints exist but none restores, the error names the directory.
+        """
+        steps = self.all_steps()
+        failures = []
+        for step in reversed(steps):
+            args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=DataStateRestore())
+            try:
+                restored = self._manager.restore(step, args=args)
+            except Exception as err:  # noqa: BLE001 - reported, then the previous checkpoint is tried
+                log.warning("checkpoint %s/%d is unusable (%s: %s); trying the previous one",
+                            self.directory, step, type(err).__name__, err)
+                failures.append(f"step {step}: {type(err).__name__}: {err}")
+                continue
+            return restored["state"], restored["data"], step
+        if failures:
+            raise RuntimeError(f"{self.directory}: no usable checkpoint among steps {steps}: " + "; ".join(failures))
+        return None
+
+    def wait(self) -> None:
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+
 def save_params(run_dir: str | Path, params: Any) -> Path:
+    """The final params of a run, for `sft-sharded generate` and export."""
     path = (Path(run_dir) / FINAL_PARAMS).absolute()
     with ocp.StandardCheckpointer() as ckpt:
         ckpt.save(path, params, force=True)

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
 from pathlib import Path
 
-from sft_sharded.config import TrainConfig, dump_config, load_config
+from sft_sharded.config import TrainConfig, dump_config, load_config, to_dict
 
 
 def _simulate_devices(count: int) -> None:
@@ -25,7 +26,30 @@ def _simulate_devices(count: int) -> None:
     os.environ["XLA_FLAGS"] = " ".join([*flags, f"--xla_force_host_platform_device_count={count}"])
 
 
+class PreemptionFlag:
+    """SIGTERM (and, on multi-host TPU, jax's preemption sync point) asks the loop to save and stop at the
+    next step boundary."""
+
+    def __init__(self):
+        self.flag = False
+        signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.flag = True
+
+    def reached(self, step: int) -> bool:
+        import jax
+        from jax.experimental import multihost_utils
+
+        sync_point = getattr(multihost_utils, "reached_preemption_sync_point", None)
+        if not self.flag and sync_point is not None and jax.process_count() > 1 and jax.devices()[0].platform == "tpu":
+            self.flag = bool(sync_point(step))
+        return self.flag
+
+
 def _progress(cfg: TrainConfig, record: dict) -> str:
+    if "compile_and_first_step_s" in record:
+        return f"step {record['step']}: loss {record['loss']:.4f}, compiled and ran in {record['compile_and_first_step_s']:.1f}s"
     eta = (cfg.steps - record["step"]) * record["step_time_s"]
     done = int(20 * record["step"] / cfg.steps)
     return (f"[{'#' * done}{'.' * (20 - done)}] step {record['step']:>5}/{cfg.steps}  loss {record['loss']:.4f}  "
@@ -39,7 +63,7 @@ def train(cfg: TrainConfig) -> list[dict]:
     from sft_sharded.data.pipeline import make_iterator, open_records, scan_counts
     from sft_sharded.data.tokenizers import load_tokenizer
     from sft_sharded.generate import exact_match
-    from sft_sharded.checkpoint import save_params
+    from sft_sharded.checkpoint import Checkpointer, save_params
     from sft_sharded.metrics import MetricsWriter
     from sft_sharded.trainers.loop import evaluate, fit
 
@@ -49,7 +73,7 @@ def train(cfg: TrainConfig) -> list[dict]:
     main_process = jax.process_index() == 0
     say = print if main_process else (lambda *a, **k: None)
 
-    tokenizer = load_tokenizer(cfg.tokenizer.path)
+    tokenizer = load_tokenizer(_tokenizer_path(cfg))
     counts = scan_counts(cfg.data, tokenizer, cfg.seed)
     say(f"data: {counts['scanned']:,} records scanned{' (all)' if counts['complete'] else ''}: "
         f"{counts['kept']:,} kept, {counts['truncated']:,} truncated, {counts['too_long']:,} dropped as too long, "
@@ -64,13 +88,34 @@ def train(cfg: TrainConfig) -> list[dict]:
 
     shard = dict(process_index=jax.process_index(), process_count=jax.process_count())
     batches = make_iterator(cfg.data, tokenizer, seed=cfg.seed, **shard)
+    c = cfg.checkpoint
+    ckpt = Checkpointer(run_dir / "checkpoints", every=c.every, keep=c.keep, keep_every=c.keep_every,
+                        async_save=c.async_save)
+    restored = ckpt.restore_latest(trainer.abstract_state)
+    resumed_step = 0
+    if restored is not None:
+        state, data_state, resumed_step = restored
+        batches.set_state(data_state)
+        say(f"resumed from {ckpt.directory}/{resumed_step}", flush=True)
     has_eval = cfg.data.path is None or cfg.data.eval_path is not None
     eval_fn = None
     if has_eval:
         def eval_fn(state):
             return evaluate(trainer, state, make_iterator(cfg.data, tokenizer, split="eval", seed=cfg.seed, **shard))
 
-    writer = MetricsWriter(run_dir, enabled=main_process)
+    writer = MetricsWriter(run_dir, enabled=main_process, resumed_step=resumed_step)
+    config_dict = to_dict(cfg)
+    preempted = PreemptionFlag()
+
+    def after_step(step: int, state) -> bool:
+        if preempted.reached(step):
+            ckpt.save(step, state, batches.get_state(), config_dict, force=True)
+            ckpt.wait()
+            say(f"{chr(10) if interactive else ''}preempted: saved {ckpt.directory}/{step}; exiting", flush=True)
+            return True
+        ckpt.save(step, state, batches.get_state(), config_dict)
+        return False
+
     interactive = sys.stdout.isatty()
 
     def on_record(record: dict) -> None:
@@ -85,7 +130,11 @@ def train(cfg: TrainConfig) -> list[dict]:
 
     t0 = time.perf_counter()
     state, records = fit(trainer, state, batches, steps=cfg.steps, log_every=cfg.log_every,
-                         eval_every=cfg.eval.every, eval_fn=eval_fn, on_record=on_record)
+                         eval_every=cfg.eval.every, eval_fn=eval_fn, on_record=on_record, after_step=after_step)
+    ckpt.close()
+    if preempted.flag:
+        writer.close()
+        return records
     say(f"{'' if not interactive else chr(10)}trained {cfg.steps} steps in {time.perf_counter() - t0:.1f}s; "
         f"packing efficiency {batches.efficiency_sum / max(batches.batches, 1):.1%}", flush=True)
     if has_eval:
@@ -107,6 +156,7 @@ def _build_trainer(cfg: TrainConfig, tokenizer):
     import jax
     import jax.numpy as jnp
 
+    from sft_sharded import hf
     from sft_sharded.models import Llama, preset
     from sft_sharded.optim import make_optimizer
     from sft_sharded.sharding import make_mesh
@@ -114,7 +164,8 @@ def _build_trainer(cfg: TrainConfig, tokenizer):
 
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     m = cfg.model
-    model_cfg = preset(m.preset, dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat, scan_layers=m.scan_layers)
+    options = dict(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat, scan_layers=m.scan_layers)
+    model_cfg = hf.config_from_hf(m.path, **options) if m.path else preset(m.preset, **options)
     if model_cfg.vocab_size < tokenizer.vocab_size:
         raise ValueError(f"model.preset={m.preset!r} has vocab_size {model_cfg.vocab_size} < the tokenizer's "
                          f"{tokenizer.vocab_size}")
@@ -122,7 +173,43 @@ def _build_trainer(cfg: TrainConfig, tokenizer):
         Llama(model_cfg), make_optimizer(cfg.optim, cfg.steps), mesh=mesh, grad_accum_steps=cfg.optim.grad_accum_steps
     )
     dummy = jnp.zeros((cfg.data.batch_size, cfg.data.max_length), jnp.int32)
-    return trainer, trainer.create_train_state(jax.random.key(cfg.seed), dummy)
+    state = trainer.create_train_state(jax.random.key(cfg.seed), dummy)
+    if m.path:  # pretrained weights, tensor by tensor into the same shardings
+        state = state.replace(params=hf.load_params(m.path, model_cfg, trainer.abstract_state.params))
+    return trainer, state
+
+
+def _tokenizer_path(cfg: TrainConfig) -> str | None:
+    """tokenizer.path, else the model directory when it holds a tokenizer.json."""
+    if cfg.tokenizer.path is None and cfg.model.path and (Path(cfg.model.path) / "tokenizer.json").is_file():
+        return cfg.model.path
+    return cfg.tokenizer.path
+
+
+def export(run_dir: str, out_dir: str, dtype: str) -> Path:
+    """A run's final params (else its newest checkpoint) as a Hugging Face directory."""
+    import json as json_lib
+
+    from sft_sharded import hf
+    from sft_sharded.checkpoint import FINAL_PARAMS, Checkpointer, load_params
+    from sft_sharded.data.tokenizers import load_tokenizer
+
+    cfg = load_config(Path(run_dir) / "config.yaml")
+    tokenizer_path = _tokenizer_path(cfg)
+    trainer, _ = _build_trainer(cfg, load_tokenizer(tokenizer_path))
+    if (Path(run_dir) / FINAL_PARAMS).is_dir():
+        params = load_params(run_dir, trainer.abstract_state.params)
+    else:
+        restored = Checkpointer(Path(run_dir) / "checkpoints", every=0, keep=1).restore_latest(trainer.abstract_state)
+        if restored is None:
+            raise FileNotFoundError(f"{run_dir}: no final_params/ and no checkpoint to export")
+        params = restored[0].params
+    model_cfg = trainer.model.config
+    model_type = "qwen2" if model_cfg.qkv_bias else "llama"
+    if cfg.model.path:
+        model_type = json_lib.loads((Path(cfg.model.path) / "config.json").read_text())["model_type"]
+    return hf.save_pretrained(params, model_cfg, out_dir, model_type=model_type, dtype=dtype,
+                              tokenizer_dir=tokenizer_path)
 
 
 def generate(run_dir: str, prompts: list[str], max_new_tokens: int, raw: bool) -> list[str]:
@@ -132,7 +219,7 @@ def generate(run_dir: str, prompts: list[str], max_new_tokens: int, raw: bool) -
     from sft_sharded.generate import greedy_generate, prompt_and_answer
 
     cfg = load_config(Path(run_dir) / "config.yaml")
-    tokenizer = load_tokenizer(cfg.tokenizer.path)
+    tokenizer = load_tokenizer(_tokenizer_path(cfg))
     trainer, _ = _build_trainer(cfg, tokenizer)
     params = load_params(run_dir, trainer.abstract_state.params)
     records = [{"prompt": p, "completion": ""} if raw else
@@ -153,8 +240,13 @@ def main(argv: list[str] | None = None) -> int:
     p_gen.add_argument("--prompt", action="append", required=True, help="a user message (repeatable)")
     p_gen.add_argument("--max-new-tokens", type=int, default=64)
     p_gen.add_argument("--raw", action="store_true", help="plain text prompts, no chat template")
+    p_export = sub.add_parser("export", help="write a run's weights as a Hugging Face directory")
+    p_export.add_argument("--to", choices=["hf"], default="hf")
+    p_export.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p_export.add_argument("run_dir")
+    p_export.add_argument("out_dir")
     args = parser.parse_args(argv)
-    config_path = Path(args.run_dir) / "config.yaml" if args.command == "generate" else args.config
+    config_path = Path(args.run_dir) / "config.yaml" if args.command in ("generate", "export") else args.config
     try:
         cfg = load_config(config_path, getattr(args, "overrides", ()))
     except (ValueError, OSError) as err:
@@ -162,6 +254,8 @@ def main(argv: list[str] | None = None) -> int:
     _simulate_devices(cfg.simulate_devices)
     if args.command == "train":
         train(cfg)
+    elif args.command == "export":
+        print(f"wrote {export(args.run_dir, args.out_dir, args.dtype)}")
     else:
         for prompt, answer in zip(args.prompt, generate(args.run_dir, args.prompt, args.max_new_tokens, args.raw)):
             print(f"{prompt} -> {answer}")

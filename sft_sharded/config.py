@@ -33,6 +33,7 @@ class MeshConfig:
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ModelConfig:
     preset: str = "tiny"
+    path: str | None = None  # a Hugging Face directory (config.json + safetensors); overrides preset
     dtype: str = "float32"
     param_dtype: str = "float32"
     remat: Literal["none", "full", "save_dots"] = "none"
@@ -103,6 +104,18 @@ class EvalConfig:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class CheckpointConfig:
+    every: int = 100  # steps between saves (0: only on SIGTERM)
+    keep: int = 3  # newest checkpoints kept
+    keep_every: int | None = None  # also keep every N-th step for good
+    async_save: bool = True
+
+    def __post_init__(self):
+        if self.every < 0 or self.keep < 1:
+            raise ValueError(f"checkpoint.every={self.every} must be >= 0 and checkpoint.keep={self.keep} >= 1")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class TrainConfig:
     run_dir: str = "runs/default"
     steps: int = 400
@@ -115,6 +128,7 @@ class TrainConfig:
     tokenizer: TokenizerConfig = dataclasses.field(default_factory=TokenizerConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
 
     def __post_init__(self):
         if self.steps < 1:

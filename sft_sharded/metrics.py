@@ -8,7 +8,7 @@ from pathlib import Path
 
 
 class MetricsWriter:
-    def __init__(self, run_dir: str | Path, enabled: bool = True):
+    def __init__(self, run_dir: str | Path, enabled: bool = True, resumed_step: int = 0):
         self.run_dir = Path(run_dir)
         self.enabled = enabled
         self.records: list[dict] = []
@@ -16,7 +16,12 @@ class MetricsWriter:
             return
         from tensorboardX import SummaryWriter
 
-        self._jsonl = (self.run_dir / "metrics.jsonl").open("a")
+        path = self.run_dir / "metrics.jsonl"
+        if path.exists() and resumed_step:  # keep the history up to the checkpoint; later lines are redone
+            kept = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            self.records = [r for r in kept if r.get("step", 0) <= resumed_step]
+            path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+        self._jsonl = path.open("a" if resumed_step else "w")
         self._tb = SummaryWriter(str(self.run_dir / "tensorboard"))
 
     def write(self, record: dict) -> None:

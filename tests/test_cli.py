@@ -20,10 +20,11 @@ def test_train_writes_run_dir_and_the_loss_falls(tmp_path):
                      "eval.num_generate=16", "data.num_eval=32")
     assert result.returncode == 0, result.stderr
     assert "8 cpu devices, mesh {'data': 2, 'fsdp': 2, 'tensor': 2}" in result.stdout
-    assert "20,000 records scanned: 20,000 kept, 0 truncated" in result.stdout
+    assert "10,000 records scanned: 10,000 kept, 0 truncated" in result.stdout
     assert "held-out exact match (greedy generation):" in result.stdout
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    train = [r for r in records if "loss" in r]
+    train = [r for r in records if "loss" in r and "tokens_per_sec" in r]
+    assert records[0]["step"] == 1 and records[0]["compile_and_first_step_s"] > 0 and records[0]["loss"] > 0
     evals = [r for r in records if "eval_loss" in r]
     assert [r["step"] for r in train] == [10, 20, 30, 40, 50, 60]
     assert [r["step"] for r in evals] == [30, 60]

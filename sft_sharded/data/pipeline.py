@@ -176,7 +176,7 @@ def make_iterator(cfg: DataConfig, tokenizer, *, split: str = "train", seed: int
     return BatchIterator(chunks, cfg.batch_size // process_count, cfg, pad_last=split == "eval")
 
 
-def scan_counts(cfg: DataConfig, tokenizer, seed: int, limit: int = 20_000) -> collections.Counter:
+def scan_counts(cfg: DataConfig, tokenizer, seed: int, limit: int = 10_000) -> collections.Counter:
     """Kept, truncated and dropped counts over the first `limit` training records (all of a smaller
     dataset), for the report at the start of training. Malformed records raise here, before compiling."""
     records = open_records(cfg, "train", seed)

@@ -30,6 +30,9 @@ class LlamaConfig:
     mlp_dim: int
     head_dim: int | None = None  # default hidden_size // num_heads
     rope_theta: float = 10_000.0
+    # Llama 3.x "llama3" frequency scaling as sorted (key, value) pairs: factor, low_freq_factor,
+    # high_freq_factor, original_max_position_embeddings. None: plain RoPE.
+    rope_scaling: tuple[tuple[str, float], ...] | None = None
     rms_norm_eps: float = 1e-5
     tie_embeddings: bool = False
     qkv_bias: bool = False  # Qwen2
@@ -84,10 +87,21 @@ class RMSNorm(nn.Module):
         return scale_D.astype(self.config.dtype) * x.astype(self.config.dtype)
 
 
-def rope(x_BxTxNxD: jax.Array, positions_BxT: jax.Array, theta: float) -> jax.Array:
+def _llama3_scaling(inv_freq: jax.Array, scaling: tuple[tuple[str, float], ...]) -> jax.Array:
+    """Llama 3.x: long wavelengths slowed by `factor`, short ones kept, a smooth blend in between."""
+    s = dict(scaling)
+    factor, low, high, context = s["factor"], s["low_freq_factor"], s["high_freq_factor"], s["original_max_position_embeddings"]
+    wavelen = 2 * jnp.pi / inv_freq
+    blend = jnp.clip((context / wavelen - low) / (high - low), 0.0, 1.0)
+    return (1 - blend) * inv_freq / factor + blend * inv_freq
+
+
+def rope(x_BxTxNxD: jax.Array, positions_BxT: jax.Array, theta: float, scaling=None) -> jax.Array:
     """Rotary embedding, rotate-half layout, angles in float32."""
     head_dim = x_BxTxNxD.shape[-1]
     inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    if scaling is not None:
+        inv_freq = _llama3_scaling(inv_freq, scaling)
     angles_BxTxH = positions_BxT.astype(jnp.float32)[..., None] * inv_freq
     angles_BxTxD = jnp.concatenate([angles_BxTxH, angles_BxTxH], axis=-1)[:, :, None, :]
     x = x_BxTxNxD.astype(jnp.float32)
@@ -117,8 +131,8 @@ class Attention(nn.Module):
         q_BxTxNxH = project("wq", cfg.num_heads, "heads")
         k_BxTxKxH = project("wk", cfg.num_kv_heads, "kv_heads")
         v_BxTxKxH = project("wv", cfg.num_kv_heads, "kv_heads")
-        q_BxTxNxH = constrain(rope(q_BxTxNxH, positions_BxT, cfg.rope_theta), ("batch", "length", "act_heads", "head_dim"))
-        k_BxTxKxH = rope(k_BxTxKxH, positions_BxT, cfg.rope_theta)
+        q_BxTxNxH = constrain(rope(q_BxTxNxH, positions_BxT, cfg.rope_theta, cfg.rope_scaling), ("batch", "length", "act_heads", "head_dim"))
+        k_BxTxKxH = rope(k_BxTxKxH, positions_BxT, cfg.rope_theta, cfg.rope_scaling)
         new_cache = None
         if cache is None:
             out_BxTxNxH = dot_product_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT)

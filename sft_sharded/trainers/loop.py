@@ -73,8 +73,12 @@ def fit(
     eval_every: int = 0,
     eval_fn: Callable[[TrainState], Record] | None = None,
     on_record: Callable[[Record], None] = lambda record: None,
+    after_step: Callable[[int, TrainState], bool] = lambda step, state: False,
 ) -> tuple[TrainState, list[Record]]:
-    """Train from `state.step` to `steps`. `batches` yields this process's rows of each global batch."""
+    """Train from `state.step` to `steps`. `batches` yields this process's rows of each global batch.
+
+    `after_step(step, state)` runs once each step is dispatched (checkpoints); True stops the loop there.
+    """
     records: list[Record] = []
     pending = None  # (step, metrics on device, tokens in the batch)
     window = None  # starts once the first (compiling) step is back
@@ -83,8 +87,14 @@ def fit(
         nonlocal window
         step, metrics, tokens = item
         metrics = jax.device_get(metrics)
-        if window is None:  # step 1 carries the compile time; throughput starts after it
-            records.append({"step": step, "compile_and_first_step_s": time.perf_counter() - t_start})
+        if window is None:  # the first step carries the compile time; throughput starts after it
+            first = _Window()
+            first.add(metrics, tokens)
+            record = first.record(step, metrics)
+            del record["tokens_per_sec"], record["step_time_s"]
+            record["compile_and_first_step_s"] = time.perf_counter() - t_start
+            records.append(record)
+            on_record(record)
             window = _Window()
             return
         window.add(metrics, tokens)
@@ -102,6 +112,9 @@ def fit(
         if pending is not None:
             drain(pending)  # step N-1's scalars, while step N runs
         pending = (step, metrics, tokens)
+        if after_step(step, state):
+            drain(pending)
+            return state, records
         if eval_fn is not None and eval_every and step % eval_every == 0 and step != steps:
             drain(pending)
             pending = None

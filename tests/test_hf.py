@@ -1,0 +1,149 @@
+"""Parity with Hugging Face transformers (PyTorch CPU): import, logits, packing, export and reload."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from sft_sharded import Llama, SFTTrainer, make_mesh
+from sft_sharded.hf import config_from_hf, load_params, save_pretrained
+
+if os.environ.get("CI") == "true":  # CI must run these: a missing torch is a failure there, not a skip
+    import torch  # noqa: F401
+    import transformers  # noqa: F401
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+BASE = dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            intermediate_size=96, max_position_embeddings=64, rms_norm_eps=1e-5)
+FAMILIES = {
+    "llama-gqa-untied": ("LlamaConfig", "LlamaForCausalLM", dict(tie_word_embeddings=False, rope_theta=5e5)),
+    "llama-tied-rope-scaling": ("LlamaConfig", "LlamaForCausalLM", dict(
+        tie_word_embeddings=True, rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                "high_freq_factor": 4.0, "original_max_position_embeddings": 16})),
+    "qwen2-bias-tied": ("Qwen2Config", "Qwen2ForCausalLM", dict(tie_word_embeddings=True, rope_theta=1e6)),
+    "mistral-untied": ("MistralConfig", "MistralForCausalLM", dict(tie_word_embeddings=False, sliding_window=None)),
+}
+
+
+def make_hf(kind, directory, dtype=torch.float32, **save_kwargs):
+    config_cls, model_cls, extra = FAMILIES[kind]
+    config = getattr(transformers, config_cls)(**BASE, **extra)
+    torch.manual_seed(0)
+    model = getattr(transformers, model_cls)(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.add_(torch.randn_like(p) * (0.3 if "bias" in name or "norm" in name else 0.05))
+    model = model.to(dtype)
+    model.save_pretrained(directory, **save_kwargs)
+    return model
+
+
+def hf_logits(model, ids):
+    with torch.no_grad():
+        return model(torch.tensor(ids, dtype=torch.long)).logits.float().numpy()
+
+
+def import_model(directory, mesh_shape=(2, 2, 2), **overrides):
+    cfg = config_from_hf(directory, **overrides)
+    trainer = SFTTrainer(Llama(cfg), optax.sgd(0.1), mesh=make_mesh(*mesh_shape))
+    trainer.create_train_state(jax.random.key(0), jnp.zeros((8, 16), jnp.int32))
+    return trainer, cfg, load_params(directory, cfg, trainer.abstract_state.params)
+
+
+@pytest.mark.parametrize("kind", sorted(FAMILIES))
+def test_import_matches_transformers_and_export_reloads(kind, tmp_path):
+    model = make_hf(kind, tmp_path / "hf")
+    trainer, cfg, params = import_model(tmp_path / "hf")
+    ids = np.random.default_rng(0).integers(0, 128, (2, 24))
+    ours = np.asarray(jax.jit(trainer.model.apply)({"params": params}, ids.astype(np.int32)))
+    assert np.abs(ours - hf_logits(model, ids)).max() <= 1e-4
+    model_type = json.loads((tmp_path / "hf" / "config.json").read_text())["model_type"]
+    save_pretrained(params, cfg, tmp_path / "out", model_type=model_type)
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert type(reloaded).__name__ == FAMILIES[kind][1]
+    assert np.abs(hf_logits(reloaded, ids) - ours).max() <= 1e-4
+
+
+def test_packed_segments_match_two_separate_hf_forwards(tmp_path):
+    model = make_hf("llama-gqa-untied", tmp_path / "hf")
+    trainer, _, params = import_model(tmp_path / "hf")
+    rng = np.random.default_rng(1)
+    a, b = rng.integers(0, 128, 9), rng.integers(0, 128, 12)
+    packed = np.zeros((1, 24), np.int32)
+    packed[0, :9], packed[0, 9:21] = a, b
+    segments = np.array([[1] * 9 + [2] * 12 + [0] * 3], np.int32)
+    positions = np.array([list(range(9)) + list(range(12)) + [0] * 3], np.int32)
+    ours = np.asarray(jax.jit(trainer.model.apply)({"params": params}, packed, positions, segments))
+    assert np.abs(ours[0, :9] - hf_logits(model, a[None])[0]).max() <= 1e-4
+    assert np.abs(ours[0, 9:21] - hf_logits(model, b[None])[0]).max() <= 1e-4
+
+
+def test_sharded_index_bfloat16_and_scanned_import(tmp_path):
+    model = make_hf("qwen2-bias-tied", tmp_path / "hf", dtype=torch.bfloat16, max_shard_size="20KB")
+    assert (tmp_path / "hf" / "model.safetensors.index.json").exists()
+    ids = np.random.default_rng(2).integers(0, 128, (2, 16))
+    reference = hf_logits(model.float(), ids)  # the bf16 weights, computed in float32
+    for scan in (False, True):
+        trainer, cfg, params = import_model(tmp_path / "hf", (1, 8, 1), scan_layers=scan, param_dtype="float32")
+        ours = np.asarray(jax.jit(trainer.model.apply)({"params": params}, ids.astype(np.int32)))
+        assert np.abs(ours - reference).max() <= 1e-4
+    save_pretrained(params, cfg, tmp_path / "out", model_type="qwen2", dtype="bfloat16", max_shard_bytes=30_000)
+    assert (tmp_path / "out" / "model.safetensors.index.json").exists()
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert np.abs(hf_logits(reloaded.float(), ids) - reference).max() <= 1e-4
+
+
+def test_errors_name_the_tensor_and_both_shapes(tmp_path):
+    make_hf("llama-gqa-untied", tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    config["intermediate_size"] = 80
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"'model.layers.0.mlp.gate_proj.weight' has shape \(96, 64\) in the "
+                                         r"checkpoint, but the model expects \(64, 80\)"):
+        import_model(tmp_path / "hf")
+    config["model_type"] = "gpt2"
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="model_type 'gpt2' is not supported"):
+        config_from_hf(tmp_path / "hf")
+
+
+@pytest.mark.slow
+def test_fine_tune_a_local_hf_directory_and_export_it(tmp_path):
+    import subprocess
+    import sys
+
+    from data_fixtures import write_hf_tokenizer
+
+    hf_dir = tmp_path / "hf"
+    config = transformers.LlamaConfig(**{**BASE, "vocab_size": 320}, tie_word_embeddings=False)
+    transformers.LlamaForCausalLM(config).save_pretrained(hf_dir)
+    write_hf_tokenizer(hf_dir)
+    data = tmp_path / "chats.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"hello {i}"},
+                                                     {"role": "assistant", "content": "the cat sat"}]}) + "\n"
+                            for i in range(32)))
+    run = tmp_path / "run"
+    cli = [sys.executable, "-m", "sft_sharded.cli"]
+    train = subprocess.run([*cli, "train", f"run_dir={run}", f"model.path={hf_dir}", f"data.path={data}",
+                            f"data.eval_path={data}", "steps=5", "data.batch_size=8", "data.max_length=64",
+                            "eval.every=0", "eval.num_generate=4", "optim.lr=1e-2"], capture_output=True, text=True)
+    assert train.returncode == 0, train.stderr[-3000:]
+    export = subprocess.run([*cli, "export", "--to", "hf", str(run), str(tmp_path / "out")], capture_output=True,
+                            text=True)
+    assert export.returncode == 0, export.stderr[-3000:]
+    assert (tmp_path / "out" / "tokenizer.json").exists() and (tmp_path / "out" / "tokenizer_config.json").exists()
+    tuned = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    original = transformers.AutoModelForCausalLM.from_pretrained(hf_dir).eval()
+    ids = np.random.default_rng(3).integers(0, 320, (1, 12))
+    assert np.abs(hf_logits(tuned, ids) - hf_logits(original, ids)).max() > 1e-3  # it did train
+    from sft_sharded.checkpoint import load_params as load_final
+
+    trainer, _, _ = import_model(hf_dir, (2, 2, 2))
+    params = load_final(run, trainer.abstract_state.params)
+    ours = np.asarray(jax.jit(trainer.model.apply)({"params": params}, ids.astype(np.int32)))
+    assert np.abs(hf_logits(tuned, ids) - ours).max() <= 1e-4
