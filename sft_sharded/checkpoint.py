@@ -33,8 +33,11 @@ class DataStateHandler(ocp.CheckpointHandler):
     def restore(self, directory: epath.Path, args: DataStateRestore | None = None) -> dict:
         name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
         path = directory / name
-        if not path.exists():
-            raise FileNotFoundError(f"{path}: no data-iterator state for this process (saved with another process count?)")
+        if not path.exists():  # saved by another number of processes
+            saved = sorted(p.name for p in directory.glob("process_*-of-*.json"))
+            first = directory / saved[0] if saved else None
+            return {"unavailable": f"{directory} has {saved}, not {name}",
+                    "process_0": json.loads(first.read_text()) if first else None}
         return json.loads(path.read_text())
 
     def metadata(self, directory: epath.Path) -> None:

@@ -47,6 +47,12 @@ class PreemptionFlag:
         return self.flag
 
 
+def jax_process_count() -> int:
+    import jax
+
+    return jax.process_count()
+
+
 def _progress(cfg: TrainConfig, record: dict) -> str:
     if "compile_and_first_step_s" in record:
         return f"step {record['step']}: loss {record['loss']:.4f}, compiled and ran in {record['compile_and_first_step_s']:.1f}s"
@@ -95,7 +101,15 @@ def train(cfg: TrainConfig) -> list[dict]:
     resumed_step = 0
     if restored is not None:
         state, data_state, resumed_step = restored
-        batches.set_state(data_state)
+        if "unavailable" in data_state and cfg.data.shard_by == "rows":
+            batches.set_state(data_state["process_0"])  # every process has the same stream: any state fits
+        elif "unavailable" in data_state:
+            # Another process count shards the records differently: restart the order with a new shuffle
+            # seed rather than replay the first batches (model and optimizer state are exact).
+            batches = make_iterator(cfg.data, tokenizer, seed=cfg.seed + resumed_step, **shard)
+            say(f"warning: {data_state['unavailable']}; the data order restarts (seed {cfg.seed + resumed_step})")
+        else:
+            batches.set_state(data_state)
         say(f"resumed from {ckpt.directory}/{resumed_step}", flush=True)
     has_eval = cfg.data.path is None or cfg.data.eval_path is not None
     eval_fn = None
@@ -245,15 +259,33 @@ def main(argv: list[str] | None = None) -> int:
     p_export.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p_export.add_argument("run_dir")
     p_export.add_argument("out_dir")
+    p_plan = sub.add_parser("plan", help="compile the train step for a TPU topology on this CPU host (AOT)")
+    from sft_sharded.plan import add_arguments
+
+    add_arguments(p_plan)
     args = parser.parse_args(argv)
+    if args.command == "plan":
+        from sft_sharded import plan
+
+        return plan.main(args)
     config_path = Path(args.run_dir) / "config.yaml" if args.command in ("generate", "export") else args.config
     try:
         cfg = load_config(config_path, getattr(args, "overrides", ()))
     except (ValueError, OSError) as err:
         parser.exit(2, f"sft-sharded: config error: {err}\n")
     _simulate_devices(cfg.simulate_devices)
+    from sft_sharded import distributed
+
+    distributed.initialize()
     if args.command == "train":
-        train(cfg)
+        try:
+            train(cfg)
+        except BaseException as err:
+            if not isinstance(err, SystemExit) and jax_process_count() > 1:
+                # Name the process: with many processes a bare traceback does not say whose it is.
+                print(f"sft-sharded: {distributed.describe()} failed: {type(err).__name__}: {err}",
+                      file=sys.stderr, flush=True)
+            raise
     elif args.command == "export":
         print(f"wrote {export(args.run_dir, args.out_dir, args.dtype)}")
     else:

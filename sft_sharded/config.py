@@ -56,6 +56,11 @@ class DataConfig:
     batch_size: int = 16  # global, in rows
     num_eval: int = 256  # held-out examples of the built-in task
     worker_count: int = 0  # grain worker processes for tokenization (0: in the main process)
+    # How processes split the data. "records": each reads and packs only its share of the records (scales
+    # to any number of hosts; the batches then depend on the process count). "rows": each builds the same
+    # global stream and keeps its rows of every batch (batches and data checkpoints independent of the
+    # process count, at the price of every process tokenizing everything: for a few hosts).
+    shard_by: Literal["records", "rows"] = "records"
 
     def __post_init__(self):
         for key in ("max_length", "batch_size", "num_eval", "pack_buffer", "pad_to_multiple_of"):

@@ -54,8 +54,10 @@ def greedy_generate(trainer, params, prompts: Sequence[Sequence[int]], max_new_t
         segments[r, prompt_len - len(prompt) :] = 1
     segments[len(prompts) :, -1] = 1  # filler rows: one visible token so nothing is empty
     fn = _compiled(trainer, max_new_tokens)
+    batch_sh = sharding.batch_sharding(trainer.mesh)
     with trainer.activate():
-        out = np.asarray(jax.device_get(fn(params, ids, segments)))
+        out = fn(params, sharding.host_to_global(ids, batch_sh), sharding.host_to_global(segments, batch_sh))
+    out = sharding.global_to_host(out)
     results = []
     for r in range(len(prompts)):
         tokens = out[r].tolist()

@@ -20,6 +20,7 @@ import ml_dtypes
 import numpy as np
 
 from sft_sharded.models.llama import LlamaConfig
+from sft_sharded.sharding import global_to_host
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}
 _DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16, "F64": np.float64}
@@ -213,14 +214,6 @@ def load_params(directory: str | Path, cfg: LlamaConfig, abstract_params: Any) -
     return params
 
 
-def _gather(x: jax.Array) -> np.ndarray:
-    if x.is_fully_addressable:
-        return np.asarray(jax.device_get(x))
-    from jax.experimental import multihost_utils
-
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-
 def save_pretrained(params: Any, cfg: LlamaConfig, out_dir: str | Path, *, model_type: str = "llama",
                     dtype: str = "float32", tokenizer_dir: str | Path | None = None,
                     max_shard_bytes: int = 2 * 1024**3) -> Path:
@@ -232,7 +225,7 @@ def save_pretrained(params: Any, cfg: LlamaConfig, out_dir: str | Path, *, model
     shards: list[dict[str, np.ndarray]] = [{}]
     size = 0
     for path, name, layer, _, to_hf in _entries(cfg):
-        array = _gather(_get(params, path))
+        array = global_to_host(_get(params, path))
         array = to_hf(array[layer] if cfg.scan_layers and layer is not None else array).astype(np_dtype)
         if size and size + array.nbytes > max_shard_bytes:
             shards.append({})

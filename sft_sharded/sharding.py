@@ -186,3 +186,17 @@ def split_microbatches(x_BxT: jax.Array, k: int, mesh: Mesh) -> jax.Array:
     if (rows // k) % data_parallel_size(mesh) == 0:
         x = jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(None, BATCH_AXES)))
     return x
+
+
+def host_to_global(array: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    """A global array from a host array that every process holds in full (e.g. prompts)."""
+    return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
+
+
+def global_to_host(x: jax.Array) -> np.ndarray:
+    """The whole of a global array on every process (a gather when other processes hold parts)."""
+    if x.is_fully_addressable:
+        return np.asarray(jax.device_get(x))
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))

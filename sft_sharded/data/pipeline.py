@@ -103,9 +103,10 @@ class PackChunk:
 class BatchIterator:
     """Batches of `rows` rows from a grain iterator of chunks; `get_state`/`set_state` resume exactly."""
 
-    def __init__(self, chunks: grain.IterDataset, rows: int, cfg: DataConfig, pad_last: bool = False):
+    def __init__(self, chunks: grain.IterDataset, rows: int, cfg: DataConfig, pad_last: bool = False,
+                 keep: slice = slice(None)):
         self._chunks = iter(chunks)
-        self._rows, self._cfg, self._pad_last = rows, cfg, pad_last
+        self._rows, self._cfg, self._pad_last, self._keep = rows, cfg, pad_last, keep
         self._chunk_state = self._chunks.get_state()  # state before the chunk in `_pending`
         self._pending: list = []
         self._taken = 0  # rows of the current chunk already yielded
@@ -138,7 +139,8 @@ class BatchIterator:
         if not self._cfg.packing:  # pad to the longest row, rounded up to pad_to_multiple_of
             multiple = self._cfg.pad_to_multiple_of
             length = min(-(-max(r["input_ids"].size for r in rows) // multiple) * multiple, self._cfg.max_length)
-        batch = {key: np.zeros((self._rows, length), rows[0][key].dtype) for key in packing.ROW_KEYS}
+        rows = rows[self._keep]  # shard_by="rows": this process's rows of the global batch
+        batch = {key: np.zeros((len(rows), length), rows[0][key].dtype) for key in packing.ROW_KEYS}
         for i, row in enumerate(rows):
             for key in packing.ROW_KEYS:
                 batch[key][i, : row[key].size] = row[key]
@@ -158,14 +160,19 @@ class BatchIterator:
 
 def make_iterator(cfg: DataConfig, tokenizer, *, split: str = "train", seed: int = 0,
                   process_index: int = 0, process_count: int = 1, num_epochs: int | None = None) -> BatchIterator:
-    """This process's batches of `data.batch_size // process_count` rows."""
+    """This process's batches of `data.batch_size // process_count` rows (see `DataConfig.shard_by`)."""
     if cfg.batch_size % process_count:
         raise ValueError(f"data.batch_size={cfg.batch_size} is not divisible by {process_count} processes")
     records = open_records(cfg, split, seed)
     if split == "train":
         records = records.shuffle(seed=seed)
     records = records.repeat(num_epochs if split == "train" else 1)
-    encoded = records[process_index::process_count].map(Encode(cfg, tokenizer))
+    per_process = cfg.batch_size // process_count
+    if cfg.shard_by == "records":
+        records, rows, keep = records[process_index::process_count], per_process, slice(None)
+    else:
+        rows, keep = cfg.batch_size, slice(process_index * per_process, (process_index + 1) * per_process)
+    encoded = records.map(Encode(cfg, tokenizer))
     num_chunks = -(-len(encoded) // cfg.pack_buffer)
     # One chunk holds many batches: a short read-ahead keeps the trainer fed without grain's default of
     # 500 chunks prefetched on 16 threads (which tokenizes 100k+ records at start-up, stealing the CPU).
@@ -173,7 +180,7 @@ def make_iterator(cfg: DataConfig, tokenizer, *, split: str = "train", seed: int
     chunks = grain.MapDataset.range(num_chunks).map(PackChunk(encoded, cfg)).to_iter_dataset(read)
     if cfg.worker_count > 0:
         chunks = chunks.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.worker_count))
-    return BatchIterator(chunks, cfg.batch_size // process_count, cfg, pad_last=split == "eval")
+    return BatchIterator(chunks, rows, cfg, pad_last=split == "eval", keep=keep)
 
 
 def scan_counts(cfg: DataConfig, tokenizer, seed: int, limit: int = 10_000) -> collections.Counter:

@@ -60,6 +60,7 @@ class Trainer(abc.ABC):
         self.rules = rules
         self.state_shardings: Any = None  # set by init_sharded (create_train_state)
         self.abstract_state: Any = None  # ShapeDtypeStructs with shardings, e.g. a checkpoint restore target
+        self.abstract_only = False  # True: create_train_state returns the abstract state (for AOT plans)
         self._jitted: dict[str, Callable] = {}
         self._checked_signatures: set = set()
 
@@ -94,10 +95,11 @@ class Trainer(abc.ABC):
                 lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                 sharding.unbox(abstract_boxed), self.state_shardings,
             )
+            self._jitted.clear()
+            if self.abstract_only:
+                return self.abstract_state
             init = jax.jit(lambda k, x: sharding.unbox(init_fn(k, x)), out_shardings=self.state_shardings)
-            state = init(key, dummy_input)
-        self._jitted.clear()
-        return state
+            return init(key, dummy_input)
 
     # --- the compiled steps -------------------------------------------------------------------------
     def train_step(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
@@ -182,7 +184,7 @@ class Trainer(abc.ABC):
     def _check_batch(self, batch: Batch) -> None:
         if not isinstance(batch, Mapping):
             raise TypeError(f"batch must be a mapping of arrays with keys {BATCH_KEYS}, got {type(batch).__name__}")
-        signature = tuple(sorted((k, tuple(np.shape(v)), str(getattr(v, "dtype", type(v)))) for k, v in batch.items()))
+        signature = tuple(sorted((k, tuple(np.shape(v)), str(getattr(v, "dtype", None))) for k, v in batch.items()))
         if signature in self._checked_signatures:
             return
         for key in ("input_ids", "labels"):
@@ -195,7 +197,7 @@ class Trainer(abc.ABC):
         if len(shape) != 2:
             raise ValueError(f"batch['input_ids'] must be [batch, length], got shape {shape}")
         for key, value in batch.items():
-            dtype = np.dtype(getattr(value, "dtype", np.asarray(value).dtype))
+            dtype = np.dtype(value.dtype if hasattr(value, "dtype") else np.asarray(value).dtype)
             if tuple(np.shape(value)) != shape:
                 raise ValueError(f"batch[{key!r}] has shape {tuple(np.shape(value))}, expected {shape} like input_ids")
             if key != "loss_mask" and not np.issubdtype(dtype, np.integer):

@@ -1,0 +1,169 @@
+"""sft-sharded plan: compile the real train step for a TPU topology on a CPU host, ahead of time.
+
+    sft-sharded plan --topology v5p-64 --model llama3.1-8b --seq 8192 --global-batch 256 --mesh fsdp=-1
+
+Needs the TPU compiler (`pip install sft_sharded[tpu]`, i.e. `jax[tpu]` for the installed jax). Nothing
+runs: the state and batch are abstract (shapes + shardings) and `jit(...).lower(...).compile()` reports
+per-chip memory and FLOPs. Exits non-zero when the plan does not fit in a chip's HBM.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import sys
+
+# Per chip. HBM and peak dense bf16 FLOP/s from the Cloud TPU system-architecture pages
+# (cloud.google.com/tpu/docs/v4, /v5e, /v5p, /v6e), as published in 2025.
+CHIPS = {
+    "v4": {"hbm_bytes": 32 * 2**30, "bf16_flops": 275e12, "cores_per_chip": 2, "dims": 3},
+    "v5e": {"hbm_bytes": 16 * 2**30, "bf16_flops": 197e12, "cores_per_chip": 1, "dims": 2},
+    "v5p": {"hbm_bytes": 95 * 2**30, "bf16_flops": 459e12, "cores_per_chip": 2, "dims": 3},
+    "v6e": {"hbm_bytes": 32 * 2**30, "bf16_flops": 918e12, "cores_per_chip": 1, "dims": 2},
+}
+# Physical shapes for accelerator-type names (v4 and v5p count TensorCores: two per chip).
+_SHAPES_3D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8", 256: "4x8x8",
+              512: "8x8x8", 1024: "8x8x16"}
+_SHAPES_2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"}
+
+
+def parse_topology(name: str) -> tuple[str, str]:
+    """"v5p-64" (accelerator type) or "v5p:4x4x2" (chip grid) -> (generation, "AxBxC")."""
+    match = re.fullmatch(r"(v4|v5e|v5p|v6e)(?:-(\d+)|:(\d+(?:x\d+)+))", name)
+    if not match:
+        raise ValueError(f"--topology {name!r}: expected e.g. v5p-64, v6e-256 or v5p:2x2x1 ({sorted(CHIPS)})")
+    gen, count, grid = match.groups()
+    if grid:
+        return gen, grid
+    chips = int(count) // CHIPS[gen]["cores_per_chip"]
+    shapes = _SHAPES_3D if CHIPS[gen]["dims"] == 3 else _SHAPES_2D
+    if chips not in shapes:
+        raise ValueError(f"--topology {name!r}: no known chip grid for {chips} chips")
+    return gen, shapes[chips]
+
+
+def parse_mesh(spec: str) -> dict[str, int]:
+    sizes = {"data": 1, "fsdp": 1, "tensor": 1}
+    for part in filter(None, spec.split(",")):
+        key, _, value = part.partition("=")
+        if key not in sizes:
+            raise ValueError(f"--mesh {spec!r}: unknown axis {key!r} (axes: data, fsdp, tensor)")
+        sizes[key] = int(value)
+    return sizes
+
+
+def flops_per_token(cfg, seq: int) -> float:
+    """6·N (matmul params, forward + backward) plus the causal attention term 6·L·T·d_attn (half of 12)."""
+    matmul_params = cfg.num_params() - cfg.vocab_size * cfg.hidden_size * (0 if cfg.tie_embeddings else 1)
+    attention = 6 * cfg.num_layers * seq * cfg.num_heads * cfg.head_size
+    return 6 * matmul_params + attention
+
+
+def plan(topology: str, model: str, seq: int, global_batch: int, mesh_spec: str, remat: str = "full",
+         scan: bool = True) -> dict:
+    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from jax.experimental import topologies
+
+    from sft_sharded.models import Llama, preset
+    from sft_sharded.sharding import MESH_AXES, batch_sharding
+    from sft_sharded.trainers import SFTTrainer
+
+    gen, grid = parse_topology(topology)
+    topo = topologies.get_topology_desc(platform="tpu", topology_name=f"{gen}:{grid}",
+                                        chips_per_host_bounds=(2, 2, 1),
+                                        num_slices=1)
+    devices = topo.devices
+    sizes = parse_mesh(mesh_spec)
+    free = [k for k, v in sizes.items() if v == -1]
+    if free:
+        sizes[free[0]] = len(devices) // math.prod(v for v in sizes.values() if v != -1)
+    shape = tuple(sizes[a] for a in MESH_AXES)
+    if math.prod(shape) != len(devices):
+        raise ValueError(f"--mesh {mesh_spec!r} gives {shape} = {math.prod(shape)} devices; {topology} has {len(devices)}")
+    physical = topologies.make_mesh(topo, shape, MESH_AXES)  # device order that follows the torus
+    mesh = jax.sharding.Mesh(physical.devices, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
+    cfg = preset(model, dtype="bfloat16", remat=remat, scan_layers=scan)
+    trainer = SFTTrainer(Llama(cfg), optax.adamw(1e-5), mesh=mesh)
+    trainer.abstract_only = True
+    state = trainer.create_train_state(jax.random.key(0), jax.ShapeDtypeStruct((global_batch, seq), jnp.int32))
+    batch_sh = batch_sharding(mesh)
+    batch = {k: jax.ShapeDtypeStruct((global_batch, seq), dtype, sharding=batch_sh)
+             for k, dtype in (("input_ids", jnp.int32), ("labels", jnp.int32), ("loss_mask", jnp.bool_),
+                              ("segment_ids", jnp.int32), ("positions", jnp.int32))}
+    step = trainer._build("train")
+    chip = CHIPS[gen]
+    tokens = global_batch * seq
+    analytic = flops_per_token(cfg, seq) * tokens / len(devices)
+    result = {
+        "topology": f"{gen}:{grid}", "chips": len(devices), "mesh": dict(zip(MESH_AXES, shape)), "model": model,
+        "params": cfg.num_params(), "seq": seq, "global_batch": global_batch, "remat": remat,
+        "hbm_bytes": chip["hbm_bytes"], "analytic_flops_per_chip": analytic,
+        "step_s_at_peak": analytic / chip["bf16_flops"], "step_s_at_50pct_mfu": 2 * analytic / chip["bf16_flops"],
+    }
+    with trainer.activate():
+        lowered = step.lower(state, batch)
+        try:
+            compiled = lowered.compile()
+        except jax.errors.JaxRuntimeError as err:
+            if "RESOURCE_EXHAUSTED" not in str(err):
+                raise
+            # The TPU compiler itself refuses a program that cannot fit in HBM: that is the answer.
+            return {**result, "fits": False, "compiler_error": str(err).splitlines()[0]}
+    memory = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    per_chip = (memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes
+                - memory.alias_size_in_bytes)
+    return {
+        **result, "argument_bytes": memory.argument_size_in_bytes, "temp_bytes": memory.temp_size_in_bytes,
+        "output_bytes": memory.output_size_in_bytes, "alias_bytes": memory.alias_size_in_bytes,
+        "total_bytes_per_chip": per_chip, "fits": per_chip <= chip["hbm_bytes"],
+        "compiled_flops_per_chip": float(cost.get("flops", float("nan"))),
+    }
+
+
+def report(r: dict) -> str:
+    gib = 2**30
+    head = (f"plan: {r['model']} ({r['params'] / 1e9:.3f}B params) on {r['topology']} ({r['chips']} chips), "
+            f"mesh {r['mesh']}, {r['global_batch']} x {r['seq']} tokens per step, remat {r['remat']}")
+    timing = (f"  analytic FLOPs per chip per step {r['analytic_flops_per_chip']:.3e}: {r['step_s_at_peak']:.3f} s at "
+              f"peak, {r['step_s_at_50pct_mfu']:.3f} s at 50% MFU")
+    if "compiler_error" in r:
+        return "\n".join([head, f"  DOES NOT FIT: the TPU compiler says: {r['compiler_error']}", timing])
+    return "\n".join([
+        head,
+        f"  per-chip memory: arguments {r['argument_bytes'] / gib:.2f} GiB + temporaries {r['temp_bytes'] / gib:.2f} GiB "
+        f"+ outputs {r['output_bytes'] / gib:.2f} GiB - aliased {r['alias_bytes'] / gib:.2f} GiB = "
+        f"{r['total_bytes_per_chip'] / gib:.2f} GiB of {r['hbm_bytes'] / gib:.0f} GiB HBM -> "
+        f"{'fits' if r['fits'] else 'DOES NOT FIT'}",
+        f"  FLOPs per chip per step: compiler {r['compiled_flops_per_chip']:.3e}, analytic 6*N*tokens + attention "
+        f"{r['analytic_flops_per_chip']:.3e}",
+        f"  predicted step time: {r['step_s_at_peak']:.3f} s at peak, {r['step_s_at_50pct_mfu']:.3f} s at 50% MFU",
+    ])
+
+
+def main(args) -> int:
+    result = plan(args.topology, args.model, args.seq, args.global_batch, args.mesh, args.remat, not args.no_scan)
+    print(report(result))
+    if not result["fits"]:
+        need = result.get("compiler_error") or f"{result['total_bytes_per_chip'] / 2**30:.2f} GiB per chip"
+        print(f"sft-sharded plan: does not fit in {result['hbm_bytes'] / 2**30:.0f} GiB HBM per chip ({need}); "
+              "use more chips, a smaller batch, fsdp, or remat", file=sys.stderr)
+        return 1
+    return 0
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--topology", required=True, help="e.g. v5p-64, v6e-256, v5p:2x2x1")
+    parser.add_argument("--model", required=True, help="a preset name (sft_sharded.models.PRESETS)")
+    parser.add_argument("--seq", type=int, default=4096)
+    parser.add_argument("--global-batch", type=int, default=64)
+    parser.add_argument("--mesh", default="fsdp=-1", help="e.g. fsdp=-1 or data=2,fsdp=-1,tensor=4")
+    parser.add_argument("--remat", default="full", choices=["none", "full", "save_dots"])
+    parser.add_argument("--no-scan", action="store_true", help="unroll the layers (slower to compile)")
+

@@ -1,0 +1,124 @@
+"""Multi-process training through launch/local_multiprocess.sh, cluster detection, the TPU pod launcher,
+and AOT plans for TPU topologies."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sft_sharded.distributed import cluster_kind
+
+ROOT = Path(__file__).resolve().parents[1]
+SFT = [sys.executable, "-m", "sft_sharded.cli"]
+ARGS = ["steps=10", "log_every=1", "checkpoint.every=5", "eval.every=0", "eval.num_generate=8", "data.num_eval=16",
+        "data.batch_size=8", "data.max_length=64", "data.shard_by=rows"]
+
+
+def test_cluster_kind_detection():
+    assert cluster_kind({}) == "single"
+    assert cluster_kind({"SFT_COORDINATOR": "h:1", "SLURM_JOB_ID": "3"}) == "explicit"
+    assert cluster_kind({"SLURM_JOB_ID": "3", "SLURM_NTASKS": "4"}) == "slurm"
+    assert cluster_kind({"SLURM_JOB_ID": "3", "SLURM_NTASKS": "1"}) == "single"
+    assert cluster_kind({"TPU_WORKER_HOSTNAMES": "w0,w1,w2,w3"}) == "tpu"
+    assert cluster_kind({"TPU_WORKER_HOSTNAMES": "localhost"}) == "single"
+
+
+def losses(run_dir):
+    return {r["step"]: r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+            if "loss" in r}
+
+
+def sft_bin(tmp_path):
+    """An `sft-sharded` executable for the launcher that runs this interpreter."""
+    path = tmp_path / "sft-sharded"
+    path.write_text(f"#!/bin/sh\nexec {sys.executable} -m sft_sharded.cli \"$@\"\n")
+    path.chmod(0o755)
+    return path
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process_and_hand_over_a_checkpoint(tmp_path):
+    env = dict(os.environ, SFT_BIN=str(sft_bin(tmp_path)), SFT_LOG_DIR=str(tmp_path / "logs"))
+    env.pop("XLA_FLAGS", None)
+    multi = subprocess.run([str(ROOT / "launch/local_multiprocess.sh"), "2", "4", "--", "train",
+                            f"run_dir={tmp_path / 'multi'}", *ARGS], env=env, capture_output=True, text=True,
+                           timeout=600)
+    assert multi.returncode == 0, multi.stderr[-3000:]
+    saved = {p.name for p in (tmp_path / "multi" / "checkpoints" / "5" / "data").iterdir()}
+    assert {"process_0-of-2.json", "process_1-of-2.json"} <= saved
+    single = subprocess.run([*SFT, "train", f"run_dir={tmp_path / 'single'}", *ARGS], capture_output=True,
+                            text=True, timeout=600)
+    assert single.returncode == 0, single.stderr[-3000:]
+    got, want = losses(tmp_path / "multi"), losses(tmp_path / "single")
+    assert sorted(got) == list(range(1, 11))
+    np.testing.assert_allclose([got[s] for s in sorted(want)], [want[s] for s in sorted(want)], rtol=1e-5)
+
+    # the 2-process checkpoint at step 5 continues in one process, on the same data order
+    handover = tmp_path / "handover"
+    shutil.copytree(tmp_path / "multi", handover)
+    shutil.rmtree(handover / "final_params")
+    shutil.rmtree(handover / "checkpoints" / "10")  # continue from step 5
+    resumed = subprocess.run([*SFT, "train", f"run_dir={handover}", *ARGS], capture_output=True, text=True,
+                             timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from {handover / 'checkpoints'}/5" in resumed.stdout
+    after = losses(handover)
+    np.testing.assert_allclose([after[s] for s in range(6, 11)], [want[s] for s in range(6, 11)], rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_a_failing_process_stops_the_others_and_is_named(tmp_path):
+    env = dict(os.environ, SFT_BIN=str(sft_bin(tmp_path)), SFT_LOG_DIR=str(tmp_path / "logs"))
+    env.pop("XLA_FLAGS", None)
+    bad = subprocess.run([str(ROOT / "launch/local_multiprocess.sh"), "2", "4", "--", "train",
+                          f"run_dir={tmp_path / 'run'}", "data.path=/nonexistent/*.jsonl", *ARGS], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0
+    assert "local_multiprocess: process" in bad.stderr and "matches no file" in bad.stderr
+
+
+def test_tpu_pod_launcher_issues_the_right_gcloud_commands(tmp_path):
+    record = tmp_path / "calls.txt"
+    fake = tmp_path / "gcloud"
+    fake.write_text(f"#!/bin/sh\necho \"$@\" >> {record}\n")
+    fake.chmod(0o755)
+    env = dict(os.environ, GCLOUD=str(fake), SFT_LOG_DIR=str(tmp_path / "logs"))
+    result = subprocess.run([str(ROOT / "launch/tpu_pod.sh"), "--name", "pod4", "--zone", "us-east5-a",
+                             "--project", "proj", "--env", "WANDB_MODE=offline", "--", "train", "steps=100",
+                             "mesh.fsdp=-1"], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    calls = record.read_text().splitlines()
+    assert len(calls) == 4
+    assert calls[0].startswith("compute tpus tpu-vm scp ") and "pod4:sft_sharded.tar.gz --worker=all" in calls[0]
+    assert all("--zone us-east5-a --project proj" in c for c in calls)
+    assert calls[1].startswith("compute tpus tpu-vm ssh pod4 --worker=all") and "pip install" in calls[1]
+    assert "WANDB_MODE=offline python3 -m sft_sharded.cli train steps=100 mesh.fsdp=-1" in calls[2]
+    assert "--worker=all" in calls[2] and "--worker=all" in calls[3]
+    assert calls[3].startswith("compute tpus tpu-vm scp pod4:sft_sharded-*.log")
+    dry = subprocess.run([str(ROOT / "launch/tpu_pod.sh"), "--name", "pod4", "--zone", "z", "--dry-run", "--",
+                          "train"], env=env, capture_output=True, text=True, timeout=60)
+    assert dry.returncode == 0 and dry.stdout.count("tpu-vm") == 4
+    assert len(record.read_text().splitlines()) == 4  # the dry run called nothing
+
+
+def _plan(*args):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    return subprocess.run([*SFT, "plan", *args], capture_output=True, text=True, timeout=600, env=env)
+
+
+@pytest.mark.slow
+def test_plan_compiles_for_a_tpu_topology_and_refuses_what_does_not_fit():
+    pytest.importorskip("libtpu") if os.environ.get("CI") != "true" else None
+    ok = _plan("--topology", "v5p:2x2x1", "--model", "tiny", "--seq", "128", "--global-batch", "8")
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    assert "on v5p:2x2x1 (4 chips), mesh {'data': 1, 'fsdp': 4, 'tensor': 1}" in ok.stdout
+    assert "-> fits" in ok.stdout and "FLOPs per chip per step: compiler" in ok.stdout
+    too_big = _plan("--topology", "v5e:2x2", "--model", "llama3.1-8b", "--seq", "8192", "--global-batch", "64",
+                    "--mesh", "fsdp=-1")
+    assert too_big.returncode == 1
+    assert "DOES NOT FIT" in too_big.stdout and "does not fit" in too_big.stderr
