@@ -184,7 +184,8 @@ def _build_trainer(cfg: TrainConfig, tokenizer):
         raise ValueError(f"model.preset={m.preset!r} has vocab_size {model_cfg.vocab_size} < the tokenizer's "
                          f"{tokenizer.vocab_size}")
     trainer = SFTTrainer(
-        Llama(model_cfg), make_optimizer(cfg.optim, cfg.steps), mesh=mesh, grad_accum_steps=cfg.optim.grad_accum_steps
+        Llama(model_cfg), make_optimizer(cfg.optim, cfg.steps), mesh=mesh, grad_accum_steps=cfg.optim.grad_accum_steps,
+        loss_chunk_size=cfg.loss.chunk_size, z_loss=cfg.loss.z_loss,
     )
     dummy = jnp.zeros((cfg.data.batch_size, cfg.data.max_length), jnp.int32)
     state = trainer.create_train_state(jax.random.key(cfg.seed), dummy)

@@ -109,6 +109,16 @@ class EvalConfig:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class LossConfig:
+    chunk_size: int | None = None  # positions per chunk of a cross entropy that never holds [B, T, V] logits
+    z_loss: float = 0.0
+
+    def __post_init__(self):
+        if self.chunk_size is not None and self.chunk_size < 1:
+            raise ValueError(f"loss.chunk_size={self.chunk_size} must be >= 1 or null")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class CheckpointConfig:
     every: int = 100  # steps between saves (0: only on SIGTERM)
     keep: int = 3  # newest checkpoints kept
@@ -134,6 +144,7 @@ class TrainConfig:
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    loss: LossConfig = dataclasses.field(default_factory=LossConfig)
 
     def __post_init__(self):
         if self.steps < 1:

@@ -59,3 +59,39 @@ def token_accuracy(logits_BxTxV: jax.Array, labels_BxT: jax.Array, mask_BxT: jax
     """Number of masked-in targets whose argmax is right, and their count (reuses the (sum, count) pair)."""
     correct_BxT = (jnp.argmax(logits_BxTxV, axis=-1) == labels_BxT) & mask_BxT
     return LossTerms(jnp.sum(correct_BxT, dtype=jnp.float32), jnp.sum(mask_BxT, dtype=jnp.float32))
+
+
+def chunked_cross_entropy(
+    hidden_BxTxD: jax.Array, head_DxV: jax.Array, labels_BxT: jax.Array, mask_BxT: jax.Array,
+    chunk: int, z_loss: float = 0.0,
+) -> tuple[LossTerms, jax.Array]:
+    """Masked cross entropy and the number of argmax hits, never holding more than [B, chunk, V] logits.
+
+    Scans over chunks of the sequence; each chunk's logits are recomputed in the backward pass
+    (`jax.checkpoint`), so the float32 [B, T, V] logits of the plain path are never materialised.
+    """
+    batch, length, dim = hidden_BxTxD.shape
+    pad = -length % chunk
+    if pad:
+        hidden_BxTxD = jnp.pad(hidden_BxTxD, ((0, 0), (0, pad), (0, 0)))
+        labels_BxT = jnp.pad(labels_BxT, ((0, 0), (0, pad)))
+        mask_BxT = jnp.pad(mask_BxT, ((0, 0), (0, pad)))
+    n = (length + pad) // chunk
+
+    def split(x):  # [B, T, ...] -> [n, B, chunk, ...]
+        return jnp.moveaxis(x.reshape(batch, n, chunk, *x.shape[2:]), 1, 0)
+
+    @jax.checkpoint
+    def one(h_BxCxD, labels_BxC, mask_BxC):
+        logits_BxCxV = jnp.einsum("bcd,dv->bcv", h_BxCxD, head_DxV, preferred_element_type=jnp.float32)
+        terms = masked_cross_entropy(logits_BxCxV, labels_BxC, mask_BxC, z_loss)
+        hits = token_accuracy(logits_BxCxV, labels_BxC, mask_BxC).loss_sum
+        return terms.loss_sum, terms.num_tokens, hits
+
+    def body(acc, xs):
+        return jax.tree.map(jnp.add, acc, one(*xs)), None
+
+    zero = jnp.zeros((), jnp.float32)
+    (loss_sum, count, hits), _ = jax.lax.scan(body, (zero, zero, zero),
+                                              (split(hidden_BxTxD), split(labels_BxT), split(mask_BxT)))
+    return LossTerms(loss_sum, count), hits

@@ -254,3 +254,13 @@ def test_bad_batches_raise_clear_errors(tiny_config):
     accum, accum_state = make_trainer(tiny_config, (2, 2, 2), grad_accum_steps=3)
     with pytest.raises(ValueError, match="batch size 8 is not divisible by grad_accum_steps=3"):
         accum.train_step(accum_state, random_batch(9, rows=8))
+
+
+def test_chunked_loss_trainer_matches_the_plain_trainer(tiny_config):
+    plain, state = make_trainer(tiny_config, (2, 2, 2))
+    chunked, _ = make_trainer(tiny_config, (2, 2, 2), loss_chunk_size=6)
+    batch = random_batch(10)
+    loss_p, grads_p = plain.loss_and_grad(state.params, batch)
+    loss_c, grads_c = chunked.loss_and_grad(state.params, batch)
+    np.testing.assert_allclose(loss_c, loss_p, rtol=1e-5)
+    chex.assert_trees_all_close(jax.device_get(grads_c), jax.device_get(grads_p), **GRAD_TOL)

@@ -196,7 +196,9 @@ class Llama(nn.Module):
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, input_ids_BxT, positions=None, segment_ids=None, cache=None):
+    def __call__(self, input_ids_BxT, positions=None, segment_ids=None, cache=None, return_hidden=False):
+        """`return_hidden=True` returns (final hidden states, output head [D, V]) instead of logits, for a
+        loss that projects chunk by chunk (`losses.chunked_cross_entropy`)."""
         cfg = self.config
         dtype = jnp.dtype(cfg.dtype)
         batch, length = input_ids_BxT.shape
@@ -245,6 +247,8 @@ class Llama(nn.Module):
             head_DxV = _param(
                 self, "lm_head", (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), nn.initializers.normal(cfg.init_std)
             )
+        if return_hidden:
+            return x_BxTxD, head_DxV.astype(dtype)
         logits_BxTxV = jnp.einsum("btd,dv->btv", x_BxTxD, head_DxV.astype(dtype), preferred_element_type=jnp.float32)
         logits_BxTxV = constrain(logits_BxTxV, ("batch", "length", "act_vocab"))
         if cache is None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from sft_sharded.losses import LossTerms, masked_cross_entropy, target_mask, token_accuracy
+from sft_sharded.losses import LossTerms, chunked_cross_entropy, masked_cross_entropy, target_mask, token_accuracy
 from sft_sharded.trainers.trainer import Batch, Trainer, TrainState
 
 _MODEL_INPUTS = ("positions", "segment_ids")
@@ -31,8 +31,14 @@ class SFTTrainer(Trainer):
 
     def loss_terms(self, params, batch: Batch) -> tuple[LossTerms, dict[str, jax.Array]]:
         kwargs = {key: batch[key] for key in _MODEL_INPUTS if key in batch}
-        logits_BxTxV = self.model.apply({"params": params}, batch["input_ids"], **kwargs)
         mask_BxT = target_mask(batch, self.pad_label_id)
+        if self.loss_chunk_size:  # the model hands over hidden states and head; logits per chunk only
+            hidden_BxTxD, head_DxV = self.model.apply({"params": params}, batch["input_ids"], **kwargs,
+                                                      return_hidden=True)
+            terms, hits = chunked_cross_entropy(hidden_BxTxD, head_DxV, batch["labels"], mask_BxT,
+                                                self.loss_chunk_size, self.z_loss)
+            return terms, {"num_correct": hits}
+        logits_BxTxV = self.model.apply({"params": params}, batch["input_ids"], **kwargs)
         terms = masked_cross_entropy(logits_BxTxV, batch["labels"], mask_BxT, self.z_loss)
         correct = token_accuracy(logits_BxTxV, batch["labels"], mask_BxT)
         return terms, {"num_correct": correct.loss_sum}

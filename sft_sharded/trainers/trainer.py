@@ -36,7 +36,9 @@ class TrainState:
 class Trainer(abc.ABC):
     """Base trainer. Options: `mesh` (default: every device on "fsdp"), `grad_accum_steps`,
     `pad_label_id` (label id treated as padding when a batch has no `loss_mask`; None: off), `z_loss`,
-    `rules` (logical axis rules; default `sharding.LOGICAL_AXIS_RULES`)."""
+    `loss_chunk_size` (sequence positions per chunk of a cross entropy that never materialises the
+    [B, T, V] logits; the model must accept `return_hidden=True`, as `Llama` does), `rules` (logical
+    axis rules; default `sharding.LOGICAL_AXIS_RULES`)."""
 
     def __init__(
         self,
@@ -47,6 +49,7 @@ class Trainer(abc.ABC):
         grad_accum_steps: int = 1,
         pad_label_id: int | None = 0,
         z_loss: float = 0.0,
+        loss_chunk_size: int | None = None,
         rules=sharding.LOGICAL_AXIS_RULES,
     ):
         if not isinstance(grad_accum_steps, int) or grad_accum_steps < 1:
@@ -57,6 +60,7 @@ class Trainer(abc.ABC):
         self.grad_accum_steps = grad_accum_steps
         self.pad_label_id = pad_label_id
         self.z_loss = z_loss
+        self.loss_chunk_size = loss_chunk_size  # tokens per chunk of a chunked cross entropy (None: plain)
         self.rules = rules
         self.state_shardings: Any = None  # set by init_sharded (create_train_state)
         self.abstract_state: Any = None  # ShapeDtypeStructs with shardings, e.g. a checkpoint restore target
