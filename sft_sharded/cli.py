@@ -70,7 +70,7 @@ def train(cfg: TrainConfig) -> list[dict]:
     from sft_sharded.data.tokenizers import load_tokenizer
     from sft_sharded.generate import exact_match
     from sft_sharded.checkpoint import Checkpointer, save_params
-    from sft_sharded.metrics import MetricsWriter
+    from sft_sharded.metrics import MetricsWriter, flops_per_token
     from sft_sharded.trainers.loop import evaluate, fit
 
     run_dir = Path(cfg.run_dir)
@@ -144,7 +144,8 @@ def train(cfg: TrainConfig) -> list[dict]:
 
     t0 = time.perf_counter()
     state, records = fit(trainer, state, batches, steps=cfg.steps, log_every=cfg.log_every,
-                         eval_every=cfg.eval.every, eval_fn=eval_fn, on_record=on_record, after_step=after_step)
+                         eval_every=cfg.eval.every, eval_fn=eval_fn, on_record=on_record, after_step=after_step,
+                         flops_per_token=flops_per_token(model_cfg, cfg.data.max_length))
     ckpt.close()
     if preempted.flag:
         writer.close()

@@ -1,10 +1,40 @@
-"""Run-directory metrics: metrics.jsonl, TensorBoard events, and loss.png at the end (process 0 only)."""
+"""FLOPs and MFU; run-directory metrics: metrics.jsonl, TensorBoard events, loss.png (process 0 only)."""
 
 from __future__ import annotations
 
 import json
 import math
 from pathlib import Path
+
+# Peak dense bf16 FLOP/s per device, by jax `device_kind` prefix (vendor data sheets; TPU from the Cloud
+# TPU system-architecture pages). CPUs have no meaningful peak: MFU is reported only where one is known.
+PEAK_BF16_FLOPS = {
+    "NVIDIA H100": 989e12, "NVIDIA H200": 989e12, "NVIDIA A100": 312e12,
+    "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v5": 459e12,
+    "TPU v6 lite": 918e12, "TPU v6e": 918e12,
+}
+
+
+def peak_flops(device_kind: str) -> float | None:
+    for prefix, flops in PEAK_BF16_FLOPS.items():
+        if device_kind.startswith(prefix):
+            return flops
+    return None
+
+
+def flops_per_token(cfg, seq: int, causal: bool = True) -> float:
+    """Training FLOPs per token: 6 x matmul params (forward + backward; the embedding lookup is not a
+    matmul, a tied head is) plus attention, 12 x layers x seq x (heads x head_dim), halved when causal."""
+    lookup = cfg.vocab_size * cfg.hidden_size if not cfg.tie_embeddings else 0
+    attention = 12 * cfg.num_layers * seq * cfg.num_heads * cfg.head_size
+    return 6 * (cfg.num_params() - lookup) + (attention / 2 if causal else attention)
+
+
+def mfu(tokens_per_sec: float, flops_token: float, num_devices: int, peak: float | None) -> float:
+    """Model FLOPs utilisation: achieved model FLOP/s per device over the device's peak (NaN if unknown)."""
+    if not peak:
+        return float("nan")
+    return tokens_per_sec * flops_token / num_devices / peak
 
 
 class MetricsWriter:

@@ -53,13 +53,6 @@ def parse_mesh(spec: str) -> dict[str, int]:
     return sizes
 
 
-def flops_per_token(cfg, seq: int) -> float:
-    """6·N (matmul params, forward + backward) plus the causal attention term 6·L·T·d_attn (half of 12)."""
-    matmul_params = cfg.num_params() - cfg.vocab_size * cfg.hidden_size * (0 if cfg.tie_embeddings else 1)
-    attention = 6 * cfg.num_layers * seq * cfg.num_heads * cfg.head_size
-    return 6 * matmul_params + attention
-
-
 def plan(topology: str, model: str, seq: int, global_batch: int, mesh_spec: str, remat: str = "full",
          scan: bool = True, loss_chunk: int | None = None) -> dict:
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
@@ -69,6 +62,7 @@ def plan(topology: str, model: str, seq: int, global_batch: int, mesh_spec: str,
     import optax
     from jax.experimental import topologies
 
+    from sft_sharded.metrics import flops_per_token
     from sft_sharded.models import Llama, preset
     from sft_sharded.sharding import MESH_AXES, batch_sharding
     from sft_sharded.trainers import SFTTrainer

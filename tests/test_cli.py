@@ -29,6 +29,7 @@ def test_train_writes_run_dir_and_the_loss_falls(tmp_path):
     assert [r["step"] for r in train] == [10, 20, 30, 40, 50, 60]
     assert [r["step"] for r in evals] == [30, 60]
     assert all(r["tokens_per_sec"] > 0 and r["num_tokens"] > 0 for r in train)
+    assert all(r["model_tflops_per_sec_per_device"] > 0 for r in train)  # MFU itself: no peak for a CPU
     assert all(0.8 < r["packing_efficiency"] <= 1.0 for r in train)
     assert train[-1]["loss"] < 0.6 * train[0]["loss"]
     assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]

@@ -10,6 +10,7 @@ import jax
 import numpy as np
 
 from sft_sharded import sharding
+from sft_sharded.metrics import mfu, peak_flops
 from sft_sharded.trainers.trainer import Trainer, TrainState
 
 Record = dict[str, Any]
@@ -74,6 +75,7 @@ def fit(
     eval_fn: Callable[[TrainState], Record] | None = None,
     on_record: Callable[[Record], None] = lambda record: None,
     after_step: Callable[[int, TrainState], bool] = lambda step, state: False,
+    flops_per_token: float | None = None,
 ) -> tuple[TrainState, list[Record]]:
     """Train from `state.step` to `steps`. `batches` yields this process's rows of each global batch.
 
@@ -100,6 +102,12 @@ def fit(
         window.add(metrics, tokens)
         if step % log_every == 0 or step == steps:
             record = window.record(step, metrics)
+            if flops_per_token:
+                devices = trainer.mesh.devices.size
+                per_device = record["tokens_per_sec"] * flops_per_token / devices
+                record["model_tflops_per_sec_per_device"] = per_device / 1e12
+                record["mfu"] = mfu(record["tokens_per_sec"], flops_per_token, devices,
+                                    peak_flops(trainer.mesh.devices.flat[0].device_kind))
             records.append(record)
             on_record(record)
             window = _Window()

@@ -1,0 +1,100 @@
+"""Train-step throughput on synthetic batches: tokens/s, model TFLOP/s, MFU, compile time, memory.
+
+    python benchmarks/step_throughput.py --hidden 256 --layers 4 --heads 8 --head-dim 32 --kv-heads 8 \\
+        --mlp 1024 --vocab 8192 --seq 512 --batch 8 --mesh 1,8,1 --simulate-devices 8 --dtype bfloat16
+
+Warm-up steps, then the median of timed steps (each blocked on). The last line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset")
+    for name, default in (("hidden", 256), ("layers", 4), ("heads", 8), ("head-dim", 32), ("kv-heads", 8),
+                          ("mlp", 1024), ("vocab", 8192), ("seq", 512), ("batch", 8)):
+        p.add_argument(f"--{name}", type=int, default=default)
+    p.add_argument("--tied", action="store_true")
+    p.add_argument("--mesh", default="1,-1,1", help="data,fsdp,tensor")
+    p.add_argument("--simulate-devices", type=int, default=0, help="CPU: simulated devices (set before jax)")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--param-dtype", default="float32")
+    p.add_argument("--remat", default="none", choices=["none", "full", "save_dots"])
+    p.add_argument("--scan", action="store_true")
+    p.add_argument("--loss-chunk", type=int, default=None)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--steps", type=int, default=10)
+    args = p.parse_args()
+    if args.simulate_devices:
+        os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.simulate_devices}"
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+
+    from sft_sharded import Llama, LlamaConfig, SFTTrainer, make_mesh
+    from sft_sharded.metrics import flops_per_token, mfu, peak_flops
+    from sft_sharded.models import preset
+    from sft_sharded.sharding import global_batch
+
+    options = dict(dtype=args.dtype, param_dtype=args.param_dtype, remat=args.remat, scan_layers=args.scan)
+    if args.preset:
+        cfg = preset(args.preset, **options)
+    else:
+        cfg = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, num_layers=args.layers,
+                          num_heads=args.heads, head_dim=args.head_dim, num_kv_heads=args.kv_heads,
+                          mlp_dim=args.mlp, tie_embeddings=args.tied, **options)
+    data, fsdp, tensor = (int(x) for x in args.mesh.split(","))
+    mesh = make_mesh(data, fsdp, tensor)
+    trainer = SFTTrainer(Llama(cfg), optax.adamw(1e-4), mesh=mesh, loss_chunk_size=args.loss_chunk)
+    state = trainer.create_train_state(jax.random.key(0), jnp.zeros((args.batch, args.seq), jnp.int32))
+    rng = np.random.default_rng(0)
+    ids = rng.integers(1, cfg.vocab_size, (args.batch, args.seq)).astype(np.int32)
+    batch = global_batch({"input_ids": ids, "labels": np.roll(ids, -1, 1),
+                          "loss_mask": np.ones_like(ids, bool)}, mesh)
+
+    start = time.perf_counter()
+    with trainer.activate():
+        compiled = trainer._build("train").lower(state, batch).compile()
+    compile_s = time.perf_counter() - start
+    memory = compiled.memory_analysis()
+    bytes_per_device = (memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes
+                        - memory.alias_size_in_bytes)
+    times = []
+    for i in range(args.warmup + args.steps):
+        start = time.perf_counter()
+        state, metrics = trainer.train_step(state, batch)
+        jax.block_until_ready(metrics)
+        if i >= args.warmup:
+            times.append(time.perf_counter() - start)
+    step_s = statistics.median(times)
+    tokens = args.batch * args.seq
+    devices = mesh.devices.size
+    fpt = flops_per_token(cfg, args.seq)
+    result = {
+        "tokens_per_sec": tokens / step_s, "tokens_per_sec_per_device": tokens / step_s / devices,
+        "step_time_s": step_s, "model_tflops_per_sec_per_device": tokens / step_s * fpt / devices / 1e12,
+        "mfu": mfu(tokens / step_s, fpt, devices, peak_flops(mesh.devices.flat[0].device_kind)),  # NaN: no peak
+        "compile_s": compile_s, "bytes_per_device": bytes_per_device, "params": cfg.num_params(),
+        "device": mesh.devices.flat[0].device_kind, "devices": devices, "mesh": dict(mesh.shape),
+        "final_loss": float(metrics["loss"]),
+    }
+    print(f"{'device':>10} {'mesh':>28} {'tokens/s':>10} {'step s':>8} {'TFLOP/s/dev':>12} {'MFU':>6} "
+          f"{'compile s':>9} {'MiB/dev':>8}", file=sys.stderr)
+    print(f"{result['device'][:10]:>10} {str(tuple(mesh.shape.values())):>28} {result['tokens_per_sec']:>10,.0f} "
+          f"{step_s:>8.3f} {result['model_tflops_per_sec_per_device']:>12.4f} {result['mfu']:>6.1%} "
+          f"{compile_s:>9.1f} {bytes_per_device / 2**20:>8.1f}", file=sys.stderr)
+    print(json.dumps({k: (None if isinstance(v, float) and v != v else v) for k, v in result.items()}))
+
+
+if __name__ == "__main__":
+    main()
