@@ -66,10 +66,10 @@ def _progress(cfg: TrainConfig, record: dict) -> str:
 def train(cfg: TrainConfig) -> list[dict]:
     import jax
 
+    from sft_sharded.checkpoint import Checkpointer, save_params
     from sft_sharded.data.pipeline import make_iterator, open_records, scan_counts
     from sft_sharded.data.tokenizers import load_tokenizer
     from sft_sharded.generate import exact_match
-    from sft_sharded.checkpoint import Checkpointer, save_params
     from sft_sharded.metrics import MetricsWriter, flops_per_token
     from sft_sharded.trainers.loop import evaluate, fit
 
@@ -120,6 +120,7 @@ def train(cfg: TrainConfig) -> list[dict]:
     writer = MetricsWriter(run_dir, enabled=main_process, resumed_step=resumed_step)
     config_dict = to_dict(cfg)
     preempted = PreemptionFlag()
+    interactive = sys.stdout.isatty()
 
     def after_step(step: int, state) -> bool:
         if preempted.reached(step):
@@ -129,8 +130,6 @@ def train(cfg: TrainConfig) -> list[dict]:
             return True
         ckpt.save(step, state, batches.get_state(), config_dict)
         return False
-
-    interactive = sys.stdout.isatty()
 
     def on_record(record: dict) -> None:
         if "loss" in record:
@@ -153,7 +152,8 @@ def train(cfg: TrainConfig) -> list[dict]:
     say(f"{'' if not interactive else chr(10)}trained {cfg.steps} steps in {time.perf_counter() - t0:.1f}s; "
         f"packing efficiency {batches.efficiency_sum / max(batches.batches, 1):.1%}", flush=True)
     if has_eval:
-        held_out = [open_records(cfg.data, "eval", cfg.seed)[i][0] for i in range(cfg.eval.num_generate)]
+        eval_records = open_records(cfg.data, "eval", cfg.seed)  # opened once (a JSONL source indexes its file)
+        held_out = [eval_records[i][0] for i in range(min(len(eval_records), cfg.eval.num_generate))]
         accuracy, pairs = exact_match(trainer, state.params, held_out, tokenizer, cfg.eval.max_new_tokens)
         final = {"step": cfg.steps, "eval_exact_match": accuracy, "eval_generated": len(pairs)}
         writer.write(final)
