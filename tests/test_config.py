@@ -54,3 +54,13 @@ def test_bad_yaml_names_the_file(tmp_path):
     path.write_text("- 1\n- 2\n")
     with pytest.raises(ValueError, match="bad.yaml: the top level must be a mapping"):
         load_config(path)
+
+
+def test_every_shipped_config_loads():
+    from pathlib import Path
+
+    configs = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+    assert configs
+    for path in configs:
+        load_config(path)
+        assert len(path.read_text().splitlines()) < 40
