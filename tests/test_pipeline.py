@@ -89,6 +89,11 @@ def test_unpacked_rows_pad_to_a_multiple_of(tmp_path):
     batch = next(make_iterator(cfg, TOK, seed=0))
     assert batch["input_ids"].shape == (2, 16)  # longest row 12 positions -> 16
     assert batch["segment_ids"].sum() == 4 + 12
+    # processes reading different records must agree on the length: they pad to max_length
+    cfg2 = dataclasses.replace(cfg, batch_size=2)
+    shapes = {next(make_iterator(cfg2, TOK, seed=0, process_index=i, process_count=2))["input_ids"].shape
+              for i in (0, 1)}
+    assert shapes == {(1, 64)}
 
 
 def test_mixture_weights_follow_the_ratio(tmp_path):

@@ -104,9 +104,12 @@ class BatchIterator:
     """Batches of `rows` rows from a grain iterator of chunks; `get_state`/`set_state` resume exactly."""
 
     def __init__(self, chunks: grain.IterDataset, rows: int, cfg: DataConfig, pad_last: bool = False,
-                 keep: slice = slice(None)):
+                 keep: slice = slice(None), same_rows_everywhere: bool = True):
         self._chunks = iter(chunks)
         self._rows, self._cfg, self._pad_last, self._keep = rows, cfg, pad_last, keep
+        # Unpacked rows are padded to the batch's longest only when every process sees the same rows;
+        # otherwise processes could disagree on the length, so they all pad to max_length.
+        self._dynamic_length = not cfg.packing and same_rows_everywhere
         self._chunk_state = self._chunks.get_state()  # state before the chunk in `_pending`
         self._pending: list = []
         self._taken = 0  # rows of the current chunk already yielded
@@ -136,7 +139,7 @@ class BatchIterator:
             empty = {key: np.zeros(1, rows[0][key].dtype) for key in packing.ROW_KEYS}
             rows += [empty] * (self._rows - len(rows))  # segment 0, nothing trained
         length = self._cfg.max_length
-        if not self._cfg.packing:  # pad to the longest row, rounded up to pad_to_multiple_of
+        if self._dynamic_length:  # pad to the longest row, rounded up to pad_to_multiple_of
             multiple = self._cfg.pad_to_multiple_of
             length = min(-(-max(r["input_ids"].size for r in rows) // multiple) * multiple, self._cfg.max_length)
         rows = rows[self._keep]  # shard_by="rows": this process's rows of the global batch
@@ -180,7 +183,8 @@ def make_iterator(cfg: DataConfig, tokenizer, *, split: str = "train", seed: int
     chunks = grain.MapDataset.range(num_chunks).map(PackChunk(encoded, cfg)).to_iter_dataset(read)
     if cfg.worker_count > 0:
         chunks = chunks.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.worker_count))
-    return BatchIterator(chunks, rows, cfg, pad_last=split == "eval", keep=keep)
+    return BatchIterator(chunks, rows, cfg, pad_last=split == "eval", keep=keep,
+                         same_rows_everywhere=process_count == 1 or cfg.shard_by == "rows")
 
 
 def scan_counts(cfg: DataConfig, tokenizer, seed: int, limit: int = 10_000) -> collections.Counter:
