@@ -175,7 +175,7 @@ def _build_trainer(cfg: TrainConfig, tokenizer):
     from sft_sharded.models import Llama, preset
     from sft_sharded.optim import make_optimizer
     from sft_sharded.sharding import make_mesh
-    from sft_sharded.trainers import SFTTrainer
+    from sft_sharded.trainers import SFTTrainer, TrainState
 
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     m = cfg.model
@@ -189,10 +189,18 @@ def _build_trainer(cfg: TrainConfig, tokenizer):
         loss_chunk_size=cfg.loss.chunk_size, z_loss=cfg.loss.z_loss,
     )
     dummy = jnp.zeros((cfg.data.batch_size, cfg.data.max_length), jnp.int32)
-    state = trainer.create_train_state(jax.random.key(cfg.seed), dummy)
-    if m.path:  # pretrained weights, tensor by tensor into the same shardings
-        state = state.replace(params=hf.load_params(m.path, model_cfg, trainer.abstract_state.params))
-    return trainer, state
+    if not m.path:
+        return trainer, trainer.create_train_state(jax.random.key(cfg.seed), dummy)
+    # Pretrained weights: only the shapes and shardings of a fresh state are computed (no random params on
+    # the devices), the params come tensor by tensor from the safetensors, the optimizer state from them.
+    trainer.abstract_only = True
+    trainer.create_train_state(jax.random.key(cfg.seed), dummy)
+    trainer.abstract_only = False
+    shardings = trainer.state_shardings
+    params = hf.load_params(m.path, model_cfg, trainer.abstract_state.params)
+    opt_state = jax.jit(trainer.optimizer.init, out_shardings=shardings.opt_state)(params)
+    step = jax.device_put(jnp.zeros((), jnp.int32), shardings.step)
+    return trainer, TrainState(params, opt_state, step)
 
 
 def _tokenizer_path(cfg: TrainConfig) -> str | None:

@@ -164,19 +164,22 @@ class Trainer(abc.ABC):
         (sums, grads), _ = jax.lax.scan(body, init, micro_batches)
         return sums, grads
 
-    def _grad_fn(self, params, batch):
+    def _mean_grads(self, params: Any, batch: Batch):
+        """Sums and the gradient of the token-weighted mean: the single division of the whole step."""
         (loss_sum, num_tokens, extra), grads = self._sums_and_grads(params, batch)
         denom = jnp.maximum(num_tokens, 1.0)
         grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, params)
-        return loss_sum / denom, grads
+        return loss_sum, num_tokens, extra, grads
+
+    def _grad_fn(self, params, batch):
+        loss_sum, num_tokens, _, grads = self._mean_grads(params, batch)
+        return loss_sum / jnp.maximum(num_tokens, 1.0), grads
 
     def _train_step_fn(self, state: TrainState, batch: Batch):
-        (loss_sum, num_tokens, extra), grads = self._sums_and_grads(state.params, batch)
-        denom = jnp.maximum(num_tokens, 1.0)
-        grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, state.params)
+        loss_sum, num_tokens, extra, grads = self._mean_grads(state.params, batch)
         updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": loss_sum / denom, "loss_sum": loss_sum, "num_tokens": num_tokens,
+        metrics = {"loss": loss_sum / jnp.maximum(num_tokens, 1.0), "loss_sum": loss_sum, "num_tokens": num_tokens,
                    "grad_norm": optax.global_norm(grads), **extra}
         return TrainState(params, opt_state, state.step + 1), metrics
 
