@@ -111,7 +111,10 @@ def test_sigterm_saves_at_the_step_boundary_and_exits_cleanly(tmp_path, referenc
     assert proc.returncode == 0, err[-3000:]
     assert "preempted: saved" in out
     steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
-    assert 12 <= steps[-1] <= 14  # within a step or two of the signal
+    # Saved at the first step boundary after the signal arrived (the loop checks after every step); how many
+    # steps ran between the test seeing step 12 and the signal landing depends on the machine's load, so
+    # the bound is only "after 12 and before the end of the run (16)".
+    assert 12 <= steps[-1] < 16
     assert not (tmp_path / "final_params").exists()
     finish_and_compare(tmp_path, reference, resumed_from=steps[-1])
 
