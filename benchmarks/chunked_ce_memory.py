@@ -30,8 +30,7 @@ def measure(vocab: int, seq: int, batch: int, chunk: int | None) -> dict:
     batch_tree = {"input_ids": jax.ShapeDtypeStruct((batch, seq), jnp.int32, sharding=sh),
                   "labels": jax.ShapeDtypeStruct((batch, seq), jnp.int32, sharding=sh),
                   "loss_mask": jax.ShapeDtypeStruct((batch, seq), jnp.bool_, sharding=sh)}
-    with trainer.activate():
-        memory = trainer._build("train").lower(state, batch_tree).compile().memory_analysis()
+    memory = trainer.lower("train", state, batch_tree).compile().memory_analysis()
     total = (memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes
              - memory.alias_size_in_bytes)
     return {"chunk": chunk, "temp_bytes": memory.temp_size_in_bytes, "total_bytes": total}

@@ -40,7 +40,7 @@ def time_pipeline(cfg, batches: int) -> tuple[float, float]:
     start, tokens = time.perf_counter(), 0
     for _ in range(batches):
         tokens += next(it)["input_ids"].size
-    return tokens / (time.perf_counter() - start), it.efficiency_sum / it.batches
+    return tokens / (time.perf_counter() - start), it.efficiency
 
 
 def time_trainer(cfg, steps: int) -> float:

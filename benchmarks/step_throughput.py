@@ -63,8 +63,7 @@ def main() -> None:
                           "loss_mask": np.ones_like(ids, bool)}, mesh)
 
     start = time.perf_counter()
-    with trainer.activate():
-        compiled = trainer._build("train").lower(state, batch).compile()
+    compiled = trainer.lower("train", state, batch).compile()
     compile_s = time.perf_counter() - start
     memory = compiled.memory_analysis()
     bytes_per_device = (memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes

@@ -133,7 +133,7 @@ def train(cfg: TrainConfig) -> list[dict]:
 
     def on_record(record: dict) -> None:
         if "loss" in record:
-            record["packing_efficiency"] = batches.efficiency_sum / max(batches.batches, 1)
+            record["packing_efficiency"] = batches.efficiency
         writer.write(record)
         if "eval_loss" in record:
             say(f"{'' if not interactive else chr(10)}step {record['step']:>5}  eval loss {record['eval_loss']:.4f}  "
@@ -150,7 +150,7 @@ def train(cfg: TrainConfig) -> list[dict]:
         writer.close()
         return records
     say(f"{'' if not interactive else chr(10)}trained {cfg.steps} steps in {time.perf_counter() - t0:.1f}s; "
-        f"packing efficiency {batches.efficiency_sum / max(batches.batches, 1):.1%}", flush=True)
+        f"packing efficiency {batches.efficiency:.1%}", flush=True)
     if has_eval:
         eval_records = open_records(cfg.data, "eval", cfg.seed)  # opened once (a JSONL source indexes its file)
         held_out = [eval_records[i][0] for i in range(min(len(eval_records), cfg.eval.num_generate))]

@@ -89,7 +89,6 @@ def plan(topology: str, model: str, seq: int, global_batch: int, mesh_spec: str,
     batch = {k: jax.ShapeDtypeStruct((global_batch, seq), dtype, sharding=batch_sh)
              for k, dtype in (("input_ids", jnp.int32), ("labels", jnp.int32), ("loss_mask", jnp.bool_),
                               ("segment_ids", jnp.int32), ("positions", jnp.int32))}
-    step = trainer._build("train")
     chip = CHIPS[gen]
     tokens = global_batch * seq
     analytic = flops_per_token(cfg, seq) * tokens / len(devices)
@@ -99,15 +98,14 @@ def plan(topology: str, model: str, seq: int, global_batch: int, mesh_spec: str,
         "scan": scan, "loss_chunk": loss_chunk, "hbm_bytes": chip["hbm_bytes"], "analytic_flops_per_chip": analytic,
         "step_s_at_peak": analytic / chip["bf16_flops"], "step_s_at_50pct_mfu": 2 * analytic / chip["bf16_flops"],
     }
-    with trainer.activate():
-        lowered = step.lower(state, batch)
-        try:
-            compiled = lowered.compile()
-        except jax.errors.JaxRuntimeError as err:
-            if "RESOURCE_EXHAUSTED" not in str(err):
-                raise
-            # The TPU compiler itself refuses a program that cannot fit in HBM: that is the answer.
-            return {**result, "fits": False, "compiler_error": str(err).splitlines()[0]}
+    lowered = trainer.lower("train", state, batch)
+    try:
+        compiled = lowered.compile()
+    except jax.errors.JaxRuntimeError as err:
+        if "RESOURCE_EXHAUSTED" not in str(err):
+            raise
+        # The TPU compiler itself refuses a program that cannot fit in HBM: that is the answer.
+        return {**result, "fits": False, "compiler_error": str(err).splitlines()[0]}
     memory = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost

@@ -151,6 +151,11 @@ class BatchIterator:
         self.batches += 1
         return batch
 
+    @property
+    def efficiency(self) -> float:
+        """Mean packing efficiency (real positions / all positions) of the batches yielded so far."""
+        return self.efficiency_sum / max(self.batches, 1)
+
     def get_state(self) -> dict:
         return {"chunks": self._chunk_state, "taken": self._taken}
 

@@ -118,6 +118,12 @@ class Trainer(abc.ABC):
         """The train step's loss and gradients (after the single division), without an update."""
         return self._run("grad", params, batch)
 
+    def lower(self, kind: str, first: Any, batch: Batch) -> jax.stages.Lowered:
+        """The jitted "train", "eval" or "grad" step lowered for (possibly abstract) inputs, under the
+        mesh: `.compile()` it for memory and cost analysis (plans, benchmarks) without running it."""
+        with self.activate():
+            return self._build(kind).lower(first, batch)
+
     def _run(self, kind: str, first: Any, batch: Batch):
         self._check_batch(batch)
         if kind not in self._jitted:
