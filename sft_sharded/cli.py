@@ -179,7 +179,8 @@ def _build_trainer(cfg: TrainConfig, tokenizer):
 
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     m = cfg.model
-    options = dict(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat, scan_layers=m.scan_layers)
+    options = dict(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat, scan_layers=m.scan_layers,
+                   attention=m.attention)
     model_cfg = hf.config_from_hf(m.path, **options) if m.path else preset(m.preset, **options)
     if model_cfg.vocab_size < tokenizer.vocab_size:
         raise ValueError(f"model.preset={m.preset!r} has vocab_size {model_cfg.vocab_size} < the tokenizer's "

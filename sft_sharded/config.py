@@ -38,6 +38,8 @@ class ModelConfig:
     param_dtype: str = "float32"
     remat: Literal["none", "full", "save_dots"] = "none"
     scan_layers: bool = False
+    # models/attention.py: "auto" picks splash on TPU, cuDNN on GPU (bf16/fp16), else the blocked XLA path
+    attention: Literal["auto", "xla", "reference", "cudnn", "splash"] = "auto"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

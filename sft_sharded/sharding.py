@@ -146,19 +146,25 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
+def activation_spec(shape: Sequence[int], logical_axes: tuple[str | None, ...]) -> P | None:
+    """PartitionSpec of an activation under the current mesh and logical rules (None outside a mesh);
+    dims that the mesh axes do not divide are replicated."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return None
+    mesh_spec = nn.logical_to_mesh_axes(logical_axes)
+    if mesh_spec is None:
+        return None
+    return _fit_spec(mesh_spec, shape, mesh, f"activation {logical_axes}")
+
+
 def constrain(x: jax.Array, logical_axes: tuple[str | None, ...]) -> jax.Array:
     """Logical sharding constraint for an activation; a no-op outside a mesh, dims that do not divide replicate.
 
     Called by models under `jax.set_mesh(mesh)` and `nn.logical_axis_rules(rules)` (the Trainer sets both).
     """
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
-        return x
-    mesh_spec = nn.logical_to_mesh_axes(logical_axes)
-    if mesh_spec is None:
-        return x
-    spec = _fit_spec(mesh_spec, x.shape, mesh, f"activation {logical_axes}")
-    return jax.lax.with_sharding_constraint(x, spec)
+    spec = activation_spec(x.shape, logical_axes)
+    return x if spec is None else jax.lax.with_sharding_constraint(x, spec)
 
 
 def global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:

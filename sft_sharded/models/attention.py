@@ -1,11 +1,27 @@
-"""Attention behind one function. `xla` is the reference: plain einsums, causal and segment masks."""
+"""Causal grouped-query attention behind one function, `attention(..., implementation=...)`.
+
+Implementations (all honour causality and `segment_ids`; tests compare each against `reference`):
+
+- "reference": plain einsums over the full [T, S] scores. The ground truth, and the decode path (KV cache).
+- "xla": blocked attention in plain jax with a flash-style custom VJP. Query block i only meets keys up to
+  its own end (the upper triangle is never computed) and the backward pass recomputes probabilities from
+  the saved log-sum-exp instead of keeping [T, S] probabilities. Any platform; the default on CPU.
+- "cudnn": `jax.nn.dot_product_attention(implementation="cudnn")`, GPU (bf16/fp16).
+- "splash": the Pallas splash-attention kernel, TPU (interpret mode elsewhere, for tests only).
+- "auto": splash on TPU, cudnn on GPU where it supports the dtype and head size, else xla.
+"""
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+IMPLEMENTATIONS = ("auto", "xla", "reference", "cudnn", "splash")
 _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite, so a row never becomes NaN
+_BLOCK = 128  # query rows per block of the "xla" implementation
 
 
 def attention_mask(q_len: int, kv_len: int, q_offset, q_segment_ids, kv_segment_ids) -> jax.Array:
@@ -29,8 +45,8 @@ def dot_product_attention(
     kv_segment_ids_BxS: jax.Array | None = None,
     q_offset: jax.Array | int = 0,
 ) -> jax.Array:
-    """Grouped-query causal attention; N query heads share K kv heads (N % K == 0). Softmax in float32.
-    Without `kv_segment_ids_BxS` keys use the queries' segment ids (self-attention over the same tokens)."""
+    """The reference: grouped-query causal attention; N query heads share K kv heads (N % K == 0). Softmax
+    in float32. Without `kv_segment_ids_BxS` keys use the queries' segment ids (self-attention)."""
     batch, length, num_heads, head_dim = q_BxTxNxD.shape
     kv_len, num_kv = k_BxSxKxD.shape[1], k_BxSxKxD.shape[2]
     group = num_heads // num_kv
@@ -44,3 +60,104 @@ def dot_product_attention(
     probs_BxKxGxTxS = jax.nn.softmax(scores_BxKxGxTxS, axis=-1).astype(v_BxSxKxD.dtype)
     out_BxTxKxGxD = jnp.einsum("bkgts,bskd->btkgd", probs_BxKxGxTxS, v_BxSxKxD)
     return out_BxTxKxGxD.reshape(batch, length, num_heads, head_dim)
+
+
+def resolve(implementation: str, dtype, head_dim: int, length: int) -> str:
+    """The implementation "auto" stands for on this platform, or the one asked for (checked)."""
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"attention implementation {implementation!r} must be one of {IMPLEMENTATIONS}")
+    platform = jax.default_backend()
+    cudnn_ok = jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and head_dim % 8 == 0 and head_dim <= 128
+    if implementation == "auto":
+        if platform == "tpu" and length % 128 == 0:
+            return "splash"
+        return "cudnn" if platform == "gpu" and cudnn_ok else "xla"
+    if implementation == "cudnn" and (platform != "gpu" or not cudnn_ok):
+        raise ValueError(
+            f"attention='cudnn' needs a GPU and bf16/fp16 inputs with head_dim a multiple of 8 up to 128; "
+            f"got platform {platform!r}, dtype {jnp.dtype(dtype).name}, head_dim {head_dim}"
+        )
+    return implementation
+
+
+def attention(
+    q_BxTxNxD: jax.Array,
+    k_BxTxKxD: jax.Array,
+    v_BxTxKxD: jax.Array,
+    segment_ids_BxT: jax.Array | None = None,
+    implementation: str = "auto",
+) -> jax.Array:
+    """Causal self-attention over one sequence per row (training and evaluation; decoding with a KV
+    cache calls `dot_product_attention`). Output [B, T, N, D] in the inputs' dtype."""
+    batch, length, num_heads, head_dim = q_BxTxNxD.shape
+    impl = resolve(implementation, q_BxTxNxD.dtype, head_dim, length)
+    if impl == "reference":
+        return dot_product_attention(q_BxTxNxD, k_BxTxKxD, v_BxTxKxD, segment_ids_BxT)
+    if impl in ("cudnn", "splash"):
+        from sft_sharded.models import attention_kernels
+
+        return getattr(attention_kernels, impl)(q_BxTxNxD, k_BxTxKxD, v_BxTxKxD, segment_ids_BxT)
+    num_kv = k_BxTxKxD.shape[2]
+    q_BxTxKxGxD = q_BxTxNxD.reshape(batch, length, num_kv, num_heads // num_kv, head_dim)
+    out_BxTxKxGxD = _blocked(q_BxTxKxGxD, k_BxTxKxD, v_BxTxKxD, segment_ids_BxT, _BLOCK)
+    return out_BxTxKxGxD.reshape(batch, length, num_heads, head_dim)
+
+
+# --- "xla": blocked causal attention with a recomputing backward pass --------------------------------------
+def _block_scores(q_BxCxKxGxD, k_BxExKxD, segment_ids, start: int) -> jax.Array:
+    """Masked, scaled float32 scores of the query block starting at `start` against keys [0, end)."""
+    end = k_BxExKxD.shape[1]
+    scores = jnp.einsum("btkgd,bskd->bkgts", q_BxCxKxGxD, k_BxExKxD, preferred_element_type=jnp.float32)
+    scores = scores / np.sqrt(q_BxCxKxGxD.shape[-1]).astype(np.float32)
+    q_segments = None if segment_ids is None else segment_ids[:, start:start + q_BxCxKxGxD.shape[1]]
+    kv_segments = None if segment_ids is None else segment_ids[:, :end]
+    mask = attention_mask(q_BxCxKxGxD.shape[1], end, start, q_segments, kv_segments)
+    return jnp.where(mask, scores, _MASKED)
+
+
+def _spans(length: int, block: int):
+    return [(start, min(start + block, length)) for start in range(0, length, block)]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _blocked(q_BxTxKxGxD, k_BxTxKxD, v_BxTxKxD, segment_ids_BxT, block: int):
+    return _blocked_fwd(q_BxTxKxGxD, k_BxTxKxD, v_BxTxKxD, segment_ids_BxT, block)[0]
+
+
+def _blocked_fwd(q, k, v, segment_ids, block):
+    outs, lses = [], []
+    for start, end in _spans(q.shape[1], block):
+        scores_BxKxGxCxE = _block_scores(q[:, start:end], k[:, :end], segment_ids, start)
+        row_max = jnp.max(scores_BxKxGxCxE, axis=-1, keepdims=True)
+        unnorm = jnp.exp(scores_BxKxGxCxE - row_max)
+        row_sum = jnp.sum(unnorm, axis=-1, keepdims=True)
+        outs.append(jnp.einsum("bkgts,bskd->btkgd", (unnorm / row_sum).astype(v.dtype), v[:, :end]))
+        lses.append((row_max + jnp.log(row_sum))[..., 0])
+    out_BxTxKxGxD = jnp.concatenate(outs, axis=1)
+    return out_BxTxKxGxD, (q, k, v, segment_ids, out_BxTxKxGxD, jnp.concatenate(lses, axis=-1))
+
+
+def _blocked_bwd(block, residuals, d_out):
+    q, k, v, segment_ids, out, lse_BxKxGxT = residuals
+    # sum_s P·dP = sum_d dO·O per query: the softmax backward without a [T, S] reduction.
+    delta_BxKxGxT = jnp.einsum("btkgd,btkgd->bkgt", d_out.astype(jnp.float32), out.astype(jnp.float32))
+    dk = jnp.zeros(k.shape, jnp.float32)
+    dv = jnp.zeros(v.shape, jnp.float32)
+    dqs = []
+    for start, end in _spans(q.shape[1], block):
+        q_i, d_out_i = q[:, start:end], d_out[:, start:end]
+        scores = _block_scores(q_i, k[:, :end], segment_ids, start)
+        probs = jnp.exp(scores - lse_BxKxGxT[..., start:end, None])
+        dv = dv.at[:, :end].add(
+            jnp.einsum("bkgts,btkgd->bskd", probs.astype(d_out.dtype), d_out_i, preferred_element_type=jnp.float32)
+        )
+        d_probs = jnp.einsum("btkgd,bskd->bkgts", d_out_i, v[:, :end], preferred_element_type=jnp.float32)
+        d_scores = probs * (d_probs - delta_BxKxGxT[..., start:end, None]) / np.sqrt(q.shape[-1]).astype(np.float32)
+        d_scores = d_scores.astype(q.dtype)
+        dqs.append(jnp.einsum("bkgts,bskd->btkgd", d_scores, k[:, :end]))
+        dk = dk.at[:, :end].add(jnp.einsum("bkgts,btkgd->bskd", d_scores, q_i, preferred_element_type=jnp.float32))
+    d_segments = None if segment_ids is None else np.zeros(segment_ids.shape, jax.dtypes.float0)
+    return jnp.concatenate(dqs, axis=1), dk.astype(k.dtype), dv.astype(v.dtype), d_segments
+
+
+_blocked.defvjp(_blocked_fwd, _blocked_bwd)

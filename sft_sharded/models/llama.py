@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sft_sharded.models.attention import dot_product_attention
+from sft_sharded.models.attention import IMPLEMENTATIONS, attention, dot_product_attention
 from sft_sharded.sharding import constrain
 
 RESIDUAL = ("batch", "length", "act_embed")
@@ -40,6 +40,7 @@ class LlamaConfig:
     param_dtype: str = "float32"
     remat: Literal["none", "full", "save_dots"] = "none"
     scan_layers: bool = False
+    attention: str = "auto"  # models/attention.py: auto | xla | reference | cudnn | splash
     init_std: float = 0.02
 
     def __post_init__(self):
@@ -57,6 +58,8 @@ class LlamaConfig:
             )
         if self.remat not in ("none", "full", "save_dots"):
             raise ValueError(f"LlamaConfig.remat={self.remat!r} must be one of 'none', 'full', 'save_dots'")
+        if self.attention not in IMPLEMENTATIONS:
+            raise ValueError(f"LlamaConfig.attention={self.attention!r} must be one of {IMPLEMENTATIONS}")
         for key in ("dtype", "param_dtype"):
             jnp.dtype(getattr(self, key))  # raises a TypeError naming the bad dtype
 
@@ -135,7 +138,7 @@ class Attention(nn.Module):
         k_BxTxKxH = rope(k_BxTxKxH, positions_BxT, cfg.rope_theta, cfg.rope_scaling)
         new_cache = None
         if cache is None:
-            out_BxTxNxH = dot_product_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT)
+            out_BxTxNxH = attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, cfg.attention)
         else:
             kv_segment_ids_BxS, offset = decode
             k_BxSxKxH = jax.lax.dynamic_update_slice(cache["k"], k_BxTxKxH.astype(cache["k"].dtype), (0, offset, 0, 0))

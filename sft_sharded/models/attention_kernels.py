@@ -1,0 +1,94 @@
+"""Fused attention kernels: cuDNN flash attention (GPU) and Pallas splash attention (TPU).
+
+Both take [B, T, N, D] queries and [B, T, K, D] keys/values (N % K == 0), are causal and keep tokens
+of different `segment_ids` apart. `models/attention.py` chooses between them and the XLA paths.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec as P
+
+from sft_sharded.sharding import activation_spec
+
+Q_AXES = ("batch", "length", "act_heads", "head_dim")
+KV_AXES = ("batch", "length", "act_kv_heads", "head_dim")
+
+
+def cudnn(q_BxTxNxD, k_BxTxKxD, v_BxTxKxD, segment_ids_BxT=None) -> jax.Array:
+    """cuDNN flash attention with its causal mask. Packed rows add a [B, 1, T, T] same-segment mask
+    (cuDNN folds it into a bias: B·T² elements, not B·N·T² scores); rows without packing need none."""
+    mask = None
+    if segment_ids_BxT is not None:
+        mask = (segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :])[:, None]
+    return jax.nn.dot_product_attention(
+        q_BxTxNxD, k_BxTxKxD, v_BxTxKxD, mask=mask, is_causal=True, implementation="cudnn"
+    )
+
+
+def _block(length: int) -> int:
+    for size in (512, 256, 128):
+        if length % size == 0:
+            return size
+    raise ValueError(f"splash attention needs a sequence length divisible by 128, got {length}")
+
+
+def _splash_local(q_BxTxNxD, k_BxTxKxD, v_BxTxKxD, segment_ids_BxT, interpret: bool):
+    """Splash attention on one device's block: an MQA kernel per kv head (its G query heads share it)."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import (
+        splash_attention_kernel as kernels,
+    )
+    from jax.experimental.pallas.ops.tpu.splash_attention import (
+        splash_attention_mask as masks,
+    )
+
+    batch, length, num_heads, head_dim = q_BxTxNxD.shape
+    num_kv = k_BxTxKxD.shape[2]
+    group = num_heads // num_kv
+    size = _block(length)
+    blocks = kernels.BlockSizes(
+        block_q=size, block_kv=size, block_kv_compute=size,
+        block_q_dkv=size, block_kv_dkv=size, block_kv_dkv_compute=size, block_q_dq=size, block_kv_dq=size,
+    )
+    mask = masks.MultiHeadMask([masks.CausalMask((length, length)) for _ in range(group)])
+    kernel = kernels.make_splash_mqa(mask, block_sizes=blocks, head_shards=1, q_seq_shards=1, interpret=interpret)
+    # The kernel does not scale the scores; scale q in float32 before it goes back to the input dtype.
+    scale = 1.0 / np.sqrt(head_dim)
+    q_BxKxGxTxD = (q_BxTxNxD.astype(jnp.float32) * scale).astype(q_BxTxNxD.dtype)
+    q_BxKxGxTxD = q_BxKxGxTxD.reshape(batch, length, num_kv, group, head_dim).transpose(0, 2, 3, 1, 4)
+    k_BxKxTxD = k_BxTxKxD.transpose(0, 2, 1, 3)
+    v_BxKxTxD = v_BxTxKxD.transpose(0, 2, 1, 3)
+
+    def one_head(q_GxTxD, k_TxD, v_TxD, segments_T):
+        ids = None if segments_T is None else kernels.SegmentIds(q=segments_T, kv=segments_T)
+        return kernel(q_GxTxD, k_TxD, v_TxD, segment_ids=ids)
+
+    per_row = jax.vmap(one_head, in_axes=(0, 0, 0, None))  # over kv heads
+    out_BxKxGxTxD = jax.vmap(per_row, in_axes=(0, 0, 0, 0 if segment_ids_BxT is not None else None))(
+        q_BxKxGxTxD, k_BxKxTxD, v_BxKxTxD, segment_ids_BxT
+    )
+    return out_BxKxGxTxD.transpose(0, 3, 1, 2, 4).reshape(batch, length, num_heads, head_dim)
+
+
+def splash(q_BxTxNxD, k_BxTxKxD, v_BxTxKxD, segment_ids_BxT=None) -> jax.Array:
+    """Splash attention, per device under the mesh (a Pallas call is not partitioned by XLA): batch split
+    like the activations, heads split on the tensor axis when both q and kv heads divide it."""
+    local = functools.partial(_splash_local, interpret=jax.default_backend() != "tpu")
+    q_spec = activation_spec(q_BxTxNxD.shape, Q_AXES)
+    if q_spec is None:  # no mesh: one device
+        return local(q_BxTxNxD, k_BxTxKxD, v_BxTxKxD, segment_ids_BxT)
+    kv_spec = activation_spec(k_BxTxKxD.shape, KV_AXES)
+    if q_spec[2] != kv_spec[2]:  # heads must split alike, or a device's q heads lose their kv heads
+        q_spec = P(q_spec[0], None, None, None)
+        kv_spec = P(kv_spec[0], None, None, None)
+    batch_spec = P(q_spec[0], None)
+    if segment_ids_BxT is None:
+        fn = jax.shard_map(lambda q, k, v: local(q, k, v, None), in_specs=(q_spec, kv_spec, kv_spec),
+                           out_specs=q_spec, check_vma=False)
+        return fn(q_BxTxNxD, k_BxTxKxD, v_BxTxKxD)
+    fn = jax.shard_map(local, in_specs=(q_spec, kv_spec, kv_spec, batch_spec), out_specs=q_spec, check_vma=False)
+    return fn(q_BxTxNxD, k_BxTxKxD, v_BxTxKxD, segment_ids_BxT)

@@ -1,0 +1,133 @@
+"""Every attention implementation against the reference; the reference against float64 numpy."""
+
+import functools
+import itertools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sft_sharded.models import attention as attn
+from sft_sharded.sharding import LOGICAL_AXIS_RULES, make_mesh
+
+
+def _inputs(batch=2, length=256, heads=4, kv_heads=2, dim=16, dtype=jnp.float32, packed=True, seed=0):
+    rng = np.random.default_rng(seed)
+    q = jnp.asarray(rng.standard_normal((batch, length, heads, dim)), dtype)
+    k = jnp.asarray(rng.standard_normal((batch, length, kv_heads, dim)), dtype)
+    v = jnp.asarray(rng.standard_normal((batch, length, kv_heads, dim)), dtype)
+    segments = None
+    if packed:  # even rows: three documents then padding; odd rows: one document
+        cuts = [0, length // 3, length // 2 + 5, length - 20, length]
+        row0 = np.concatenate([np.full(b - a, i + 1) for i, (a, b) in enumerate(itertools.pairwise(cuts))])
+        row0[cuts[-2]:] = 0
+        segments = jnp.asarray(np.stack([row0 if i % 2 == 0 else np.ones(length, int) for i in range(batch)]), jnp.int32)
+    cotangent = jnp.asarray(rng.standard_normal((batch, length, heads, dim)), jnp.float32)
+    return q, k, v, segments, cotangent
+
+
+def _numpy_attention(q, k, v, segments):
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    _, length, heads, dim = q.shape
+    k = np.repeat(k, heads // k.shape[2], axis=2)
+    v = np.repeat(v, heads // v.shape[2], axis=2)
+    scores = np.einsum("btnd,bsnd->bnts", q, k) / np.sqrt(dim)
+    visible = np.tril(np.ones((length, length), bool))[None, None]
+    if segments is not None:
+        seg = np.asarray(segments)
+        visible = visible & (seg[:, None, :, None] == seg[:, None, None, :])
+    scores = np.where(visible, scores, -np.inf)
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    return np.einsum("bnts,bsnd->btnd", probs, v)
+
+
+def _value_and_grads(fn, q, k, v, segments, cotangent):
+    def loss(q, k, v):
+        return jnp.sum(fn(q, k, v, segments).astype(jnp.float32) * cotangent)
+
+    out = fn(q, k, v, segments)
+    return out, jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+
+def _assert_close(actual, expected, rtol, atol):
+    for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected)):
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(e, np.float32), rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_reference_matches_float64_numpy(packed):
+    q, k, v, segments, _ = _inputs(length=64, packed=packed)
+    out = attn.dot_product_attention(q, k, v, segments)
+    np.testing.assert_allclose(np.asarray(out), _numpy_attention(q, k, v, segments), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("length,block", [(256, 128), (300, 128), (300, 64), (100, 128)])
+@pytest.mark.parametrize("packed", [True, False])
+def test_blocked_xla_matches_reference_values_and_grads(length, block, packed):
+    """Several blocks, a ragged last block (300 = 2·128 + 44), one block only, packed and unpacked rows."""
+    q, k, v, segments, cotangent = _inputs(length=length, packed=packed)
+
+    def blocked(q, k, v, segments):
+        batch, length, heads, dim = q.shape
+        q5 = q.reshape(batch, length, k.shape[2], heads // k.shape[2], dim)
+        return attn._blocked(q5, k, v, segments, block).reshape(q.shape)
+
+    expected = _value_and_grads(attn.dot_product_attention, q, k, v, segments, cotangent)
+    actual = _value_and_grads(jax.jit(blocked), q, k, v, segments, cotangent)
+    _assert_close(actual, expected, rtol=2e-5, atol=2e-5)
+
+
+def test_blocked_xla_in_bfloat16_stays_close_to_float32_reference():
+    q, k, v, segments, cotangent = _inputs(length=256)
+    expected = _value_and_grads(attn.dot_product_attention, q, k, v, segments, cotangent)
+    as_bf16 = [x.astype(jnp.bfloat16) for x in (q, k, v)]
+    fn = functools.partial(attn.attention, implementation="xla")
+    actual = _value_and_grads(jax.jit(fn), *as_bf16, segments, cotangent)
+    _assert_close(actual, expected, rtol=0.05, atol=0.05)
+
+
+def test_auto_resolves_to_xla_on_cpu_and_cudnn_refuses_clearly():
+    assert attn.resolve("auto", jnp.bfloat16, 64, 4096) == "xla"
+    with pytest.raises(ValueError, match="attention='cudnn' needs a GPU.*platform 'cpu'"):
+        attn.resolve("cudnn", jnp.bfloat16, 64, 4096)
+    with pytest.raises(ValueError, match="must be one of"):
+        attn.resolve("flash", jnp.bfloat16, 64, 4096)
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN attention needs a GPU (benchmarks/gpu_check.sh)")
+@pytest.mark.parametrize("packed", [True, False])
+def test_cudnn_matches_reference_on_gpu(packed):
+    q, k, v, segments, cotangent = _inputs(length=256, dim=64, dtype=jnp.bfloat16, packed=packed)
+    expected = _value_and_grads(attn.dot_product_attention, q, k, v, segments, cotangent)
+    actual = _value_and_grads(jax.jit(functools.partial(attn.attention, implementation="cudnn")),
+                              q, k, v, segments, cotangent)
+    _assert_close(actual, expected, rtol=0.05, atol=0.05)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mesh_shape", [None, (2, 2, 2)])
+def test_splash_matches_reference(mesh_shape):
+    """Splash in Pallas interpret mode on CPU (the kernel itself on TPU), alone and under a mesh where
+    it runs per device in shard_map: batch on data x fsdp, 4 q heads and 2 kv heads on tensor."""
+    q, k, v, segments, cotangent = _inputs(batch=4, length=256, packed=True)
+    expected = _value_and_grads(attn.dot_product_attention, q, k, v, segments, cotangent)
+    fn = jax.jit(functools.partial(attn.attention, implementation="splash"))
+    if mesh_shape is None:
+        actual = _value_and_grads(fn, q, k, v, segments, cotangent)
+    else:
+        mesh = make_mesh(*mesh_shape)
+        with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+            actual = _value_and_grads(fn, q, k, v, segments, cotangent)
+    _assert_close(actual, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_splash_without_segment_ids_is_causal_attention():
+    q, k, v, _, cotangent = _inputs(length=128, packed=False)
+    expected = _value_and_grads(attn.dot_product_attention, q, k, v, None, cotangent)
+    actual = _value_and_grads(jax.jit(functools.partial(attn.attention, implementation="splash")),
+                              q, k, v, None, cotangent)
+    _assert_close(actual, expected, rtol=1e-4, atol=1e-4)
