@@ -29,7 +29,10 @@ def main() -> None:
     p.add_argument("--param-dtype", default="float32")
     p.add_argument("--remat", default="none", choices=["none", "full", "save_dots"])
     p.add_argument("--scan", action="store_true")
+    p.add_argument("--attention", default="auto", help="auto | xla | reference | cudnn | splash")
     p.add_argument("--loss-chunk", type=int, default=None)
+    p.add_argument("--xla-defaults", action="store_true",
+                   help="compile with XLA's default options (no Trainer.compiler_options, e.g. YNN fusion back on CPU)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=10)
     args = p.parse_args()
@@ -44,9 +47,11 @@ def main() -> None:
     from sft_sharded import Llama, LlamaConfig, SFTTrainer, make_mesh
     from sft_sharded.metrics import flops_per_token, mfu, peak_flops
     from sft_sharded.models import preset
+    from sft_sharded.models.attention import resolve
     from sft_sharded.sharding import global_batch
 
-    options = dict(dtype=args.dtype, param_dtype=args.param_dtype, remat=args.remat, scan_layers=args.scan)
+    options = dict(dtype=args.dtype, param_dtype=args.param_dtype, remat=args.remat, scan_layers=args.scan,
+                   attention=args.attention)
     if args.preset:
         cfg = preset(args.preset, **options)
     else:
@@ -55,7 +60,8 @@ def main() -> None:
                           mlp_dim=args.mlp, tie_embeddings=args.tied, **options)
     data, fsdp, tensor = (int(x) for x in args.mesh.split(","))
     mesh = make_mesh(data, fsdp, tensor)
-    trainer = SFTTrainer(Llama(cfg), optax.adamw(1e-4), mesh=mesh, loss_chunk_size=args.loss_chunk)
+    trainer = SFTTrainer(Llama(cfg), optax.adamw(1e-4), mesh=mesh, loss_chunk_size=args.loss_chunk,
+                          compiler_options={} if args.xla_defaults else None)
     state = trainer.create_train_state(jax.random.key(0), jnp.zeros((args.batch, args.seq), jnp.int32))
     rng = np.random.default_rng(0)
     ids = rng.integers(1, cfg.vocab_size, (args.batch, args.seq)).astype(np.int32)
@@ -84,7 +90,8 @@ def main() -> None:
         "step_time_s": step_s, "model_tflops_per_sec_per_device": tokens / step_s * fpt / devices / 1e12,
         "mfu": mfu(tokens / step_s, fpt, devices, peak_flops(mesh.devices.flat[0].device_kind)),  # NaN: no peak
         "compile_s": compile_s, "bytes_per_device": bytes_per_device, "params": cfg.num_params(),
-        "device": mesh.devices.flat[0].device_kind, "devices": devices, "mesh": dict(mesh.shape),
+        "device": mesh.devices.flat[0].device_kind, "attention": resolve(args.attention, cfg.dtype, cfg.head_size, args.seq),
+        "compiler_options": trainer.compiler_options, "devices": devices, "mesh": dict(mesh.shape),
         "final_loss": float(metrics["loss"]),
     }
     print(f"{'device':>10} {'mesh':>28} {'tokens/s':>10} {'step s':>8} {'TFLOP/s/dev':>12} {'MFU':>6} "

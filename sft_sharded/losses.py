@@ -12,7 +12,6 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import optax
 
 IGNORE_INDEX = -100
 
@@ -42,21 +41,37 @@ def target_mask(batch: Mapping[str, jax.Array], pad_label_id: int | None = 0) ->
     return mask
 
 
+def cross_entropy_with_hits(
+    logits_BxTxV: jax.Array, labels_BxT: jax.Array, mask_BxT: jax.Array, z_loss: float = 0.0
+) -> tuple[LossTerms, jax.Array]:
+    """Token cross entropy (plus optional z-loss, z·logsumexp²) summed over masked-in targets, and the
+    number of those targets the model ranks first, from one max over the vocabulary (no separate argmax
+    pass over the [B, T, V] logits). A target counts as a hit when its logit equals the maximum, so an
+    exact tie counts for every tied token, where argmax would pick the first."""
+    logits = logits_BxTxV.astype(jnp.float32)
+    safe_labels = jnp.where(mask_BxT, labels_BxT, 0)
+    # The max only shifts for stability; stopping its gradient leaves d lse / d logits = softmax exactly.
+    max_BxT = jax.lax.stop_gradient(jnp.max(logits, axis=-1))
+    lse_BxT = max_BxT + jnp.log(jnp.sum(jnp.exp(logits - max_BxT[..., None]), axis=-1))
+    label_logit_BxT = jnp.take_along_axis(logits, safe_labels[..., None], axis=-1)[..., 0]
+    per_token_BxT = lse_BxT - label_logit_BxT
+    if z_loss:
+        per_token_BxT = per_token_BxT + z_loss * jnp.square(lse_BxT)
+    loss_sum = jnp.sum(jnp.where(mask_BxT, per_token_BxT, 0.0))
+    hits = jnp.sum(mask_BxT & (label_logit_BxT >= max_BxT), dtype=jnp.float32)
+    return LossTerms(loss_sum, jnp.sum(mask_BxT, dtype=jnp.float32)), hits
+
+
 def masked_cross_entropy(
     logits_BxTxV: jax.Array, labels_BxT: jax.Array, mask_BxT: jax.Array, z_loss: float = 0.0
 ) -> LossTerms:
-    """Token cross entropy (plus optional z-loss, z·logsumexp²) summed over masked-in targets."""
-    logits = logits_BxTxV.astype(jnp.float32)
-    safe_labels = jnp.where(mask_BxT, labels_BxT, 0)
-    per_token_BxT = optax.softmax_cross_entropy_with_integer_labels(logits, safe_labels)
-    if z_loss:
-        per_token_BxT = per_token_BxT + z_loss * jnp.square(jax.nn.logsumexp(logits, axis=-1))
-    loss_sum = jnp.sum(jnp.where(mask_BxT, per_token_BxT, 0.0))
-    return LossTerms(loss_sum, jnp.sum(mask_BxT, dtype=jnp.float32))
+    """Token cross entropy (plus optional z-loss) summed over masked-in targets, and their count."""
+    return cross_entropy_with_hits(logits_BxTxV, labels_BxT, mask_BxT, z_loss)[0]
 
 
 def token_accuracy(logits_BxTxV: jax.Array, labels_BxT: jax.Array, mask_BxT: jax.Array) -> LossTerms:
-    """Number of masked-in targets whose argmax is right, and their count (reuses the (sum, count) pair)."""
+    """Number of masked-in targets whose argmax is right, and their count (reuses the (sum, count) pair).
+    An independent check of `cross_entropy_with_hits` (the trainer uses that: one pass, not two)."""
     correct_BxT = (jnp.argmax(logits_BxTxV, axis=-1) == labels_BxT) & mask_BxT
     return LossTerms(jnp.sum(correct_BxT, dtype=jnp.float32), jnp.sum(mask_BxT, dtype=jnp.float32))
 
@@ -84,8 +99,7 @@ def chunked_cross_entropy(
     @jax.checkpoint
     def one(h_BxCxD, labels_BxC, mask_BxC):
         logits_BxCxV = jnp.einsum("bcd,dv->bcv", h_BxCxD, head_DxV, preferred_element_type=jnp.float32)
-        terms = masked_cross_entropy(logits_BxCxV, labels_BxC, mask_BxC, z_loss)
-        hits = token_accuracy(logits_BxCxV, labels_BxC, mask_BxC).loss_sum
+        terms, hits = cross_entropy_with_hits(logits_BxCxV, labels_BxC, mask_BxC, z_loss)
         return terms.loss_sum, terms.num_tokens, hits
 
     def body(acc, xs):

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 from reference import masked_ce
 
-from sft_sharded.losses import masked_cross_entropy, target_mask, token_accuracy
+from sft_sharded.losses import cross_entropy_with_hits, masked_cross_entropy, target_mask, token_accuracy
 
 
 def _case(seed=0, shape=(3, 7), vocab=11):
@@ -63,6 +63,13 @@ def test_token_accuracy_counts_argmax_hits_inside_the_mask():
     hits = (logits.argmax(-1) == labels) & mask
     acc = token_accuracy(jnp.asarray(logits), jnp.asarray(labels), jnp.asarray(mask))
     assert float(acc.loss_sum) == hits.sum() and float(acc.num_tokens) == mask.sum()
+
+
+def test_cross_entropy_with_hits_counts_numpy_argmax_hits_and_gives_the_numpy_loss():
+    logits, labels, mask = _case(6)
+    terms, hits = cross_entropy_with_hits(jnp.asarray(logits), jnp.asarray(labels), jnp.asarray(mask))
+    assert float(hits) == ((logits.argmax(-1) == labels) & mask).sum()
+    np.testing.assert_allclose(float(terms.loss_sum), masked_ce(logits, labels, mask)[0] * mask.sum(), rtol=1e-5)
 
 
 def test_chunked_cross_entropy_matches_the_plain_path_with_gradients():

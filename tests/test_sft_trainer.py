@@ -264,3 +264,17 @@ def test_chunked_loss_trainer_matches_the_plain_trainer(tiny_config):
     loss_c, grads_c = chunked.loss_and_grad(state.params, batch)
     np.testing.assert_allclose(loss_c, loss_p, rtol=1e-5)
     chex.assert_trees_all_close(jax.device_get(grads_c), jax.device_get(grads_p), **GRAD_TOL)
+
+
+def test_cpu_compiler_options_are_the_default_and_change_no_numbers(tiny_config):
+    """The CPU steps compile without YNN fusion (speed only): XLA's defaults give the same loss and grads."""
+    from sft_sharded.trainers.trainer import CPU_COMPILER_OPTIONS
+
+    tuned, state = make_trainer(tiny_config)
+    plain, _ = make_trainer(tiny_config, compiler_options={})
+    assert tuned.compiler_options == CPU_COMPILER_OPTIONS and plain.compiler_options == {}
+    batch = random_batch(0)
+    loss_tuned, grads_tuned = tuned.loss_and_grad(state.params, batch)
+    loss_plain, grads_plain = plain.loss_and_grad(state.params, batch)
+    np.testing.assert_allclose(loss_tuned, loss_plain, rtol=1e-6)
+    chex.assert_trees_all_close(jax.device_get(grads_tuned), jax.device_get(grads_plain), **GRAD_TOL)

@@ -79,6 +79,13 @@ def _param(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str
     return module.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.dtype(cfg.param_dtype))
 
 
+def _weight(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str, ...], init) -> jax.Array:
+    """The parameter in the compute dtype, cast where it lives: pinning the cast copy to the parameter's
+    own sharding makes each device cast its shard before the FSDP all-gather, which then moves bf16
+    instead of float32 bytes (and no device casts the whole gathered weight)."""
+    return constrain(_param(module, name, shape, axes, init).astype(module.config.dtype), axes)
+
+
 class RMSNorm(nn.Module):
     config: LlamaConfig
 
@@ -125,8 +132,8 @@ class Attention(nn.Module):
         init = nn.initializers.normal(cfg.init_std)
 
         def project(name, heads, head_axis):
-            w_DxNxH = _param(self, name, (d, heads, h), ("embed", head_axis, "head_dim"), init)
-            y = jnp.einsum("btd,dnh->btnh", x_BxTxD, w_DxNxH.astype(dtype))
+            w_DxNxH = _weight(self, name, (d, heads, h), ("embed", head_axis, "head_dim"), init)
+            y = jnp.einsum("btd,dnh->btnh", x_BxTxD, w_DxNxH)
             if cfg.qkv_bias:
                 y = y + _param(self, name + "_bias", (heads, h), (head_axis, "head_dim"), nn.initializers.zeros).astype(dtype)
             return y
@@ -147,8 +154,8 @@ class Attention(nn.Module):
             out_BxTxNxH = dot_product_attention(
                 q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, segment_ids_BxT, kv_segment_ids_BxS, q_offset=offset
             )
-        wo_NxHxD = _param(self, "wo", (cfg.num_heads, h, d), ("heads", "head_dim", "embed"), init)
-        return jnp.einsum("btnh,nhd->btd", out_BxTxNxH, wo_NxHxD.astype(dtype)), new_cache
+        wo_NxHxD = _weight(self, "wo", (cfg.num_heads, h, d), ("heads", "head_dim", "embed"), init)
+        return jnp.einsum("btnh,nhd->btd", out_BxTxNxH, wo_NxHxD), new_cache
 
 
 class MLP(nn.Module):
@@ -157,15 +164,15 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x_BxTxD):
         cfg = self.config
-        dtype, d, f = jnp.dtype(cfg.dtype), cfg.hidden_size, cfg.mlp_dim
+        d, f = cfg.hidden_size, cfg.mlp_dim
         init = nn.initializers.normal(cfg.init_std)
-        gate_DxF = _param(self, "w_gate", (d, f), ("embed", "mlp"), init)
-        up_DxF = _param(self, "w_up", (d, f), ("embed", "mlp"), init)
-        down_FxD = _param(self, "w_down", (f, d), ("mlp", "embed"), init)
-        gate_BxTxF = jnp.einsum("btd,df->btf", x_BxTxD, gate_DxF.astype(dtype))
-        up_BxTxF = jnp.einsum("btd,df->btf", x_BxTxD, up_DxF.astype(dtype))
+        gate_DxF = _weight(self, "w_gate", (d, f), ("embed", "mlp"), init)
+        up_DxF = _weight(self, "w_up", (d, f), ("embed", "mlp"), init)
+        down_FxD = _weight(self, "w_down", (f, d), ("mlp", "embed"), init)
+        gate_BxTxF = jnp.einsum("btd,df->btf", x_BxTxD, gate_DxF)
+        up_BxTxF = jnp.einsum("btd,df->btf", x_BxTxD, up_DxF)
         hidden_BxTxF = constrain(nn.silu(gate_BxTxF) * up_BxTxF, ("batch", "length", "act_mlp"))
-        return jnp.einsum("btf,fd->btd", hidden_BxTxF, down_FxD.astype(dtype))
+        return jnp.einsum("btf,fd->btd", hidden_BxTxF, down_FxD)
 
 
 class DecoderLayer(nn.Module):
@@ -203,17 +210,16 @@ class Llama(nn.Module):
         """`return_hidden=True` returns (final hidden states, output head [D, V]) instead of logits, for a
         loss that projects chunk by chunk (`losses.chunked_cross_entropy`)."""
         cfg = self.config
-        dtype = jnp.dtype(cfg.dtype)
         batch, length = input_ids_BxT.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
-        embedding_VxD = _param(
+        embedding_VxD = _weight(
             self, "embedding", (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), nn.initializers.normal(cfg.init_std)
         )
         # Gather from a table whose hidden dim is whole (vocab stays split): with the hidden dim on fsdp the
         # partitioner cannot map the gather onto batch-sharded activations and replicates everything.
         table_VxD = constrain(embedding_VxD, ("vocab", None))
-        x_BxTxD = constrain(jnp.take(table_VxD, input_ids_BxT, axis=0).astype(dtype), RESIDUAL)
+        x_BxTxD = constrain(jnp.take(table_VxD, input_ids_BxT, axis=0), RESIDUAL)
 
         decode = None
         if cache is not None:
@@ -247,12 +253,12 @@ class Llama(nn.Module):
         if cfg.tie_embeddings:
             head_DxV = embedding_VxD.T
         else:
-            head_DxV = _param(
+            head_DxV = _weight(
                 self, "lm_head", (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), nn.initializers.normal(cfg.init_std)
             )
         if return_hidden:
-            return x_BxTxD, head_DxV.astype(dtype)
-        logits_BxTxV = jnp.einsum("btd,dv->btv", x_BxTxD, head_DxV.astype(dtype), preferred_element_type=jnp.float32)
+            return x_BxTxD, head_DxV
+        logits_BxTxV = jnp.einsum("btd,dv->btv", x_BxTxD, head_DxV, preferred_element_type=jnp.float32)
         logits_BxTxV = constrain(logits_BxTxV, ("batch", "length", "act_vocab"))
         if cache is None:
             return logits_BxTxV

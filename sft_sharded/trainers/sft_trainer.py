@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from sft_sharded.losses import LossTerms, chunked_cross_entropy, masked_cross_entropy, target_mask, token_accuracy
+from sft_sharded.losses import LossTerms, chunked_cross_entropy, cross_entropy_with_hits, target_mask
 from sft_sharded.trainers.trainer import Batch, Trainer, TrainState
 
 _MODEL_INPUTS = ("positions", "segment_ids")
@@ -39,6 +39,5 @@ class SFTTrainer(Trainer):
                                                 self.loss_chunk_size, self.z_loss)
             return terms, {"num_correct": hits}
         logits_BxTxV = self.model.apply({"params": params}, batch["input_ids"], **kwargs)
-        terms = masked_cross_entropy(logits_BxTxV, batch["labels"], mask_BxT, self.z_loss)
-        correct = token_accuracy(logits_BxTxV, batch["labels"], mask_BxT)
-        return terms, {"num_correct": correct.loss_sum}
+        terms, hits = cross_entropy_with_hits(logits_BxTxV, batch["labels"], mask_BxT, self.z_loss)
+        return terms, {"num_correct": hits}

@@ -24,6 +24,10 @@ from sft_sharded.losses import LossTerms
 
 Batch = Mapping[str, Any]
 BATCH_KEYS = ("input_ids", "labels", "loss_mask", "segment_ids", "positions")
+# XLA:CPU's YNNPACK fusions (a dot fused with its elementwise neighbours) run this model's steps up to
+# 1.7x slower than plain dots plus loop fusions on the machines we measured (benchmarks/README.md), so
+# the steps compile without them on CPU. Other platforms get no options.
+CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 
 @flax.struct.dataclass
@@ -38,7 +42,8 @@ class Trainer(abc.ABC):
     `pad_label_id` (label id treated as padding when a batch has no `loss_mask`; None: off), `z_loss`,
     `loss_chunk_size` (sequence positions per chunk of a cross entropy that never materialises the
     [B, T, V] logits; the model must accept `return_hidden=True`, as `Llama` does), `rules` (logical
-    axis rules; default `sharding.LOGICAL_AXIS_RULES`)."""
+    axis rules; default `sharding.LOGICAL_AXIS_RULES`), `compiler_options` (XLA options for the
+    compiled steps; default `CPU_COMPILER_OPTIONS` on CPU meshes, none elsewhere)."""
 
     def __init__(
         self,
@@ -51,6 +56,7 @@ class Trainer(abc.ABC):
         z_loss: float = 0.0,
         loss_chunk_size: int | None = None,
         rules=sharding.LOGICAL_AXIS_RULES,
+        compiler_options: dict[str, Any] | None = None,
     ):
         if not isinstance(grad_accum_steps, int) or grad_accum_steps < 1:
             raise ValueError(f"grad_accum_steps={grad_accum_steps!r} must be an int >= 1")
@@ -62,6 +68,10 @@ class Trainer(abc.ABC):
         self.z_loss = z_loss
         self.loss_chunk_size = loss_chunk_size  # tokens per chunk of a chunked cross entropy (None: plain)
         self.rules = rules
+        if compiler_options is None:
+            on_cpu = self.mesh.devices.flat[0].platform == "cpu"
+            compiler_options = dict(CPU_COMPILER_OPTIONS) if on_cpu else {}
+        self.compiler_options = compiler_options
         self.state_shardings: Any = None  # set by init_sharded (create_train_state)
         self.abstract_state: Any = None  # ShapeDtypeStructs with shardings, e.g. a checkpoint restore target
         self.abstract_only = False  # True: create_train_state returns the abstract state (for AOT plans)
@@ -137,13 +147,16 @@ class Trainer(abc.ABC):
             raise RuntimeError("call create_train_state first: it fixes the shardings the steps compile for")
         batch_sh = sharding.batch_sharding(self.mesh)  # a prefix: every batch array is [B, T]
         repl = sharding.replicated(self.mesh)
+        options = self.compiler_options
         if kind == "train":
             return jax.jit(self._train_step_fn, in_shardings=(self.state_shardings, batch_sh),
-                           out_shardings=(self.state_shardings, repl), donate_argnums=0)
+                           out_shardings=(self.state_shardings, repl), donate_argnums=0, compiler_options=options)
         if kind == "eval":
-            return jax.jit(self._eval_step_fn, in_shardings=(self.state_shardings, batch_sh), out_shardings=repl)
+            return jax.jit(self._eval_step_fn, in_shardings=(self.state_shardings, batch_sh), out_shardings=repl,
+                           compiler_options=options)
         params_sh = self.state_shardings.params
-        return jax.jit(self._grad_fn, in_shardings=(params_sh, batch_sh), out_shardings=(repl, params_sh))
+        return jax.jit(self._grad_fn, in_shardings=(params_sh, batch_sh), out_shardings=(repl, params_sh),
+                       compiler_options=options)
 
     def _sums_and_grads(self, params: Any, batch: Batch):
         """Summed loss, token count, extra sums and the gradient of the sum, over `grad_accum_steps` micro-batches."""

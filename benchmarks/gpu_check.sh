@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# One prepared GPU check (H100 / H200, about 5 minutes): the GPU-relevant tests, then train-step throughput
+# of a Llama-3.2-1B-shaped model (hidden 2048, 16 layers, 32 heads / 8 kv, mlp 8192, vocab 128256, tied) at
+# seq 4096 in bf16 on one GPU. Prints the card, then step_throughput's table and JSON lines (tokens/s, MFU
+# against 989 TFLOP/s bf16 dense).
+#
+# The device machine has Python 3.12, jax 0.11, flax, optax, chex and orbax but no network. Nothing here
+# needs grain (the data pipeline is not used); pytest, if missing, is installed from wheels carried in
+# benchmarks/wheels (fetch them here first: `pip download pytest -d benchmarks/wheels`, and pass
+# carry=["benchmarks/wheels"]).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+OUT=${OUT:-/tmp/gpu_check}
+mkdir -p "$OUT"
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/card.txt"
+python3 -c 'import jax, flax, optax; print("jax", jax.__version__, "flax", flax.__version__, jax.devices())'
+
+if ! python3 -c 'import pytest' 2>/dev/null; then
+  python3 -m pip install -q --no-index --find-links benchmarks/wheels pytest || echo "no pytest: tests skipped"
+fi
+if python3 -c 'import pytest' 2>/dev/null; then
+  # cuDNN attention (values and grads) against the einsum reference; the chunked loss against the plain one.
+  SFT_SHARDED_TEST_PLATFORM=gpu timeout 150 python3 -m pytest -q -p no:cacheprovider \
+    tests/test_attention.py tests/test_losses.py -k "not splash" 2>&1 | tail -n 15 | tee "$OUT/tests.txt"
+fi
+
+run() {  # one throughput row; a failure (e.g. out of memory) is printed and the next row still runs
+  echo "== step_throughput $*" | tee -a "$OUT/throughput.txt"
+  timeout 150 python3 benchmarks/step_throughput.py --preset llama3.2-1b --seq 4096 --dtype bfloat16 \
+    --mesh 1,1,1 --warmup 2 --steps 5 "$@" 2>&1 | tail -n 3 | tee -a "$OUT/throughput.txt"
+}
+run --batch 4 --remat save_dots --scan --loss-chunk 1024 --attention cudnn
+run --batch 4 --remat full --scan --loss-chunk 1024 --attention cudnn
+run --batch 4 --remat save_dots --scan --loss-chunk 1024 --attention xla
