@@ -25,6 +25,7 @@ BATCH_AXES = ("data", "fsdp")
 # a weight's hidden dim on fsdp does not drag the residual stream onto fsdp (see STACK-NOTES, speed).
 LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("batch", BATCH_AXES),
+    ("replica_batch", "data"),  # the rows of one fsdp group: the embedding lookup gathers ids only within it
     ("embed", "fsdp"),
     ("act_embed", None),
     ("mlp", "tensor"),
@@ -144,6 +145,14 @@ def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
+
+
+def current_platform() -> str:
+    """"cpu", "gpu" or "tpu": the platform of the mesh being traced under (an AOT plan for TPU traces
+    on a CPU host), else jax's default backend."""
+    mesh = jax.sharding.get_abstract_mesh()
+    device = None if mesh.empty else getattr(mesh, "abstract_device", None)
+    return device.platform if device is not None else jax.default_backend()
 
 
 def activation_spec(shape: Sequence[int], logical_axes: tuple[str | None, ...]) -> P | None:

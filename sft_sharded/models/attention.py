@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sft_sharded.sharding import current_platform
+
 IMPLEMENTATIONS = ("auto", "xla", "reference", "cudnn", "splash")
 _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite, so a row never becomes NaN
 _BLOCK = 128  # query rows per block of the "xla" implementation
@@ -66,7 +68,7 @@ def resolve(implementation: str, dtype, head_dim: int, length: int) -> str:
     """The implementation "auto" stands for on this platform, or the one asked for (checked)."""
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"attention implementation {implementation!r} must be one of {IMPLEMENTATIONS}")
-    platform = jax.default_backend()
+    platform = current_platform()
     cudnn_ok = jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and head_dim % 8 == 0 and head_dim <= 128
     if implementation == "auto":
         if platform == "tpu" and length % 128 == 0:

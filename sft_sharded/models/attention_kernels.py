@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from sft_sharded.sharding import activation_spec
+from sft_sharded.sharding import activation_spec, current_platform
 
 Q_AXES = ("batch", "length", "act_heads", "head_dim")
 KV_AXES = ("batch", "length", "act_kv_heads", "head_dim")
@@ -77,7 +77,7 @@ def _splash_local(q_BxTxNxD, k_BxTxKxD, v_BxTxKxD, segment_ids_BxT, interpret: b
 def splash(q_BxTxNxD, k_BxTxKxD, v_BxTxKxD, segment_ids_BxT=None) -> jax.Array:
     """Splash attention, per device under the mesh (a Pallas call is not partitioned by XLA): batch split
     like the activations, heads split on the tensor axis when both q and kv heads divide it."""
-    local = functools.partial(_splash_local, interpret=jax.default_backend() != "tpu")
+    local = functools.partial(_splash_local, interpret=current_platform() != "tpu")
     q_spec = activation_spec(q_BxTxNxD.shape, Q_AXES)
     if q_spec is None:  # no mesh: one device
         return local(q_BxTxNxD, k_BxTxKxD, v_BxTxKxD, segment_ids_BxT)

@@ -216,10 +216,12 @@ class Llama(nn.Module):
         embedding_VxD = _weight(
             self, "embedding", (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), nn.initializers.normal(cfg.init_std)
         )
-        # Gather from a table whose hidden dim is whole (vocab stays split): with the hidden dim on fsdp the
-        # partitioner cannot map the gather onto batch-sharded activations and replicates everything.
-        table_VxD = constrain(embedding_VxD, ("vocab", None))
-        x_BxTxD = constrain(jnp.take(table_VxD, input_ids_BxT, axis=0), RESIDUAL)
+        # Look up all of the fsdp group's tokens in this device's slice of the hidden dim (the table stays
+        # sharded as stored), then reshard to batch-split activations: ids and [B, T, D] rows move, never
+        # the [V, D] table, and the table's gradient lands in its own shard with no reduction over fsdp.
+        ids_BxT = constrain(input_ids_BxT, ("replica_batch", None))
+        rows_BxTxD = constrain(jnp.take(embedding_VxD, ids_BxT, axis=0), ("replica_batch", None, "embed"))
+        x_BxTxD = constrain(rows_BxTxD, RESIDUAL)
 
         decode = None
         if cache is not None:
