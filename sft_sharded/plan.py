@@ -54,7 +54,7 @@ def parse_mesh(spec: str) -> dict[str, int]:
 
 
 def plan(topology: str, model: str, seq: int, global_batch: int, mesh_spec: str, remat: str = "full",
-         scan: bool = True, loss_chunk: int | None = None) -> dict:
+         scan: bool = True, loss_chunk: int | None = None, attention: str = "auto") -> dict:
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
     import jax
@@ -64,6 +64,7 @@ def plan(topology: str, model: str, seq: int, global_batch: int, mesh_spec: str,
 
     from sft_sharded.metrics import flops_per_token
     from sft_sharded.models import Llama, preset
+    from sft_sharded.models.attention import resolve
     from sft_sharded.sharding import MESH_AXES, batch_sharding
     from sft_sharded.trainers import SFTTrainer
 
@@ -81,7 +82,7 @@ def plan(topology: str, model: str, seq: int, global_batch: int, mesh_spec: str,
         raise ValueError(f"--mesh {mesh_spec!r} gives {shape} = {math.prod(shape)} devices; {topology} has {len(devices)}")
     physical = topologies.make_mesh(topo, shape, MESH_AXES)  # device order that follows the torus
     mesh = jax.sharding.Mesh(physical.devices, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
-    cfg = preset(model, dtype="bfloat16", remat=remat, scan_layers=scan)
+    cfg = preset(model, dtype="bfloat16", remat=remat, scan_layers=scan, attention=attention)
     trainer = SFTTrainer(Llama(cfg), optax.adamw(1e-5), mesh=mesh, loss_chunk_size=loss_chunk)
     trainer.abstract_only = True
     state = trainer.create_train_state(jax.random.key(0), jax.ShapeDtypeStruct((global_batch, seq), jnp.int32))
@@ -95,10 +96,13 @@ def plan(topology: str, model: str, seq: int, global_batch: int, mesh_spec: str,
     result = {
         "topology": f"{gen}:{grid}", "chips": len(devices), "mesh": dict(zip(MESH_AXES, shape)), "model": model,
         "params": cfg.num_params(), "seq": seq, "global_batch": global_batch, "remat": remat,
-        "scan": scan, "loss_chunk": loss_chunk, "hbm_bytes": chip["hbm_bytes"], "analytic_flops_per_chip": analytic,
+        "scan": scan, "loss_chunk": loss_chunk, "attention": attention, "hbm_bytes": chip["hbm_bytes"], "analytic_flops_per_chip": analytic,
         "step_s_at_peak": analytic / chip["bf16_flops"], "step_s_at_50pct_mfu": 2 * analytic / chip["bf16_flops"],
     }
     lowered = trainer.lower("train", state, batch)
+    with jax.set_mesh(mesh):  # what "auto" means on the target platform, and proof that a kernel is in
+        result["attention"] = resolve(attention, cfg.dtype, cfg.head_size, seq)
+    result["pallas_calls"] = lowered.as_text().count("tpu_custom_call")
     try:
         compiled = lowered.compile()
     except jax.errors.JaxRuntimeError as err:
@@ -123,7 +127,8 @@ def report(r: dict) -> str:
     gib = 2**30
     head = (f"plan: {r['model']} ({r['params'] / 1e9:.3f}B params) on {r['topology']} ({r['chips']} chips), "
             f"mesh {r['mesh']}, {r['global_batch']} x {r['seq']} tokens per step, remat {r['remat']}, "
-            f"loss chunk {r['loss_chunk'] or 'none (full logits)'}")
+            f"loss chunk {r['loss_chunk'] or 'none (full logits)'}, attention {r['attention']}"
+            f"{' (%d Pallas calls)' % r['pallas_calls'] if r.get('pallas_calls') else ''}")
     timing = (f"  analytic FLOPs per chip per step {r['analytic_flops_per_chip']:.3e}: {r['step_s_at_peak']:.3f} s at "
               f"peak, {r['step_s_at_50pct_mfu']:.3f} s at 50% MFU")
     if "compiler_error" in r:
@@ -143,7 +148,7 @@ def report(r: dict) -> str:
 
 def main(args) -> int:
     result = plan(args.topology, args.model, args.seq, args.global_batch, args.mesh, args.remat, not args.no_scan,
-                  args.loss_chunk)
+                  args.loss_chunk, args.attention)
     print(report(result))
     if not result["fits"]:
         need = result.get("compiler_error") or f"{result['total_bytes_per_chip'] / 2**30:.2f} GiB per chip"
@@ -161,6 +166,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--mesh", default="fsdp=-1", help="e.g. fsdp=-1 or data=2,fsdp=-1,tensor=4")
     parser.add_argument("--remat", default="full", choices=["none", "full", "save_dots"])
     parser.add_argument("--no-scan", action="store_true", help="unroll the layers (slower to compile)")
+    parser.add_argument("--attention", default="auto", choices=["auto", "xla", "reference", "splash"],
+                        help="auto: splash on TPU (models/attention.py)")
     parser.add_argument("--loss-chunk", type=int, default=None,
                         help="chunked cross entropy with this many positions per chunk (default: full logits)")
 

@@ -118,6 +118,7 @@ def test_plan_compiles_for_a_tpu_topology_and_refuses_what_does_not_fit():
     assert ok.returncode == 0, ok.stderr[-3000:]
     assert "on v5p:2x2x1 (4 chips), mesh {'data': 1, 'fsdp': 4, 'tensor': 1}" in ok.stdout
     assert "-> fits" in ok.stdout and "FLOPs per chip per step: compiler" in ok.stdout
+    assert "attention splash (" in ok.stdout and "Pallas calls)" in ok.stdout  # "auto" on TPU: the kernel
     too_big = _plan("--topology", "v5e:2x2", "--model", "llama3.1-8b", "--seq", "8192", "--global-batch", "64",
                     "--mesh", "fsdp=-1")
     assert too_big.returncode == 1
