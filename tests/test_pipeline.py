@@ -141,14 +141,12 @@ def test_built_in_task_is_a_messages_source_with_a_disjoint_held_out_split():
 
 WORKER_SCRIPT = """
 import json, sys
-from absl import flags
 from sft_sharded.config import DataConfig
 from sft_sharded.data.pipeline import make_iterator
 from sft_sharded.data.tokenizers import ByteTokenizer
 
-if __name__ == "__main__":  # grain workers re-import __main__
-    flags.FLAGS.mark_as_parsed()
-    out = []
+if __name__ == "__main__":  # grain workers re-import __main__; absl flags are left unparsed on purpose:
+    out = []                # make_iterator must cope (the CLI and library callers never parse them)
     for workers in (0, 2):
         it = make_iterator(DataConfig(path=sys.argv[1], batch_size=4, pack_buffer=8, max_length=32,
                                       worker_count=workers), ByteTokenizer(), seed=0)

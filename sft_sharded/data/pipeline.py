@@ -187,6 +187,10 @@ def make_iterator(cfg: DataConfig, tokenizer, *, split: str = "train", seed: int
     read = grain.ReadOptions(num_threads=1, prefetch_buffer_size=2)
     chunks = grain.MapDataset.range(num_chunks).map(PackChunk(encoded, cfg)).to_iter_dataset(read)
     if cfg.worker_count > 0:
+        from absl import flags
+
+        if not flags.FLAGS.is_parsed():  # grain's worker processes read absl flags; a library caller has none
+            flags.FLAGS.mark_as_parsed()
         chunks = chunks.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.worker_count))
     return BatchIterator(chunks, rows, cfg, pad_last=split == "eval", keep=keep,
                          same_rows_everywhere=process_count == 1 or cfg.shard_by == "rows")
