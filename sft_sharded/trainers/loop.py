@@ -41,7 +41,7 @@ class _Window:
         self.t0 = time.perf_counter()
 
     def add(self, metrics: Mapping[str, Any], tokens: int) -> None:
-        for key in ("loss_sum", "num_tokens", "num_correct"):
+        for key in ("loss_sum", "num_tokens", "num_correct", "num_real_tokens"):
             if key in metrics:
                 self.sums[key] = self.sums.get(key, 0.0) + float(metrics[key])
         self.steps += 1
@@ -57,6 +57,7 @@ class _Window:
             "num_tokens": count,
             "grad_norm": float(last["grad_norm"]),
             "tokens_per_sec": self.tokens / elapsed if elapsed > 0 else float("nan"),
+            "real_tokens_per_sec": self.sums.get("num_real_tokens", self.tokens) / elapsed if elapsed > 0 else float("nan"),
             "step_time_s": elapsed / max(self.steps, 1),
         }
         if "num_correct" in self.sums and count:
@@ -104,10 +105,11 @@ def fit(
             record = window.record(step, metrics)
             if flops_per_token:
                 devices = trainer.mesh.devices.size
+                peak = peak_flops(trainer.mesh.devices.flat[0].device_kind)
                 per_device = record["tokens_per_sec"] * flops_per_token / devices
                 record["model_tflops_per_sec_per_device"] = per_device / 1e12
-                record["mfu"] = mfu(record["tokens_per_sec"], flops_per_token, devices,
-                                    peak_flops(trainer.mesh.devices.flat[0].device_kind))
+                record["mfu"] = mfu(record["tokens_per_sec"], flops_per_token, devices, peak)  # all positions
+                record["mfu_real_tokens"] = mfu(record["real_tokens_per_sec"], flops_per_token, devices, peak)
             records.append(record)
             on_record(record)
             window = _Window()

@@ -198,8 +198,14 @@ class Trainer(abc.ABC):
         loss_sum, num_tokens, extra, grads = self._mean_grads(state.params, batch)
         updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        # Real (non-pad) tokens, for throughput and MFU on the work that counts; without segment ids every
+        # position is real.
+        if "segment_ids" in batch:
+            num_real = jnp.sum(batch["segment_ids"] != 0, dtype=jnp.float32)
+        else:
+            num_real = jnp.float32(batch["input_ids"].size)
         metrics = {"loss": loss_sum / jnp.maximum(num_tokens, 1.0), "loss_sum": loss_sum, "num_tokens": num_tokens,
-                   "grad_norm": optax.global_norm(grads), **extra}
+                   "num_real_tokens": num_real, "grad_norm": optax.global_norm(grads), **extra}
         return TrainState(params, opt_state, state.step + 1), metrics
 
     def _eval_step_fn(self, state: TrainState, batch: Batch):
