@@ -100,13 +100,19 @@ def config_from_hf(directory: str | Path, **overrides) -> LlamaConfig:
             scaling = tuple(sorted((k, float(v)) for k, v in scaling.items()
                                    if k in ("factor", "low_freq_factor", "high_freq_factor",
                                             "original_max_position_embeddings")))
+    window = None
+    if model_type == "mistral":
+        window = hf.get("sliding_window")
+    elif hf.get("use_sliding_window"):  # Qwen2 windows only some layers (max_window_layers): not built
+        raise ValueError(f"{path}: use_sliding_window=true is not supported for model_type {model_type!r}")
     heads = hf["num_attention_heads"]
     return LlamaConfig(
         vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], num_layers=hf["num_hidden_layers"],
         num_heads=heads, num_kv_heads=hf.get("num_key_value_heads") or heads, mlp_dim=hf["intermediate_size"],
         head_dim=hf.get("head_dim"), rope_theta=theta,
         rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)), tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        qkv_bias=model_type == "qwen2" or bool(hf.get("attention_bias", False)), rope_scaling=scaling, **overrides,
+        qkv_bias=model_type == "qwen2" or bool(hf.get("attention_bias", False)), rope_scaling=scaling,
+        sliding_window=window, **overrides,
     )
 
 
@@ -120,6 +126,10 @@ def config_to_hf(cfg: LlamaConfig, model_type: str, dtype: str) -> dict:
     }
     if model_type == "llama":
         out["attention_bias"] = cfg.qkv_bias
+    if model_type == "mistral":
+        out["sliding_window"] = cfg.sliding_window
+    elif cfg.sliding_window is not None:
+        raise ValueError(f"sliding_window={cfg.sliding_window} can only be exported as model_type 'mistral'")
     if cfg.rope_scaling:
         out["rope_scaling"] = {"rope_type": "llama3", **dict(cfg.rope_scaling)}
     return out

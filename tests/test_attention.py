@@ -28,13 +28,16 @@ def _inputs(batch=2, length=256, heads=4, kv_heads=2, dim=16, dtype=jnp.float32,
     return q, k, v, segments, cotangent
 
 
-def _numpy_attention(q, k, v, segments):
+def _numpy_attention(q, k, v, segments, window=None):
     q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
     _, length, heads, dim = q.shape
     k = np.repeat(k, heads // k.shape[2], axis=2)
     v = np.repeat(v, heads // v.shape[2], axis=2)
     scores = np.einsum("btnd,bsnd->bnts", q, k) / np.sqrt(dim)
-    visible = np.tril(np.ones((length, length), bool))[None, None]
+    visible = np.tril(np.ones((length, length), bool))
+    if window is not None:  # only the last `window` keys, the query's own included
+        visible &= ~np.tril(np.ones((length, length), bool), -window)
+    visible = visible[None, None]
     if segments is not None:
         seg = np.asarray(segments)
         visible = visible & (seg[:, None, :, None] == seg[:, None, None, :])
@@ -44,11 +47,11 @@ def _numpy_attention(q, k, v, segments):
     return np.einsum("bnts,bsnd->btnd", probs, v)
 
 
-def _value_and_grads(fn, q, k, v, segments, cotangent):
+def _value_and_grads(fn, q, k, v, segments, cotangent, **kwargs):
     def loss(q, k, v):
-        return jnp.sum(fn(q, k, v, segments).astype(jnp.float32) * cotangent)
+        return jnp.sum(fn(q, k, v, segments, **kwargs).astype(jnp.float32) * cotangent)
 
-    out = fn(q, k, v, segments)
+    out = fn(q, k, v, segments, **kwargs)
     return out, jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
 
 
@@ -62,6 +65,28 @@ def test_reference_matches_float64_numpy(packed):
     q, k, v, segments, _ = _inputs(length=64, packed=packed)
     out = attn.dot_product_attention(q, k, v, segments)
     np.testing.assert_allclose(np.asarray(out), _numpy_attention(q, k, v, segments), rtol=1e-5, atol=1e-5)
+
+
+def test_reference_sliding_window_matches_float64_numpy():
+    q, k, v, segments, _ = _inputs(length=64)
+    out = attn.dot_product_attention(q, k, v, segments, window=7)
+    np.testing.assert_allclose(np.asarray(out), _numpy_attention(q, k, v, segments, window=7), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("length,block,window", [(300, 64, 100), (256, 128, 1), (256, 128, 300)])
+def test_blocked_xla_sliding_window_matches_reference(length, block, window):
+    """Windows shorter than a block, of one key, and longer than the sequence; key blocks outside the
+    window are skipped, which the gradients of k and v would show if a visible key were dropped."""
+    q, k, v, segments, cotangent = _inputs(length=length)
+
+    def blocked(q, k, v, segments):
+        batch, length, heads, dim = q.shape
+        q5 = q.reshape(batch, length, k.shape[2], heads // k.shape[2], dim)
+        return attn._blocked(q5, k, v, segments, block, window).reshape(q.shape)
+
+    expected = _value_and_grads(attn.dot_product_attention, q, k, v, segments, cotangent, window=window)
+    actual = _value_and_grads(jax.jit(blocked), q, k, v, segments, cotangent)
+    _assert_close(actual, expected, rtol=2e-5, atol=2e-5)
 
 
 @pytest.mark.parametrize("length,block", [(256, 128), (300, 128), (300, 64), (100, 128)])
@@ -98,11 +123,11 @@ def test_auto_resolves_to_xla_on_cpu_and_cudnn_refuses_clearly():
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN attention needs a GPU (benchmarks/gpu_check.sh)")
-@pytest.mark.parametrize("packed", [True, False])
-def test_cudnn_matches_reference_on_gpu(packed):
+@pytest.mark.parametrize("packed,window", [(True, None), (False, None), (True, 64)])
+def test_cudnn_matches_reference_on_gpu(packed, window):
     q, k, v, segments, cotangent = _inputs(length=256, dim=64, dtype=jnp.bfloat16, packed=packed)
-    expected = _value_and_grads(attn.dot_product_attention, q, k, v, segments, cotangent)
-    actual = _value_and_grads(jax.jit(functools.partial(attn.attention, implementation="cudnn")),
+    expected = _value_and_grads(attn.dot_product_attention, q, k, v, segments, cotangent, window=window)
+    actual = _value_and_grads(jax.jit(functools.partial(attn.attention, implementation="cudnn", window=window)),
                               q, k, v, segments, cotangent)
     _assert_close(actual, expected, rtol=0.05, atol=0.05)
 
@@ -122,6 +147,14 @@ def test_splash_matches_reference(mesh_shape):
         with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
             actual = _value_and_grads(fn, q, k, v, segments, cotangent)
     _assert_close(actual, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_splash_sliding_window_matches_reference():
+    q, k, v, segments, cotangent = _inputs(length=256)
+    expected = _value_and_grads(attn.dot_product_attention, q, k, v, segments, cotangent, window=100)
+    fn = jax.jit(functools.partial(attn.attention, implementation="splash", window=100))
+    _assert_close(_value_and_grads(fn, q, k, v, segments, cotangent), expected, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.slow

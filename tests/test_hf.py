@@ -27,6 +27,8 @@ FAMILIES = {
                                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 16})),
     "qwen2-bias-tied": ("Qwen2Config", "Qwen2ForCausalLM", dict(tie_word_embeddings=True, rope_theta=1e6)),
     "mistral-untied": ("MistralConfig", "MistralForCausalLM", dict(tie_word_embeddings=False, sliding_window=None)),
+    # 8-key window at 24 positions: the window masks most of each row's history
+    "mistral-sliding-window": ("MistralConfig", "MistralForCausalLM", dict(tie_word_embeddings=False, sliding_window=8)),
 }
 
 

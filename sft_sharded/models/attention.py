@@ -26,13 +26,20 @@ _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite, so a row never bec
 _BLOCK = 128  # query rows per block of the "xla" implementation
 
 
-def attention_mask(q_len: int, kv_len: int, q_offset, q_segment_ids, kv_segment_ids) -> jax.Array:
+def attention_mask(q_len: int, kv_len: int, q_offset, q_segment_ids, kv_segment_ids,
+                   window: int | None = None) -> jax.Array:
     """Boolean [B or 1, 1, 1, Tq, Tk]: key s is visible to query t when s <= t + q_offset (causal by index,
     which is right for packing because a segment is a contiguous run) and both are in the same segment.
     Padding (segment 0) attends to padding only; every query sees itself, so no row is empty.
-    `q_offset` is the queries' start in the key sequence (a KV cache's fill level when decoding)."""
+    `q_offset` is the queries' start in the key sequence (a KV cache's fill level when decoding).
+    `window` (sliding-window attention, as Mistral's `sliding_window`): only the last `window` keys,
+    the query's own included, are visible."""
     q_idx = jnp.arange(q_len)[:, None] + q_offset
-    mask = (jnp.arange(kv_len)[None, :] <= q_idx)[None, None, None]
+    k_idx = jnp.arange(kv_len)[None, :]
+    mask = k_idx <= q_idx
+    if window is not None:
+        mask = mask & (k_idx > q_idx - window)
+    mask = mask[None, None, None]
     if q_segment_ids is not None:
         same_BxTxS = q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]
         mask = mask & same_BxTxS[:, None, None]
@@ -46,6 +53,7 @@ def dot_product_attention(
     segment_ids_BxT: jax.Array | None = None,
     kv_segment_ids_BxS: jax.Array | None = None,
     q_offset: jax.Array | int = 0,
+    window: int | None = None,
 ) -> jax.Array:
     """The reference: grouped-query causal attention; N query heads share K kv heads (N % K == 0). Softmax
     in float32. Without `kv_segment_ids_BxS` keys use the queries' segment ids (self-attention)."""
@@ -57,7 +65,7 @@ def dot_product_attention(
         "btkgd,bskd->bkgts", q_BxTxKxGxD, k_BxSxKxD, preferred_element_type=jnp.float32
     ) / jnp.sqrt(jnp.float32(head_dim))
     kv_segments = segment_ids_BxT if kv_segment_ids_BxS is None else kv_segment_ids_BxS
-    mask = attention_mask(length, kv_len, q_offset, segment_ids_BxT, kv_segments)
+    mask = attention_mask(length, kv_len, q_offset, segment_ids_BxT, kv_segments, window)
     scores_BxKxGxTxS = jnp.where(mask, scores_BxKxGxTxS, _MASKED)
     probs_BxKxGxTxS = jax.nn.softmax(scores_BxKxGxTxS, axis=-1).astype(v_BxSxKxD.dtype)
     out_BxTxKxGxD = jnp.einsum("bkgts,bskd->btkgd", probs_BxKxGxTxS, v_BxSxKxD)
@@ -88,76 +96,84 @@ def attention(
     v_BxTxKxD: jax.Array,
     segment_ids_BxT: jax.Array | None = None,
     implementation: str = "auto",
+    window: int | None = None,
 ) -> jax.Array:
     """Causal self-attention over one sequence per row (training and evaluation; decoding with a KV
-    cache calls `dot_product_attention`). Output [B, T, N, D] in the inputs' dtype."""
+    cache calls `dot_product_attention`), optionally over a sliding `window` of keys. Output [B, T, N, D]
+    in the inputs' dtype."""
     batch, length, num_heads, head_dim = q_BxTxNxD.shape
     impl = resolve(implementation, q_BxTxNxD.dtype, head_dim, length)
     if impl == "reference":
-        return dot_product_attention(q_BxTxNxD, k_BxTxKxD, v_BxTxKxD, segment_ids_BxT)
+        return dot_product_attention(q_BxTxNxD, k_BxTxKxD, v_BxTxKxD, segment_ids_BxT, window=window)
     if impl in ("cudnn", "splash"):
         from sft_sharded.models import attention_kernels
 
-        return getattr(attention_kernels, impl)(q_BxTxNxD, k_BxTxKxD, v_BxTxKxD, segment_ids_BxT)
+        return getattr(attention_kernels, impl)(q_BxTxNxD, k_BxTxKxD, v_BxTxKxD, segment_ids_BxT, window)
     num_kv = k_BxTxKxD.shape[2]
     q_BxTxKxGxD = q_BxTxNxD.reshape(batch, length, num_kv, num_heads // num_kv, head_dim)
-    out_BxTxKxGxD = _blocked(q_BxTxKxGxD, k_BxTxKxD, v_BxTxKxD, segment_ids_BxT, _BLOCK)
+    out_BxTxKxGxD = _blocked(q_BxTxKxGxD, k_BxTxKxD, v_BxTxKxD, segment_ids_BxT, _BLOCK, window)
     return out_BxTxKxGxD.reshape(batch, length, num_heads, head_dim)
 
 
 # --- "xla": blocked causal attention with a recomputing backward pass --------------------------------------
-def _block_scores(q_BxCxKxGxD, k_BxExKxD, segment_ids, start: int) -> jax.Array:
-    """Masked, scaled float32 scores of the query block starting at `start` against keys [0, end)."""
-    end = k_BxExKxD.shape[1]
+def _block_scores(q_BxCxKxGxD, k_BxExKxD, segment_ids, start: int, first: int, window) -> jax.Array:
+    """Masked, scaled float32 scores of the query block starting at `start` against keys [first, end)."""
+    end = first + k_BxExKxD.shape[1]
     scores = jnp.einsum("btkgd,bskd->bkgts", q_BxCxKxGxD, k_BxExKxD, preferred_element_type=jnp.float32)
     scores = scores / np.sqrt(q_BxCxKxGxD.shape[-1]).astype(np.float32)
     q_segments = None if segment_ids is None else segment_ids[:, start:start + q_BxCxKxGxD.shape[1]]
-    kv_segments = None if segment_ids is None else segment_ids[:, :end]
-    mask = attention_mask(q_BxCxKxGxD.shape[1], end, start, q_segments, kv_segments)
+    kv_segments = None if segment_ids is None else segment_ids[:, first:end]
+    mask = attention_mask(q_BxCxKxGxD.shape[1], end - first, start - first, q_segments, kv_segments, window)
     return jnp.where(mask, scores, _MASKED)
 
 
-def _spans(length: int, block: int):
-    return [(start, min(start + block, length)) for start in range(0, length, block)]
+def _spans(length: int, block: int, window: int | None):
+    """(query start, query end, first key): a query block meets keys [first, end) only; with a window,
+    keys that every query of the block has left behind are skipped too."""
+    spans = []
+    for start in range(0, length, block):
+        first = 0 if window is None else max(0, start - window + 1)
+        spans.append((start, min(start + block, length), first))
+    return spans
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _blocked(q_BxTxKxGxD, k_BxTxKxD, v_BxTxKxD, segment_ids_BxT, block: int):
-    return _blocked_fwd(q_BxTxKxGxD, k_BxTxKxD, v_BxTxKxD, segment_ids_BxT, block)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _blocked(q_BxTxKxGxD, k_BxTxKxD, v_BxTxKxD, segment_ids_BxT, block: int, window: int | None = None):
+    return _blocked_fwd(q_BxTxKxGxD, k_BxTxKxD, v_BxTxKxD, segment_ids_BxT, block, window)[0]
 
 
-def _blocked_fwd(q, k, v, segment_ids, block):
+def _blocked_fwd(q, k, v, segment_ids, block, window):
     outs, lses = [], []
-    for start, end in _spans(q.shape[1], block):
-        scores_BxKxGxCxE = _block_scores(q[:, start:end], k[:, :end], segment_ids, start)
+    for start, end, first in _spans(q.shape[1], block, window):
+        scores_BxKxGxCxE = _block_scores(q[:, start:end], k[:, first:end], segment_ids, start, first, window)
         row_max = jnp.max(scores_BxKxGxCxE, axis=-1, keepdims=True)
         unnorm = jnp.exp(scores_BxKxGxCxE - row_max)
         row_sum = jnp.sum(unnorm, axis=-1, keepdims=True)
-        outs.append(jnp.einsum("bkgts,bskd->btkgd", (unnorm / row_sum).astype(v.dtype), v[:, :end]))
+        outs.append(jnp.einsum("bkgts,bskd->btkgd", (unnorm / row_sum).astype(v.dtype), v[:, first:end]))
         lses.append((row_max + jnp.log(row_sum))[..., 0])
     out_BxTxKxGxD = jnp.concatenate(outs, axis=1)
     return out_BxTxKxGxD, (q, k, v, segment_ids, out_BxTxKxGxD, jnp.concatenate(lses, axis=-1))
 
 
-def _blocked_bwd(block, residuals, d_out):
+def _blocked_bwd(block, window, residuals, d_out):
     q, k, v, segment_ids, out, lse_BxKxGxT = residuals
     # sum_s P·dP = sum_d dO·O per query: the softmax backward without a [T, S] reduction.
     delta_BxKxGxT = jnp.einsum("btkgd,btkgd->bkgt", d_out.astype(jnp.float32), out.astype(jnp.float32))
     dk = jnp.zeros(k.shape, jnp.float32)
     dv = jnp.zeros(v.shape, jnp.float32)
     dqs = []
-    for start, end in _spans(q.shape[1], block):
+    for start, end, first in _spans(q.shape[1], block, window):
         q_i, d_out_i = q[:, start:end], d_out[:, start:end]
-        scores = _block_scores(q_i, k[:, :end], segment_ids, start)
+        scores = _block_scores(q_i, k[:, first:end], segment_ids, start, first, window)
         probs = jnp.exp(scores - lse_BxKxGxT[..., start:end, None])
-        dv = dv.at[:, :end].add(
+        dv = dv.at[:, first:end].add(
             jnp.einsum("bkgts,btkgd->bskd", probs.astype(d_out.dtype), d_out_i, preferred_element_type=jnp.float32)
         )
-        d_probs = jnp.einsum("btkgd,bskd->bkgts", d_out_i, v[:, :end], preferred_element_type=jnp.float32)
+        d_probs = jnp.einsum("btkgd,bskd->bkgts", d_out_i, v[:, first:end], preferred_element_type=jnp.float32)
         d_scores = probs * (d_probs - delta_BxKxGxT[..., start:end, None]) / np.sqrt(q.shape[-1]).astype(np.float32)
         d_scores = d_scores.astype(q.dtype)
-        dqs.append(jnp.einsum("bkgts,bskd->btkgd", d_scores, k[:, :end]))
-        dk = dk.at[:, :end].add(jnp.einsum("bkgts,btkgd->bskd", d_scores, q_i, preferred_element_type=jnp.float32))
+        dqs.append(jnp.einsum("bkgts,bskd->btkgd", d_scores, k[:, first:end]))
+        dk = dk.at[:, first:end].add(jnp.einsum("bkgts,btkgd->bskd", d_scores, q_i, preferred_element_type=jnp.float32))
     d_segments = None if segment_ids is None else np.zeros(segment_ids.shape, jax.dtypes.float0)
     return jnp.concatenate(dqs, axis=1), dk.astype(k.dtype), dv.astype(v.dtype), d_segments
 

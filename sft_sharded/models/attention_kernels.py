@@ -19,14 +19,16 @@ Q_AXES = ("batch", "length", "act_heads", "head_dim")
 KV_AXES = ("batch", "length", "act_kv_heads", "head_dim")
 
 
-def cudnn(q_BxTxNxD, k_BxTxKxD, v_BxTxKxD, segment_ids_BxT=None) -> jax.Array:
-    """cuDNN flash attention with its causal mask. Packed rows add a [B, 1, T, T] same-segment mask
-    (cuDNN folds it into a bias: B·T² elements, not B·N·T² scores); rows without packing need none."""
+def cudnn(q_BxTxNxD, k_BxTxKxD, v_BxTxKxD, segment_ids_BxT=None, window: int | None = None) -> jax.Array:
+    """cuDNN flash attention with its causal mask (and sliding window). Packed rows add a [B, 1, T, T]
+    same-segment mask (cuDNN folds it into a bias: B·T² elements, not B·N·T² scores); rows without packing
+    need none."""
     mask = None
     if segment_ids_BxT is not None:
         mask = (segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :])[:, None]
     return jax.nn.dot_product_attention(
-        q_BxTxNxD, k_BxTxKxD, v_BxTxKxD, mask=mask, is_causal=True, implementation="cudnn"
+        q_BxTxNxD, k_BxTxKxD, v_BxTxKxD, mask=mask, is_causal=True, implementation="cudnn",
+        local_window_size=None if window is None else (window - 1, 0),  # left keys besides the query's own
     )
 
 
@@ -37,7 +39,7 @@ def _block(length: int) -> int:
     raise ValueError(f"splash attention needs a sequence length divisible by 128, got {length}")
 
 
-def _splash_local(q_BxTxNxD, k_BxTxKxD, v_BxTxKxD, segment_ids_BxT, interpret: bool):
+def _splash_local(q_BxTxNxD, k_BxTxKxD, v_BxTxKxD, segment_ids_BxT, interpret: bool, window: int | None):
     """Splash attention on one device's block: an MQA kernel per kv head (its G query heads share it)."""
     from jax.experimental.pallas.ops.tpu.splash_attention import (
         splash_attention_kernel as kernels,
@@ -54,7 +56,11 @@ def _splash_local(q_BxTxNxD, k_BxTxKxD, v_BxTxKxD, segment_ids_BxT, interpret: b
         block_q=size, block_kv=size, block_kv_compute=size,
         block_q_dkv=size, block_kv_dkv=size, block_kv_dkv_compute=size, block_q_dq=size, block_kv_dq=size,
     )
-    mask = masks.MultiHeadMask([masks.CausalMask((length, length)) for _ in range(group)])
+    if window is None:
+        one = masks.CausalMask((length, length))
+    else:  # (left, right) = (window - 1, 0): causal, and at most window - 1 keys before the query's own
+        one = masks.LocalMask((length, length), window_size=(window - 1, 0), offset=0)
+    mask = masks.MultiHeadMask([one for _ in range(group)])
     kernel = kernels.make_splash_mqa(mask, block_sizes=blocks, head_shards=1, q_seq_shards=1, interpret=interpret)
     # The kernel does not scale the scores; scale q in float32 before it goes back to the input dtype.
     scale = 1.0 / np.sqrt(head_dim)
@@ -74,10 +80,10 @@ def _splash_local(q_BxTxNxD, k_BxTxKxD, v_BxTxKxD, segment_ids_BxT, interpret: b
     return out_BxKxGxTxD.transpose(0, 3, 1, 2, 4).reshape(batch, length, num_heads, head_dim)
 
 
-def splash(q_BxTxNxD, k_BxTxKxD, v_BxTxKxD, segment_ids_BxT=None) -> jax.Array:
+def splash(q_BxTxNxD, k_BxTxKxD, v_BxTxKxD, segment_ids_BxT=None, window: int | None = None) -> jax.Array:
     """Splash attention, per device under the mesh (a Pallas call is not partitioned by XLA): batch split
     like the activations, heads split on the tensor axis when both q and kv heads divide it."""
-    local = functools.partial(_splash_local, interpret=current_platform() != "tpu")
+    local = functools.partial(_splash_local, interpret=current_platform() != "tpu", window=window)
     q_spec = activation_spec(q_BxTxNxD.shape, Q_AXES)
     if q_spec is None:  # no mesh: one device
         return local(q_BxTxNxD, k_BxTxKxD, v_BxTxKxD, segment_ids_BxT)

@@ -41,6 +41,7 @@ class LlamaConfig:
     remat: Literal["none", "full", "save_dots"] = "none"
     scan_layers: bool = False
     attention: str = "auto"  # models/attention.py: auto | xla | reference | cudnn | splash
+    sliding_window: int | None = None  # Mistral-style: each token sees only the last `sliding_window` keys
     init_std: float = 0.02
 
     def __post_init__(self):
@@ -58,6 +59,8 @@ class LlamaConfig:
             )
         if self.remat not in ("none", "full", "save_dots"):
             raise ValueError(f"LlamaConfig.remat={self.remat!r} must be one of 'none', 'full', 'save_dots'")
+        if self.sliding_window is not None and (not isinstance(self.sliding_window, int) or self.sliding_window < 1):
+            raise ValueError(f"LlamaConfig.sliding_window={self.sliding_window!r} must be a positive int or None")
         if self.attention not in IMPLEMENTATIONS:
             raise ValueError(f"LlamaConfig.attention={self.attention!r} must be one of {IMPLEMENTATIONS}")
         for key in ("dtype", "param_dtype"):
@@ -145,14 +148,16 @@ class Attention(nn.Module):
         k_BxTxKxH = rope(k_BxTxKxH, positions_BxT, cfg.rope_theta, cfg.rope_scaling)
         new_cache = None
         if cache is None:
-            out_BxTxNxH = attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, cfg.attention)
+            out_BxTxNxH = attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, cfg.attention,
+                                    cfg.sliding_window)
         else:
             kv_segment_ids_BxS, offset = decode
             k_BxSxKxH = jax.lax.dynamic_update_slice(cache["k"], k_BxTxKxH.astype(cache["k"].dtype), (0, offset, 0, 0))
             v_BxSxKxH = jax.lax.dynamic_update_slice(cache["v"], v_BxTxKxH.astype(cache["v"].dtype), (0, offset, 0, 0))
             new_cache = {"k": k_BxSxKxH, "v": v_BxSxKxH}
             out_BxTxNxH = dot_product_attention(
-                q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, segment_ids_BxT, kv_segment_ids_BxS, q_offset=offset
+                q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, segment_ids_BxT, kv_segment_ids_BxS, q_offset=offset,
+                window=cfg.sliding_window,
             )
         wo_NxHxD = _weight(self, "wo", (cfg.num_heads, h, d), ("heads", "head_dim", "embed"), init)
         return jnp.einsum("btnh,nhd->btd", out_BxTxNxH, wo_NxHxD), new_cache
