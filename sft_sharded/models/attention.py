@@ -23,7 +23,13 @@ from sft_sharded.sharding import current_platform
 
 IMPLEMENTATIONS = ("auto", "xla", "reference", "cudnn", "splash")
 _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite, so a row never becomes NaN
-_BLOCK = 128  # query rows per block of the "xla" implementation
+
+
+def _block_size(length: int) -> int:
+    """Query rows per block of the "xla" implementation: about 8 blocks per sequence (skipping ~44% of
+    the causal square), at least 64 rows (fewer, larger ops for short sequences) and at most 512 (the
+    float32 scores of one block stay small). Measured on CPU at T=512: 64 beat 128 by 3-5%, 256 lost 8%."""
+    return min(512, max(64, -(-length // 8)))
 
 
 def attention_mask(q_len: int, kv_len: int, q_offset, q_segment_ids, kv_segment_ids,
@@ -111,7 +117,7 @@ def attention(
         return getattr(attention_kernels, impl)(q_BxTxNxD, k_BxTxKxD, v_BxTxKxD, segment_ids_BxT, window)
     num_kv = k_BxTxKxD.shape[2]
     q_BxTxKxGxD = q_BxTxNxD.reshape(batch, length, num_kv, num_heads // num_kv, head_dim)
-    out_BxTxKxGxD = _blocked(q_BxTxKxGxD, k_BxTxKxD, v_BxTxKxD, segment_ids_BxT, _BLOCK, window)
+    out_BxTxKxGxD = _blocked(q_BxTxKxGxD, k_BxTxKxD, v_BxTxKxD, segment_ids_BxT, _block_size(length), window)
     return out_BxTxKxGxD.reshape(batch, length, num_heads, head_dim)
 
 
