@@ -85,14 +85,14 @@ def main() -> None:
     tokens = args.batch * args.seq
     devices = mesh.devices.size
     fpt = flops_per_token(cfg, args.seq)
+    peak = peak_flops(mesh.devices.flat[0].device_kind)  # None on CPU: MFU is then NaN
+    real_tokens_per_sec = float(metrics["num_real_tokens"]) / step_s
     result = {
         "tokens_per_sec": tokens / step_s, "tokens_per_sec_per_device": tokens / step_s / devices,
         "step_time_s": step_s, "model_tflops_per_sec_per_device": tokens / step_s * fpt / devices / 1e12,
-        "mfu": mfu(tokens / step_s, fpt, devices, peak_flops(mesh.devices.flat[0].device_kind)),  # NaN: no peak
+        "mfu": mfu(tokens / step_s, fpt, devices, peak),
         # Synthetic rows have no padding, so real tokens are all tokens here; counted by the step all the same.
-        "real_tokens_per_sec": float(metrics["num_real_tokens"]) / step_s,
-        "mfu_real_tokens": mfu(float(metrics["num_real_tokens"]) / step_s, fpt, devices,
-                               peak_flops(mesh.devices.flat[0].device_kind)),
+        "real_tokens_per_sec": real_tokens_per_sec, "mfu_real_tokens": mfu(real_tokens_per_sec, fpt, devices, peak),
         "compile_s": compile_s, "bytes_per_device": bytes_per_device, "params": cfg.num_params(),
         "device": mesh.devices.flat[0].device_kind, "attention": resolve(args.attention, cfg.dtype, cfg.head_size, args.seq),
         "compiler_options": trainer.compiler_options, "devices": devices, "mesh": dict(mesh.shape),

@@ -96,7 +96,7 @@ def plan(topology: str, model: str, seq: int, global_batch: int, mesh_spec: str,
     result = {
         "topology": f"{gen}:{grid}", "chips": len(devices), "mesh": dict(zip(MESH_AXES, shape)), "model": model,
         "params": cfg.num_params(), "seq": seq, "global_batch": global_batch, "remat": remat,
-        "scan": scan, "loss_chunk": loss_chunk, "attention": attention, "hbm_bytes": chip["hbm_bytes"], "analytic_flops_per_chip": analytic,
+        "scan": scan, "loss_chunk": loss_chunk, "hbm_bytes": chip["hbm_bytes"], "analytic_flops_per_chip": analytic,
         "step_s_at_peak": analytic / chip["bf16_flops"], "step_s_at_50pct_mfu": 2 * analytic / chip["bf16_flops"],
     }
     lowered = trainer.lower("train", state, batch)

@@ -158,9 +158,14 @@ def test_splash_sliding_window_matches_reference():
 
 
 @pytest.mark.slow
-def test_splash_without_segment_ids_is_causal_attention():
-    q, k, v, _, cotangent = _inputs(length=128, packed=False)
+@pytest.mark.parametrize("mesh_shape", [None, (2, 2, 2)])
+def test_splash_without_segment_ids_is_causal_attention(mesh_shape):
+    q, k, v, _, cotangent = _inputs(batch=4, length=128, packed=False)
     expected = _value_and_grads(attn.dot_product_attention, q, k, v, None, cotangent)
-    actual = _value_and_grads(jax.jit(functools.partial(attn.attention, implementation="splash")),
-                              q, k, v, None, cotangent)
+    fn = jax.jit(functools.partial(attn.attention, implementation="splash"))
+    if mesh_shape is None:
+        actual = _value_and_grads(fn, q, k, v, None, cotangent)
+    else:
+        with jax.set_mesh(make_mesh(*mesh_shape)), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+            actual = _value_and_grads(fn, q, k, v, None, cotangent)
     _assert_close(actual, expected, rtol=1e-4, atol=1e-4)

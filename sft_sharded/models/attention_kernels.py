@@ -91,10 +91,6 @@ def splash(q_BxTxNxD, k_BxTxKxD, v_BxTxKxD, segment_ids_BxT=None, window: int | 
     if q_spec[2] != kv_spec[2]:  # heads must split alike, or a device's q heads lose their kv heads
         q_spec = P(q_spec[0], None, None, None)
         kv_spec = P(kv_spec[0], None, None, None)
-    batch_spec = P(q_spec[0], None)
-    if segment_ids_BxT is None:
-        fn = jax.shard_map(lambda q, k, v: local(q, k, v, None), in_specs=(q_spec, kv_spec, kv_spec),
-                           out_specs=q_spec, check_vma=False)
-        return fn(q_BxTxNxD, k_BxTxKxD, v_BxTxKxD)
-    fn = jax.shard_map(local, in_specs=(q_spec, kv_spec, kv_spec, batch_spec), out_specs=q_spec, check_vma=False)
+    segments_spec = None if segment_ids_BxT is None else P(q_spec[0], None)  # None: no leaves to split
+    fn = jax.shard_map(local, in_specs=(q_spec, kv_spec, kv_spec, segments_spec), out_specs=q_spec, check_vma=False)
     return fn(q_BxTxNxD, k_BxTxKxD, v_BxTxKxD, segment_ids_BxT)
