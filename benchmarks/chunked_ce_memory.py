@@ -24,8 +24,7 @@ def measure(vocab: int, seq: int, batch: int, chunk: int | None) -> dict:
     cfg = LlamaConfig(vocab_size=vocab, hidden_size=256, num_layers=2, num_heads=4, num_kv_heads=4, mlp_dim=1024,
                       dtype="bfloat16")
     trainer = SFTTrainer(Llama(cfg), optax.adamw(1e-4), mesh=make_mesh(1, 8, 1), loss_chunk_size=chunk)
-    trainer.abstract_only = True
-    state = trainer.create_train_state(jax.random.key(0), jax.ShapeDtypeStruct((batch, seq), jnp.int32))
+    state = trainer.abstract_train_state(jax.random.key(0), jax.ShapeDtypeStruct((batch, seq), jnp.int32))
     sh = batch_sharding(trainer.mesh)
     batch_tree = {"input_ids": jax.ShapeDtypeStruct((batch, seq), jnp.int32, sharding=sh),
                   "labels": jax.ShapeDtypeStruct((batch, seq), jnp.int32, sharding=sh),

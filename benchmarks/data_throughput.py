@@ -46,12 +46,13 @@ def time_pipeline(cfg, batches: int) -> tuple[float, float]:
 def time_trainer(cfg, steps: int) -> float:
     import jax
 
-    from sft_sharded.cli import _build_trainer
+    from sft_sharded.run import build_trainer, init_state
     from sft_sharded.data.pipeline import make_iterator
     from sft_sharded.data.tokenizers import ByteTokenizer
     from sft_sharded.sharding import global_batch
 
-    trainer, state = _build_trainer(cfg, ByteTokenizer())
+    trainer = build_trainer(cfg)
+    state = init_state(trainer, cfg)
     it = make_iterator(cfg.data, ByteTokenizer(), seed=0)
     batches = [global_batch(next(it), trainer.mesh) for _ in range(steps + 2)]
     for batch in batches[:2]:

@@ -23,7 +23,7 @@ def main() -> None:
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
     import jax
 
-    from sft_sharded.cli import _build_trainer
+    from sft_sharded.run import build_trainer, init_state
     from sft_sharded.config import load_config
     from sft_sharded.data.pipeline import make_iterator
     from sft_sharded.data.tokenizers import ByteTokenizer
@@ -33,12 +33,12 @@ def main() -> None:
 
     cfg = load_config(None, [f"steps={args.steps}", *args.override])
     tok = ByteTokenizer()
-    trainer, _ = _build_trainer(cfg, tok)
+    trainer = build_trainer(cfg)
     it = make_iterator(cfg.data, tok, seed=cfg.seed)
     batches = [next(it) for _ in range(args.steps)]
 
     def bare() -> float:
-        _, state = _build_trainer(cfg, tok)
+        state = init_state(trainer, cfg)
         state, metrics = trainer.train_step(state, global_batch(batches[0], trainer.mesh))  # compile, warm
         jax.block_until_ready(metrics)
         start = time.perf_counter()
@@ -48,7 +48,7 @@ def main() -> None:
         return time.perf_counter() - start
 
     def full(live_data: bool = True) -> float:
-        _, state = _build_trainer(cfg, tok)
+        state = init_state(trainer, cfg)
         live = make_iterator(cfg.data, tok, seed=cfg.seed) if live_data else iter(batches)
         state, metrics = trainer.train_step(state, global_batch(next(live), trainer.mesh))  # compile, warm
         jax.block_until_ready(metrics)

@@ -19,6 +19,8 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
+from sft_sharded.errors import UserError
+
 log = logging.getLogger(__name__)
 FINAL_PARAMS = "final_params"
 
@@ -81,9 +83,13 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return sorted(self._manager.all_steps())
 
+    def due(self, step: int) -> bool:
+        """Whether `save` at this step writes a checkpoint (without `force`)."""
+        return self.every > 0 and step % self.every == 0
+
     def save(self, step: int, state: Any, data_state: dict, config: dict, force: bool = False) -> bool:
         """Start an async save (returns once device buffers are copied, so the state may then be donated)."""
-        if not force and (self.every <= 0 or step % self.every):
+        if not force and not self.due(step):
             return False
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=DataStateSave(data_state),
                                   config=ocp.args.JsonSave(config))
@@ -96,6 +102,8 @@ class Checkpointer:
         when checkpoints exist but none restores, the error names the directory.
         """
         steps = self.all_steps()
+        if steps:
+            self._check_same_model(steps[-1], abstract_state)
         failures = []
         for step in reversed(steps):
             args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=DataStateRestore())
@@ -111,12 +119,45 @@ class Checkpointer:
             raise RuntimeError(f"{self.directory}: no usable checkpoint among steps {steps}: " + "; ".join(failures))
         return None
 
+    def _check_same_model(self, step: int, abstract_state: Any) -> None:
+        """Refuse a checkpoint whose params have other names or shapes than the model's: it was made by
+        another model, so neither it nor an older one can be resumed (and nothing may overwrite them).
+        A checkpoint whose metadata cannot be read is left to `restore_latest`'s fallback."""
+        try:
+            saved_tree = self._manager.item_metadata(step)["state"]
+        except Exception as err:  # noqa: BLE001 - a corrupt checkpoint: restore reports it and falls back
+            log.warning("checkpoint %s/%d: metadata unreadable (%s)", self.directory, step, err)
+            return
+        saved, wanted = _param_shapes(saved_tree), _param_shapes(abstract_state)
+        if not saved or saved == wanted:
+            return
+        differ = [f"{k}: {saved[k]} saved, {wanted[k]} now" for k in sorted(saved.keys() & wanted.keys())
+                  if saved[k] != wanted[k]]
+        differ += [f"{k} only in the checkpoint" for k in sorted(saved.keys() - wanted.keys())]
+        differ += [f"{k} only in this model" for k in sorted(wanted.keys() - saved.keys())]
+        raise UserError(f"{self.directory}/{step} was saved by a different model ({len(differ)} parameter(s) "
+                        f"differ: {'; '.join(differ[:3])}{' ...' if len(differ) > 3 else ''}); use another "
+                        "run_dir or the model config that made it. Nothing was changed.")
+
     def wait(self) -> None:
         self._manager.wait_until_finished()
 
     def close(self) -> None:
         self._manager.wait_until_finished()
         self._manager.close()
+
+
+def _param_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+    """"params/a/b" -> shape for the params of a TrainState or of its checkpoint metadata (a dict)."""
+    def name(entry: Any) -> str:
+        return str(getattr(entry, "key", getattr(entry, "name", getattr(entry, "idx", entry))))
+
+    out = {}
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+        names = [name(e) for e in path]
+        if names and names[0] == "params":
+            out["/".join(names)] = tuple(leaf.shape)
+    return out
 
 
 def save_params(run_dir: str | Path, params: Any) -> Path:

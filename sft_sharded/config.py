@@ -14,6 +14,12 @@ from typing import Any, Literal
 
 import yaml
 
+from sft_sharded.errors import MissingFileError, UserError
+
+
+class ConfigError(UserError):
+    """A config key that does not exist or a value it does not take; the message names the key."""
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class MeshConfig:
@@ -25,9 +31,9 @@ class MeshConfig:
         sizes = dataclasses.asdict(self)
         for key, size in sizes.items():
             if size < 1 and size != -1:
-                raise ValueError(f"mesh.{key}={size}: must be a positive int or -1")
+                raise ConfigError(f"mesh.{key}={size}: must be a positive int or -1")
         if list(sizes.values()).count(-1) > 1:
-            raise ValueError(f"mesh: at most one of data/fsdp/tensor may be -1, got {sizes}")
+            raise ConfigError(f"mesh: at most one of data/fsdp/tensor may be -1, got {sizes}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -67,9 +73,9 @@ class DataConfig:
     def __post_init__(self):
         for key in ("max_length", "batch_size", "num_eval", "pack_buffer", "pad_to_multiple_of"):
             if getattr(self, key) < 1:
-                raise ValueError(f"data.{key}={getattr(self, key)} must be >= 1")
+                raise ConfigError(f"data.{key}={getattr(self, key)} must be >= 1")
         if self.worker_count < 0:
-            raise ValueError(f"data.worker_count={self.worker_count} must be >= 0")
+            raise ConfigError(f"data.worker_count={self.worker_count} must be >= 0")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -92,15 +98,15 @@ class OptimConfig:
 
     def __post_init__(self):
         if self.lr <= 0:
-            raise ValueError(f"optim.lr={self.lr} must be > 0")
+            raise ConfigError(f"optim.lr={self.lr} must be > 0")
         if self.warmup_steps < 0:
-            raise ValueError(f"optim.warmup_steps={self.warmup_steps} must be >= 0")
+            raise ConfigError(f"optim.warmup_steps={self.warmup_steps} must be >= 0")
         if not 0.0 <= self.end_lr_ratio <= 1.0:
-            raise ValueError(f"optim.end_lr_ratio={self.end_lr_ratio} must be in [0, 1]")
+            raise ConfigError(f"optim.end_lr_ratio={self.end_lr_ratio} must be in [0, 1]")
         if self.clip_norm is not None and self.clip_norm <= 0:
-            raise ValueError(f"optim.clip_norm={self.clip_norm} must be > 0 or null")
+            raise ConfigError(f"optim.clip_norm={self.clip_norm} must be > 0 or null")
         if self.grad_accum_steps < 1:
-            raise ValueError(f"optim.grad_accum_steps={self.grad_accum_steps} must be >= 1")
+            raise ConfigError(f"optim.grad_accum_steps={self.grad_accum_steps} must be >= 1")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -117,7 +123,7 @@ class LossConfig:
 
     def __post_init__(self):
         if self.chunk_size is not None and self.chunk_size < 1:
-            raise ValueError(f"loss.chunk_size={self.chunk_size} must be >= 1 or null")
+            raise ConfigError(f"loss.chunk_size={self.chunk_size} must be >= 1 or null")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -129,7 +135,7 @@ class CheckpointConfig:
 
     def __post_init__(self):
         if self.every < 0 or self.keep < 1:
-            raise ValueError(f"checkpoint.every={self.every} must be >= 0 and checkpoint.keep={self.keep} >= 1")
+            raise ConfigError(f"checkpoint.every={self.every} must be >= 0 and checkpoint.keep={self.keep} >= 1")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -150,9 +156,9 @@ class TrainConfig:
 
     def __post_init__(self):
         if self.steps < 1:
-            raise ValueError(f"steps={self.steps} must be >= 1")
+            raise ConfigError(f"steps={self.steps} must be >= 1")
         if self.log_every < 1:
-            raise ValueError(f"log_every={self.log_every} must be >= 1")
+            raise ConfigError(f"log_every={self.log_every} must be >= 1")
 
 
 def _coerce(key: str, value: Any, hint: Any) -> Any:
@@ -160,7 +166,7 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin is Literal:
         if value not in args:
-            raise ValueError(f"{key}={value!r} must be one of {list(args)}")
+            raise ConfigError(f"{key}={value!r} must be one of {list(args)}")
         return value
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
@@ -169,12 +175,12 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         for inner in (a for a in args if a is not type(None)):
             try:
                 return _coerce(key, value, inner)
-            except ValueError as err:
+            except ConfigError as err:
                 errors.append(str(err))
-        raise ValueError(" or ".join(errors))
+        raise ConfigError(" or ".join(errors))
     if origin is list:
         if not isinstance(value, list):
-            raise ValueError(f"{key}={value!r} must be a list")
+            raise ConfigError(f"{key}={value!r} must be a list")
         return [_coerce(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value)]
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
@@ -182,9 +188,9 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         try:
             return float(value)
         except ValueError:
-            raise ValueError(f"{key}={value!r} must be a number") from None
+            raise ConfigError(f"{key}={value!r} must be a number") from None
     if hint in (int, float, str, bool) and (type(value) is not hint):
-        raise ValueError(f"{key}={value!r} must be of type {hint.__name__}, got {type(value).__name__}")
+        raise ConfigError(f"{key}={value!r} must be of type {hint.__name__}, got {type(value).__name__}")
     return value
 
 
@@ -197,10 +203,10 @@ def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
         if key not in names:
             close = difflib.get_close_matches(key, names, n=3)
             hint = f"; did you mean {', '.join(prefix + c for c in close)}?" if close else ""
-            raise ValueError(f"unknown config key {path!r}{hint} (keys here: {', '.join(sorted(names))})")
+            raise ConfigError(f"unknown config key {path!r}{hint} (keys here: {', '.join(sorted(names))})")
         if dataclasses.is_dataclass(hints[key]):
             if not isinstance(value, dict):
-                raise ValueError(f"{path} must be a mapping, got {value!r}")
+                raise ConfigError(f"{path} must be a mapping, got {value!r}")
             kwargs[key] = _build(hints[key], value, path + ".")
         else:
             kwargs[key] = _coerce(path, value, hints[key])
@@ -212,7 +218,7 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     for part in parents:
         tree = tree.setdefault(part, {})
         if not isinstance(tree, dict):
-            raise ValueError(f"override {dotted!r}: {part!r} is not a section")
+            raise ConfigError(f"override {dotted!r}: {part!r} is not a section")
     tree[leaf] = value
 
 
@@ -220,17 +226,19 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     """TrainConfig from defaults, then a YAML file, then `KEY=VALUE` overrides (values parsed as YAML)."""
     values: dict[str, Any] = {}
     if path is not None:
+        if not Path(path).is_file():
+            raise MissingFileError(f"--config {path}: no such file")
         try:
             loaded = yaml.safe_load(Path(path).read_text())
         except yaml.YAMLError as err:
-            raise ValueError(f"{path}: not valid YAML: {err}") from err
+            raise ConfigError(f"{path}: not valid YAML: {err}") from err
         if loaded is not None and not isinstance(loaded, dict):
-            raise ValueError(f"{path}: the top level must be a mapping of config keys")
+            raise ConfigError(f"{path}: the top level must be a mapping of config keys")
         values = loaded or {}
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
-            raise ValueError(f"override {item!r} must look like key=value (e.g. optim.lr=1e-3)")
+            raise ConfigError(f"override {item!r} must look like key=value (e.g. optim.lr=1e-3)")
         _set_dotted(values, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
     return _build(TrainConfig, values, "")
 

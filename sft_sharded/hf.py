@@ -1,4 +1,5 @@
-"""Hugging Face interop: config.json + safetensors <-> Llama params (Llama, Qwen2, Mistral families).
+"""Hugging Face interop: safetensors <-> Llama params (Llama, Qwen2, Mistral families; config.json in
+`hf_config`).
 
 Import reads one tensor at a time (memory-mapped) and places it straight into its sharding with
 `make_array_from_callback`, so the host never holds a second copy of the model. Export gathers one tensor
@@ -19,10 +20,14 @@ import jax
 import ml_dtypes
 import numpy as np
 
+from sft_sharded.errors import MissingFileError, UserError
+from sft_sharded.hf_config import (TOKEN_ID_FIELDS, config_from_hf, config_to_hf, hf_model_type, read_hf_config,
+                                   tokenizer_token_ids)
 from sft_sharded.models.llama import LlamaConfig
 from sft_sharded.sharding import global_to_host
 
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}
+__all__ = ["TOKEN_ID_FIELDS", "config_from_hf", "config_to_hf", "hf_model_type", "load_params", "read_hf_config",
+           "save_pretrained", "tokenizer_token_ids"]
 _DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16, "F64": np.float64}
 _NAMES = {np.dtype(v): k for k, v in _DTYPES.items()}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
@@ -39,23 +44,27 @@ class SafetensorsDir:
         elif (directory / "model.safetensors").is_file():
             files = ["model.safetensors"]
         else:
-            raise FileNotFoundError(f"{directory}: no model.safetensors or model.safetensors.index.json")
+            raise MissingFileError(f"model.path={str(directory)!r}: no model.safetensors or "
+                                   "model.safetensors.index.json (only safetensors are read, never pickles)")
         self.entries: dict[str, tuple[Path, dict, int]] = {}
         for name in files:
             path = directory / name
+            if not path.is_file():
+                raise MissingFileError(f"{index}: lists {name}, which is not in {directory}")
             with path.open("rb") as f:
-                size = int.from_bytes(f.read(8), "little")
-                header = json.loads(f.read(size))
+                try:
+                    size = int.from_bytes(f.read(8), "little")
+                    header = json.loads(f.read(size))
+                except (json.JSONDecodeError, UnicodeDecodeError, MemoryError, OverflowError):
+                    raise UserError(f"{path}: not a safetensors file (unreadable header)") from None
             for key, meta in header.items():
                 if key != "__metadata__":
                     self.entries[key] = (path, meta, 8 + size)
 
     def get(self, name: str) -> np.ndarray:
-        if name not in self.entries:
-            raise KeyError(f"tensor {name!r} is not in the checkpoint (it has {len(self.entries)} tensors)")
         path, meta, base = self.entries[name]
         if meta["dtype"] not in _DTYPES:
-            raise ValueError(f"tensor {name!r} has unsupported dtype {meta['dtype']}")
+            raise UserError(f"{path}: tensor {name!r} has dtype {meta['dtype']}; readable: {sorted(_DTYPES)}")
         start, end = meta["data_offsets"]
         flat = np.memmap(path, dtype=np.uint8, mode="r", offset=base + start, shape=(end - start,))
         return flat.view(_DTYPES[meta["dtype"]]).reshape(meta["shape"])
@@ -74,65 +83,6 @@ def write_safetensors(path: Path, tensors: dict[str, np.ndarray]) -> None:
         f.write(blob)
         for array in tensors.values():
             f.write(np.ascontiguousarray(array).tobytes())
-
-
-# --- config ---------------------------------------------------------------------------------------
-def config_from_hf(directory: str | Path, **overrides) -> LlamaConfig:
-    path = Path(directory) / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"model.path={str(directory)!r}: no config.json in that directory")
-    hf = json.loads(path.read_text())
-    model_type = hf.get("model_type")
-    if model_type not in ARCHITECTURES:
-        raise ValueError(f"{path}: model_type {model_type!r} is not supported (supported: {sorted(ARCHITECTURES)})")
-    # transformers >= 5 writes "rope_parameters" (theta and scaling together); older configs use
-    # top-level "rope_theta" and "rope_scaling".
-    rope = hf.get("rope_parameters") or {}
-    theta = float(rope.get("rope_theta", hf.get("rope_theta", 10_000.0)))
-    scaling = hf.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
-    if scaling is not None:
-        kind = scaling.get("rope_type", scaling.get("type"))
-        if kind == "default":
-            scaling = None
-        elif kind != "llama3":
-            raise ValueError(f"{path}: rope_scaling type {kind!r} is not supported (supported: llama3)")
-        else:
-            scaling = tuple(sorted((k, float(v)) for k, v in scaling.items()
-                                   if k in ("factor", "low_freq_factor", "high_freq_factor",
-                                            "original_max_position_embeddings")))
-    window = None
-    if model_type == "mistral":
-        window = hf.get("sliding_window")
-    elif hf.get("use_sliding_window"):  # Qwen2 windows only some layers (max_window_layers): not built
-        raise ValueError(f"{path}: use_sliding_window=true is not supported for model_type {model_type!r}")
-    heads = hf["num_attention_heads"]
-    return LlamaConfig(
-        vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], num_layers=hf["num_hidden_layers"],
-        num_heads=heads, num_kv_heads=hf.get("num_key_value_heads") or heads, mlp_dim=hf["intermediate_size"],
-        head_dim=hf.get("head_dim"), rope_theta=theta,
-        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)), tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        qkv_bias=model_type == "qwen2" or bool(hf.get("attention_bias", False)), rope_scaling=scaling,
-        sliding_window=window, **overrides,
-    )
-
-
-def config_to_hf(cfg: LlamaConfig, model_type: str, dtype: str) -> dict:
-    out = {
-        "architectures": [ARCHITECTURES[model_type]], "model_type": model_type, "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
-        "num_key_value_heads": cfg.num_kv_heads, "intermediate_size": cfg.mlp_dim, "head_dim": cfg.head_size,
-        "rope_theta": cfg.rope_theta, "rms_norm_eps": cfg.rms_norm_eps, "tie_word_embeddings": cfg.tie_embeddings,
-        "hidden_act": "silu", "max_position_embeddings": 4096, "torch_dtype": dtype,
-    }
-    if model_type == "llama":
-        out["attention_bias"] = cfg.qkv_bias
-    if model_type == "mistral":
-        out["sliding_window"] = cfg.sliding_window
-    elif cfg.sliding_window is not None:
-        raise ValueError(f"sliding_window={cfg.sliding_window} can only be exported as model_type 'mistral'")
-    if cfg.rope_scaling:
-        out["rope_scaling"] = {"rope_type": "llama3", **dict(cfg.rope_scaling)}
-    return out
 
 
 # --- tensor mapping -------------------------------------------------------------------------------
@@ -163,6 +113,11 @@ def _mapping(cfg: LlamaConfig) -> dict[tuple[str, ...], tuple[str, Any, Any]]:
         for name, count in (("wq", n), ("wk", k), ("wv", k)):
             m[("layer_{i}", "attn", name + "_bias")] = (
                 layer + f"self_attn.{name[1]}_proj.bias", lambda w, c=count: w.reshape(c, h), lambda w: w.reshape(-1))
+    if cfg.o_bias:
+        m[("layer_{i}", "attn", "wo_bias")] = (layer + "self_attn.o_proj.bias", None, None)
+    if cfg.mlp_bias:
+        for name in ("gate", "up", "down"):
+            m[("layer_{i}", "mlp", f"w_{name}_bias")] = (layer + f"mlp.{name}_proj.bias", None, None)
     if not cfg.tie_embeddings:
         m[("lm_head",)] = ("lm_head.weight", t, t)
     return m
@@ -192,9 +147,40 @@ def _set(tree, path, value):
     tree[path[-1]] = value
 
 
+def _listing(names: list[str], limit: int = 6) -> str:
+    shown = ", ".join(repr(n) for n in names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _check_coverage(directory: Path, cfg: LlamaConfig, tensors: SafetensorsDir) -> None:
+    """Every tensor the model needs is in the checkpoint, and every tensor in the checkpoint is used.
+
+    Two kinds of extra tensor are known to carry nothing: RoPE's `inv_freq` buffers (older exports; they
+    are recomputed from rope_theta) and an `lm_head.weight` that equals the embedding of a tied model."""
+    wanted = {name for _, name, _, _, _ in _entries(cfg)}
+    missing = sorted(wanted - set(tensors.entries))
+    if missing:
+        raise UserError(f"model.path={str(directory)!r}: the checkpoint lacks {len(missing)} tensor(s) this "
+                        f"config needs: {_listing(missing)} (config.json and the safetensors disagree)")
+    extra = sorted(n for n in set(tensors.entries) - wanted if not n.endswith("rotary_emb.inv_freq"))
+    if cfg.tie_embeddings and "lm_head.weight" in extra:
+        if np.array_equal(tensors.get("lm_head.weight"), tensors.get("model.embed_tokens.weight")):
+            extra.remove("lm_head.weight")
+        else:
+            raise UserError(f"model.path={str(directory)!r}: tie_word_embeddings is true but lm_head.weight differs "
+                            "from model.embed_tokens.weight; one of them would be ignored")
+    if extra:
+        raise UserError(f"model.path={str(directory)!r}: {len(extra)} tensor(s) in the checkpoint are not part of "
+                        f"this model and would be ignored: {_listing(extra)}")
+
+
 def load_params(directory: str | Path, cfg: LlamaConfig, abstract_params: Any) -> Any:
-    """Params from an HF directory, each tensor placed straight into the sharding of `abstract_params`."""
-    tensors = SafetensorsDir(Path(directory))
+    """Params from an HF directory, each tensor placed straight into the sharding of `abstract_params`.
+
+    Refuses a checkpoint with a missing, extra or wrongly shaped tensor, naming it."""
+    directory = Path(directory)
+    tensors = SafetensorsDir(directory)
+    _check_coverage(directory, cfg, tensors)
     grouped: dict[tuple, list] = {}
     for path, name, layer, to_ours, _ in _entries(cfg):
         grouped.setdefault(path, []).append((name, layer, to_ours))
@@ -209,8 +195,8 @@ def load_params(directory: str | Path, cfg: LlamaConfig, abstract_params: Any) -
             except ValueError:  # a reshape that cannot apply: report it as the shape mismatch it is
                 array = raw
             if array.shape != tuple(shape):
-                raise ValueError(f"tensor {name!r} has shape {tuple(raw.shape)} in the checkpoint, but the model "
-                                 f"expects {tuple(shape)} for {'/'.join(path)} (HF layout: [out, in])")
+                raise UserError(f"tensor {name!r} has shape {tuple(raw.shape)} in the checkpoint, but the model "
+                                f"expects {tuple(shape)} for {'/'.join(path)} (HF layout: [out, in])")
             return array
 
         if parts[0][1] is not None and cfg.scan_layers:  # one stacked [layers, ...] array, layer by layer
@@ -224,12 +210,18 @@ def load_params(directory: str | Path, cfg: LlamaConfig, abstract_params: Any) -
     return params
 
 
-def save_pretrained(params: Any, cfg: LlamaConfig, out_dir: str | Path, *, model_type: str = "llama",
+def save_pretrained(params: Any, cfg: LlamaConfig, out_dir: str | Path, *, model_type: str | None = None,
                     dtype: str = "float32", tokenizer_dir: str | Path | None = None,
+                    token_ids: dict[str, Any] | None = None, generation_config: dict[str, Any] | None = None,
                     max_shard_bytes: int = 2 * 1024**3) -> Path:
-    """Write config.json, safetensors (sharded above `max_shard_bytes`) and the tokenizer files.
-    Every process must call it (gathers are collective); only process 0 writes."""
+    """Write config.json, generation_config.json, safetensors (sharded above `max_shard_bytes`) and the
+    tokenizer files. `model_type` defaults to the family that has exactly this model's tensors; `token_ids`
+    (bos/eos/pad) go into config.json, and `generation_config` (default: built from `token_ids`) tells
+    transformers' `generate` where to stop. Every process must call it (gathers are collective); only
+    process 0 writes."""
     out = Path(out_dir)
+    model_type = hf_model_type(cfg, model_type)
+    config = config_to_hf(cfg, model_type, dtype, token_ids)
     write = jax.process_index() == 0
     np_dtype = np.dtype(ml_dtypes.bfloat16 if dtype == "bfloat16" else dtype)
     shards: list[dict[str, np.ndarray]] = [{}]
@@ -245,7 +237,11 @@ def save_pretrained(params: Any, cfg: LlamaConfig, out_dir: str | Path, *, model
     if not write:
         return out
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(config_to_hf(cfg, model_type, dtype), indent=2))
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    if generation_config is None:
+        generation_config = {k: v for k, v in (token_ids or {}).items() if v is not None}
+    if generation_config:
+        (out / "generation_config.json").write_text(json.dumps(generation_config, indent=2))
     if len(shards) == 1:
         write_safetensors(out / "model.safetensors", shards[0])
     else:
@@ -262,4 +258,3 @@ def save_pretrained(params: Any, cfg: LlamaConfig, out_dir: str | Path, *, model
             if (Path(tokenizer_dir) / name).is_file():
                 shutil.copy(Path(tokenizer_dir) / name, out / name)
     return out
-

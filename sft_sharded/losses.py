@@ -1,8 +1,10 @@
 """Masked token losses that return (sum, count), so any split of the batch divides exactly once.
 
 Everything here is float32 and NaN-free on fully masked input: masked positions are removed with
-`jnp.where` (not multiplied by 0), and their labels are replaced by 0 before the gather, because an
-out-of-range label such as -100 would otherwise read NaN.
+`jnp.where` (not multiplied by 0), and their labels are replaced by 0 before the gather, because
+`take_along_axis` wraps a negative index (-100 would read the logit of token V - 100) and clamps one past
+the vocabulary. Labels out of range at a *trained* position are refused on the host before the step runs
+(`Trainer` checks every batch), and -100 is never a target whatever the mask says.
 """
 
 from __future__ import annotations
@@ -27,15 +29,14 @@ class LossTerms(NamedTuple):
 
 
 def target_mask(batch: Mapping[str, jax.Array], pad_label_id: int | None = 0) -> jax.Array:
-    """Bool [B, T]: which targets count. An explicit `loss_mask` is authoritative (DESIGN.md §4).
-
-    Without it a target counts unless it is -100 or `pad_label_id` (None turns the pad rule off).
+    """Bool [B, T]: which targets count. A -100 label never does. Otherwise an explicit `loss_mask` is
+    authoritative (label 0 under a mask of 1 counts); without one, a `pad_label_id` label does not count
+    (None turns that rule off). Works on numpy and jax arrays alike.
     """
-    if "loss_mask" in batch:
-        mask = batch["loss_mask"]
-        return mask if mask.dtype == jnp.bool_ else mask != 0
     labels = batch["labels"]
     mask = labels != IGNORE_INDEX
+    if "loss_mask" in batch:
+        return mask & (batch["loss_mask"] != 0)
     if pad_label_id is not None:
         mask = mask & (labels != pad_label_id)
     return mask

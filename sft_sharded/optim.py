@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import jax
@@ -46,8 +47,16 @@ def make_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
 
 
 def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
+    """The optimizer for `total_steps` updates; warns when its schedule makes every update zero."""
+    schedule = make_schedule(cfg, total_steps)
+    # Warmup starts at lr 0 on the first update (as in transformers); the first non-zero rate comes
+    # within warmup + 1 updates, so those are the ones to look at.
+    if all(float(schedule(i)) == 0.0 for i in range(min(total_steps, cfg.warmup_steps + 1))):
+        warnings.warn(f"optim.warmup_steps={cfg.warmup_steps} with {total_steps} step(s): every update has learning "
+                      "rate 0 (warmup starts at 0 on the first update), so this run trains nothing; use more "
+                      "steps or optim.warmup_steps=0", stacklevel=2)
     tx = optax.adamw(
-        make_schedule(cfg, total_steps), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+        schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
         weight_decay=cfg.weight_decay, mask=decay_mask,
     )
     if cfg.clip_norm is not None:

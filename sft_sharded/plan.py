@@ -84,8 +84,7 @@ def plan(topology: str, model: str, seq: int, global_batch: int, mesh_spec: str,
     mesh = jax.sharding.Mesh(physical.devices, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
     cfg = preset(model, dtype="bfloat16", remat=remat, scan_layers=scan, attention=attention)
     trainer = SFTTrainer(Llama(cfg), optax.adamw(1e-5), mesh=mesh, loss_chunk_size=loss_chunk)
-    trainer.abstract_only = True
-    state = trainer.create_train_state(jax.random.key(0), jax.ShapeDtypeStruct((global_batch, seq), jnp.int32))
+    state = trainer.abstract_train_state(jax.random.key(0), jax.ShapeDtypeStruct((global_batch, seq), jnp.int32))
     batch_sh = batch_sharding(mesh)
     batch = {k: jax.ShapeDtypeStruct((global_batch, seq), dtype, sharding=batch_sh)
              for k, dtype in (("input_ids", jnp.int32), ("labels", jnp.int32), ("loss_mask", jnp.bool_),

@@ -18,6 +18,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from sft_sharded.errors import UserError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
@@ -51,21 +53,21 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Sequence[
     sizes = {"data": data, "fsdp": fsdp, "tensor": tensor}
     for name, size in sizes.items():
         if not isinstance(size, int) or (size < 1 and size != -1):
-            raise ValueError(f"mesh.{name}={size!r}: each mesh size must be a positive int or -1")
+            raise UserError(f"mesh.{name}={size!r}: each mesh size must be a positive int or -1")
     free = [name for name, size in sizes.items() if size == -1]
     if len(free) > 1:
-        raise ValueError(f"mesh {sizes}: at most one axis may be -1, got {free}")
+        raise UserError(f"mesh {sizes}: at most one axis may be -1, got {free}")
     fixed = math.prod(size for size in sizes.values() if size != -1)
     if free:
         if len(devices) % fixed:
-            raise ValueError(
+            raise UserError(
                 f"mesh {sizes}: the fixed axes multiply to {fixed}, which does not divide the "
                 f"{len(devices)} available devices"
             )
         sizes[free[0]] = len(devices) // fixed
     shape = tuple(sizes[name] for name in MESH_AXES)
     if math.prod(shape) != len(devices):
-        raise ValueError(
+        raise UserError(
             f"mesh data={shape[0]} x fsdp={shape[1]} x tensor={shape[2]} = {math.prod(shape)} devices, "
             f"but {len(devices)} devices are available"
         )

@@ -4,12 +4,12 @@ import json
 
 import numpy as np
 import pytest
-from jinja2.sandbox import SecurityError
 from data_fixtures import CHATML, write_hf_tokenizer
 from tokenizers import Tokenizer
 
 from sft_sharded.data.formats import RecordError, RowSkipped, encode_record, fit_length
 from sft_sharded.data.tokenizers import ByteTokenizer, HFTokenizer, load_tokenizer
+from sft_sharded.errors import UserError
 
 B = ByteTokenizer()  # specials: pad 0, bos 1, eos 2, <|system|> 3, <|user|> 4, <|assistant|> 5, <|end|> 6
 
@@ -93,7 +93,7 @@ def test_pad_equal_to_eos_does_not_mask_the_real_eos(hf_dir):
 def test_sandbox_blocks_python_internals():
     tok = ByteTokenizer()
     tok.chat_template = "{{ ''.__class__.__mro__ }}"
-    with pytest.raises(SecurityError, match="__class__"):  # a broken template stops the run
+    with pytest.raises(RecordError, match="stopped by the sandbox.*'__class__'"):  # a broken template stops the run
         encode_record({"messages": [{"role": "assistant", "content": "x"}]}, tok)
 
 
@@ -120,7 +120,7 @@ def test_tokenizer_directory_without_tokenizer_json(tmp_path):
     with pytest.raises(FileNotFoundError, match="no tokenizer.json"):
         load_tokenizer(str(tmp_path))
     (tmp_path / "tokenizer.json").write_text(json.dumps({}))  # present but not a tokenizer: the library says so
-    with pytest.raises(Exception):
+    with pytest.raises(UserError, match="tokenizer.json: not a tokenizer the tokenizers library can read"):
         load_tokenizer(str(tmp_path))
 
 

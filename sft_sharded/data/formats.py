@@ -12,13 +12,16 @@ from typing import Any
 
 import numpy as np
 
+from jinja2.sandbox import SecurityError
+
 from sft_sharded.data.templates import TemplateError, encode_chat
+from sft_sharded.errors import UserError
 
 FORMATS = ("text", "prompt_completion", "messages")
 ROLES = ("system", "user", "assistant")
 
 
-class RecordError(ValueError):
+class RecordError(UserError):
     """A malformed record: an error that stops the run, naming its file and line."""
 
 
@@ -83,6 +86,8 @@ def encode_record(record: Any, tokenizer, *, fmt: str = "auto", train_on_prompt:
             ids, mask = encode_chat(tokenizer.chat_template, _messages(record, where), tokenizer, train_on_prompt)
         except TemplateError as err:
             raise RowSkipped(f"{where}: {err}") from err
+        except SecurityError as err:  # the sandbox stopped the template: the template is at fault, not the row
+            raise RecordError(f"{where}: the chat template was stopped by the sandbox: {err}") from None
         mask[:1] = False  # the first token is never a target
         return Example(np.asarray(ids, np.int32), mask)
     bos = [tokenizer.bos_id] if getattr(tokenizer, "add_bos", True) and tokenizer.bos_id is not None else []

@@ -20,6 +20,7 @@ from sft_sharded.data import packing
 from sft_sharded.data.formats import RowSkipped, encode_record, fit_length
 from sft_sharded.data.sources import expand_paths, open_source
 from sft_sharded.data.synthetic import SyntheticSource
+from sft_sharded.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -42,14 +43,14 @@ def open_records(cfg: DataConfig, split: str, seed: int) -> grain.MapDataset:
     path = cfg.path if split == "train" else cfg.eval_path
     if path is None:
         if split == "eval" and cfg.path is not None:
-            raise ValueError("data.eval_path is required for held-out evaluation of data.path files")
+            raise UserError("data.eval_path is required for held-out evaluation of data.path files")
         size = 1_000_000 if split == "train" else cfg.num_eval
         return grain.MapDataset.source(SyntheticSource(cfg.task, split, size, seed))
     sources = [open_source(p) for p in expand_paths(path)]
     if cfg.weights is None or split == "eval":
         return grain.MapDataset.source(ConcatSource(sources))
     if len(cfg.weights) != len(sources):
-        raise ValueError(f"data.weights has {len(cfg.weights)} entries for {len(sources)} files")
+        raise UserError(f"data.weights has {len(cfg.weights)} entries for {len(sources)} files")
     return grain.MapDataset.mix([grain.MapDataset.source(s) for s in sources], cfg.weights)
 
 
@@ -170,7 +171,7 @@ def make_iterator(cfg: DataConfig, tokenizer, *, split: str = "train", seed: int
                   process_index: int = 0, process_count: int = 1, num_epochs: int | None = None) -> BatchIterator:
     """This process's batches of `data.batch_size // process_count` rows (see `DataConfig.shard_by`)."""
     if cfg.batch_size % process_count:
-        raise ValueError(f"data.batch_size={cfg.batch_size} is not divisible by {process_count} processes")
+        raise UserError(f"data.batch_size={cfg.batch_size} is not divisible by {process_count} processes")
     records = open_records(cfg, split, seed)
     if split == "train":
         records = records.shuffle(seed=seed)

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
+from sft_sharded.errors import MissingFileError, UserError
+
 
 class JsonlSource:
     def __init__(self, path: str | Path):
@@ -23,7 +25,7 @@ class JsonlSource:
                     lines.append(number)
                 pos += len(line)
         if not offsets:
-            raise ValueError(f"{self.path}: the file has no records")
+            raise UserError(f"{self.path}: the file has no records")
         self._offsets = np.asarray(offsets, np.int64)
         self._lines = np.asarray(lines, np.int64)
 
@@ -38,7 +40,7 @@ class JsonlSource:
         try:
             return json.loads(raw), where
         except json.JSONDecodeError as err:
-            raise ValueError(f"{where}: malformed JSON: {err.msg} (column {err.colno})") from None
+            raise UserError(f"{where}: malformed JSON: {err.msg} (column {err.colno})") from None
 
 
 class ParquetSource:
@@ -46,11 +48,14 @@ class ParquetSource:
         import pyarrow.parquet as pq
 
         self.path = Path(path)
-        self._file = pq.ParquetFile(self.path)
+        try:
+            self._file = pq.ParquetFile(self.path)
+        except Exception as err:  # noqa: BLE001 - pyarrow raises several types for a file it cannot read
+            raise UserError(f"{self.path}: not a readable Parquet file ({type(err).__name__}: {err})") from None
         sizes = [self._file.metadata.row_group(i).num_rows for i in range(self._file.num_row_groups)]
         self._starts = np.cumsum([0, *sizes])
         if self._starts[-1] == 0:
-            raise ValueError(f"{self.path}: the file has no records")
+            raise UserError(f"{self.path}: the file has no records")
         self._cached: tuple[int, list] | None = None
 
     def __len__(self) -> int:
@@ -70,10 +75,10 @@ def expand_paths(path: str | Sequence[str]) -> list[Path]:
     for item in items:
         matches = sorted(glob.glob(item)) if any(c in item for c in "*?[") else [item]
         if not matches:
-            raise FileNotFoundError(f"data.path: {item!r} matches no file")
+            raise MissingFileError(f"data.path: {item!r} matches no file")
         for match in matches:
             if not Path(match).is_file():
-                raise FileNotFoundError(f"data.path: {match!r} is not a file")
+                raise MissingFileError(f"data.path: {match!r} is not a file")
             files.append(Path(match))
     return files
 
@@ -83,4 +88,4 @@ def open_source(path: Path):
         return ParquetSource(path)
     if path.suffix in (".jsonl", ".json"):
         return JsonlSource(path)
-    raise ValueError(f"data.path: {path} is neither .jsonl nor .parquet")
+    raise UserError(f"data.path: {path} is neither .jsonl nor .parquet")

@@ -11,6 +11,8 @@ import json
 import re
 from pathlib import Path
 
+from sft_sharded.errors import MissingFileError, UserError
+
 # The built-in chat template: roles as special tokens, each turn closed by <|end|>, which is trained on
 # assistant turns. `{% generation %}` marks what the assistant says (the trained span).
 BYTE_CHAT_TEMPLATE = (
@@ -73,8 +75,11 @@ class HFTokenizer:
         directory = Path(directory)
         path = directory / "tokenizer.json"
         if not path.is_file():
-            raise FileNotFoundError(f"tokenizer.path={str(directory)!r}: no tokenizer.json in that directory")
-        self._tok = Tokenizer.from_file(str(path))
+            raise MissingFileError(f"tokenizer.path={str(directory)!r}: no tokenizer.json in that directory")
+        try:
+            self._tok = Tokenizer.from_file(str(path))
+        except Exception as err:  # noqa: BLE001 - the Rust library raises a bare Exception for any bad file
+            raise UserError(f"{path}: not a tokenizer the tokenizers library can read ({err})") from None
         config_path = directory / "tokenizer_config.json"
         config = json.loads(config_path.read_text()) if config_path.is_file() else {}
         self.bos_token = _token_text(config.get("bos_token"))
@@ -94,7 +99,7 @@ class HFTokenizer:
             return None
         token_id = self._tok.token_to_id(token)
         if token_id is None:
-            raise ValueError(f"{where}: special token {token!r} is not in tokenizer.json's vocabulary")
+            raise UserError(f"{where}: special token {token!r} is not in tokenizer.json's vocabulary")
         return token_id
 
     @property

@@ -1,4 +1,5 @@
-"""Llama-family decoder (Llama, Qwen2 with q/k/v bias, Mistral) in flax linen, logical axis names only.
+"""Llama-family decoder (Llama with optional attention/MLP biases, Qwen2 with q/k/v bias, Mistral) in flax
+linen, logical axis names only.
 
 Weights of rank 3 are declared with `self.param` and used with einsum: flax `DenseGeneral` with logical
 partitioning of >2-D kernels fails under `jax.set_mesh` (flax#3676). RoPE uses the Hugging Face
@@ -35,7 +36,12 @@ class LlamaConfig:
     rope_scaling: tuple[tuple[str, float], ...] | None = None
     rms_norm_eps: float = 1e-5
     tie_embeddings: bool = False
-    qkv_bias: bool = False  # Qwen2
+    qkv_bias: bool = False  # q/k/v projections (Qwen2; Llama's attention_bias)
+    o_bias: bool = False  # output projection (Llama's attention_bias)
+    mlp_bias: bool = False  # gate/up/down projections (Llama's mlp_bias)
+    # Positions the checkpoint is made for. Not used by the math (RoPE has no table); written to
+    # config.json on export, where transformers reads it.
+    max_position_embeddings: int | None = None
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
     remat: Literal["none", "full", "save_dots"] = "none"
@@ -61,6 +67,10 @@ class LlamaConfig:
             raise ValueError(f"LlamaConfig.remat={self.remat!r} must be one of 'none', 'full', 'save_dots'")
         if self.sliding_window is not None and (not isinstance(self.sliding_window, int) or self.sliding_window < 1):
             raise ValueError(f"LlamaConfig.sliding_window={self.sliding_window!r} must be a positive int or None")
+        if self.max_position_embeddings is not None and (
+                not isinstance(self.max_position_embeddings, int) or self.max_position_embeddings < 1):
+            raise ValueError(f"LlamaConfig.max_position_embeddings={self.max_position_embeddings!r} must be a "
+                             "positive int or None")
         if self.attention not in IMPLEMENTATIONS:
             raise ValueError(f"LlamaConfig.attention={self.attention!r} must be one of {IMPLEMENTATIONS}")
         for key in ("dtype", "param_dtype"):
@@ -73,7 +83,8 @@ class LlamaConfig:
     def num_params(self) -> int:
         d, h, k, f, v = self.hidden_size, self.head_size, self.num_kv_heads, self.mlp_dim, self.vocab_size
         attn = d * h * (2 * self.num_heads + 2 * k) + (h * (self.num_heads + 2 * k) if self.qkv_bias else 0)
-        layer = attn + 3 * d * f + 2 * d
+        attn += d if self.o_bias else 0
+        layer = attn + 3 * d * f + 2 * d + ((2 * f + d) if self.mlp_bias else 0)
         return self.num_layers * layer + v * d * (1 if self.tie_embeddings else 2) + d
 
 
@@ -87,6 +98,11 @@ def _weight(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[st
     own sharding makes each device cast its shard before the FSDP all-gather, which then moves bf16
     instead of float32 bytes (and no device casts the whole gathered weight)."""
     return constrain(_param(module, name, shape, axes, init).astype(module.config.dtype), axes)
+
+
+def _bias(module: nn.Module, name: str, size: int, axis: str) -> jax.Array:
+    """A [size] bias (zeros at init) in the compute dtype."""
+    return _param(module, name, (size,), (axis,), nn.initializers.zeros).astype(module.config.dtype)
 
 
 class RMSNorm(nn.Module):
@@ -160,7 +176,10 @@ class Attention(nn.Module):
                 window=cfg.sliding_window,
             )
         wo_NxHxD = _weight(self, "wo", (cfg.num_heads, h, d), ("heads", "head_dim", "embed"), init)
-        return jnp.einsum("btnh,nhd->btd", out_BxTxNxH, wo_NxHxD), new_cache
+        out_BxTxD = jnp.einsum("btnh,nhd->btd", out_BxTxNxH, wo_NxHxD)
+        if cfg.o_bias:
+            out_BxTxD = out_BxTxD + _bias(self, "wo_bias", d, "embed")
+        return out_BxTxD, new_cache
 
 
 class MLP(nn.Module):
@@ -176,8 +195,12 @@ class MLP(nn.Module):
         down_FxD = _weight(self, "w_down", (f, d), ("mlp", "embed"), init)
         gate_BxTxF = jnp.einsum("btd,df->btf", x_BxTxD, gate_DxF)
         up_BxTxF = jnp.einsum("btd,df->btf", x_BxTxD, up_DxF)
+        if cfg.mlp_bias:
+            gate_BxTxF = gate_BxTxF + _bias(self, "w_gate_bias", f, "mlp")
+            up_BxTxF = up_BxTxF + _bias(self, "w_up_bias", f, "mlp")
         hidden_BxTxF = constrain(nn.silu(gate_BxTxF) * up_BxTxF, ("batch", "length", "act_mlp"))
-        return jnp.einsum("btf,fd->btd", hidden_BxTxF, down_FxD)
+        out_BxTxD = jnp.einsum("btf,fd->btd", hidden_BxTxF, down_FxD)
+        return out_BxTxD + _bias(self, "w_down_bias", d, "embed") if cfg.mlp_bias else out_BxTxD
 
 
 class DecoderLayer(nn.Module):

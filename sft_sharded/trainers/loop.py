@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
@@ -10,6 +12,7 @@ import jax
 import numpy as np
 
 from sft_sharded import sharding
+from sft_sharded.errors import TrainingDiverged
 from sft_sharded.metrics import mfu, peak_flops
 from sft_sharded.trainers.trainer import Trainer, TrainState
 
@@ -47,22 +50,31 @@ class _Window:
         self.steps += 1
         self.tokens += tokens
 
-    def record(self, step: int, last: Mapping[str, Any]) -> Record:
-        elapsed = time.perf_counter() - self.t0
+    def record(self, step: int, last: Mapping[str, Any], timed: bool = True) -> Record:
+        """Loss and accuracy over the window (the step's own loss, 0, for a window with no target: the
+        masked mean of nothing, as the step computes it); throughput only when `timed`."""
         count = self.sums.get("num_tokens", 0.0)
-        record = {
-            "step": step,
-            # An all-masked window has no loss to report: NaN says so, a 0.0 would claim a perfect fit.
-            "loss": self.sums["loss_sum"] / count if count else float("nan"),
-            "num_tokens": count,
-            "grad_norm": float(last["grad_norm"]),
-            "tokens_per_sec": self.tokens / elapsed if elapsed > 0 else float("nan"),
-            "real_tokens_per_sec": self.sums.get("num_real_tokens", self.tokens) / elapsed if elapsed > 0 else float("nan"),
-            "step_time_s": elapsed / max(self.steps, 1),
-        }
+        record = {"step": step, "loss": self.sums["loss_sum"] / count if count else 0.0, "num_tokens": count,
+                  "grad_norm": float(last["grad_norm"])}
+        if timed:
+            elapsed = time.perf_counter() - self.t0
+            record["tokens_per_sec"] = self.tokens / elapsed
+            record["real_tokens_per_sec"] = self.sums.get("num_real_tokens", self.tokens) / elapsed
+            record["step_time_s"] = elapsed / max(self.steps, 1)
         if "num_correct" in self.sums and count:
             record["accuracy"] = self.sums["num_correct"] / count
         return record
+
+
+def _check_step(step: int, metrics: Mapping[str, Any]) -> None:
+    """Stop on a non-finite loss or gradient (the state after this step is not worth keeping); warn on a
+    batch with no trained target (loss 0, zero gradients; the optimizer's momentum still moves)."""
+    loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        raise TrainingDiverged(step, f"the loss is {loss} and the gradient norm {grad_norm}")
+    if float(metrics["num_tokens"]) == 0:
+        warnings.warn(f"step {step}: the batch has no trained target (every label masked); its loss is 0 and "
+                      "its gradients are zero", stacklevel=3)
 
 
 def fit(
@@ -76,11 +88,14 @@ def fit(
     eval_fn: Callable[[TrainState], Record] | None = None,
     on_record: Callable[[Record], None] = lambda record: None,
     after_step: Callable[[int, TrainState], bool] = lambda step, state: False,
+    save_due: Callable[[int], bool] = lambda step: False,
     flops_per_token: float | None = None,
 ) -> tuple[TrainState, list[Record]]:
     """Train from `state.step` to `steps`. `batches` yields this process's rows of each global batch.
 
     `after_step(step, state)` runs once each step is dispatched (checkpoints); True stops the loop there.
+    On steps where `save_due(step)` is true the step's metrics are read first, so a state whose loss or
+    gradient is not finite never reaches `after_step`. A non-finite loss raises `TrainingDiverged`.
     """
     records: list[Record] = []
     pending = None  # (step, metrics on device, tokens in the batch)
@@ -90,11 +105,11 @@ def fit(
         nonlocal window
         step, metrics, tokens = item
         metrics = jax.device_get(metrics)
+        _check_step(step, metrics)
         if window is None:  # the first step carries the compile time; throughput starts after it
             first = _Window()
             first.add(metrics, tokens)
-            record = first.record(step, metrics)
-            del record["tokens_per_sec"], record["step_time_s"]
+            record = first.record(step, metrics, timed=False)
             record["compile_and_first_step_s"] = time.perf_counter() - t_start
             records.append(record)
             on_record(record)
@@ -122,11 +137,16 @@ def fit(
         if pending is not None:
             drain(pending)  # step N-1's scalars, while step N runs
         pending = (step, metrics, tokens)
-        if after_step(step, state):
+        if save_due(step):
             drain(pending)
+            pending = None
+        if after_step(step, state):
+            if pending is not None:
+                drain(pending)
             return state, records
         if eval_fn is not None and eval_every and step % eval_every == 0 and step != steps:
-            drain(pending)
+            if pending is not None:
+                drain(pending)
             pending = None
             t_eval = time.perf_counter()
             record = {"step": step, **eval_fn(state)}

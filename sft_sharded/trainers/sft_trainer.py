@@ -17,13 +17,16 @@ class SFTTrainer(Trainer):
     def __init__(self, model, optimizer, **options):
         super().__init__(model, optimizer, **options)
 
-    def create_train_state(self, key: jax.Array, dummy_input: jax.Array) -> TrainState:
-        def init(key, dummy_input):
-            params = self.model.init(key, dummy_input)["params"]
-            # Boxed params pass their logical names on to the optimizer state (optax maps over leaves).
-            return TrainState(params, self.optimizer.init(params), step=jnp.zeros((), jnp.int32))
+    def _init(self, key: jax.Array, dummy_input: jax.Array) -> TrainState:
+        params = self.model.init(key, dummy_input)["params"]
+        # Boxed params pass their logical names on to the optimizer state (optax maps over leaves).
+        return TrainState(params, self.optimizer.init(params), step=jnp.zeros((), jnp.int32))
 
-        return self.init_sharded(init, key, dummy_input)
+    def create_train_state(self, key: jax.Array, dummy_input: jax.Array) -> TrainState:
+        return self.init_sharded(self._init, key, dummy_input)
+
+    def abstract_train_state(self, key: jax.Array, dummy_input) -> TrainState:
+        return self.abstract_sharded(self._init, key, dummy_input)
 
     def compute_loss(self, params, batch: Batch) -> jax.Array:
         terms, _ = self.loss_terms(params, batch)

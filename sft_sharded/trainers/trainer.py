@@ -20,7 +20,8 @@ import numpy as np
 import optax
 
 from sft_sharded import sharding
-from sft_sharded.losses import LossTerms
+from sft_sharded.errors import UserError
+from sft_sharded.losses import IGNORE_INDEX, LossTerms
 
 Batch = Mapping[str, Any]
 BATCH_KEYS = ("input_ids", "labels", "loss_mask", "segment_ids", "positions")
@@ -72,9 +73,8 @@ class Trainer(abc.ABC):
             on_cpu = self.mesh.devices.flat[0].platform == "cpu"
             compiler_options = dict(CPU_COMPILER_OPTIONS) if on_cpu else {}
         self.compiler_options = compiler_options
-        self.state_shardings: Any = None  # set by init_sharded (create_train_state)
+        self.state_shardings: Any = None  # set by abstract_sharded (create/abstract_train_state)
         self.abstract_state: Any = None  # ShapeDtypeStructs with shardings, e.g. a checkpoint restore target
-        self.abstract_only = False  # True: create_train_state returns the abstract state (for AOT plans)
         self._jitted: dict[str, Callable] = {}
         self._checked_signatures: set = set()
 
@@ -99,19 +99,29 @@ class Trainer(abc.ABC):
         with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
             yield
 
-    def init_sharded(self, init_fn: Callable[[jax.Array, jax.Array], Any], key: jax.Array, dummy_input) -> Any:
-        """Run `init_fn(key, dummy_input)` (may return `nn.Partitioned` leaves) straight into its shardings:
-        shapes from `eval_shape`, specs from the logical rules, then `jit(out_shardings=...)`."""
+    def abstract_train_state(self, key: jax.Array, dummy_input: Any) -> TrainState:
+        """What `create_train_state` would return, as ShapeDtypeStructs with shardings: nothing is
+        allocated (a restore target, an AOT plan's input, the shapes for an import)."""
+        raise NotImplementedError(f"{type(self).__name__} does not provide abstract_train_state")
+
+    def abstract_sharded(self, init_fn: Callable[[jax.Array, jax.Array], Any], key: jax.Array, dummy_input) -> Any:
+        """Shapes of `init_fn(key, dummy_input)` (may return `nn.Partitioned` leaves) with the shardings
+        the logical rules give them, as ShapeDtypeStructs; fixes the shardings the steps compile for."""
         with self.activate():
             abstract_boxed = jax.eval_shape(init_fn, key, dummy_input)
-            self.state_shardings = sharding.tree_shardings(abstract_boxed, self.mesh, self.rules)
-            self.abstract_state = jax.tree.map(
-                lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                sharding.unbox(abstract_boxed), self.state_shardings,
-            )
-            self._jitted.clear()
-            if self.abstract_only:
-                return self.abstract_state
+        self.state_shardings = sharding.tree_shardings(abstract_boxed, self.mesh, self.rules)
+        self.abstract_state = jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+            sharding.unbox(abstract_boxed), self.state_shardings,
+        )
+        self._jitted.clear()
+        return self.abstract_state
+
+    def init_sharded(self, init_fn: Callable[[jax.Array, jax.Array], Any], key: jax.Array, dummy_input) -> Any:
+        """Run `init_fn(key, dummy_input)` straight into its shardings (`abstract_sharded`, then
+        `jit(out_shardings=...)`): no device ever holds more than its shards."""
+        self.abstract_sharded(init_fn, key, dummy_input)
+        with self.activate():
             init = jax.jit(lambda k, x: sharding.unbox(init_fn(k, x)), out_shardings=self.state_shardings)
             return init(key, dummy_input)
 
@@ -136,6 +146,7 @@ class Trainer(abc.ABC):
 
     def _run(self, kind: str, first: Any, batch: Batch):
         self._check_batch(batch)
+        self._check_ids(batch)
         if kind not in self._jitted:
             self._jitted[kind] = self._build(kind)
         batch = {key: batch[key] for key in BATCH_KEYS if key in batch}
@@ -212,8 +223,24 @@ class Trainer(abc.ABC):
         terms, extra = self.loss_terms(state.params, batch)
         return {"loss": terms.mean(), "loss_sum": terms.loss_sum, "num_tokens": terms.num_tokens, **extra}
 
-    # --- input checks (host side, once per batch signature) -----------------------------------------
+    # --- input checks (host side) -------------------------------------------------------------------
+    def _check_ids(self, batch: Batch) -> None:
+        """Every batch: token ids in [0, vocab) and labels in [0, vocab) or -100. Checked on the host
+        because inside the step an out-of-range id is silently wrapped or clamped by the gathers. Reads
+        this process's shards only (a few bytes per position)."""
+        vocab = getattr(getattr(self.model, "config", None), "vocab_size", None)
+        for key, allowed in (("input_ids", ()), ("labels", (IGNORE_INDEX,))):
+            parts = _host_parts(batch[key])
+            bad = [p[(p < 0) | (p >= vocab) if vocab else (p < 0)] for p in parts]
+            bad = np.concatenate([b[~np.isin(b, allowed)] for b in bad]) if bad else np.zeros(0)
+            if bad.size:
+                limit = f"[0, {vocab})" if vocab else ">= 0"
+                also = " or -100 (ignored)" if allowed else ""
+                raise UserError(f"batch[{key!r}] holds {int(bad[0])} ({bad.size} such value(s)); ids must be in "
+                                f"{limit}{also} for a model with vocab_size={vocab}")
+
     def _check_batch(self, batch: Batch) -> None:
+        """Keys, shapes, dtypes and divisibility: once per batch signature."""
         if not isinstance(batch, Mapping):
             raise TypeError(f"batch must be a mapping of arrays with keys {BATCH_KEYS}, got {type(batch).__name__}")
         signature = tuple(sorted((k, tuple(np.shape(v)), str(getattr(v, "dtype", None))) for k, v in batch.items()))
@@ -236,10 +263,17 @@ class Trainer(abc.ABC):
                 raise TypeError(f"batch[{key!r}] must hold integer ids, got dtype {dtype}")
         rows, dp, k = shape[0], sharding.data_parallel_size(self.mesh), self.grad_accum_steps
         if rows % dp:
-            raise ValueError(
+            raise UserError(
                 f"batch size {rows} (batch['input_ids'].shape={shape}) is not divisible by the data-parallel "
                 f"size data x fsdp = {dp} of mesh {dict(self.mesh.shape)}"
             )
         if rows % k:
-            raise ValueError(f"batch size {rows} is not divisible by grad_accum_steps={k}")
+            raise UserError(f"batch size {rows} is not divisible by grad_accum_steps={k}")
         self._checked_signatures.add(signature)
+
+
+def _host_parts(x: Any) -> list[np.ndarray]:
+    """This process's data of a host or device array (a jax array's addressable shards)."""
+    if isinstance(x, jax.Array):
+        return [np.asarray(shard.data) for shard in x.addressable_shards]
+    return [np.asarray(x)]

@@ -1,0 +1,30 @@
+"""Exceptions for the user's mistakes, as opposed to bugs in this package.
+
+A `UserError` is raised where a mistake is found (a config key, a data file and line, a model directory,
+a run directory) with a message that names that place. The CLI prints it as one line,
+`sft-sharded: error: <message>`, and exits with `exit_code`; any other exception is a bug and keeps its
+traceback. Each class also derives from the builtin a Python caller would expect (`ValueError`,
+`FileNotFoundError`), so library users can catch either.
+"""
+
+from __future__ import annotations
+
+
+class UserError(ValueError):
+    """Bad input from the user: config, data, tokenizer, model or run directory, batch."""
+
+    exit_code = 2
+
+
+class MissingFileError(UserError, FileNotFoundError):
+    """A file or directory the user named does not exist (or a glob matches nothing)."""
+
+
+class TrainingDiverged(UserError):
+    """The loss or the gradient norm stopped being finite; the newest checkpoint is the last good state."""
+
+    exit_code = 1
+
+    def __init__(self, step: int, what: str):
+        super().__init__(f"step {step}: {what}; training stopped before saving this state")
+        self.step = step

@@ -1,0 +1,285 @@
+"""A run assembled from a TrainConfig: the composition root that the CLI, benchmarks and tests share.
+
+`build_trainer` (mesh, model, optimizer), `abstract_state` (shapes and shardings, nothing allocated),
+`init_state` (fresh or from a Hugging Face directory), `restore_or_init` (state and data iterator
+together), `train` (the loop with checkpoints and the final evaluation), `export` and `generate` (from a
+run directory, without an optimizer state or the base checkpoint). Every check of the user's input runs
+before the first compile and before anything in the run directory is written.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from sft_sharded import hf
+from sft_sharded.checkpoint import FINAL_PARAMS, Checkpointer, load_params, save_params
+from sft_sharded.config import TrainConfig, dump_config, load_config, to_dict
+from sft_sharded.data.pipeline import make_iterator, open_records, scan_counts
+from sft_sharded.data.tokenizers import load_tokenizer
+from sft_sharded.errors import TrainingDiverged, UserError
+from sft_sharded.models import Llama, LlamaConfig, preset
+from sft_sharded.optim import make_optimizer
+from sft_sharded.sharding import data_parallel_size, make_mesh
+from sft_sharded.trainers import SFTTrainer, TrainState
+
+Say = Callable[[str], None]
+
+
+def model_config(cfg: TrainConfig) -> LlamaConfig:
+    """The preset, or the config.json of `model.path`, with the run's dtype/remat/scan/attention options."""
+    m = cfg.model
+    options = dict(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat, scan_layers=m.scan_layers,
+                   attention=m.attention)
+    return hf.config_from_hf(m.path, **options) if m.path else preset(m.preset, **options)
+
+
+def tokenizer_path(cfg: TrainConfig) -> str | None:
+    """tokenizer.path, else the model directory when it holds a tokenizer.json."""
+    if cfg.tokenizer.path is None and cfg.model.path and (Path(cfg.model.path) / "tokenizer.json").is_file():
+        return cfg.model.path
+    return cfg.tokenizer.path
+
+
+def build_trainer(cfg: TrainConfig, model_cfg: LlamaConfig | None = None) -> SFTTrainer:
+    """Mesh, model and optimizer of a config; checks that the global batch splits over the mesh."""
+    mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    dp, k = data_parallel_size(mesh), cfg.optim.grad_accum_steps
+    if cfg.data.batch_size % dp:
+        raise UserError(f"data.batch_size={cfg.data.batch_size} is not divisible by the data-parallel size "
+                        f"mesh.data x mesh.fsdp = {dp} (mesh {dict(mesh.shape)})")
+    if cfg.data.batch_size % k:
+        raise UserError(f"data.batch_size={cfg.data.batch_size} is not divisible by optim.grad_accum_steps={k}")
+    model_cfg = model_cfg or model_config(cfg)
+    return SFTTrainer(Llama(model_cfg), make_optimizer(cfg.optim, cfg.steps), mesh=mesh, grad_accum_steps=k,
+                      loss_chunk_size=cfg.loss.chunk_size, z_loss=cfg.loss.z_loss)
+
+
+def _dummy(cfg: TrainConfig) -> jax.Array:
+    return jnp.zeros((cfg.data.batch_size, cfg.data.max_length), jnp.int32)
+
+
+def abstract_state(trainer: SFTTrainer, cfg: TrainConfig) -> TrainState:
+    """The train state's shapes, dtypes and shardings; no device memory is touched."""
+    return trainer.abstract_train_state(jax.random.key(cfg.seed), _dummy(cfg))
+
+
+def init_state(trainer: SFTTrainer, cfg: TrainConfig) -> TrainState:
+    """A fresh state: random params for a preset; for `model.path` the params come tensor by tensor from
+    the safetensors (no random params on the devices) and the optimizer state is built from them."""
+    if not cfg.model.path:
+        return trainer.create_train_state(jax.random.key(cfg.seed), _dummy(cfg))
+    abstract = abstract_state(trainer, cfg)
+    params = hf.load_params(cfg.model.path, trainer.model.config, abstract.params)
+    shardings = jax.tree.map(lambda a: a.sharding, abstract)
+    opt_state = jax.jit(trainer.optimizer.init, out_shardings=shardings.opt_state)(params)
+    return TrainState(params, opt_state, jax.device_put(jnp.zeros((), jnp.int32), shardings.step))
+
+
+def prepare_run_dir(run_dir: str | Path) -> Path:
+    """The run directory, created if needed; a clear error when it cannot be written."""
+    path = Path(run_dir)
+    probe = path / ".write-test"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise UserError(f"run_dir={str(run_dir)!r} cannot be written: {err.strerror or err}") from None
+    return path
+
+
+def check_data(cfg: TrainConfig, tokenizer, model_cfg: LlamaConfig) -> dict:
+    """The start-of-training data report; refuses data that leaves nothing to train on."""
+    if model_cfg.vocab_size < tokenizer.vocab_size:
+        where = f"model.path={cfg.model.path!r}" if cfg.model.path else f"model.preset={cfg.model.preset!r}"
+        raise UserError(f"{where} has vocab_size {model_cfg.vocab_size}, smaller than the tokenizer's "
+                        f"{tokenizer.vocab_size} (tokenizer.path={tokenizer_path(cfg)!r})")
+    counts = scan_counts(cfg.data, tokenizer, cfg.seed)
+    if counts["kept"] == 0:
+        raise UserError(
+            f"data.path: none of the {counts['scanned']:,} records scanned can be trained on: "
+            f"{counts['too_long']:,} longer than data.max_length={cfg.data.max_length} with "
+            f"data.truncation={cfg.data.truncation!r}, {counts['no_target']:,} with no trained token, "
+            f"{counts['template']:,} refused by the chat template")
+    return counts
+
+
+def restore_or_init(trainer: SFTTrainer, cfg: TrainConfig, tokenizer, ckpt: Checkpointer, say: Say):
+    """(state, this process's batch iterator, resumed step): from the newest usable checkpoint, state and
+    data position together, else a fresh state and the data from the start."""
+    shard = dict(process_index=jax.process_index(), process_count=jax.process_count())
+    batches = make_iterator(cfg.data, tokenizer, seed=cfg.seed, **shard)
+    restored = ckpt.restore_latest(abstract_state(trainer, cfg))
+    if restored is None:
+        return init_state(trainer, cfg), batches, 0
+    state, data_state, step = restored
+    if "unavailable" in data_state and cfg.data.shard_by == "rows":
+        batches.set_state(data_state["process_0"])  # every process has the same stream: any state fits
+    elif "unavailable" in data_state:
+        # Another process count shards the records differently: restart the order with a new shuffle
+        # seed rather than replay the first batches (model and optimizer state are exact).
+        batches = make_iterator(cfg.data, tokenizer, seed=cfg.seed + step, **shard)
+        say(f"warning: {data_state['unavailable']}; the data order restarts (seed {cfg.seed + step})")
+    else:
+        batches.set_state(data_state)
+    say(f"resumed from {ckpt.directory}/{step}")
+    return state, batches, step
+
+
+def final_exact_match(trainer: SFTTrainer, cfg: TrainConfig, tokenizer, params) -> tuple[float, list]:
+    """Held-out exact match of greedy generation over the first `eval.num_generate` held-out records."""
+    from sft_sharded.generate import exact_match
+
+    records = open_records(cfg.data, "eval", cfg.seed)  # opened once (a JSONL source indexes its file)
+    held_out = [records[i][0] for i in range(min(len(records), cfg.eval.num_generate))]
+    return exact_match(trainer, params, held_out, tokenizer, cfg.eval.max_new_tokens)
+
+
+def train(cfg: TrainConfig, *, say: Say = print, on_record: Callable[[dict], None] = lambda r: None,
+          stop_requested: Callable[[int], bool] = lambda step: False) -> list[dict]:
+    """Train `cfg` to `cfg.steps` (resuming from the run directory's checkpoints), then evaluate and save
+    the final params. `on_record` sees every metrics record; `stop_requested(step)` (preemption) makes the
+    loop save and return at that step."""
+    from sft_sharded.metrics import MetricsWriter, flops_per_token
+    from sft_sharded.trainers.loop import evaluate, fit
+
+    run_dir = prepare_run_dir(cfg.run_dir)
+    main_process = jax.process_index() == 0
+    model_cfg = model_config(cfg)
+    tokenizer = load_tokenizer(tokenizer_path(cfg))
+    counts = check_data(cfg, tokenizer, model_cfg)
+    say(f"data: {counts['scanned']:,} records scanned{' (all)' if counts['complete'] else ''}: "
+        f"{counts['kept']:,} kept, {counts['truncated']:,} truncated, {counts['too_long']:,} dropped as too long, "
+        f"{counts['no_target']:,} dropped with no trained token, {counts['template']:,} dropped by the chat template")
+    trainer = build_trainer(cfg, model_cfg)
+    mesh = trainer.mesh
+    say(f"model: {model_cfg.num_params() / 1e6:.2f}M params on {len(mesh.devices.flat)} "
+        f"{jax.devices()[0].platform} devices, mesh {dict(mesh.shape)}; {cfg.steps} steps of "
+        f"{cfg.data.batch_size}x{cfg.data.max_length} tokens; run dir {run_dir}")
+    has_eval = cfg.data.path is None or cfg.data.eval_path is not None
+    if has_eval:
+        open_records(cfg.data, "eval", cfg.seed)  # a missing or malformed held-out file fails now, not at step N
+    c = cfg.checkpoint
+    ckpt = Checkpointer(run_dir / "checkpoints", every=c.every, keep=c.keep, keep_every=c.keep_every,
+                        async_save=c.async_save)
+    try:
+        state, batches, resumed_step = restore_or_init(trainer, cfg, tokenizer, ckpt, say)
+    except BaseException:
+        ckpt.close()
+        raise
+    dump_config(cfg, run_dir / "config.yaml")
+
+    eval_fn = None
+    if has_eval:
+        shard = dict(process_index=jax.process_index(), process_count=jax.process_count())
+
+        def eval_fn(state):
+            return evaluate(trainer, state, make_iterator(cfg.data, tokenizer, split="eval", seed=cfg.seed, **shard))
+
+    writer = MetricsWriter(run_dir, enabled=main_process, resumed_step=resumed_step)
+    config_dict = to_dict(cfg)
+    stopped = []
+
+    def save_due(step: int) -> bool:
+        if stop_requested(step):
+            stopped.append(step)
+        return bool(stopped) or ckpt.due(step)
+
+    def after_step(step: int, state) -> bool:
+        ckpt.save(step, state, batches.get_state(), config_dict, force=bool(stopped))
+        if stopped:
+            ckpt.wait()
+            say(f"preempted: saved {ckpt.directory}/{step}; exiting")
+        return bool(stopped)
+
+    def record(r: dict) -> None:
+        if "loss" in r:
+            r["packing_efficiency"] = batches.efficiency
+        writer.write(r)
+        on_record(r)
+
+    t0 = time.perf_counter()
+    try:
+        try:
+            state, records = fit(trainer, state, batches, steps=cfg.steps, log_every=cfg.log_every,
+                                 eval_every=cfg.eval.every, eval_fn=eval_fn, on_record=record, after_step=after_step,
+                                 save_due=save_due, flops_per_token=flops_per_token(model_cfg, cfg.data.max_length))
+        except TrainingDiverged as err:
+            ckpt.wait()  # the saves of earlier (good) steps complete
+            steps = ckpt.all_steps()
+            where = (f"the newest checkpoint, {ckpt.directory}/{steps[-1]}, holds the last good state" if steps
+                     else "no checkpoint was saved")
+            err.args = (f"{err.args[0]}; {where}",)
+            raise
+        finally:
+            ckpt.close()
+        if stopped:
+            return records
+        say(f"trained {cfg.steps} steps in {time.perf_counter() - t0:.1f}s; "
+            f"packing efficiency {batches.efficiency:.1%}")
+        if has_eval:
+            accuracy, pairs = final_exact_match(trainer, cfg, tokenizer, state.params)
+            final = {"step": cfg.steps, "eval_exact_match": accuracy, "eval_generated": len(pairs)}
+            writer.write(final)
+            records.append(final)
+            on_record(final)
+            wrong = [(a, b) for a, b in pairs if a != b][:3]
+            say(f"held-out exact match (greedy generation): {accuracy:.2%} of {len(pairs)}"
+                + (f"; e.g. expected {wrong[0][0]!r}, got {wrong[0][1]!r}" if wrong else ""))
+    finally:
+        writer.close()
+    save_params(run_dir, state.params)
+    return records
+
+
+def _load_run(run_dir: str | Path) -> tuple[TrainConfig, SFTTrainer, Any]:
+    """The config, a trainer and the params of a run: its final params, else its newest checkpoint's."""
+    path = Path(run_dir)
+    if not (path / "config.yaml").is_file():
+        raise UserError(f"{run_dir}: not a run directory (no config.yaml)")
+    cfg = load_config(path / "config.yaml")
+    trainer = build_trainer(cfg)
+    abstract = abstract_state(trainer, cfg)
+    if (path / FINAL_PARAMS).is_dir():
+        return cfg, trainer, load_params(path, abstract.params)
+    restored = Checkpointer(path / "checkpoints", every=0, keep=1).restore_latest(abstract)
+    if restored is None:
+        raise UserError(f"{run_dir}: no {FINAL_PARAMS}/ and no checkpoint (train the run first)")
+    return cfg, trainer, restored[0].params
+
+
+def export(run_dir: str | Path, out_dir: str | Path, dtype: str = "float32") -> Path:
+    """A run's final params (else its newest checkpoint's) as a Hugging Face directory, with the token ids
+    and generation config of the checkpoint it was fine-tuned from (for a preset: of its tokenizer)."""
+    cfg, trainer, params = _load_run(run_dir)
+    tok_path = tokenizer_path(cfg)
+    if cfg.model.path:
+        source = hf.read_hf_config(cfg.model.path)
+        token_ids = {k: source[k] for k in hf.TOKEN_ID_FIELDS if k in source}
+        gen_path = Path(cfg.model.path) / "generation_config.json"
+        generation = json.loads(gen_path.read_text()) if gen_path.is_file() else None
+        model_type = source["model_type"]
+    else:
+        token_ids, generation, model_type = hf.tokenizer_token_ids(load_tokenizer(tok_path)), None, None
+    return hf.save_pretrained(params, trainer.model.config, out_dir, model_type=model_type, dtype=dtype,
+                              tokenizer_dir=tok_path, token_ids=token_ids, generation_config=generation)
+
+
+def generate(run_dir: str | Path, prompts: list[str], max_new_tokens: int, raw: bool = False) -> list[str]:
+    """Greedy answers of a trained run to user messages (or raw text prompts with `raw`)."""
+    from sft_sharded.generate import greedy_generate, prompt_and_answer
+
+    cfg, trainer, params = _load_run(run_dir)
+    tokenizer = load_tokenizer(tokenizer_path(cfg))
+    records = [{"prompt": p, "completion": ""} if raw else
+               {"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": ""}]} for p in prompts]
+    ids = [prompt_and_answer(r, tokenizer)[0] for r in records]
+    outs = greedy_generate(trainer, params, ids, max_new_tokens, tokenizer.stop_ids)
+    return [tokenizer.decode(o) for o in outs]
