@@ -10,6 +10,7 @@ import optax
 import pytest
 
 from sft_sharded import Llama, SFTTrainer, make_mesh
+from sft_sharded.errors import UserError
 from sft_sharded.hf import config_from_hf, load_params, save_pretrained
 
 if os.environ.get("CI") == "true":  # CI must run these: a missing torch is a failure there, not a skip
@@ -25,6 +26,8 @@ FAMILIES = {
     "llama-tied-rope-scaling": ("LlamaConfig", "LlamaForCausalLM", dict(
         tie_word_embeddings=True, rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 16})),
+    "llama-attention-bias": ("LlamaConfig", "LlamaForCausalLM", dict(tie_word_embeddings=False, attention_bias=True)),
+    "llama-mlp-bias": ("LlamaConfig", "LlamaForCausalLM", dict(tie_word_embeddings=False, mlp_bias=True)),
     "qwen2-bias-tied": ("Qwen2Config", "Qwen2ForCausalLM", dict(tie_word_embeddings=True, rope_theta=1e6)),
     "mistral-untied": ("MistralConfig", "MistralForCausalLM", dict(tie_word_embeddings=False, sliding_window=None)),
     # 8-key window at 24 positions: the window masks most of each row's history
@@ -66,8 +69,10 @@ def test_import_matches_transformers_and_export_reloads(kind, tmp_path):
     assert np.abs(ours - hf_logits(model, ids)).max() <= 1e-4
     model_type = json.loads((tmp_path / "hf" / "config.json").read_text())["model_type"]
     save_pretrained(params, cfg, tmp_path / "out", model_type=model_type)
-    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    reloaded, info = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", output_loading_info=True)
+    reloaded.eval()
     assert type(reloaded).__name__ == FAMILIES[kind][1]
+    assert not info["missing_keys"] and not info["unexpected_keys"], info  # exactly the family's tensors
     assert np.abs(hf_logits(reloaded, ids) - ours).max() <= 1e-4
 
 
@@ -149,3 +154,91 @@ def test_fine_tune_a_local_hf_directory_and_export_it(tmp_path):
     params = load_final(run, trainer.abstract_state.params)
     ours = np.asarray(jax.jit(trainer.model.apply)({"params": params}, ids.astype(np.int32)))
     assert np.abs(hf_logits(tuned, ids) - ours).max() <= 1e-4
+
+
+def test_fields_that_change_the_math_are_refused_by_name(tmp_path):
+    make_hf("llama-gqa-untied", tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    for field, value, message in (
+        ("hidden_act", "gelu", r'hidden_act="gelu" is not supported'),
+        ("attention_dropout", 0.1, r"attention_dropout=0.1 is not supported: dropout is not implemented"),
+        ("rope_scaling", {"rope_type": "yarn", "factor": 4.0}, r"rope type 'yarn' is not implemented"),
+        ("quantization_config", {"quant_method": "bitsandbytes"}, r"quantization_config=.* is not supported"),
+    ):
+        (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, field: value}))
+        with pytest.raises(UserError, match=message):
+            config_from_hf(tmp_path / "hf")
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, "logit_scale": 2.0}))
+    with pytest.warns(UserWarning, match=r"fields \['logit_scale'\] are not read by model_type 'llama'"):
+        config_from_hf(tmp_path / "hf")
+
+
+def test_every_checkpoint_tensor_is_used_and_every_param_filled(tmp_path):
+    from sft_sharded.hf import SafetensorsDir, write_safetensors
+
+    make_hf("llama-gqa-untied", tmp_path / "hf")
+    tensors = SafetensorsDir(tmp_path / "hf")
+    arrays = {name: np.array(tensors.get(name)) for name in tensors.entries}
+    extra = {**arrays, "model.layers.0.self_attn.o_proj.bias": np.zeros(64, np.float32)}
+    write_safetensors(tmp_path / "hf" / "model.safetensors", extra)
+    with pytest.raises(UserError, match=r"1 tensor\(s\) in the checkpoint are not part of this model and would be "
+                                        r"ignored: 'model.layers.0.self_attn.o_proj.bias'"):
+        import_model(tmp_path / "hf")
+    del arrays["model.layers.1.mlp.down_proj.weight"]
+    write_safetensors(tmp_path / "hf" / "model.safetensors", arrays)
+    with pytest.raises(UserError, match=r"lacks 1 tensor\(s\) this config needs: 'model.layers.1.mlp.down_proj.weight'"):
+        import_model(tmp_path / "hf")
+
+
+def test_export_carries_token_ids_positions_and_generation_config(tmp_path):
+    make_hf("llama-tied-rope-scaling", tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    config.update(bos_token_id=5, eos_token_id=[6, 7], pad_token_id=0, max_position_embeddings=48)
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
+    (tmp_path / "hf" / "generation_config.json").write_text(json.dumps({"eos_token_id": [6, 7], "temperature": 0.6}))
+    from sft_sharded.run import export
+
+    cfg = config_from_hf(tmp_path / "hf")
+    trainer, _, params = import_model(tmp_path / "hf")
+    from sft_sharded.checkpoint import save_params
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(f"model:\n  path: {tmp_path / 'hf'}\nmesh: {{data: 2, fsdp: 2, tensor: 2}}\n"
+                                     "data: {batch_size: 8, max_length: 16}\n")
+    save_params(run, params)
+    export(run, tmp_path / "out")
+    out = transformers.AutoConfig.from_pretrained(tmp_path / "out")
+    assert (out.bos_token_id, out.eos_token_id, out.pad_token_id, out.max_position_embeddings) == (5, [6, 7], 0, 48)
+    scaling = json.loads((tmp_path / "out" / "config.json").read_text())["rope_scaling"]
+    assert scaling["original_max_position_embeddings"] == 16 and isinstance(scaling["original_max_position_embeddings"], int)
+    generation = transformers.GenerationConfig.from_pretrained(tmp_path / "out")
+    assert generation.eos_token_id == [6, 7] and generation.temperature == 0.6
+    assert cfg.max_position_embeddings == 48
+
+
+def test_a_preset_export_stops_transformers_generate_at_the_turn_end(tmp_path):
+    from sft_sharded.data.tokenizers import ByteTokenizer
+    from sft_sharded.hf import tokenizer_token_ids
+    from sft_sharded.models import preset
+
+    cfg = preset("tiny", num_layers=1)
+    trainer = SFTTrainer(Llama(cfg), optax.sgd(0.1), mesh=make_mesh(1, 8, 1))
+    state = trainer.create_train_state(jax.random.key(0), jnp.zeros((8, 8), jnp.int32))
+    tok = ByteTokenizer()
+    save_pretrained(state.params, cfg, tmp_path / "out", token_ids=tokenizer_token_ids(tok))
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    end = tok.special_ids["<|end|>"]
+    assert model.generation_config.eos_token_id == [tok.eos_id, end]
+    assert model.config.max_position_embeddings == cfg.max_position_embeddings
+    # Make the model always predict <|end|>: layers add nothing, every embedding is the same vector, and
+    # only <|end|>'s output row points along it. An export without stop ids would generate 8 tokens.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "o_proj" in name or "down_proj" in name:
+                p.zero_()
+        model.model.embed_tokens.weight.fill_(1.0)
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[end] = 1.0
+        out = model.generate(torch.tensor([[1, 50, 60]]), max_new_tokens=8, do_sample=False)
+    assert out[0, 3:].tolist() == [end]

@@ -6,9 +6,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from reference import random_batch
 
 from sft_sharded import Llama, SFTTrainer, make_mesh
+from sft_sharded.errors import TrainingDiverged
 from sft_sharded.metrics import flops_per_token
 from sft_sharded.trainers.loop import fit
 
@@ -34,3 +36,49 @@ def test_fit_reports_real_token_throughput_and_both_mfus(tiny_config):
     for record in timed:
         np.testing.assert_allclose(record["real_tokens_per_sec"] / record["tokens_per_sec"], 0.75, rtol=1e-9)
         assert {"mfu", "mfu_real_tokens"} <= set(record)  # NaN on CPU: it has no published peak
+
+
+def test_the_compile_step_record_reports_no_throughput(tiny_config):
+    trainer = SFTTrainer(Llama(tiny_config), optax.sgd(0.1), mesh=make_mesh(1, 8, 1))
+    state = trainer.create_train_state(jax.random.key(0), jnp.zeros((8, 16), jnp.int32))
+    _, records = fit(trainer, state, (_padded_batch(s) for s in itertools.count()), steps=3, log_every=1)
+    first = records[0]
+    assert "compile_and_first_step_s" in first
+    assert not {"tokens_per_sec", "real_tokens_per_sec", "step_time_s"} & set(first), first
+    assert all("real_tokens_per_sec" in r for r in records[1:])
+
+
+def test_an_all_masked_batch_logs_loss_0_and_warns(tiny_config):
+    trainer = SFTTrainer(Llama(tiny_config), optax.sgd(0.1), mesh=make_mesh(1, 8, 1))
+    state = trainer.create_train_state(jax.random.key(0), jnp.zeros((8, 16), jnp.int32))
+    masked = {**random_batch(0), "loss_mask": np.zeros((8, 16), bool)}
+    with pytest.warns(UserWarning, match="step 2: the batch has no trained target"):
+        _, records = fit(trainer, state, itertools.chain([random_batch(1)], itertools.repeat(masked)), steps=2,
+                         log_every=1)
+    assert records[-1]["loss"] == 0.0 and records[-1]["num_tokens"] == 0.0
+
+
+class _NanAtStep(SFTTrainer):
+    """Returns a NaN loss on batches whose first token is 63: the loop's handling is under test here."""
+
+    def loss_terms(self, params, batch):
+        terms, extra = super().loss_terms(params, batch)
+        poison = jnp.where(batch["input_ids"][0, 0] == 63, jnp.nan, 0.0)
+        return terms._replace(loss_sum=terms.loss_sum + poison), extra
+
+
+def test_a_nan_loss_stops_the_loop_before_a_save_sees_that_state(tiny_config):
+    trainer = _NanAtStep(Llama(tiny_config), optax.sgd(0.1), mesh=make_mesh(1, 8, 1))
+    state = trainer.create_train_state(jax.random.key(0), jnp.zeros((8, 16), jnp.int32))
+
+    def batches():
+        for step in itertools.count(1):
+            batch = random_batch(step)
+            batch["input_ids"][0, 0] = 63 if step == 4 else 1
+            yield batch
+
+    saved = []
+    with pytest.raises(TrainingDiverged, match="step 4: the loss is nan"):
+        fit(trainer, state, batches(), steps=6, log_every=1, save_due=lambda step: step % 2 == 0,
+            after_step=lambda step, state: saved.append(step) or False)
+    assert saved == [1, 2, 3]  # after_step runs for every dispatched step; step 4 (a save step) never got there

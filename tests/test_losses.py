@@ -56,6 +56,8 @@ def test_target_mask_rules():
     assert target_mask({"labels": labels}, pad_label_id=None).tolist() == [[True, True, False, True]]
     explicit = np.array([[0, 1, 0, 1]], np.float32)  # authoritative: label 0 at position 1 counts
     assert np.asarray(target_mask({"labels": labels, "loss_mask": explicit})).tolist() == [[False, True, False, True]]
+    ones = np.ones((1, 4), bool)  # ... but -100 is never a target, whatever the mask says
+    assert np.asarray(target_mask({"labels": labels, "loss_mask": ones})).tolist() == [[True, True, False, True]]
 
 
 def test_token_accuracy_counts_argmax_hits_inside_the_mask():

@@ -60,3 +60,16 @@ def test_clipping_bounds_the_gradient_adam_sees():
 def test_optim_config_errors_name_the_key(kwargs, key):
     with pytest.raises(ValueError, match=key):
         OptimConfig(**kwargs)
+
+
+def test_a_schedule_whose_every_update_is_zero_is_reported():
+    with pytest.warns(UserWarning, match=r"optim.warmup_steps=1 with 1 step\(s\): every update has learning rate 0"):
+        make_optimizer(OptimConfig(warmup_steps=1), total_steps=1)
+    with pytest.warns(UserWarning, match="every update has learning rate 0"):
+        make_optimizer(OptimConfig(warmup_steps=5), total_steps=1)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        make_optimizer(OptimConfig(warmup_steps=1), total_steps=2)  # the second update has lr > 0
+        make_optimizer(OptimConfig(warmup_steps=0), total_steps=1)

@@ -8,9 +8,10 @@ import numpy as np
 import optax
 import pytest
 from jax.sharding import PartitionSpec as P
-from reference import GRAD_TOL, masked_ce, random_batch, to_numpy
+from reference import GRAD_TOL, llama_logits, masked_ce, random_batch, to_numpy
 
 from sft_sharded import Llama, SFTTrainer, make_mesh
+from sft_sharded.errors import UserError
 from sft_sharded.sharding import unbox
 
 MESHES = [(8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 2, 4)]
@@ -278,3 +279,27 @@ def test_cpu_compiler_options_are_the_default_and_change_no_numbers(tiny_config)
     loss_plain, grads_plain = plain.loss_and_grad(state.params, batch)
     np.testing.assert_allclose(loss_tuned, loss_plain, rtol=1e-6)
     chex.assert_trees_all_close(jax.device_get(grads_tuned), jax.device_get(grads_plain), **GRAD_TOL)
+
+
+def test_labels_out_of_range_are_refused_before_compiling(tiny_config):
+    trainer = SFTTrainer(Llama(tiny_config), optax.sgd(0.1), mesh=make_mesh(2, 2, 2))
+    state = trainer.create_train_state(jax.random.key(0), jnp.zeros((8, 16), jnp.int32))
+    ids = np.ones((8, 16), np.int32)
+    for key, value in (("labels", 64), ("labels", -1), ("input_ids", 70)):
+        batch = {"input_ids": ids.copy(), "labels": ids.copy()}
+        batch[key][3, 5] = value
+        with pytest.raises(UserError, match=rf"batch\['{key}'\] holds {value} \(1 such value"):
+            trainer.train_step(state, batch)
+
+
+def test_minus_100_is_never_a_target_even_under_an_all_ones_loss_mask(tiny_config):
+    """The Hugging Face habit: attention_mask passed as the loss mask. numpy float64 reference."""
+    trainer, state = make_trainer(tiny_config, (2, 2, 2))
+    batch = random_batch(7)
+    batch["labels"][:, ::3] = -100
+    batch["loss_mask"] = np.ones_like(batch["labels"], bool)
+    real = batch["labels"] != -100
+    expected, _ = masked_ce(llama_logits(state.params, tiny_config, batch["input_ids"]), batch["labels"], real)
+    state, metrics = trainer.train_step(state, batch)
+    assert float(metrics["num_tokens"]) == real.sum()
+    np.testing.assert_allclose(float(metrics["loss"]), expected, rtol=1e-5)

@@ -216,7 +216,7 @@ class Trainer(abc.ABC):
         else:
             num_real = jnp.float32(batch["input_ids"].size)
         metrics = {"loss": loss_sum / jnp.maximum(num_tokens, 1.0), "loss_sum": loss_sum, "num_tokens": num_tokens,
-                   "num_real_tokens": num_real, "grad_norm": optax.global_norm(grads), **extra}
+                   "num_real_tokens": num_real, "grad_norm": optax.tree.norm(grads), **extra}
         return TrainState(params, opt_state, state.step + 1), metrics
 
     def _eval_step_fn(self, state: TrainState, batch: Batch):

@@ -1,0 +1,183 @@
+"""The bad-input table: each user mistake gives one line `sft-sharded: error: <place>` and exit status 2
+(1 for a diverged run), no traceback, and loses nothing. `main()` runs in this process (jax already has
+the 8 simulated devices, so `simulate_devices=0`); two cases run the real command in a subprocess."""
+
+import json
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import optax
+import pytest
+from data_fixtures import write_hf_tokenizer
+
+from sft_sharded import Llama, LlamaConfig, SFTTrainer, make_mesh
+from sft_sharded.cli import main
+from sft_sharded.errors import UserError
+from sft_sharded.hf import save_pretrained
+
+FAST = ["simulate_devices=0", "steps=2", "log_every=1", "eval.every=0", "eval.num_generate=2", "data.num_eval=4",
+        "data.batch_size=8", "data.max_length=32"]
+
+
+def cli(capsys, *args):
+    """Exit status and stderr of `sft-sharded ARGS` run in this process."""
+    status = main(list(args))
+    return status, capsys.readouterr().err
+
+
+def assert_one_line(status, err, expected, code=2):
+    lines = [line for line in err.splitlines() if line.startswith("sft-sharded:")]
+    assert status == code, err
+    assert "Traceback" not in err, err
+    assert len(lines) == 1 and lines[0].startswith("sft-sharded: error: "), err
+    assert expected in lines[0], lines[0]
+
+
+def jsonl(path, *records):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
+    return path
+
+
+CHAT = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+
+
+@pytest.mark.parametrize("records, expected", [
+    ([CHAT, '{"messages": [}'], "bad.jsonl:2: malformed JSON"),
+    ([{"prompt": "a", "completion": 5}], "bad.jsonl:1: 'completion' must be a string, got int"),
+    ([{"messages": [{"role": "robot", "content": "x"}]}], "bad.jsonl:1: messages[0] has unknown role 'robot'"),
+    ([{"question": "x"}], "bad.jsonl:1: no known format in keys ['question']"),
+    ([{"text": "x" * 200}] * 3, "none of the 3 records scanned can be trained on: 3 longer than data.max_length=32"),
+])
+def test_bad_data_records(tmp_path, capsys, records, expected):
+    data = jsonl(tmp_path / "bad.jsonl", *records)
+    status, err = cli(capsys, "train", *FAST, f"run_dir={tmp_path / 'run'}", f"data.path={data}",
+                      f"data.eval_path={data}", "data.truncation=drop")
+    assert_one_line(status, err, expected)
+    assert not (tmp_path / "run" / "config.yaml").exists()  # refused before anything was written
+
+
+def test_empty_missing_and_unmatched_data_files(tmp_path, capsys):
+    (tmp_path / "empty.jsonl").write_text("\n")
+    for path, expected in ((tmp_path / "empty.jsonl", "empty.jsonl: the file has no records"),
+                           (tmp_path / "nope.jsonl", "nope.jsonl' is not a file"),
+                           (tmp_path / "*.parquet", "*.parquet' matches no file")):
+        status, err = cli(capsys, "train", *FAST, f"run_dir={tmp_path / 'run'}", f"data.path={path}")
+        assert_one_line(status, err, expected)
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["optim.lrr=0.1"], "unknown config key 'optim.lrr'; did you mean optim.lr"),
+    (["optim.lr=fast"], "optim.lr='fast' must be a number"),
+    (["mesh.data=3"], "mesh data=3 x fsdp=2 x tensor=2 = 12 devices, but 8 devices are available"),
+    (["data.batch_size=6"], "data.batch_size=6 is not divisible by the data-parallel size mesh.data x mesh.fsdp = 4"),
+    (["model.path=/nonexistent"], "model.path='/nonexistent': no config.json in that directory"),
+    (["tokenizer.path=/tmp"], "tokenizer.path='/tmp': no tokenizer.json in that directory"),
+])
+def test_bad_config(tmp_path, capsys, overrides, expected):
+    status, err = cli(capsys, "train", *FAST, f"run_dir={tmp_path / 'run'}", *overrides)
+    assert_one_line(status, err, expected)
+
+
+def write_model_dir(directory, vocab=384, hidden=32):
+    """A tiny Llama written by our own export (no torch needed)."""
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, num_layers=1, num_heads=2, num_kv_heads=1, mlp_dim=64,
+                      max_position_embeddings=256)
+    trainer = SFTTrainer(Llama(cfg), optax.sgd(0.1), mesh=make_mesh(1, 8, 1))
+    state = trainer.create_train_state(jax.random.key(0), jnp.zeros((8, 8), jnp.int32))
+    save_pretrained(state.params, cfg, directory)
+    return directory
+
+
+def test_bad_model_directories(tmp_path, capsys):
+    model = write_model_dir(tmp_path / "m")
+    config = json.loads((model / "config.json").read_text())
+    run = f"run_dir={tmp_path / 'run'}"
+
+    (model / "config.json").write_text(json.dumps({**config, "model_type": "gpt2"}))
+    assert_one_line(*cli(capsys, "train", *FAST, run, f"model.path={model}"), "model_type 'gpt2' is not supported")
+
+    (model / "config.json").write_text(json.dumps({**config, "intermediate_size": 80}))
+    assert_one_line(*cli(capsys, "train", *FAST, run, f"model.path={model}"),
+                    "tensor 'model.layers.0.mlp.gate_proj.weight' has shape (64, 32) in the checkpoint, but the "
+                    "model expects (32, 80)")
+
+    (model / "config.json").write_text(json.dumps({**config, "attention_bias": True}))
+    assert_one_line(*cli(capsys, "train", *FAST, run, f"model.path={model}"),
+                    "the checkpoint lacks 4 tensor(s) this config needs: 'model.layers.0.self_attn.k_proj.bias'")
+
+    small = write_model_dir(tmp_path / "small", vocab=64)
+    assert_one_line(*cli(capsys, "train", *FAST, run, f"model.path={small}"),
+                    "has vocab_size 64, smaller than the tokenizer's 264")
+
+
+def test_chat_template_that_escapes_the_sandbox(tmp_path, capsys):
+    tok = write_hf_tokenizer(tmp_path / "tok", chat_template="{{ messages.__class__.__mro__ }}")
+    data = jsonl(tmp_path / "chats.jsonl", CHAT)
+    status, err = cli(capsys, "train", *FAST, f"run_dir={tmp_path / 'run'}", f"data.path={data}",
+                      f"data.eval_path={data}", f"tokenizer.path={tok}")
+    assert_one_line(status, err, "chats.jsonl:1: the chat template was stopped by the sandbox")
+
+
+def test_run_dir_that_cannot_be_written(tmp_path, capsys):
+    (tmp_path / "a_file").write_text("")
+    status, err = cli(capsys, "train", *FAST, f"run_dir={tmp_path / 'a_file' / 'run'}")
+    assert_one_line(status, err, f"run_dir='{tmp_path / 'a_file' / 'run'}' cannot be written")
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
+    # lr 1e30 makes the first update's weights huge; the second step's gradient is NaN.
+    run = tmp_path / "run"
+    status, err = cli(capsys, "train", *FAST, f"run_dir={run}", "steps=6", "checkpoint.every=1",
+                      "optim.lr=1e30", "optim.warmup_steps=0", "checkpoint.async_save=false")
+    assert_one_line(status, err, "step 2: the loss is", code=1)
+    assert f"the newest checkpoint, {run / 'checkpoints' / '1'}, holds the last good state" in err
+    assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.isdigit()) == ["1"]
+    assert not (run / "final_params").exists()
+
+
+def test_checkpoints_of_another_model_are_refused_and_kept(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", *FAST, f"run_dir={run}", "checkpoint.every=2", "checkpoint.async_save=false"]) == 0
+    before = (run / "config.yaml").read_text()
+    model = write_model_dir(tmp_path / "m")
+    status, err = cli(capsys, "train", *FAST, f"run_dir={run}", "steps=4", f"model.path={model}")
+    assert_one_line(status, err, f"{run / 'checkpoints'}/2 was saved by a different model")
+    assert "params/embedding: (384, 128) saved, (384, 32) now" in err
+    assert (run / "config.yaml").read_text() == before
+    assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.isdigit()) == ["2"]
+
+
+def test_corrupt_newest_checkpoint_falls_back_and_says_so(tmp_path, capsys, caplog):
+    run = tmp_path / "run"
+    assert main(["train", *FAST, f"run_dir={run}", "steps=4", "checkpoint.every=2",
+                 "checkpoint.async_save=false"]) == 0
+    for path in (run / "checkpoints" / "4" / "state").rglob("*"):
+        if path.is_file():
+            path.write_bytes(b"")
+    capsys.readouterr()
+    assert main(["train", *FAST, f"run_dir={run}", "steps=5"]) == 0
+    assert "checkpoint" in caplog.text and "/4 is unusable" in caplog.text
+    assert f"resumed from {run / 'checkpoints'}/2" in capsys.readouterr().out
+
+
+def test_a_bug_keeps_its_traceback_and_debug_shows_user_errors_too(tmp_path):
+    status, err = cli_subprocess("--debug", "train", "optim.lrr=1")
+    assert status == 1 and "Traceback" in err and "ConfigError: unknown config key 'optim.lrr'" in err
+    with pytest.raises(UserError):
+        main(["--debug", "train", "optim.lrr=1"])
+
+
+def cli_subprocess(*args):
+    result = subprocess.run([sys.executable, "-m", "sft_sharded.cli", *args], capture_output=True, text=True,
+                            timeout=300)
+    return result.returncode, result.stderr
+
+
+def test_the_real_command_prints_one_line_for_a_data_mistake(tmp_path):
+    data = jsonl(tmp_path / "bad.jsonl", CHAT, "{not json")
+    status, err = cli_subprocess("train", *FAST[1:], f"run_dir={tmp_path / 'run'}", f"data.path={data}",
+                                 f"data.eval_path={data}")
+    assert status == 2 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1].startswith(f"sft-sharded: error: {data}:2: malformed JSON"), err
