@@ -10,6 +10,7 @@ before the first compile and before anything in the run directory is written.
 from __future__ import annotations
 
 import json
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -85,11 +86,10 @@ def init_state(trainer: SFTTrainer, cfg: TrainConfig) -> TrainState:
 def prepare_run_dir(run_dir: str | Path) -> Path:
     """The run directory, created if needed; a clear error when it cannot be written."""
     path = Path(run_dir)
-    probe = path / ".write-test"
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe.write_text("")
-        probe.unlink()
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):  # one per process: no race
+            pass
     except OSError as err:
         raise UserError(f"run_dir={str(run_dir)!r} cannot be written: {err.strerror or err}") from None
     return path
