@@ -19,6 +19,7 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
+from sft_sharded.data.pipeline import SavedDataState
 from sft_sharded.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -32,15 +33,14 @@ class DataStateHandler(ocp.CheckpointHandler):
         name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
         (directory / name).write_text(json.dumps(args.state))
 
-    def restore(self, directory: epath.Path, args: DataStateRestore | None = None) -> dict:
-        name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
-        path = directory / name
-        if not path.exists():  # saved by another number of processes
-            saved = sorted(p.name for p in directory.glob("process_*-of-*.json"))
-            first = directory / saved[0] if saved else None
-            return {"unavailable": f"{directory} has {saved}, not {name}",
-                    "process_0": json.loads(first.read_text()) if first else None}
-        return json.loads(path.read_text())
+    def restore(self, directory: epath.Path, args: DataStateRestore | None = None) -> SavedDataState:
+        own = directory / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+        saved = sorted(directory.glob("process_*-of-*.json"), key=lambda p: int(p.name.split("_")[1].split("-")[0]))
+        return SavedDataState(
+            own=json.loads(own.read_text()) if own.exists() else None,
+            first=json.loads(saved[0].read_text()) if saved else None,
+            saved_by=int(saved[0].stem.rsplit("-of-", 1)[1]) if saved else 0,
+            where=str(directory))
 
     def metadata(self, directory: epath.Path) -> None:
         return None
@@ -95,7 +95,7 @@ class Checkpointer:
                                   config=ocp.args.JsonSave(config))
         return self._manager.save(step, args=args, force=force)
 
-    def restore_latest(self, abstract_state: Any) -> tuple[Any, dict, int] | None:
+    def restore_latest(self, abstract_state: Any) -> tuple[Any, SavedDataState, int] | None:
         """(state, data state, step) from the newest checkpoint that restores; None when there is none.
 
         A checkpoint that fails to restore (truncated, corrupt) is reported and the previous one is tried;

@@ -23,7 +23,7 @@ def _generate(model: Llama, params, ids_BxP, segment_ids_BxP, max_new_tokens: in
     batch, prompt_len = ids_BxP.shape
     cache = init_cache(cfg, batch, prompt_len + max_new_tokens)
     positions_BxP = jnp.maximum(jnp.cumsum(segment_ids_BxP, axis=1) - 1, 0).astype(jnp.int32)
-    logits, cache = model.apply({"params": params}, ids_BxP, positions_BxP, segment_ids_BxP, cache=cache)
+    logits, cache = model.apply({"params": params}, ids_BxP, positions_BxP, segment_ids_BxP, cache, method="decode")
     token_B = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
     next_pos_B = positions_BxP[:, -1] + 1
     out_BxN = jnp.zeros((batch, max_new_tokens), jnp.int32).at[:, 0].set(token_B)
@@ -32,7 +32,7 @@ def _generate(model: Llama, params, ids_BxP, segment_ids_BxP, max_new_tokens: in
         token_B, out_BxN, cache = carry
         logits, cache = model.apply(
             {"params": params}, token_B[:, None], (next_pos_B + i - 1)[:, None],
-            jnp.ones((batch, 1), jnp.int32), cache=cache,
+            jnp.ones((batch, 1), jnp.int32), cache, method="decode",
         )
         token_B = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
         return token_B, out_BxN.at[:, i].set(token_B), cache
@@ -53,7 +53,8 @@ def greedy_generate(trainer, params, prompts: Sequence[Sequence[int]], max_new_t
         ids[r, prompt_len - len(prompt) :] = prompt
         segments[r, prompt_len - len(prompt) :] = 1
     segments[len(prompts) :, -1] = 1  # filler rows: one visible token so nothing is empty
-    fn = _compiled(trainer, max_new_tokens)
+    params_sh = sharding.shardings_of(params)
+    fn = _compiled(trainer, max_new_tokens, jax.tree.structure(params_sh), tuple(jax.tree.leaves(params_sh)))
     batch_sh = sharding.batch_sharding(trainer.mesh)
     with trainer.activate():
         out = fn(params, sharding.host_to_global(ids, batch_sh), sharding.host_to_global(segments, batch_sh))
@@ -70,11 +71,12 @@ def greedy_generate(trainer, params, prompts: Sequence[Sequence[int]], max_new_t
 
 
 @functools.lru_cache(maxsize=8)
-def _compiled(trainer, max_new_tokens: int):
+def _compiled(trainer, max_new_tokens: int, params_treedef, params_shardings: tuple):
+    """The generation function for params laid out as given (the cache key is their sharding)."""
     batch_sh = sharding.batch_sharding(trainer.mesh)
     return jax.jit(
         functools.partial(_generate, trainer.model, max_new_tokens=max_new_tokens),
-        in_shardings=(trainer.state_shardings.params, batch_sh, batch_sh),
+        in_shardings=(jax.tree.unflatten(params_treedef, params_shardings), batch_sh, batch_sh),
         out_shardings=batch_sh,
     )
 

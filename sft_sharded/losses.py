@@ -15,7 +15,12 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-IGNORE_INDEX = -100
+from sft_sharded.batch import IGNORE_INDEX
+
+
+def safe_mean(total: jax.Array, count: jax.Array) -> jax.Array:
+    """total / count, and 0 (not NaN) when nothing was counted: an all-masked batch has loss 0."""
+    return total / jnp.maximum(count, 1.0)
 
 
 class LossTerms(NamedTuple):
@@ -25,7 +30,7 @@ class LossTerms(NamedTuple):
     num_tokens: jax.Array
 
     def mean(self) -> jax.Array:
-        return self.loss_sum / jnp.maximum(self.num_tokens, 1.0)
+        return safe_mean(self.loss_sum, self.num_tokens)
 
 
 def target_mask(batch: Mapping[str, jax.Array], pad_label_id: int | None = 0) -> jax.Array:

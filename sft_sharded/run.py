@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from sft_sharded import hf
 from sft_sharded.checkpoint import FINAL_PARAMS, Checkpointer, load_params, save_params
 from sft_sharded.config import TrainConfig, dump_config, load_config, to_dict
-from sft_sharded.data.pipeline import make_iterator, open_records, scan_counts
+from sft_sharded.data.pipeline import make_iterator, open_records, resume_iterator, scan_counts
 from sft_sharded.data.tokenizers import load_tokenizer
 from sft_sharded.errors import TrainingDiverged, UserError
 from sft_sharded.models import Llama, LlamaConfig, preset
@@ -115,20 +115,13 @@ def restore_or_init(trainer: SFTTrainer, cfg: TrainConfig, tokenizer, ckpt: Chec
     """(state, this process's batch iterator, resumed step): from the newest usable checkpoint, state and
     data position together, else a fresh state and the data from the start."""
     shard = dict(process_index=jax.process_index(), process_count=jax.process_count())
-    batches = make_iterator(cfg.data, tokenizer, seed=cfg.seed, **shard)
     restored = ckpt.restore_latest(abstract_state(trainer, cfg))
     if restored is None:
-        return init_state(trainer, cfg), batches, 0
-    state, data_state, step = restored
-    if "unavailable" in data_state and cfg.data.shard_by == "rows":
-        batches.set_state(data_state["process_0"])  # every process has the same stream: any state fits
-    elif "unavailable" in data_state:
-        # Another process count shards the records differently: restart the order with a new shuffle
-        # seed rather than replay the first batches (model and optimizer state are exact).
-        batches = make_iterator(cfg.data, tokenizer, seed=cfg.seed + step, **shard)
-        say(f"warning: {data_state['unavailable']}; the data order restarts (seed {cfg.seed + step})")
-    else:
-        batches.set_state(data_state)
+        return init_state(trainer, cfg), make_iterator(cfg.data, tokenizer, seed=cfg.seed, **shard), 0
+    state, saved, step = restored
+    batches, note = resume_iterator(cfg.data, tokenizer, saved, seed=cfg.seed, step=step, **shard)
+    if note:
+        say(f"warning: {note}")
     say(f"resumed from {ckpt.directory}/{step}")
     return state, batches, step
 

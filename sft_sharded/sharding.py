@@ -129,6 +129,11 @@ def tree_shardings(abstract_boxed: Any, mesh: Mesh, rules=LOGICAL_AXIS_RULES) ->
     return jax.tree_util.tree_map_with_path(one, abstract_boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
 
 
+def shardings_of(tree: Any) -> Any:
+    """The sharding of every leaf (arrays and ShapeDtypeStructs alike)."""
+    return jax.tree.map(lambda x: x.sharding, tree)
+
+
 def unbox(tree: Any) -> Any:
     """Take `.value` of every `nn.Partitioned` leaf without applying sharding constraints."""
     return jax.tree.map(

@@ -124,6 +124,10 @@ def _trainer(tiny_config, mesh):
     return trainer, trainer.create_train_state(jax.random.key(0), jnp.zeros((8, 16), jnp.int32))
 
 
+def _abstract(trainer):
+    return trainer.abstract_train_state(jax.random.key(0), jnp.zeros((8, 16), jnp.int32))
+
+
 def test_restore_onto_other_meshes_gives_equal_values(tiny_config, tmp_path):
     trainer, state = _trainer(tiny_config, make_mesh(2, 2, 2))
     ids = np.random.default_rng(0).integers(1, 64, (8, 16)).astype(np.int32)
@@ -135,12 +139,12 @@ def test_restore_onto_other_meshes_gives_equal_values(tiny_config, tmp_path):
     ckpt.close()
     for mesh in (make_mesh(1, 8, 1), make_mesh(8, 1, 1), make_mesh(1, 1, 1, devices=jax.devices()[:1])):
         target_trainer, _ = _trainer(tiny_config, mesh)
-        restored, data, step = Checkpointer(tmp_path, every=1, keep=2).restore_latest(target_trainer.abstract_state)
-        assert step == 2 and data == {"chunks": {}, "taken": 0}
+        restored, data, step = Checkpointer(tmp_path, every=1, keep=2).restore_latest(_abstract(target_trainer))
+        assert step == 2 and data.own == {"chunks": {}, "taken": 0} and data.saved_by == 1
         chex.assert_trees_all_equal(jax.device_get(restored), expected)
         wq = restored.params["layer_0"]["attn"]["wq"]
         assert wq.sharding.mesh.shape == mesh.shape
-        assert wq.sharding == target_trainer.abstract_state.params["layer_0"]["attn"]["wq"].sharding
+        assert wq.sharding == _abstract(target_trainer).params["layer_0"]["attn"]["wq"].sharding
 
 
 def test_corrupt_newest_checkpoint_falls_back_then_errors(tiny_config, tmp_path, caplog):
@@ -159,14 +163,14 @@ def test_corrupt_newest_checkpoint_falls_back_then_errors(tiny_config, tmp_path,
         shutil.rmtree(tmp_path / str(step) / "state" / "d", ignore_errors=True)
 
     corrupt(2)
-    _, data, step = Checkpointer(tmp_path, every=1, keep=3).restore_latest(trainer.abstract_state)
-    assert step == 1 and data == {"step": 1}
+    _, data, step = Checkpointer(tmp_path, every=1, keep=3).restore_latest(_abstract(trainer))
+    assert step == 1 and data.own == {"step": 1}
     assert "checkpoint" in caplog.text and "unusable" in caplog.text
     corrupt(1)
     with pytest.raises(RuntimeError, match=f"{tmp_path}: no usable checkpoint among steps \\[1, 2\\]"):
-        Checkpointer(tmp_path, every=1, keep=3).restore_latest(trainer.abstract_state)
+        Checkpointer(tmp_path, every=1, keep=3).restore_latest(_abstract(trainer))
 
 
 def test_no_checkpoint_returns_none(tiny_config, tmp_path):
     trainer, _ = _trainer(tiny_config, make_mesh(1, 8, 1))
-    assert Checkpointer(tmp_path / "none", every=1, keep=1).restore_latest(trainer.abstract_state) is None
+    assert Checkpointer(tmp_path / "none", every=1, keep=1).restore_latest(_abstract(trainer)) is None

@@ -56,8 +56,8 @@ def hf_logits(model, ids):
 def import_model(directory, mesh_shape=(2, 2, 2), **overrides):
     cfg = config_from_hf(directory, **overrides)
     trainer = SFTTrainer(Llama(cfg), optax.sgd(0.1), mesh=make_mesh(*mesh_shape))
-    trainer.create_train_state(jax.random.key(0), jnp.zeros((8, 16), jnp.int32))
-    return trainer, cfg, load_params(directory, cfg, trainer.abstract_state.params)
+    abstract = trainer.abstract_train_state(jax.random.key(0), jnp.zeros((8, 16), jnp.int32))
+    return trainer, cfg, load_params(directory, cfg, abstract.params)
 
 
 @pytest.mark.parametrize("kind", sorted(FAMILIES))
@@ -150,8 +150,9 @@ def test_fine_tune_a_local_hf_directory_and_export_it(tmp_path):
     assert np.abs(hf_logits(tuned, ids) - hf_logits(original, ids)).max() > 1e-3  # it did train
     from sft_sharded.checkpoint import load_params as load_final
 
-    trainer, _, _ = import_model(hf_dir, (2, 2, 2))
-    params = load_final(run, trainer.abstract_state.params)
+    trainer, _, imported = import_model(hf_dir, (2, 2, 2))
+    params = load_final(run, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                                          imported))
     ours = np.asarray(jax.jit(trainer.model.apply)({"params": params}, ids.astype(np.int32)))
     assert np.abs(hf_logits(tuned, ids) - ours).max() <= 1e-4
 

@@ -8,7 +8,7 @@ import pytest
 
 from sft_sharded.config import DataConfig
 from sft_sharded.data.packing import unpack
-from sft_sharded.data.pipeline import make_iterator, scan_counts
+from sft_sharded.data.pipeline import SavedDataState, make_iterator, resume_iterator, scan_counts
 from sft_sharded.data.sources import JsonlSource, ParquetSource
 from sft_sharded.data.tokenizers import ByteTokenizer
 
@@ -73,6 +73,32 @@ def test_resume_from_saved_state_yields_the_same_batches(numbered):
         got = next(resumed)
         for key in want:
             np.testing.assert_array_equal(got[key], want[key])
+
+
+def test_resume_picks_the_saved_state_that_fits_this_process_count(numbered):
+    def batches(it, n=3):
+        return [texts_of(next(it)) for _ in range(n)]
+
+    cfg = DataConfig(path=str(numbered), batch_size=4, pack_buffer=8, max_length=32, packing=False)
+    it = make_iterator(cfg, TOK, seed=1)
+    batches(it, 2)
+    state = it.get_state()
+    expected = batches(it)
+    same = SavedDataState(own=state, first=state, saved_by=1, where="ckpt/5/data")
+    resumed, note = resume_iterator(cfg, TOK, same, seed=1, step=5)
+    assert note is None and batches(resumed) == expected
+    # saved by 2 processes, resumed by 1: with shard_by="rows" any process's state is the global position
+    rows = dataclasses.replace(cfg, shard_by="rows")
+    it = make_iterator(rows, TOK, seed=1, process_index=0, process_count=2)
+    batches(it, 2)
+    other = SavedDataState(own=None, first=it.get_state(), saved_by=2, where="ckpt/5/data")
+    expected = batches(make_iterator(rows, TOK, seed=1), 5)[2:]
+    resumed, note = resume_iterator(rows, TOK, other, seed=1, step=5)
+    assert note is None and batches(resumed) == expected
+    # records sharded for 2 processes cannot be continued by 1: a new order, said so
+    resumed, note = resume_iterator(cfg, TOK, other, seed=1, step=5)
+    assert note == "ckpt/5/data holds the data state of 2 process(es), not 1; the data order restarts (seed 6)"
+    assert batches(resumed) == batches(make_iterator(cfg, TOK, seed=6))
 
 
 def test_epochs_reshuffle_and_seed_matters(numbered):

@@ -25,6 +25,17 @@ from sft_sharded.errors import UserError
 log = logging.getLogger(__name__)
 
 
+@dataclasses.dataclass(frozen=True)
+class SavedDataState:
+    """The data-iterator states of a checkpoint: this process's own (None when another number of
+    processes saved it), process 0's, and how many processes saved it."""
+
+    own: dict | None
+    first: dict | None
+    saved_by: int
+    where: str  # the checkpoint's data directory, for messages
+
+
 class ConcatSource:
     def __init__(self, sources):
         self.sources = list(sources)
@@ -195,6 +206,27 @@ def make_iterator(cfg: DataConfig, tokenizer, *, split: str = "train", seed: int
         chunks = chunks.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.worker_count))
     return BatchIterator(chunks, rows, cfg, pad_last=split == "eval", keep=keep,
                          same_rows_everywhere=process_count == 1 or cfg.shard_by == "rows")
+
+
+def resume_iterator(cfg: DataConfig, tokenizer, saved: SavedDataState, *, seed: int, step: int,
+                    process_index: int = 0, process_count: int = 1) -> tuple[BatchIterator, str | None]:
+    """This process's iterator positioned where a checkpoint left the data, and a note when it cannot be.
+
+    Saved by as many processes: each takes its own state. With `shard_by="rows"` every process builds the
+    same global stream, so any saved state fits any process count. Otherwise the records were sharded
+    for another process count: the order restarts with a new shuffle seed (`seed + step`) rather than
+    replaying the first batches (model and optimizer state are exact either way)."""
+    shard = dict(process_index=process_index, process_count=process_count)
+    batches = make_iterator(cfg, tokenizer, seed=seed, **shard)
+    if saved.own is not None:
+        batches.set_state(saved.own)
+        return batches, None
+    if cfg.shard_by == "rows" and saved.first is not None:
+        batches.set_state(saved.first)
+        return batches, None
+    note = (f"{saved.where} holds the data state of {saved.saved_by} process(es), not {process_count}; the data "
+            f"order restarts (seed {seed + step})")
+    return make_iterator(cfg, tokenizer, seed=seed + step, **shard), note
 
 
 def scan_counts(cfg: DataConfig, tokenizer, seed: int, limit: int = 10_000) -> collections.Counter:

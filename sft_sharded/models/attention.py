@@ -53,9 +53,9 @@ def attention_mask(q_len: int, kv_len: int, q_offset, q_segment_ids, kv_segment_
 
 
 def dot_product_attention(
-    q_BxTxNxD: jax.Array,
-    k_BxSxKxD: jax.Array,
-    v_BxSxKxD: jax.Array,
+    q_BxTxNxH: jax.Array,
+    k_BxSxKxH: jax.Array,
+    v_BxSxKxH: jax.Array,
     segment_ids_BxT: jax.Array | None = None,
     kv_segment_ids_BxS: jax.Array | None = None,
     q_offset: jax.Array | int = 0,
@@ -63,19 +63,19 @@ def dot_product_attention(
 ) -> jax.Array:
     """The reference: grouped-query causal attention; N query heads share K kv heads (N % K == 0). Softmax
     in float32. Without `kv_segment_ids_BxS` keys use the queries' segment ids (self-attention)."""
-    batch, length, num_heads, head_dim = q_BxTxNxD.shape
-    kv_len, num_kv = k_BxSxKxD.shape[1], k_BxSxKxD.shape[2]
+    batch, length, num_heads, head_dim = q_BxTxNxH.shape
+    kv_len, num_kv = k_BxSxKxH.shape[1], k_BxSxKxH.shape[2]
     group = num_heads // num_kv
-    q_BxTxKxGxD = q_BxTxNxD.reshape(batch, length, num_kv, group, head_dim)
+    q_BxTxKxGxH = q_BxTxNxH.reshape(batch, length, num_kv, group, head_dim)
     scores_BxKxGxTxS = jnp.einsum(
-        "btkgd,bskd->bkgts", q_BxTxKxGxD, k_BxSxKxD, preferred_element_type=jnp.float32
+        "btkgd,bskd->bkgts", q_BxTxKxGxH, k_BxSxKxH, preferred_element_type=jnp.float32
     ) / jnp.sqrt(jnp.float32(head_dim))
     kv_segments = segment_ids_BxT if kv_segment_ids_BxS is None else kv_segment_ids_BxS
     mask = attention_mask(length, kv_len, q_offset, segment_ids_BxT, kv_segments, window)
     scores_BxKxGxTxS = jnp.where(mask, scores_BxKxGxTxS, _MASKED)
-    probs_BxKxGxTxS = jax.nn.softmax(scores_BxKxGxTxS, axis=-1).astype(v_BxSxKxD.dtype)
-    out_BxTxKxGxD = jnp.einsum("bkgts,bskd->btkgd", probs_BxKxGxTxS, v_BxSxKxD)
-    return out_BxTxKxGxD.reshape(batch, length, num_heads, head_dim)
+    probs_BxKxGxTxS = jax.nn.softmax(scores_BxKxGxTxS, axis=-1).astype(v_BxSxKxH.dtype)
+    out_BxTxKxGxH = jnp.einsum("bkgts,bskd->btkgd", probs_BxKxGxTxS, v_BxSxKxH)
+    return out_BxTxKxGxH.reshape(batch, length, num_heads, head_dim)
 
 
 def resolve(implementation: str, dtype, head_dim: int, length: int) -> str:
@@ -97,39 +97,39 @@ def resolve(implementation: str, dtype, head_dim: int, length: int) -> str:
 
 
 def attention(
-    q_BxTxNxD: jax.Array,
-    k_BxTxKxD: jax.Array,
-    v_BxTxKxD: jax.Array,
+    q_BxTxNxH: jax.Array,
+    k_BxTxKxH: jax.Array,
+    v_BxTxKxH: jax.Array,
     segment_ids_BxT: jax.Array | None = None,
     implementation: str = "auto",
     window: int | None = None,
 ) -> jax.Array:
     """Causal self-attention over one sequence per row (training and evaluation; decoding with a KV
-    cache calls `dot_product_attention`), optionally over a sliding `window` of keys. Output [B, T, N, D]
+    cache calls `dot_product_attention`), optionally over a sliding `window` of keys. Output [B, T, N, H]
     in the inputs' dtype."""
-    batch, length, num_heads, head_dim = q_BxTxNxD.shape
-    impl = resolve(implementation, q_BxTxNxD.dtype, head_dim, length)
+    batch, length, num_heads, head_dim = q_BxTxNxH.shape
+    impl = resolve(implementation, q_BxTxNxH.dtype, head_dim, length)
     if impl == "reference":
-        return dot_product_attention(q_BxTxNxD, k_BxTxKxD, v_BxTxKxD, segment_ids_BxT, window=window)
+        return dot_product_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, window=window)
     if impl in ("cudnn", "splash"):
         from sft_sharded.models import attention_kernels
 
-        return getattr(attention_kernels, impl)(q_BxTxNxD, k_BxTxKxD, v_BxTxKxD, segment_ids_BxT, window)
-    num_kv = k_BxTxKxD.shape[2]
-    q_BxTxKxGxD = q_BxTxNxD.reshape(batch, length, num_kv, num_heads // num_kv, head_dim)
-    out_BxTxKxGxD = _blocked(q_BxTxKxGxD, k_BxTxKxD, v_BxTxKxD, segment_ids_BxT, _block_size(length), window)
-    return out_BxTxKxGxD.reshape(batch, length, num_heads, head_dim)
+        return getattr(attention_kernels, impl)(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, window)
+    num_kv = k_BxTxKxH.shape[2]
+    q_BxTxKxGxH = q_BxTxNxH.reshape(batch, length, num_kv, num_heads // num_kv, head_dim)
+    out_BxTxKxGxH = _blocked(q_BxTxKxGxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, _block_size(length), window)
+    return out_BxTxKxGxH.reshape(batch, length, num_heads, head_dim)
 
 
 # --- "xla": blocked causal attention with a recomputing backward pass --------------------------------------
-def _block_scores(q_BxCxKxGxD, k_BxExKxD, segment_ids, start: int, first: int, window) -> jax.Array:
+def _block_scores(q_BxCxKxGxH, k_BxExKxH, segment_ids, start: int, first: int, window) -> jax.Array:
     """Masked, scaled float32 scores of the query block starting at `start` against keys [first, end)."""
-    end = first + k_BxExKxD.shape[1]
-    scores = jnp.einsum("btkgd,bskd->bkgts", q_BxCxKxGxD, k_BxExKxD, preferred_element_type=jnp.float32)
-    scores = scores / np.sqrt(q_BxCxKxGxD.shape[-1]).astype(np.float32)
-    q_segments = None if segment_ids is None else segment_ids[:, start:start + q_BxCxKxGxD.shape[1]]
+    end = first + k_BxExKxH.shape[1]
+    scores = jnp.einsum("btkgd,bskd->bkgts", q_BxCxKxGxH, k_BxExKxH, preferred_element_type=jnp.float32)
+    scores = scores / np.sqrt(q_BxCxKxGxH.shape[-1]).astype(np.float32)
+    q_segments = None if segment_ids is None else segment_ids[:, start:start + q_BxCxKxGxH.shape[1]]
     kv_segments = None if segment_ids is None else segment_ids[:, first:end]
-    mask = attention_mask(q_BxCxKxGxD.shape[1], end - first, start - first, q_segments, kv_segments, window)
+    mask = attention_mask(q_BxCxKxGxH.shape[1], end - first, start - first, q_segments, kv_segments, window)
     return jnp.where(mask, scores, _MASKED)
 
 
@@ -144,8 +144,8 @@ def _spans(length: int, block: int, window: int | None):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _blocked(q_BxTxKxGxD, k_BxTxKxD, v_BxTxKxD, segment_ids_BxT, block: int, window: int | None = None):
-    return _blocked_fwd(q_BxTxKxGxD, k_BxTxKxD, v_BxTxKxD, segment_ids_BxT, block, window)[0]
+def _blocked(q_BxTxKxGxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, block: int, window: int | None = None):
+    return _blocked_fwd(q_BxTxKxGxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, block, window)[0]
 
 
 def _blocked_fwd(q, k, v, segment_ids, block, window):
@@ -157,8 +157,8 @@ def _blocked_fwd(q, k, v, segment_ids, block, window):
         row_sum = jnp.sum(unnorm, axis=-1, keepdims=True)
         outs.append(jnp.einsum("bkgts,bskd->btkgd", (unnorm / row_sum).astype(v.dtype), v[:, first:end]))
         lses.append((row_max + jnp.log(row_sum))[..., 0])
-    out_BxTxKxGxD = jnp.concatenate(outs, axis=1)
-    return out_BxTxKxGxD, (q, k, v, segment_ids, out_BxTxKxGxD, jnp.concatenate(lses, axis=-1))
+    out_BxTxKxGxH = jnp.concatenate(outs, axis=1)
+    return out_BxTxKxGxH, (q, k, v, segment_ids, out_BxTxKxGxH, jnp.concatenate(lses, axis=-1))
 
 
 def _blocked_bwd(block, window, residuals, d_out):

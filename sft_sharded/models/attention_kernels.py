@@ -1,6 +1,6 @@
 """Fused attention kernels: cuDNN flash attention (GPU) and Pallas splash attention (TPU).
 
-Both take [B, T, N, D] queries and [B, T, K, D] keys/values (N % K == 0), are causal and keep tokens
+Both take [B, T, N, H] queries and [B, T, K, H] keys/values (N % K == 0), are causal and keep tokens
 of different `segment_ids` apart. `models/attention.py` chooses between them and the XLA paths.
 """
 
@@ -19,7 +19,7 @@ Q_AXES = ("batch", "length", "act_heads", "head_dim")
 KV_AXES = ("batch", "length", "act_kv_heads", "head_dim")
 
 
-def cudnn(q_BxTxNxD, k_BxTxKxD, v_BxTxKxD, segment_ids_BxT=None, window: int | None = None) -> jax.Array:
+def cudnn(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT=None, window: int | None = None) -> jax.Array:
     """cuDNN flash attention with its causal mask (and sliding window). Packed rows add a [B, 1, T, T]
     same-segment mask (cuDNN folds it into a bias: B·T² elements, not B·N·T² scores); rows without packing
     need none."""
@@ -27,7 +27,7 @@ def cudnn(q_BxTxNxD, k_BxTxKxD, v_BxTxKxD, segment_ids_BxT=None, window: int | N
     if segment_ids_BxT is not None:
         mask = (segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :])[:, None]
     return jax.nn.dot_product_attention(
-        q_BxTxNxD, k_BxTxKxD, v_BxTxKxD, mask=mask, is_causal=True, implementation="cudnn",
+        q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask=mask, is_causal=True, implementation="cudnn",
         local_window_size=None if window is None else (window - 1, 0),  # left keys besides the query's own
     )
 
@@ -39,7 +39,7 @@ def _block(length: int) -> int:
     raise ValueError(f"splash attention needs a sequence length divisible by 128, got {length}")
 
 
-def _splash_local(q_BxTxNxD, k_BxTxKxD, v_BxTxKxD, segment_ids_BxT, interpret: bool, window: int | None):
+def _splash_local(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, interpret: bool, window: int | None):
     """Splash attention on one device's block: an MQA kernel per kv head (its G query heads share it)."""
     from jax.experimental.pallas.ops.tpu.splash_attention import (
         splash_attention_kernel as kernels,
@@ -48,8 +48,8 @@ def _splash_local(q_BxTxNxD, k_BxTxKxD, v_BxTxKxD, segment_ids_BxT, interpret: b
         splash_attention_mask as masks,
     )
 
-    batch, length, num_heads, head_dim = q_BxTxNxD.shape
-    num_kv = k_BxTxKxD.shape[2]
+    batch, length, num_heads, head_dim = q_BxTxNxH.shape
+    num_kv = k_BxTxKxH.shape[2]
     group = num_heads // num_kv
     size = _block(length)
     blocks = kernels.BlockSizes(
@@ -64,33 +64,33 @@ def _splash_local(q_BxTxNxD, k_BxTxKxD, v_BxTxKxD, segment_ids_BxT, interpret: b
     kernel = kernels.make_splash_mqa(mask, block_sizes=blocks, head_shards=1, q_seq_shards=1, interpret=interpret)
     # The kernel does not scale the scores; scale q in float32 before it goes back to the input dtype.
     scale = 1.0 / np.sqrt(head_dim)
-    q_BxKxGxTxD = (q_BxTxNxD.astype(jnp.float32) * scale).astype(q_BxTxNxD.dtype)
-    q_BxKxGxTxD = q_BxKxGxTxD.reshape(batch, length, num_kv, group, head_dim).transpose(0, 2, 3, 1, 4)
-    k_BxKxTxD = k_BxTxKxD.transpose(0, 2, 1, 3)
-    v_BxKxTxD = v_BxTxKxD.transpose(0, 2, 1, 3)
+    q_BxKxGxTxH = (q_BxTxNxH.astype(jnp.float32) * scale).astype(q_BxTxNxH.dtype)
+    q_BxKxGxTxH = q_BxKxGxTxH.reshape(batch, length, num_kv, group, head_dim).transpose(0, 2, 3, 1, 4)
+    k_BxKxTxH = k_BxTxKxH.transpose(0, 2, 1, 3)
+    v_BxKxTxH = v_BxTxKxH.transpose(0, 2, 1, 3)
 
-    def one_head(q_GxTxD, k_TxD, v_TxD, segments_T):
+    def one_head(q_GxTxH, k_TxH, v_TxH, segments_T):
         ids = None if segments_T is None else kernels.SegmentIds(q=segments_T, kv=segments_T)
-        return kernel(q_GxTxD, k_TxD, v_TxD, segment_ids=ids)
+        return kernel(q_GxTxH, k_TxH, v_TxH, segment_ids=ids)
 
     per_row = jax.vmap(one_head, in_axes=(0, 0, 0, None))  # over kv heads
-    out_BxKxGxTxD = jax.vmap(per_row, in_axes=(0, 0, 0, 0 if segment_ids_BxT is not None else None))(
-        q_BxKxGxTxD, k_BxKxTxD, v_BxKxTxD, segment_ids_BxT
+    out_BxKxGxTxH = jax.vmap(per_row, in_axes=(0, 0, 0, 0 if segment_ids_BxT is not None else None))(
+        q_BxKxGxTxH, k_BxKxTxH, v_BxKxTxH, segment_ids_BxT
     )
-    return out_BxKxGxTxD.transpose(0, 3, 1, 2, 4).reshape(batch, length, num_heads, head_dim)
+    return out_BxKxGxTxH.transpose(0, 3, 1, 2, 4).reshape(batch, length, num_heads, head_dim)
 
 
-def splash(q_BxTxNxD, k_BxTxKxD, v_BxTxKxD, segment_ids_BxT=None, window: int | None = None) -> jax.Array:
+def splash(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT=None, window: int | None = None) -> jax.Array:
     """Splash attention, per device under the mesh (a Pallas call is not partitioned by XLA): batch split
     like the activations, heads split on the tensor axis when both q and kv heads divide it."""
     local = functools.partial(_splash_local, interpret=current_platform() != "tpu", window=window)
-    q_spec = activation_spec(q_BxTxNxD.shape, Q_AXES)
+    q_spec = activation_spec(q_BxTxNxH.shape, Q_AXES)
     if q_spec is None:  # no mesh: one device
-        return local(q_BxTxNxD, k_BxTxKxD, v_BxTxKxD, segment_ids_BxT)
-    kv_spec = activation_spec(k_BxTxKxD.shape, KV_AXES)
+        return local(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT)
+    kv_spec = activation_spec(k_BxTxKxH.shape, KV_AXES)
     if q_spec[2] != kv_spec[2]:  # heads must split alike, or a device's q heads lose their kv heads
         q_spec = P(q_spec[0], None, None, None)
         kv_spec = P(kv_spec[0], None, None, None)
     segments_spec = None if segment_ids_BxT is None else P(q_spec[0], None)  # None: no leaves to split
     fn = jax.shard_map(local, in_specs=(q_spec, kv_spec, kv_spec, segments_spec), out_specs=q_spec, check_vma=False)
-    return fn(q_BxTxNxD, k_BxTxKxD, v_BxTxKxD, segment_ids_BxT)
+    return fn(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT)

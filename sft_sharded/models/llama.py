@@ -125,18 +125,18 @@ def _llama3_scaling(inv_freq: jax.Array, scaling: tuple[tuple[str, float], ...])
     return (1 - blend) * inv_freq / factor + blend * inv_freq
 
 
-def rope(x_BxTxNxD: jax.Array, positions_BxT: jax.Array, theta: float, scaling=None) -> jax.Array:
-    """Rotary embedding, rotate-half layout, angles in float32."""
-    head_dim = x_BxTxNxD.shape[-1]
+def rope(x_BxTxNxH: jax.Array, positions_BxT: jax.Array, theta: float, scaling=None) -> jax.Array:
+    """Rotary embedding, rotate-half layout, angles in float32 (N: any number of heads)."""
+    head_dim = x_BxTxNxH.shape[-1]
     inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
     if scaling is not None:
         inv_freq = _llama3_scaling(inv_freq, scaling)
-    angles_BxTxH = positions_BxT.astype(jnp.float32)[..., None] * inv_freq
-    angles_BxTxD = jnp.concatenate([angles_BxTxH, angles_BxTxH], axis=-1)[:, :, None, :]
-    x = x_BxTxNxD.astype(jnp.float32)
+    half_BxTxH2 = positions_BxT.astype(jnp.float32)[..., None] * inv_freq
+    angles_BxTx1xH = jnp.concatenate([half_BxTxH2, half_BxTxH2], axis=-1)[:, :, None, :]
+    x = x_BxTxNxH.astype(jnp.float32)
     x1, x2 = jnp.split(x, 2, axis=-1)
     rotated = jnp.concatenate([-x2, x1], axis=-1)
-    return (x * jnp.cos(angles_BxTxD) + rotated * jnp.sin(angles_BxTxD)).astype(x_BxTxNxD.dtype)
+    return (x * jnp.cos(angles_BxTx1xH) + rotated * jnp.sin(angles_BxTx1xH)).astype(x_BxTxNxH.dtype)
 
 
 class Attention(nn.Module):
@@ -225,18 +225,35 @@ _REMAT_POLICIES = {
 
 
 class Llama(nn.Module):
-    """`apply({'params': p}, input_ids_BxT, positions=None, segment_ids=None) -> logits_BxTxV` (float32).
+    """The decoder. Entry points (`apply(variables, ..., method=...)`):
 
-    With `cache` (from `init_cache`) it decodes: the tokens are written at `cache["index"]` and it returns
-    `(logits, new_cache)`.
+    - `__call__(input_ids_BxT, positions=None, segment_ids=None) -> logits_BxTxV` (float32);
+    - `hidden_and_head(...) -> (hidden_BxTxD, head_DxV)`: the final hidden states and the output head, for
+      a loss that projects chunk by chunk (`losses.chunked_cross_entropy`);
+    - `decode(input_ids_BxT, positions, segment_ids, cache) -> (logits_BxTxV, cache)`: writes the tokens
+      at `cache["index"]` of a KV cache from `init_cache`.
+
+    Shape letters, here and in every module of the model: B batch, T length (S: the KV cache's length),
+    D model width (`hidden_size`), N query heads, K kv heads, H head dim, F MLP width, V vocabulary.
     """
 
     config: LlamaConfig
 
+    def __call__(self, input_ids_BxT, positions=None, segment_ids=None):
+        x_BxTxD, head_DxV, _ = self._forward(input_ids_BxT, positions, segment_ids, None)
+        return _logits(x_BxTxD, head_DxV)
+
+    def hidden_and_head(self, input_ids_BxT, positions=None, segment_ids=None):
+        x_BxTxD, head_DxV, _ = self._forward(input_ids_BxT, positions, segment_ids, None)
+        return x_BxTxD, head_DxV
+
+    def decode(self, input_ids_BxT, positions, segment_ids, cache):
+        x_BxTxD, head_DxV, new_cache = self._forward(input_ids_BxT, positions, segment_ids, cache)
+        return _logits(x_BxTxD, head_DxV), new_cache
+
     @nn.compact
-    def __call__(self, input_ids_BxT, positions=None, segment_ids=None, cache=None, return_hidden=False):
-        """`return_hidden=True` returns (final hidden states, output head [D, V]) instead of logits, for a
-        loss that projects chunk by chunk (`losses.chunked_cross_entropy`)."""
+    def _forward(self, input_ids_BxT, positions, segment_ids, cache):
+        """(final hidden states, output head, updated cache or None)."""
         cfg = self.config
         batch, length = input_ids_BxT.shape
         if positions is None:
@@ -286,14 +303,15 @@ class Llama(nn.Module):
             head_DxV = _weight(
                 self, "lm_head", (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), nn.initializers.normal(cfg.init_std)
             )
-        if return_hidden:
-            return x_BxTxD, head_DxV
-        logits_BxTxV = jnp.einsum("btd,dv->btv", x_BxTxD, head_DxV, preferred_element_type=jnp.float32)
-        logits_BxTxV = constrain(logits_BxTxV, ("batch", "length", "act_vocab"))
-        if cache is None:
-            return logits_BxTxV
-        new_cache = {"layers": new_layers, "segment_ids": decode[0], "index": cache["index"] + length}
-        return logits_BxTxV, new_cache
+        new_cache = None
+        if cache is not None:
+            new_cache = {"layers": new_layers, "segment_ids": decode[0], "index": cache["index"] + length}
+        return x_BxTxD, head_DxV, new_cache
+
+
+def _logits(x_BxTxD: jax.Array, head_DxV: jax.Array) -> jax.Array:
+    logits_BxTxV = jnp.einsum("btd,dv->btv", x_BxTxD, head_DxV, preferred_element_type=jnp.float32)
+    return constrain(logits_BxTxV, ("batch", "length", "act_vocab"))
 
 
 def init_cache(cfg: LlamaConfig, batch: int, max_length: int) -> dict:

@@ -1,4 +1,4 @@
-"""SFTTrainer: the seed's methods, nothing else. The step, shardings and accumulation live in Trainer."""
+"""SFTTrainer: the state's init and the SFT loss. The step, shardings and accumulation live in Trainer."""
 
 from __future__ import annotations
 
@@ -12,10 +12,20 @@ _MODEL_INPUTS = ("positions", "segment_ids")
 
 
 class SFTTrainer(Trainer):
-    """Supervised fine-tuning with the globally masked mean token cross entropy (DESIGN.md §3, §4)."""
+    """Supervised fine-tuning with the globally masked mean token cross entropy.
 
-    def __init__(self, model, optimizer, **options):
+    Loss options: `pad_label_id` (a label treated as padding when a batch has no `loss_mask`; None: off),
+    `z_loss` (coefficient of z·logsumexp²), `loss_chunk_size` (sequence positions per chunk of a cross
+    entropy that never materialises the [B, T, V] logits; the model must have a `hidden_and_head` method,
+    as `Llama` does). Everything else (`mesh`, `grad_accum_steps`, `rules`, `compiler_options`) goes to
+    `Trainer`."""
+
+    def __init__(self, model, optimizer, *, pad_label_id: int | None = 0, z_loss: float = 0.0,
+                 loss_chunk_size: int | None = None, **options):
         super().__init__(model, optimizer, **options)
+        self.pad_label_id = pad_label_id
+        self.z_loss = z_loss
+        self.loss_chunk_size = loss_chunk_size
 
     def _init(self, key: jax.Array, dummy_input: jax.Array) -> TrainState:
         params = self.model.init(key, dummy_input)["params"]
@@ -37,7 +47,7 @@ class SFTTrainer(Trainer):
         mask_BxT = target_mask(batch, self.pad_label_id)
         if self.loss_chunk_size:  # the model hands over hidden states and head; logits per chunk only
             hidden_BxTxD, head_DxV = self.model.apply({"params": params}, batch["input_ids"], **kwargs,
-                                                      return_hidden=True)
+                                                      method="hidden_and_head")
             terms, hits = chunked_cross_entropy(hidden_BxTxD, head_DxV, batch["labels"], mask_BxT,
                                                 self.loss_chunk_size, self.z_loss)
             return terms, {"num_correct": hits}
