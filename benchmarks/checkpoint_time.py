@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import tempfile
 import time
 
@@ -44,7 +43,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--saves", type=int, default=3)
     args = parser.parse_args()
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    from sft_sharded.devices import simulate_cpu_devices
+
+    simulate_cpu_devices(8)
     from sft_sharded.models import LlamaConfig, preset
 
     models = {

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 
 
 def measure(vocab: int, seq: int, batch: int, chunk: int | None) -> dict:
@@ -19,6 +18,7 @@ def measure(vocab: int, seq: int, batch: int, chunk: int | None) -> dict:
     import optax
 
     from sft_sharded import Llama, LlamaConfig, SFTTrainer, make_mesh
+    from sft_sharded.metrics import memory_per_device
     from sft_sharded.sharding import batch_sharding
 
     cfg = LlamaConfig(vocab_size=vocab, hidden_size=256, num_layers=2, num_heads=4, num_kv_heads=4, mlp_dim=1024,
@@ -29,10 +29,9 @@ def measure(vocab: int, seq: int, batch: int, chunk: int | None) -> dict:
     batch_tree = {"input_ids": jax.ShapeDtypeStruct((batch, seq), jnp.int32, sharding=sh),
                   "labels": jax.ShapeDtypeStruct((batch, seq), jnp.int32, sharding=sh),
                   "loss_mask": jax.ShapeDtypeStruct((batch, seq), jnp.bool_, sharding=sh)}
-    memory = trainer.lower("train", state, batch_tree).compile().memory_analysis()
-    total = (memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes
-             - memory.alias_size_in_bytes)
-    return {"chunk": chunk, "temp_bytes": memory.temp_size_in_bytes, "total_bytes": total}
+    compiled = trainer.lower("train", state, batch_tree).compile()
+    return {"chunk": chunk, "temp_bytes": compiled.memory_analysis().temp_size_in_bytes,
+            "total_bytes": memory_per_device(compiled)}
 
 
 def main() -> None:
@@ -42,7 +41,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--chunk", type=int, default=256)
     args = parser.parse_args()
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    from sft_sharded.devices import simulate_cpu_devices
+
+    simulate_cpu_devices(8)
     plain = measure(args.vocab, args.seq, args.batch, None)
     chunked = measure(args.vocab, args.seq, args.batch, args.chunk)
     mib = 2**20

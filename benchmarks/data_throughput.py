@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import sys
 import tempfile
@@ -73,7 +72,9 @@ def main() -> None:
     parser.add_argument("--trainer-steps", type=int, default=30)
     args = parser.parse_args()
 
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    from sft_sharded.devices import simulate_cpu_devices
+
+    simulate_cpu_devices(8)
     from absl import flags
 
     flags.FLAGS.mark_as_parsed()  # grain worker processes read absl flags

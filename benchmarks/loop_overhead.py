@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import tempfile
 import time
 
@@ -20,7 +19,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("override", nargs="*", help="config overrides, e.g. data.worker_count=1")
     args = parser.parse_args()
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    from sft_sharded.devices import simulate_cpu_devices
+
+    simulate_cpu_devices(8)
     import jax
 
     from sft_sharded.run import build_trainer, init_state

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
+
+from sft_sharded.choices import ATTENTION_IMPLEMENTATIONS, REMAT_POLICIES
+from sft_sharded.devices import simulate_cpu_devices
 
 
 def main() -> None:
@@ -27,17 +29,16 @@ def main() -> None:
     p.add_argument("--simulate-devices", type=int, default=0, help="CPU: simulated devices (set before jax)")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--param-dtype", default="float32")
-    p.add_argument("--remat", default="none", choices=["none", "full", "save_dots"])
+    p.add_argument("--remat", default="none", choices=REMAT_POLICIES)
     p.add_argument("--scan", action="store_true")
-    p.add_argument("--attention", default="auto", help="auto | xla | reference | cudnn | splash")
+    p.add_argument("--attention", default="auto", choices=ATTENTION_IMPLEMENTATIONS)
     p.add_argument("--loss-chunk", type=int, default=None)
     p.add_argument("--xla-defaults", action="store_true",
                    help="compile with XLA's default options (no Trainer.compiler_options, e.g. YNN fusion back on CPU)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=10)
     args = p.parse_args()
-    if args.simulate_devices:
-        os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.simulate_devices}"
+    simulate_cpu_devices(args.simulate_devices or 0)
 
     import jax
     import jax.numpy as jnp
@@ -45,7 +46,7 @@ def main() -> None:
     import optax
 
     from sft_sharded import Llama, LlamaConfig, SFTTrainer, make_mesh
-    from sft_sharded.metrics import flops_per_token, mfu, peak_flops
+    from sft_sharded.metrics import flops_per_token, memory_per_device, mfu, peak_flops
     from sft_sharded.models import preset
     from sft_sharded.models.attention import resolve
     from sft_sharded.sharding import global_batch
@@ -71,9 +72,7 @@ def main() -> None:
     start = time.perf_counter()
     compiled = trainer.lower("train", state, batch).compile()
     compile_s = time.perf_counter() - start
-    memory = compiled.memory_analysis()
-    bytes_per_device = (memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes
-                        - memory.alias_size_in_bytes)
+    bytes_per_device = memory_per_device(compiled)
     times = []
     for i in range(args.warmup + args.steps):
         start = time.perf_counter()

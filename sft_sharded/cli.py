@@ -9,24 +9,13 @@ for a diverged run); any other exception is a bug and keeps its traceback (`--de
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import sys
 from pathlib import Path
 
 from sft_sharded.config import TrainConfig, load_config
+from sft_sharded.devices import simulate_cpu_devices
 from sft_sharded.errors import UserError
-
-
-def _simulate_devices(count: int) -> None:
-    """Ask XLA for `count` host (CPU) devices. Must run before jax starts; accelerators are unaffected."""
-    if count <= 0:
-        return
-    if "jax" in sys.modules:
-        print(f"warning: simulate_devices={count} ignored: jax was imported before the config was read", file=sys.stderr)
-        return
-    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
-    os.environ["XLA_FLAGS"] = " ".join([*flags, f"--xla_force_host_platform_device_count={count}"])
 
 
 class PreemptionFlag:
@@ -122,7 +111,10 @@ def _command(args: argparse.Namespace) -> int:
         cfg = load_config(config_path)
     else:
         cfg = load_config(args.config, args.overrides)
-    _simulate_devices(cfg.simulate_devices)
+    if cfg.simulate_devices and "jax" in sys.modules:
+        print(f"warning: simulate_devices={cfg.simulate_devices} ignored: jax was imported before the config was "
+              "read", file=sys.stderr)
+    simulate_cpu_devices(cfg.simulate_devices)
     from sft_sharded import distributed, run
 
     distributed.initialize()

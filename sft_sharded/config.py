@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 import yaml
 
+from sft_sharded.choices import ATTENTION_IMPLEMENTATIONS, REMAT_POLICIES
 from sft_sharded.errors import MissingFileError, UserError
 
 
@@ -23,17 +24,12 @@ class ConfigError(UserError):
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class MeshConfig:
+    """Sizes of the mesh axes; one may be -1. Checked, and -1 resolved, by `sharding.mesh_shape` against
+    the devices once jax is up."""
+
     data: int = 2
     fsdp: int = 2
     tensor: int = 2
-
-    def __post_init__(self):
-        sizes = dataclasses.asdict(self)
-        for key, size in sizes.items():
-            if size < 1 and size != -1:
-                raise ConfigError(f"mesh.{key}={size}: must be a positive int or -1")
-        if list(sizes.values()).count(-1) > 1:
-            raise ConfigError(f"mesh: at most one of data/fsdp/tensor may be -1, got {sizes}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -42,10 +38,9 @@ class ModelConfig:
     path: str | None = None  # a Hugging Face directory (config.json + safetensors); overrides preset
     dtype: str = "float32"
     param_dtype: str = "float32"
-    remat: Literal["none", "full", "save_dots"] = "none"
+    remat: Literal[REMAT_POLICIES] = "none"  # type: ignore[valid-type]
     scan_layers: bool = False
-    # models/attention.py: "auto" picks splash on TPU, cuDNN on GPU (bf16/fp16), else the blocked XLA path
-    attention: Literal["auto", "xla", "reference", "cudnn", "splash"] = "auto"
+    attention: Literal[ATTENTION_IMPLEMENTATIONS] = "auto"  # type: ignore[valid-type]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

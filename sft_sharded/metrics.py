@@ -30,6 +30,13 @@ def flops_per_token(cfg, seq: int, causal: bool = True) -> float:
     return 6 * (cfg.num_params() - lookup) + (attention / 2 if causal else attention)
 
 
+def memory_per_device(compiled) -> int:
+    """Bytes a compiled step needs per device: arguments + outputs + temporaries - donated aliases.
+    (On CPU `peak_memory_in_bytes` leaves out the temporaries, so it is not used.)"""
+    m = compiled.memory_analysis()
+    return m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
+
+
 def mfu(tokens_per_sec: float, flops_token: float, num_devices: int, peak: float | None) -> float:
     """Model FLOPs utilisation: achieved model FLOP/s per device over the device's peak (NaN if unknown)."""
     if not peak:

@@ -9,18 +9,19 @@ per-chip memory and FLOPs. Exits non-zero when the plan does not fit in a chip's
 
 from __future__ import annotations
 
-import math
 import os
 import re
 import sys
 
+from sft_sharded.choices import ATTENTION_IMPLEMENTATIONS, REMAT_POLICIES
+
 # Per chip. HBM and peak dense bf16 FLOP/s from the Cloud TPU system-architecture pages
 # (cloud.google.com/tpu/docs/v4, /v5e, /v5p, /v6e), as published in 2025.
 CHIPS = {
-    "v4": {"hbm_bytes": 32 * 2**30, "bf16_flops": 275e12, "cores_per_chip": 2, "dims": 3},
-    "v5e": {"hbm_bytes": 16 * 2**30, "bf16_flops": 197e12, "cores_per_chip": 1, "dims": 2},
-    "v5p": {"hbm_bytes": 95 * 2**30, "bf16_flops": 459e12, "cores_per_chip": 2, "dims": 3},
-    "v6e": {"hbm_bytes": 32 * 2**30, "bf16_flops": 918e12, "cores_per_chip": 1, "dims": 2},
+    "v4": {"hbm_bytes": 32 * 2**30, "cores_per_chip": 2, "dims": 3},
+    "v5e": {"hbm_bytes": 16 * 2**30, "cores_per_chip": 1, "dims": 2},
+    "v5p": {"hbm_bytes": 95 * 2**30, "cores_per_chip": 2, "dims": 3},
+    "v6e": {"hbm_bytes": 32 * 2**30, "cores_per_chip": 1, "dims": 2},
 }
 # Physical shapes for accelerator-type names (v4 and v5p count TensorCores: two per chip).
 _SHAPES_3D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8", 256: "4x8x8",
@@ -62,10 +63,10 @@ def plan(topology: str, model: str, seq: int, global_batch: int, mesh_spec: str,
     import optax
     from jax.experimental import topologies
 
-    from sft_sharded.metrics import flops_per_token
+    from sft_sharded.metrics import flops_per_token, memory_per_device, peak_flops
     from sft_sharded.models import Llama, preset
     from sft_sharded.models.attention import resolve
-    from sft_sharded.sharding import MESH_AXES, batch_sharding
+    from sft_sharded.sharding import MESH_AXES, batch_sharding, mesh_shape
     from sft_sharded.trainers import SFTTrainer
 
     gen, grid = parse_topology(topology)
@@ -73,13 +74,7 @@ def plan(topology: str, model: str, seq: int, global_batch: int, mesh_spec: str,
                                         chips_per_host_bounds=(2, 2, 1),
                                         num_slices=1)
     devices = topo.devices
-    sizes = parse_mesh(mesh_spec)
-    free = [k for k, v in sizes.items() if v == -1]
-    if free:
-        sizes[free[0]] = len(devices) // math.prod(v for v in sizes.values() if v != -1)
-    shape = tuple(sizes[a] for a in MESH_AXES)
-    if math.prod(shape) != len(devices):
-        raise ValueError(f"--mesh {mesh_spec!r} gives {shape} = {math.prod(shape)} devices; {topology} has {len(devices)}")
+    shape = mesh_shape(parse_mesh(mesh_spec), len(devices))
     physical = topologies.make_mesh(topo, shape, MESH_AXES)  # device order that follows the torus
     mesh = jax.sharding.Mesh(physical.devices, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
     cfg = preset(model, dtype="bfloat16", remat=remat, scan_layers=scan, attention=attention)
@@ -90,13 +85,14 @@ def plan(topology: str, model: str, seq: int, global_batch: int, mesh_spec: str,
              for k, dtype in (("input_ids", jnp.int32), ("labels", jnp.int32), ("loss_mask", jnp.bool_),
                               ("segment_ids", jnp.int32), ("positions", jnp.int32))}
     chip = CHIPS[gen]
+    peak = peak_flops(f"TPU {gen}")
     tokens = global_batch * seq
     analytic = flops_per_token(cfg, seq) * tokens / len(devices)
     result = {
         "topology": f"{gen}:{grid}", "chips": len(devices), "mesh": dict(zip(MESH_AXES, shape)), "model": model,
         "params": cfg.num_params(), "seq": seq, "global_batch": global_batch, "remat": remat,
         "scan": scan, "loss_chunk": loss_chunk, "hbm_bytes": chip["hbm_bytes"], "analytic_flops_per_chip": analytic,
-        "step_s_at_peak": analytic / chip["bf16_flops"], "step_s_at_50pct_mfu": 2 * analytic / chip["bf16_flops"],
+        "step_s_at_peak": analytic / peak, "step_s_at_50pct_mfu": 2 * analytic / peak,
     }
     lowered = trainer.lower("train", state, batch)
     with jax.set_mesh(mesh):  # what "auto" means on the target platform, and proof that a kernel is in
@@ -112,8 +108,7 @@ def plan(topology: str, model: str, seq: int, global_batch: int, mesh_spec: str,
     memory = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    per_chip = (memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes
-                - memory.alias_size_in_bytes)
+    per_chip = memory_per_device(compiled)
     return {
         **result, "argument_bytes": memory.argument_size_in_bytes, "temp_bytes": memory.temp_size_in_bytes,
         "output_bytes": memory.output_size_in_bytes, "alias_bytes": memory.alias_size_in_bytes,
@@ -163,9 +158,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--seq", type=int, default=4096)
     parser.add_argument("--global-batch", type=int, default=64)
     parser.add_argument("--mesh", default="fsdp=-1", help="e.g. fsdp=-1 or data=2,fsdp=-1,tensor=4")
-    parser.add_argument("--remat", default="full", choices=["none", "full", "save_dots"])
+    parser.add_argument("--remat", default="full", choices=REMAT_POLICIES)
     parser.add_argument("--no-scan", action="store_true", help="unroll the layers (slower to compile)")
-    parser.add_argument("--attention", default="auto", choices=["auto", "xla", "reference", "splash"],
+    parser.add_argument("--attention", default="auto", choices=[a for a in ATTENTION_IMPLEMENTATIONS if a != "cudnn"],
                         help="auto: splash on TPU (models/attention.py)")
     parser.add_argument("--loss-chunk", type=int, default=None,
                         help="chunked cross entropy with this many positions per chunk (default: full logits)")

@@ -47,10 +47,9 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
 _warned: set[tuple] = set()
 
 
-def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Sequence[Any] | None = None) -> Mesh:
-    """A Mesh with axes ("data", "fsdp", "tensor") over `devices` (default: all); one size may be -1."""
-    devices = list(jax.devices() if devices is None else devices)
-    sizes = {"data": data, "fsdp": fsdp, "tensor": tensor}
+def mesh_shape(sizes: Mapping[str, int], num_devices: int) -> tuple[int, ...]:
+    """Sizes of MESH_AXES (missing ones 1) for `num_devices`; one size may be -1 (all remaining devices)."""
+    sizes = {name: sizes.get(name, 1) for name in MESH_AXES}
     for name, size in sizes.items():
         if not isinstance(size, int) or (size < 1 and size != -1):
             raise UserError(f"mesh.{name}={size!r}: each mesh size must be a positive int or -1")
@@ -59,20 +58,23 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Sequence[
         raise UserError(f"mesh {sizes}: at most one axis may be -1, got {free}")
     fixed = math.prod(size for size in sizes.values() if size != -1)
     if free:
-        if len(devices) % fixed:
-            raise UserError(
-                f"mesh {sizes}: the fixed axes multiply to {fixed}, which does not divide the "
-                f"{len(devices)} available devices"
-            )
-        sizes[free[0]] = len(devices) // fixed
-    shape = tuple(sizes[name] for name in MESH_AXES)
-    if math.prod(shape) != len(devices):
-        raise UserError(
-            f"mesh data={shape[0]} x fsdp={shape[1]} x tensor={shape[2]} = {math.prod(shape)} devices, "
-            f"but {len(devices)} devices are available"
-        )
+        if num_devices % fixed:
+            raise UserError(f"mesh {sizes}: the fixed axes multiply to {fixed}, which does not divide the "
+                            f"{num_devices} available devices")
+        sizes[free[0]] = num_devices // fixed
+    if math.prod(sizes.values()) != num_devices:
+        described = " x ".join(f"{name}={size}" for name, size in sizes.items())
+        raise UserError(f"mesh {described} = {math.prod(sizes.values())} devices, but {num_devices} devices "
+                        "are available")
+    return tuple(sizes.values())
+
+
+def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Sequence[Any] | None = None) -> Mesh:
+    """A Mesh with axes ("data", "fsdp", "tensor") over `devices` (default: all); one size may be -1."""
+    devices = list(jax.devices() if devices is None else devices)
+    shape = mesh_shape({"data": data, "fsdp": fsdp, "tensor": tensor}, len(devices))
     # jax.make_mesh orders devices by physical topology (TPU/GPU); Auto axes keep flax logical rules working.
-    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
 
 
 def _axis_size(mesh_axes: Any, mesh: Mesh) -> int:

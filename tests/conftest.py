@@ -6,10 +6,9 @@ import os
 # need one (the cuDNN attention tests); everything else assumes the 8 simulated CPU devices.
 ON_CPU = os.environ.get("SFT_SHARDED_TEST_PLATFORM", "cpu") == "cpu"
 if ON_CPU:
-    os.environ["XLA_FLAGS"] = " ".join(
-        [f for f in os.environ.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
-        + ["--xla_force_host_platform_device_count=8"]
-    )
+    from sft_sharded.devices import simulate_cpu_devices
+
+    simulate_cpu_devices(8)
     os.environ["JAX_PLATFORMS"] = "cpu"
 
 import jax  # noqa: E402

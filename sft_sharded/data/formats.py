@@ -15,6 +15,7 @@ import numpy as np
 from jinja2.sandbox import SecurityError
 
 from sft_sharded.data.templates import TemplateError, encode_chat
+from sft_sharded.data.tokenizers import bos_ids
 from sft_sharded.errors import UserError
 
 FORMATS = ("text", "prompt_completion", "messages")
@@ -90,7 +91,7 @@ def encode_record(record: Any, tokenizer, *, fmt: str = "auto", train_on_prompt:
             raise RecordError(f"{where}: the chat template was stopped by the sandbox: {err}") from None
         mask[:1] = False  # the first token is never a target
         return Example(np.asarray(ids, np.int32), mask)
-    bos = [tokenizer.bos_id] if getattr(tokenizer, "add_bos", True) and tokenizer.bos_id is not None else []
+    bos = bos_ids(tokenizer)
     eos = [tokenizer.eos_id]
     if fmt == "text":
         body = tokenizer.encode(_string(record, "text", where))[0]

@@ -118,6 +118,11 @@ class HFTokenizer:
         return self._tok.decode(ids, skip_special_tokens=True)
 
 
+def bos_ids(tokenizer) -> list[int]:
+    """The BOS to put before a text or prompt: [bos] when the tokenizer has one and adds it, else []."""
+    return [tokenizer.bos_id] if getattr(tokenizer, "add_bos", True) and tokenizer.bos_id is not None else []
+
+
 def _token_text(value) -> str | None:
     """tokenizer_config.json stores special tokens as strings or as {"content": ...} objects."""
     if isinstance(value, dict):

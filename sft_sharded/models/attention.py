@@ -19,9 +19,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sft_sharded.choices import ATTENTION_IMPLEMENTATIONS
 from sft_sharded.sharding import current_platform
 
-IMPLEMENTATIONS = ("auto", "xla", "reference", "cudnn", "splash")
+IMPLEMENTATIONS = ATTENTION_IMPLEMENTATIONS
 _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite, so a row never becomes NaN
 
 

@@ -9,13 +9,13 @@ partitioning of >2-D kernels fails under `jax.set_mesh` (flax#3676). RoPE uses t
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sft_sharded.models.attention import IMPLEMENTATIONS, attention, dot_product_attention
+from sft_sharded.choices import ATTENTION_IMPLEMENTATIONS, REMAT_POLICIES
+from sft_sharded.models.attention import attention, dot_product_attention
 from sft_sharded.sharding import constrain
 
 RESIDUAL = ("batch", "length", "act_embed")
@@ -44,9 +44,9 @@ class LlamaConfig:
     max_position_embeddings: int | None = None
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
-    remat: Literal["none", "full", "save_dots"] = "none"
+    remat: str = "none"  # choices.REMAT_POLICIES
     scan_layers: bool = False
-    attention: str = "auto"  # models/attention.py: auto | xla | reference | cudnn | splash
+    attention: str = "auto"  # choices.ATTENTION_IMPLEMENTATIONS
     sliding_window: int | None = None  # Mistral-style: each token sees only the last `sliding_window` keys
     init_std: float = 0.02
 
@@ -63,16 +63,16 @@ class LlamaConfig:
                 f"LlamaConfig.hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}; "
                 "set head_dim explicitly"
             )
-        if self.remat not in ("none", "full", "save_dots"):
-            raise ValueError(f"LlamaConfig.remat={self.remat!r} must be one of 'none', 'full', 'save_dots'")
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"LlamaConfig.remat={self.remat!r} must be one of {REMAT_POLICIES}")
         if self.sliding_window is not None and (not isinstance(self.sliding_window, int) or self.sliding_window < 1):
             raise ValueError(f"LlamaConfig.sliding_window={self.sliding_window!r} must be a positive int or None")
         if self.max_position_embeddings is not None and (
                 not isinstance(self.max_position_embeddings, int) or self.max_position_embeddings < 1):
             raise ValueError(f"LlamaConfig.max_position_embeddings={self.max_position_embeddings!r} must be a "
                              "positive int or None")
-        if self.attention not in IMPLEMENTATIONS:
-            raise ValueError(f"LlamaConfig.attention={self.attention!r} must be one of {IMPLEMENTATIONS}")
+        if self.attention not in ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(f"LlamaConfig.attention={self.attention!r} must be one of {ATTENTION_IMPLEMENTATIONS}")
         for key in ("dtype", "param_dtype"):
             jnp.dtype(getattr(self, key))  # raises a TypeError naming the bad dtype
 

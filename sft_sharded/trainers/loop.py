@@ -13,6 +13,7 @@ import numpy as np
 
 from sft_sharded import sharding
 from sft_sharded.errors import TrainingDiverged
+from sft_sharded.losses import safe_mean
 from sft_sharded.metrics import mfu, peak_flops
 from sft_sharded.trainers.trainer import Trainer, TrainState
 
@@ -27,10 +28,10 @@ def evaluate(trainer: Trainer, state: TrainState, batches: Iterable[Mapping[str,
         for key in ("loss_sum", "num_tokens", "num_correct"):
             if key in metrics:
                 totals[key] = totals.get(key, 0.0) + float(metrics[key])
-    count = max(totals.get("num_tokens", 0.0), 1.0)
-    out = {"eval_loss": totals.get("loss_sum", 0.0) / count, "eval_num_tokens": totals.get("num_tokens", 0.0)}
+    count = totals.get("num_tokens", 0.0)
+    out = {"eval_loss": float(safe_mean(totals.get("loss_sum", 0.0), count)), "eval_num_tokens": count}
     if "num_correct" in totals:
-        out["eval_accuracy"] = totals["num_correct"] / count
+        out["eval_accuracy"] = float(safe_mean(totals["num_correct"], count))
     return out
 
 

@@ -1,0 +1,9 @@
+"""The named choices a config may take, in one place that imports nothing heavy (the config module reads
+them before jax starts; the model and the CLI check against the same tuples)."""
+
+from __future__ import annotations
+
+# models/attention.py: "auto" picks splash on TPU, cuDNN on GPU (bf16/fp16), else the blocked XLA path.
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "reference", "cudnn", "splash")
+# models/llama.py: what a decoder layer saves for the backward pass (none: everything; full: nothing).
+REMAT_POLICIES = ("none", "full", "save_dots")
