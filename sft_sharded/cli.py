@@ -9,6 +9,7 @@ for a diverged run); any other exception is a bug and keeps its traceback (`--de
 from __future__ import annotations
 
 import argparse
+import math
 import signal
 import sys
 from pathlib import Path
@@ -39,14 +40,54 @@ class PreemptionFlag:
         return self.flag
 
 
-def _progress(cfg: TrainConfig, record: dict) -> str:
-    if "compile_and_first_step_s" in record:
-        return f"step {record['step']}: loss {record['loss']:.4f}, compiled and ran in {record['compile_and_first_step_s']:.1f}s"
+def _stats(cfg: TrainConfig, record: dict) -> str:
+    """Loss, token accuracy, tokens/s, MFU (where the chip's peak is known) and ETA of a record."""
     eta = (cfg.steps - record["step"]) * record["step_time_s"]
-    done = int(20 * record["step"] / cfg.steps)
-    return (f"[{'#' * done}{'.' * (20 - done)}] step {record['step']:>5}/{cfg.steps}  loss {record['loss']:.4f}  "
-            f"acc {record.get('accuracy', float('nan')):.2%}  {record['tokens_per_sec']:,.0f} tok/s  "
-            f"eta {eta // 60:.0f}m{eta % 60:02.0f}s")
+    mfu = record.get("mfu", float("nan"))
+    return (f"loss {record['loss']:.4f}  acc {record.get('accuracy', float('nan')):.2%}  "
+            f"{record['tokens_per_sec']:,.0f} tok/s" + (f"  MFU {mfu:.1%}" if math.isfinite(mfu) else "")
+            + f"  eta {eta // 60:.0f}m{eta % 60:02.0f}s")
+
+
+class Progress:
+    """What `train` prints: a rich progress bar on a terminal (messages print above it), plain lines
+    otherwise (CI, nohup, a log file). Only process 0 prints."""
+
+    def __init__(self, cfg: TrainConfig, enabled: bool, interactive: bool):
+        self.cfg, self.enabled, self.bar, self.task = cfg, enabled, None, None
+        if enabled and interactive:
+            from rich.progress import BarColumn, MofNCompleteColumn, TextColumn
+            from rich.progress import Progress as RichProgress
+
+            self.bar = RichProgress(TextColumn("step"), MofNCompleteColumn(), BarColumn(),
+                                    TextColumn("{task.fields[stats]}"))
+
+    def say(self, message: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.console.print(message, highlight=False, markup=False)
+        else:
+            print(message, flush=True)
+
+    def record(self, record: dict) -> None:
+        if "eval_loss" in record:
+            self.say(f"step {record['step']:>5}  eval loss {record['eval_loss']:.4f}  "
+                     f"held-out token accuracy {record.get('eval_accuracy', float('nan')):.2%}")
+        elif "compile_and_first_step_s" in record:
+            self.say(f"step {record['step']}: loss {record['loss']:.4f}, compiled and ran in "
+                     f"{record['compile_and_first_step_s']:.1f}s")
+        elif "tokens_per_sec" in record and self.bar is not None:
+            if self.task is None:
+                self.bar.start()
+                self.task = self.bar.add_task("train", total=self.cfg.steps, stats="")
+            self.bar.update(self.task, completed=record["step"], stats=_stats(self.cfg, record))
+        elif "tokens_per_sec" in record:
+            self.say(f"step {record['step']:>5}/{self.cfg.steps}  {_stats(self.cfg, record)}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
 
 
 def train(cfg: TrainConfig) -> list[dict]:
@@ -55,24 +96,11 @@ def train(cfg: TrainConfig) -> list[dict]:
 
     from sft_sharded import run
 
-    main_process = jax.process_index() == 0
-    interactive = sys.stdout.isatty()
-    mid_line = [False]  # an interactive progress line is open: the next message starts a new line
-
-    def say(message: str) -> None:
-        if main_process:
-            print(("\n" if mid_line[0] else "") + message, flush=True)
-            mid_line[0] = False
-
-    def on_record(record: dict) -> None:
-        if "eval_loss" in record:
-            say(f"step {record['step']:>5}  eval loss {record['eval_loss']:.4f}  "
-                f"held-out token accuracy {record.get('eval_accuracy', float('nan')):.2%}")
-        elif "loss" in record and main_process:
-            print(("\r" if interactive else "") + _progress(cfg, record), end="" if interactive else "\n", flush=True)
-            mid_line[0] = interactive
-
-    return run.train(cfg, say=say, on_record=on_record, stop_requested=PreemptionFlag().reached)
+    progress = Progress(cfg, enabled=jax.process_index() == 0, interactive=sys.stdout.isatty())
+    try:
+        return run.train(cfg, say=progress.say, on_record=progress.record, stop_requested=PreemptionFlag().reached)
+    finally:
+        progress.close()
 
 
 def _parser() -> argparse.ArgumentParser:

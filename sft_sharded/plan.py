@@ -54,6 +54,20 @@ def parse_mesh(spec: str) -> dict[str, int]:
     return sizes
 
 
+def _topology_mesh(gen: str, grid: str, mesh_spec: str):
+    """A Mesh over the devices of a TPU topology (no TPU needed), in the order that follows the torus."""
+    import jax
+    from jax.experimental import topologies
+
+    from sft_sharded.sharding import MESH_AXES, mesh_shape
+
+    topo = topologies.get_topology_desc(platform="tpu", topology_name=f"{gen}:{grid}",
+                                        chips_per_host_bounds=(2, 2, 1), num_slices=1)
+    shape = mesh_shape(parse_mesh(mesh_spec), len(topo.devices))
+    physical = topologies.make_mesh(topo, shape, MESH_AXES)
+    return jax.sharding.Mesh(physical.devices, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+
+
 def plan(topology: str, model: str, seq: int, global_batch: int, mesh_spec: str, remat: str = "full",
          scan: bool = True, loss_chunk: int | None = None, attention: str = "auto") -> dict:
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
@@ -61,22 +75,16 @@ def plan(topology: str, model: str, seq: int, global_batch: int, mesh_spec: str,
     import jax
     import jax.numpy as jnp
     import optax
-    from jax.experimental import topologies
 
     from sft_sharded.metrics import flops_per_token, memory_per_device, peak_flops
     from sft_sharded.models import Llama, preset
     from sft_sharded.models.attention import resolve
-    from sft_sharded.sharding import MESH_AXES, batch_sharding, mesh_shape
+    from sft_sharded.sharding import MESH_AXES, batch_sharding
     from sft_sharded.trainers import SFTTrainer
 
     gen, grid = parse_topology(topology)
-    topo = topologies.get_topology_desc(platform="tpu", topology_name=f"{gen}:{grid}",
-                                        chips_per_host_bounds=(2, 2, 1),
-                                        num_slices=1)
-    devices = topo.devices
-    shape = mesh_shape(parse_mesh(mesh_spec), len(devices))
-    physical = topologies.make_mesh(topo, shape, MESH_AXES)  # device order that follows the torus
-    mesh = jax.sharding.Mesh(physical.devices, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
+    mesh = _topology_mesh(gen, grid, mesh_spec)
+    devices, shape = mesh.devices.flat, tuple(mesh.shape.values())
     cfg = preset(model, dtype="bfloat16", remat=remat, scan_layers=scan, attention=attention)
     trainer = SFTTrainer(Llama(cfg), optax.adamw(1e-5), mesh=mesh, loss_chunk_size=loss_chunk)
     state = trainer.abstract_train_state(jax.random.key(0), jax.ShapeDtypeStruct((global_batch, seq), jnp.int32))

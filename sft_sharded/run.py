@@ -9,6 +9,7 @@ before the first compile and before anything in the run directory is written.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import tempfile
 import time
@@ -135,16 +136,28 @@ def final_exact_match(trainer: SFTTrainer, cfg: TrainConfig, tokenizer, params) 
     return exact_match(trainer, params, held_out, tokenizer, cfg.eval.max_new_tokens)
 
 
-def train(cfg: TrainConfig, *, say: Say = print, on_record: Callable[[dict], None] = lambda r: None,
-          stop_requested: Callable[[int], bool] = lambda step: False) -> list[dict]:
-    """Train `cfg` to `cfg.steps` (resuming from the run directory's checkpoints), then evaluate and save
-    the final params. `on_record` sees every metrics record; `stop_requested(step)` (preemption) makes the
-    loop save and return at that step."""
-    from sft_sharded.metrics import MetricsWriter, flops_per_token
-    from sft_sharded.trainers.loop import evaluate, fit
+@dataclasses.dataclass
+class Prepared:
+    """A run after its checks, restored or initialised: what `train` drives."""
 
+    cfg: TrainConfig
+    run_dir: Path
+    trainer: SFTTrainer
+    tokenizer: Any
+    state: TrainState
+    batches: Any  # this process's BatchIterator
+    resumed_step: int
+    ckpt: Checkpointer
+
+    @property
+    def has_eval(self) -> bool:
+        return self.cfg.data.path is None or self.cfg.data.eval_path is not None
+
+
+def prepare(cfg: TrainConfig, say: Say = print) -> Prepared:
+    """Every check of the user's input (run dir, model, tokenizer, data, mesh, checkpoints) before any
+    compile, then the state and data position (restored or fresh); writes config.yaml only then."""
     run_dir = prepare_run_dir(cfg.run_dir)
-    main_process = jax.process_index() == 0
     model_cfg = model_config(cfg)
     tokenizer = load_tokenizer(tokenizer_path(cfg))
     counts = check_data(cfg, tokenizer, model_cfg)
@@ -156,8 +169,7 @@ def train(cfg: TrainConfig, *, say: Say = print, on_record: Callable[[dict], Non
     say(f"model: {model_cfg.num_params() / 1e6:.2f}M params on {len(mesh.devices.flat)} "
         f"{jax.devices()[0].platform} devices, mesh {dict(mesh.shape)}; {cfg.steps} steps of "
         f"{cfg.data.batch_size}x{cfg.data.max_length} tokens; run dir {run_dir}")
-    has_eval = cfg.data.path is None or cfg.data.eval_path is not None
-    if has_eval:
+    if cfg.data.eval_path is not None:
         open_records(cfg.data, "eval", cfg.seed)  # a missing or malformed held-out file fails now, not at step N
     c = cfg.checkpoint
     ckpt = Checkpointer(run_dir / "checkpoints", every=c.every, keep=c.keep, keep_every=c.keep_every,
@@ -168,17 +180,23 @@ def train(cfg: TrainConfig, *, say: Say = print, on_record: Callable[[dict], Non
         ckpt.close()
         raise
     dump_config(cfg, run_dir / "config.yaml")
+    return Prepared(cfg, run_dir, trainer, tokenizer, state, batches, resumed_step, ckpt)
 
+
+def _fit(run: Prepared, writer, say: Say, on_record, stop_requested) -> tuple[TrainState, list[dict], bool]:
+    """The loop with checkpoints, preemption and evaluation; (state, records, stopped early)."""
+    from sft_sharded.metrics import flops_per_token
+    from sft_sharded.trainers.loop import evaluate, fit
+
+    cfg, ckpt, trainer = run.cfg, run.ckpt, run.trainer
+    shard = dict(process_index=jax.process_index(), process_count=jax.process_count())
     eval_fn = None
-    if has_eval:
-        shard = dict(process_index=jax.process_index(), process_count=jax.process_count())
-
+    if run.has_eval:
         def eval_fn(state):
-            return evaluate(trainer, state, make_iterator(cfg.data, tokenizer, split="eval", seed=cfg.seed, **shard))
+            batches = make_iterator(cfg.data, run.tokenizer, split="eval", seed=cfg.seed, **shard)
+            return evaluate(trainer, state, batches)
 
-    writer = MetricsWriter(run_dir, enabled=main_process, resumed_step=resumed_step)
-    config_dict = to_dict(cfg)
-    stopped = []
+    config_dict, stopped = to_dict(cfg), []
 
     def save_due(step: int) -> bool:
         if stop_requested(step):
@@ -186,7 +204,7 @@ def train(cfg: TrainConfig, *, say: Say = print, on_record: Callable[[dict], Non
         return bool(stopped) or ckpt.due(step)
 
     def after_step(step: int, state) -> bool:
-        ckpt.save(step, state, batches.get_state(), config_dict, force=bool(stopped))
+        ckpt.save(step, state, run.batches.get_state(), config_dict, force=bool(stopped))
         if stopped:
             ckpt.wait()
             say(f"preempted: saved {ckpt.directory}/{step}; exiting")
@@ -194,31 +212,45 @@ def train(cfg: TrainConfig, *, say: Say = print, on_record: Callable[[dict], Non
 
     def record(r: dict) -> None:
         if "loss" in r:
-            r["packing_efficiency"] = batches.efficiency
+            r["packing_efficiency"] = run.batches.efficiency
         writer.write(r)
         on_record(r)
 
+    try:
+        state, records = fit(trainer, run.state, run.batches, steps=cfg.steps, log_every=cfg.log_every,
+                             eval_every=cfg.eval.every, eval_fn=eval_fn, on_record=record, after_step=after_step,
+                             save_due=save_due, flops_per_token=flops_per_token(trainer.model.config,
+                                                                                cfg.data.max_length))
+    except TrainingDiverged as err:
+        ckpt.wait()  # the saves of earlier (good) steps complete
+        steps = ckpt.all_steps()
+        where = (f"the newest checkpoint, {ckpt.directory}/{steps[-1]}, holds the last good state" if steps
+                 else "no checkpoint was saved")
+        err.args = (f"{err.args[0]}; {where}",)
+        raise
+    finally:
+        ckpt.close()
+    return state, records, bool(stopped)
+
+
+def train(cfg: TrainConfig, *, say: Say = print, on_record: Callable[[dict], None] = lambda r: None,
+          stop_requested: Callable[[int], bool] = lambda step: False) -> list[dict]:
+    """Train `cfg` to `cfg.steps` (resuming from the run directory's checkpoints), then evaluate and save
+    the final params. `on_record` sees every metrics record; `stop_requested(step)` (preemption) makes the
+    loop save and return at that step."""
+    from sft_sharded.metrics import MetricsWriter
+
+    run = prepare(cfg, say)
+    writer = MetricsWriter(run.run_dir, enabled=jax.process_index() == 0, resumed_step=run.resumed_step)
     t0 = time.perf_counter()
     try:
-        try:
-            state, records = fit(trainer, state, batches, steps=cfg.steps, log_every=cfg.log_every,
-                                 eval_every=cfg.eval.every, eval_fn=eval_fn, on_record=record, after_step=after_step,
-                                 save_due=save_due, flops_per_token=flops_per_token(model_cfg, cfg.data.max_length))
-        except TrainingDiverged as err:
-            ckpt.wait()  # the saves of earlier (good) steps complete
-            steps = ckpt.all_steps()
-            where = (f"the newest checkpoint, {ckpt.directory}/{steps[-1]}, holds the last good state" if steps
-                     else "no checkpoint was saved")
-            err.args = (f"{err.args[0]}; {where}",)
-            raise
-        finally:
-            ckpt.close()
+        state, records, stopped = _fit(run, writer, say, on_record, stop_requested)
         if stopped:
             return records
         say(f"trained {cfg.steps} steps in {time.perf_counter() - t0:.1f}s; "
-            f"packing efficiency {batches.efficiency:.1%}")
-        if has_eval:
-            accuracy, pairs = final_exact_match(trainer, cfg, tokenizer, state.params)
+            f"packing efficiency {run.batches.efficiency:.1%}")
+        if run.has_eval:
+            accuracy, pairs = final_exact_match(run.trainer, cfg, run.tokenizer, state.params)
             final = {"step": cfg.steps, "eval_exact_match": accuracy, "eval_generated": len(pairs)}
             writer.write(final)
             records.append(final)
@@ -228,7 +260,7 @@ def train(cfg: TrainConfig, *, say: Say = print, on_record: Callable[[dict], Non
                 + (f"; e.g. expected {wrong[0][0]!r}, got {wrong[0][1]!r}" if wrong else ""))
     finally:
         writer.close()
-    save_params(run_dir, state.params)
+    save_params(run.run_dir, state.params)
     return records
 
 

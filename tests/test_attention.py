@@ -82,7 +82,7 @@ def test_blocked_xla_sliding_window_matches_reference(length, block, window):
     def blocked(q, k, v, segments):
         batch, length, heads, dim = q.shape
         q5 = q.reshape(batch, length, k.shape[2], heads // k.shape[2], dim)
-        return attn._blocked(q5, k, v, segments, block, window).reshape(q.shape)
+        return attn.blocked_attention(q5, k, v, segments, block, window).reshape(q.shape)
 
     expected = _value_and_grads(attn.dot_product_attention, q, k, v, segments, cotangent, window=window)
     actual = _value_and_grads(jax.jit(blocked), q, k, v, segments, cotangent)
@@ -98,7 +98,7 @@ def test_blocked_xla_matches_reference_values_and_grads(length, block, packed):
     def blocked(q, k, v, segments):
         batch, length, heads, dim = q.shape
         q5 = q.reshape(batch, length, k.shape[2], heads // k.shape[2], dim)
-        return attn._blocked(q5, k, v, segments, block).reshape(q.shape)
+        return attn.blocked_attention(q5, k, v, segments, block).reshape(q.shape)
 
     expected = _value_and_grads(attn.dot_product_attention, q, k, v, segments, cotangent)
     actual = _value_and_grads(jax.jit(blocked), q, k, v, segments, cotangent)

@@ -64,3 +64,31 @@ def test_config_errors_exit_2_with_the_key():
     result = run_cli("train", "optim.lrr=0.1")
     assert result.returncode == 2
     assert "unknown config key 'optim.lrr'; did you mean optim.lr" in result.stderr
+
+
+def test_progress_prints_plain_lines_off_a_terminal_and_drives_a_rich_bar_on_one(capsys):
+    from sft_sharded.cli import Progress
+    from sft_sharded.config import TrainConfig
+
+    cfg = TrainConfig(steps=10)
+    first = {"step": 1, "loss": 2.0, "compile_and_first_step_s": 3.0}
+    timed = {"step": 4, "loss": 1.5, "accuracy": 0.25, "tokens_per_sec": 1234.0, "step_time_s": 0.5,
+             "mfu": 0.42}
+    plain = Progress(cfg, enabled=True, interactive=False)
+    for record in (first, timed, {**timed, "step": 6, "mfu": float("nan")}, {"step": 6, "eval_loss": 1.0}):
+        plain.record(record)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == ["step 1: loss 2.0000, compiled and ran in 3.0s",
+                     "step     4/10  loss 1.5000  acc 25.00%  1,234 tok/s  MFU 42.0%  eta 0m03s",
+                     "step     6/10  loss 1.5000  acc 25.00%  1,234 tok/s  eta 0m02s",  # no peak known: no MFU
+                     "step     6  eval loss 1.0000  held-out token accuracy nan%"]
+    bar = Progress(cfg, enabled=True, interactive=True)
+    bar.record(timed)
+    task = bar.bar.tasks[0]
+    assert task.completed == 4 and task.total == 10 and "MFU 42.0%" in task.fields["stats"]
+    bar.close()
+    capsys.readouterr()
+    silent = Progress(cfg, enabled=False, interactive=True)  # another process than 0: prints nothing
+    silent.record(timed)
+    silent.say("hello")
+    assert capsys.readouterr().out == ""

@@ -118,7 +118,7 @@ def attention(
         return getattr(attention_kernels, impl)(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, window)
     num_kv = k_BxTxKxH.shape[2]
     q_BxTxKxGxH = q_BxTxNxH.reshape(batch, length, num_kv, num_heads // num_kv, head_dim)
-    out_BxTxKxGxH = _blocked(q_BxTxKxGxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, _block_size(length), window)
+    out_BxTxKxGxH = blocked_attention(q_BxTxKxGxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, _block_size(length), window)
     return out_BxTxKxGxH.reshape(batch, length, num_heads, head_dim)
 
 
@@ -145,7 +145,9 @@ def _spans(length: int, block: int, window: int | None):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _blocked(q_BxTxKxGxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, block: int, window: int | None = None):
+def blocked_attention(q_BxTxKxGxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, block: int, window: int | None = None):
+    """Causal attention in query blocks of `block` rows (G query heads per kv head), each meeting only the
+    keys up to its own end (and inside the window); the backward pass recomputes the probabilities."""
     return _blocked_fwd(q_BxTxKxGxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, block, window)[0]
 
 
@@ -185,4 +187,4 @@ def _blocked_bwd(block, window, residuals, d_out):
     return jnp.concatenate(dqs, axis=1), dk.astype(k.dtype), dv.astype(v.dtype), d_segments
 
 
-_blocked.defvjp(_blocked_fwd, _blocked_bwd)
+blocked_attention.defvjp(_blocked_fwd, _blocked_bwd)

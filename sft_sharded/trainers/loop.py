@@ -78,6 +78,60 @@ def _check_step(step: int, metrics: Mapping[str, Any]) -> None:
                       "its gradients are zero", stacklevel=3)
 
 
+class _Recorder:
+    """Reads each step's metrics back (step N-1's while step N runs), checks them and turns them into
+    records: the compile step on its own, then one record per `log_every` steps."""
+
+    def __init__(self, trainer: Trainer, steps: int, log_every: int, flops_per_token: float | None,
+                 on_record: Callable[[Record], None]):
+        self.trainer, self.steps, self.log_every = trainer, steps, log_every
+        self.flops_per_token, self.on_record = flops_per_token, on_record
+        self.records: list[Record] = []
+        self.pending = None  # (step, metrics on device, tokens in the batch)
+        self.window: _Window | None = None  # starts once the first (compiling) step is back
+        self.t_start = time.perf_counter()
+
+    def emit(self, record: Record) -> None:
+        self.records.append(record)
+        self.on_record(record)
+
+    def flush(self) -> None:
+        if self.pending is None:
+            return
+        step, metrics, tokens = self.pending
+        self.pending = None
+        metrics = jax.device_get(metrics)
+        _check_step(step, metrics)
+        if self.window is None:  # the first step carries the compile time; throughput starts after it
+            first = _Window()
+            first.add(metrics, tokens)
+            self.emit({**first.record(step, metrics, timed=False),
+                       "compile_and_first_step_s": time.perf_counter() - self.t_start})
+            self.window = _Window()
+            return
+        self.window.add(metrics, tokens)
+        if step % self.log_every == 0 or step == self.steps:
+            record = self.window.record(step, metrics)
+            if self.flops_per_token:
+                self._add_mfu(record)
+            self.emit(record)
+            self.window = _Window()
+
+    def _add_mfu(self, record: Record) -> None:
+        devices = self.trainer.mesh.devices.size
+        peak = peak_flops(self.trainer.mesh.devices.flat[0].device_kind)
+        record["model_tflops_per_sec_per_device"] = record["tokens_per_sec"] * self.flops_per_token / devices / 1e12
+        record["mfu"] = mfu(record["tokens_per_sec"], self.flops_per_token, devices, peak)  # all positions
+        record["mfu_real_tokens"] = mfu(record["real_tokens_per_sec"], self.flops_per_token, devices, peak)
+
+    def evaluate(self, step: int, eval_fn: Callable[[TrainState], Record], state: TrainState) -> None:
+        self.flush()
+        t_eval = time.perf_counter()
+        self.emit({"step": step, **eval_fn(state)})
+        if self.window is not None:
+            self.window.t0 += time.perf_counter() - t_eval  # eval time is not training throughput
+
+
 def fit(
     trainer: Trainer,
     state: TrainState,
@@ -98,67 +152,21 @@ def fit(
     On steps where `save_due(step)` is true the step's metrics are read first, so a state whose loss or
     gradient is not finite never reaches `after_step`. A non-finite loss raises `TrainingDiverged`.
     """
-    records: list[Record] = []
-    pending = None  # (step, metrics on device, tokens in the batch)
-    window = None  # starts once the first (compiling) step is back
-
-    def drain(item) -> None:
-        nonlocal window
-        step, metrics, tokens = item
-        metrics = jax.device_get(metrics)
-        _check_step(step, metrics)
-        if window is None:  # the first step carries the compile time; throughput starts after it
-            first = _Window()
-            first.add(metrics, tokens)
-            record = first.record(step, metrics, timed=False)
-            record["compile_and_first_step_s"] = time.perf_counter() - t_start
-            records.append(record)
-            on_record(record)
-            window = _Window()
-            return
-        window.add(metrics, tokens)
-        if step % log_every == 0 or step == steps:
-            record = window.record(step, metrics)
-            if flops_per_token:
-                devices = trainer.mesh.devices.size
-                peak = peak_flops(trainer.mesh.devices.flat[0].device_kind)
-                per_device = record["tokens_per_sec"] * flops_per_token / devices
-                record["model_tflops_per_sec_per_device"] = per_device / 1e12
-                record["mfu"] = mfu(record["tokens_per_sec"], flops_per_token, devices, peak)  # all positions
-                record["mfu_real_tokens"] = mfu(record["real_tokens_per_sec"], flops_per_token, devices, peak)
-            records.append(record)
-            on_record(record)
-            window = _Window()
-
-    t_start = time.perf_counter()
+    recorder = _Recorder(trainer, steps, log_every, flops_per_token, on_record)
     for step in range(int(state.step) + 1, steps + 1):
         local = next(batches)
         tokens = int(np.size(local["input_ids"])) * jax.process_count()
         state, metrics = trainer.train_step(state, sharding.global_batch(local, trainer.mesh))
-        if pending is not None:
-            drain(pending)  # step N-1's scalars, while step N runs
-        pending = (step, metrics, tokens)
+        recorder.flush()  # step N-1's scalars, while step N runs
+        recorder.pending = (step, metrics, tokens)
         if save_due(step):
-            drain(pending)
-            pending = None
+            recorder.flush()
         if after_step(step, state):
-            if pending is not None:
-                drain(pending)
-            return state, records
+            recorder.flush()
+            return state, recorder.records
         if eval_fn is not None and eval_every and step % eval_every == 0 and step != steps:
-            if pending is not None:
-                drain(pending)
-            pending = None
-            t_eval = time.perf_counter()
-            record = {"step": step, **eval_fn(state)}
-            records.append(record)
-            on_record(record)
-            if window is not None:
-                window.t0 += time.perf_counter() - t_eval  # eval time is not training throughput
-    if pending is not None:
-        drain(pending)
+            recorder.evaluate(step, eval_fn, state)
+    recorder.flush()
     if eval_fn is not None:
-        record = {"step": steps, **eval_fn(state)}
-        records.append(record)
-        on_record(record)
-    return state, records
+        recorder.evaluate(steps, eval_fn, state)
+    return state, recorder.records
