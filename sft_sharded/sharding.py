@@ -24,7 +24,8 @@ MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
 # Logical name -> mesh axes. Activation names ("act_*") are separate from weight names so that sharding
-# a weight's hidden dim on fsdp does not drag the residual stream onto fsdp (see STACK-NOTES, speed).
+# a weight's hidden dim on fsdp does not drag the residual stream onto fsdp: gathering a weight per layer
+# is cheap, resharding every activation is not.
 LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("batch", BATCH_AXES),
     ("replica_batch", "data"),  # the rows of one fsdp group: the embedding lookup gathers ids only within it
