@@ -119,6 +119,10 @@ class Checkpointer:
             raise RuntimeError(f"{self.directory}: no usable checkpoint among steps {steps}: " + "; ".join(failures))
         return None
 
+    def saved_config(self, step: int) -> dict:
+        """The config a checkpoint was saved with (the run's config and its base fingerprint)."""
+        return self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"] or {}
+
     def _check_same_model(self, step: int, abstract_state: Any) -> None:
         """Refuse a checkpoint whose params have other names or shapes than the model's: it was made by
         another model, so neither it nor an older one can be resumed (and nothing may overwrite them).

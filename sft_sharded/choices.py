@@ -7,3 +7,5 @@ from __future__ import annotations
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "reference", "cudnn", "splash")
 # models/llama.py: what a decoder layer saves for the backward pass (none: everything; full: nothing).
 REMAT_POLICIES = ("none", "full", "save_dots")
+# models/lora.py: the projections LoRA may adapt, by our name (PEFT's "q_proj", ... are accepted too).
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")

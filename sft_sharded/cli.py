@@ -116,7 +116,8 @@ def _parser() -> argparse.ArgumentParser:
     p_gen.add_argument("--max-new-tokens", type=int, default=64)
     p_gen.add_argument("--raw", action="store_true", help="plain text prompts, no chat template")
     p_export = sub.add_parser("export", help="write a run's weights as a Hugging Face directory")
-    p_export.add_argument("--to", choices=["hf"], default="hf")
+    p_export.add_argument("--to", choices=["hf", "peft"], default="hf",
+                          help="hf: a transformers model (LoRA merged in); peft: a LoRA run's adapter")
     p_export.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p_export.add_argument("run_dir")
     p_export.add_argument("out_dir")
@@ -149,7 +150,7 @@ def _command(args: argparse.Namespace) -> int:
     if args.command == "train":
         train(cfg)
     elif args.command == "export":
-        print(f"wrote {run.export(args.run_dir, args.out_dir, args.dtype)}")
+        print(f"wrote {run.export(args.run_dir, args.out_dir, args.dtype, args.to)}")
     else:
         for prompt, answer in zip(args.prompt, run.generate(args.run_dir, args.prompt, args.max_new_tokens, args.raw)):
             print(f"{prompt} -> {answer}")

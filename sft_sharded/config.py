@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 import yaml
 
-from sft_sharded.choices import ATTENTION_IMPLEMENTATIONS, REMAT_POLICIES
+from sft_sharded.choices import ATTENTION_IMPLEMENTATIONS, LORA_TARGETS, REMAT_POLICIES
 from sft_sharded.errors import MissingFileError, UserError
 
 
@@ -122,6 +122,25 @@ class LossConfig:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class LoraSection:
+    """LoRA: adapters on the projections in `targets` train, the base is frozen (`models/lora.py`)."""
+
+    rank: int = 0  # 0: full fine-tuning
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: list[str] = dataclasses.field(default_factory=lambda: list(LORA_TARGETS))
+    rslora: bool = False  # scale alpha / sqrt(rank) instead of alpha / rank
+    base_dtype: str = "bfloat16"  # storage of the frozen base: bfloat16 or float32
+    init_from: str | None = None  # a PEFT adapter directory to continue training from
+
+    def __post_init__(self):
+        if self.rank < 0:
+            raise ConfigError(f"lora.rank={self.rank} must be >= 0 (0: off)")
+        if self.dropout:
+            raise ConfigError(f"lora.dropout={self.dropout}: dropout is not implemented; use 0.0")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class CheckpointConfig:
     every: int = 100  # steps between saves (0: only on SIGTERM)
     keep: int = 3  # newest checkpoints kept
@@ -148,6 +167,7 @@ class TrainConfig:
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     loss: LossConfig = dataclasses.field(default_factory=LossConfig)
+    lora: LoraSection = dataclasses.field(default_factory=LoraSection)
 
     def __post_init__(self):
         if self.steps < 1:

@@ -37,9 +37,12 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 class SafetensorsDir:
     """Every tensor of `model.safetensors` or of the shards a `model.safetensors.index.json` lists."""
 
-    def __init__(self, directory: Path):
+    def __init__(self, directory: Path, files: list[str] | None = None):
         index = directory / "model.safetensors.index.json"
-        if index.is_file():
+        if files is not None:
+            if not all((directory / f).is_file() for f in files):
+                raise MissingFileError(f"{directory}: no {' or '.join(files)}")
+        elif index.is_file():
             files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         elif (directory / "model.safetensors").is_file():
             files = ["model.safetensors"]
@@ -135,13 +138,15 @@ def _entries(cfg: LlamaConfig):
             yield ours, name.format(i=i), i, to_ours, to_hf
 
 
-def _get(tree, path):
+def get_path(tree, path):
+    """The leaf of a nested dict at a tuple of keys."""
     for key in path:
         tree = tree[key]
     return tree
 
 
-def _set(tree, path, value):
+def set_path(tree, path, value):
+    """Set the leaf of a nested dict at a tuple of keys, creating the dicts on the way."""
     for key in path[:-1]:
         tree = tree.setdefault(key, {})
     tree[path[-1]] = value
@@ -186,7 +191,7 @@ def load_params(directory: str | Path, cfg: LlamaConfig, abstract_params: Any) -
         grouped.setdefault(path, []).append((name, layer, to_ours))
     params: dict = {}
     for path, parts in grouped.items():
-        target = _get(abstract_params, path)
+        target = get_path(abstract_params, path)
 
         def read(name, to_ours, shape):
             raw = tensors.get(name)
@@ -205,7 +210,7 @@ def load_params(directory: str | Path, cfg: LlamaConfig, abstract_params: Any) -
             (name, _, f), = parts
             host = read(name, f, target.shape)
         host = host.astype(target.dtype)
-        _set(params, path, jax.make_array_from_callback(target.shape, target.sharding, lambda idx, a=host: a[idx]))
+        set_path(params, path, jax.make_array_from_callback(target.shape, target.sharding, lambda idx, a=host: a[idx]))
         del host
     return params
 
@@ -227,7 +232,7 @@ def save_pretrained(params: Any, cfg: LlamaConfig, out_dir: str | Path, *, model
     shards: list[dict[str, np.ndarray]] = [{}]
     size = 0
     for path, name, layer, _, to_hf in _entries(cfg):
-        array = global_to_host(_get(params, path))
+        array = global_to_host(get_path(params, path))
         array = to_hf(array[layer] if cfg.scan_layers and layer is not None else array).astype(np_dtype)
         if size and size + array.nbytes > max_shard_bytes:
             shards.append({})

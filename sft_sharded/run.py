@@ -27,9 +27,11 @@ from sft_sharded.data.pipeline import make_iterator, open_records, resume_iterat
 from sft_sharded.data.tokenizers import load_tokenizer
 from sft_sharded.errors import TrainingDiverged, UserError
 from sft_sharded.models import Llama, LlamaConfig, preset
+from sft_sharded.models.lora import LoraConfig
 from sft_sharded.optim import make_optimizer
 from sft_sharded.sharding import data_parallel_size, make_mesh
-from sft_sharded.trainers import SFTTrainer, TrainState
+from sft_sharded.state import abstract_state, base_fingerprint, frozen_base, init_state, with_frozen_base
+from sft_sharded.trainers import SFTTrainer, TrainState, partition
 
 Say = Callable[[str], None]
 
@@ -38,8 +40,20 @@ def model_config(cfg: TrainConfig) -> LlamaConfig:
     """The preset, or the config.json of `model.path`, with the run's dtype/remat/scan/attention options."""
     m = cfg.model
     options = dict(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat, scan_layers=m.scan_layers,
-                   attention=m.attention)
+                   attention=m.attention, lora=lora_config(cfg))
     return hf.config_from_hf(m.path, **options) if m.path else preset(m.preset, **options)
+
+
+def lora_config(cfg: TrainConfig) -> LoraConfig | None:
+    """The model's LoRA config from the `lora` section (None when lora.rank is 0)."""
+    c = cfg.lora
+    if not c.rank:
+        return None
+    try:
+        return LoraConfig(rank=c.rank, alpha=c.alpha, targets=tuple(c.targets), rslora=c.rslora,
+                          base_dtype=c.base_dtype)
+    except ValueError as err:
+        raise UserError(str(err)) from None
 
 
 def tokenizer_path(cfg: TrainConfig) -> str | None:
@@ -61,27 +75,6 @@ def build_trainer(cfg: TrainConfig, model_cfg: LlamaConfig | None = None) -> SFT
     model_cfg = model_cfg or model_config(cfg)
     return SFTTrainer(Llama(model_cfg), make_optimizer(cfg.optim, cfg.steps), mesh=mesh, grad_accum_steps=k,
                       loss_chunk_size=cfg.loss.chunk_size, z_loss=cfg.loss.z_loss)
-
-
-def _dummy(cfg: TrainConfig) -> jax.Array:
-    return jnp.zeros((cfg.data.batch_size, cfg.data.max_length), jnp.int32)
-
-
-def abstract_state(trainer: SFTTrainer, cfg: TrainConfig) -> TrainState:
-    """The train state's shapes, dtypes and shardings; no device memory is touched."""
-    return trainer.abstract_train_state(jax.random.key(cfg.seed), _dummy(cfg))
-
-
-def init_state(trainer: SFTTrainer, cfg: TrainConfig) -> TrainState:
-    """A fresh state: random params for a preset; for `model.path` the params come tensor by tensor from
-    the safetensors (no random params on the devices) and the optimizer state is built from them."""
-    if not cfg.model.path:
-        return trainer.create_train_state(jax.random.key(cfg.seed), _dummy(cfg))
-    abstract = abstract_state(trainer, cfg)
-    params = hf.load_params(cfg.model.path, trainer.model.config, abstract.params)
-    shardings = jax.tree.map(lambda a: a.sharding, abstract)
-    opt_state = jax.jit(trainer.optimizer.init, out_shardings=shardings.opt_state)(params)
-    return TrainState(params, opt_state, jax.device_put(jnp.zeros((), jnp.int32), shardings.step))
 
 
 def prepare_run_dir(run_dir: str | Path) -> Path:
@@ -116,10 +109,15 @@ def restore_or_init(trainer: SFTTrainer, cfg: TrainConfig, tokenizer, ckpt: Chec
     """(state, this process's batch iterator, resumed step): from the newest usable checkpoint, state and
     data position together, else a fresh state and the data from the start."""
     shard = dict(process_index=jax.process_index(), process_count=jax.process_count())
-    restored = ckpt.restore_latest(abstract_state(trainer, cfg))
+    restored = ckpt.restore_latest(abstract_state(trainer, cfg).replace(frozen=None))
     if restored is None:
         return init_state(trainer, cfg), make_iterator(cfg.data, tokenizer, seed=cfg.seed, **shard), 0
     state, saved, step = restored
+    saved_base = ckpt.saved_config(step).get("base")
+    if trainer.lora is not None and saved_base is not None and saved_base != base_fingerprint(cfg):
+        raise UserError(f"{ckpt.directory}/{step} trained LoRA adapters on the base {saved_base}, but this run's "
+                        f"base is {base_fingerprint(cfg)}; use the same model.path (or preset and seed)")
+    state = with_frozen_base(trainer, cfg, state)
     batches, note = resume_iterator(cfg.data, tokenizer, saved, seed=cfg.seed, step=step, **shard)
     if note:
         say(f"warning: {note}")
@@ -196,7 +194,7 @@ def _fit(run: Prepared, writer, say: Say, on_record, stop_requested) -> tuple[Tr
             batches = make_iterator(cfg.data, run.tokenizer, split="eval", seed=cfg.seed, **shard)
             return evaluate(trainer, state, batches)
 
-    config_dict, stopped = to_dict(cfg), []
+    config_dict, stopped = {**to_dict(cfg), "base": base_fingerprint(cfg)}, []
 
     def save_due(step: int) -> bool:
         if stop_requested(step):
@@ -204,7 +202,8 @@ def _fit(run: Prepared, writer, say: Say, on_record, stop_requested) -> tuple[Tr
         return bool(stopped) or ckpt.due(step)
 
     def after_step(step: int, state) -> bool:
-        ckpt.save(step, state, run.batches.get_state(), config_dict, force=bool(stopped))
+        # a LoRA run's checkpoint holds what training changes; the frozen base is read again on resume
+        ckpt.save(step, state.replace(frozen=None), run.batches.get_state(), config_dict, force=bool(stopped))
         if stopped:
             ckpt.wait()
             say(f"preempted: saved {ckpt.directory}/{step}; exiting")
@@ -274,16 +273,39 @@ def _load_run(run_dir: str | Path) -> tuple[TrainConfig, SFTTrainer, Any]:
     abstract = abstract_state(trainer, cfg)
     if (path / FINAL_PARAMS).is_dir():
         return cfg, trainer, load_params(path, abstract.params)
-    restored = Checkpointer(path / "checkpoints", every=0, keep=1).restore_latest(abstract)
+    restored = Checkpointer(path / "checkpoints", every=0, keep=1).restore_latest(abstract.replace(frozen=None))
     if restored is None:
         raise UserError(f"{run_dir}: no {FINAL_PARAMS}/ and no checkpoint (train the run first)")
     return cfg, trainer, restored[0].params
 
 
-def export(run_dir: str | Path, out_dir: str | Path, dtype: str = "float32") -> Path:
+def _model_params(trainer: SFTTrainer, cfg: TrainConfig, params: Any, base_dtype=None) -> Any:
+    """The model's full params from what a run saved (with LoRA: its adapters on the frozen base, here
+    in `base_dtype` if given, merged into the weights when `base_dtype` is set)."""
+    if trainer.lora is None:
+        return params
+    abstract = abstract_state(trainer, cfg).frozen
+    if base_dtype is None:
+        return partition.merge(params, frozen_base(trainer, cfg, abstract))
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, base_dtype, sharding=a.sharding), abstract)
+    from sft_sharded.peft import merge
+
+    return merge(frozen_base(trainer, cfg, abstract), params, trainer.model.config)
+
+
+def export(run_dir: str | Path, out_dir: str | Path, dtype: str = "float32", to: str = "hf") -> Path:
     """A run's final params (else its newest checkpoint's) as a Hugging Face directory, with the token ids
-    and generation config of the checkpoint it was fine-tuned from (for a preset: of its tokenizer)."""
+    and generation config of the checkpoint it was fine-tuned from (for a preset: of its tokenizer).
+    `to="peft"` writes a LoRA run's adapters as a PEFT adapter; `to="hf"` merges them into the base,
+    whose weights are read again from `model.path` in float32 (never from the stored base copy)."""
     cfg, trainer, params = _load_run(run_dir)
+    if to == "peft":
+        from sft_sharded.peft import save_adapter
+
+        if trainer.lora is None:
+            raise UserError(f"{run_dir}: export --to peft needs a LoRA run (lora.rank > 0)")
+        return save_adapter(params, trainer.model.config, out_dir, cfg.model.path or f"preset:{cfg.model.preset}")
+    params = _model_params(trainer, cfg, params, jnp.float32)
     tok_path = tokenizer_path(cfg)
     if cfg.model.path:
         source = hf.read_hf_config(cfg.model.path)
@@ -302,6 +324,7 @@ def generate(run_dir: str | Path, prompts: list[str], max_new_tokens: int, raw: 
     from sft_sharded.generate import greedy_generate, prompt_and_answer
 
     cfg, trainer, params = _load_run(run_dir)
+    params = _model_params(trainer, cfg, params)
     tokenizer = load_tokenizer(tokenizer_path(cfg))
     records = [{"prompt": p, "completion": ""} if raw else
                {"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": ""}]} for p in prompts]

@@ -43,6 +43,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("head_dim", None),
     ("layers", None),
     ("norm", None),
+    ("lora_rank", None),  # LoRA's rank dimension: small, replicated
 )
 
 _warned: set[tuple] = set()

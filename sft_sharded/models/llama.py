@@ -15,7 +15,9 @@ import jax
 import jax.numpy as jnp
 
 from sft_sharded.choices import ATTENTION_IMPLEMENTATIONS, REMAT_POLICIES
+from sft_sharded.models import lora
 from sft_sharded.models.attention import attention, dot_product_attention
+from sft_sharded.models.lora import LoraConfig
 from sft_sharded.sharding import constrain
 
 RESIDUAL = ("batch", "length", "act_embed")
@@ -48,6 +50,7 @@ class LlamaConfig:
     scan_layers: bool = False
     attention: str = "auto"  # choices.ATTENTION_IMPLEMENTATIONS
     sliding_window: int | None = None  # Mistral-style: each token sees only the last `sliding_window` keys
+    lora: LoraConfig | None = None  # LoRA adapters on the projections it targets (None: no adapters)
     init_std: float = 0.02
 
     def __post_init__(self):
@@ -105,6 +108,15 @@ def _bias(module: nn.Module, name: str, size: int, axis: str) -> jax.Array:
     return _param(module, name, (size,), (axis,), nn.initializers.zeros).astype(module.config.dtype)
 
 
+def _project(module: nn.Module, x: jax.Array, spec: str, name: str, target: str, shape: tuple[int, ...],
+             axes: tuple[str, ...], n_in: int, init) -> jax.Array:
+    """x times the weight `name` (einsum `spec`; its first `n_in` dims are the input's), plus the LoRA
+    delta of projection `target` when the config adapts it."""
+    y = jnp.einsum(spec, x, _weight(module, name, shape, axes, init))
+    extra = lora.delta(module, target, x, spec, shape[:n_in], axes[:n_in], shape[n_in:], axes[n_in:])
+    return y if extra is None else y + extra
+
+
 class RMSNorm(nn.Module):
     config: LlamaConfig
 
@@ -151,8 +163,8 @@ class Attention(nn.Module):
         init = nn.initializers.normal(cfg.init_std)
 
         def project(name, heads, head_axis):
-            w_DxNxH = _weight(self, name, (d, heads, h), ("embed", head_axis, "head_dim"), init)
-            y = jnp.einsum("btd,dnh->btnh", x_BxTxD, w_DxNxH)
+            y = _project(self, x_BxTxD, "btd,dnh->btnh", name, name[1], (d, heads, h),
+                         ("embed", head_axis, "head_dim"), 1, init)
             if cfg.qkv_bias:
                 y = y + _param(self, name + "_bias", (heads, h), (head_axis, "head_dim"), nn.initializers.zeros).astype(dtype)
             return y
@@ -175,8 +187,8 @@ class Attention(nn.Module):
                 q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, segment_ids_BxT, kv_segment_ids_BxS, q_offset=offset,
                 window=cfg.sliding_window,
             )
-        wo_NxHxD = _weight(self, "wo", (cfg.num_heads, h, d), ("heads", "head_dim", "embed"), init)
-        out_BxTxD = jnp.einsum("btnh,nhd->btd", out_BxTxNxH, wo_NxHxD)
+        out_BxTxD = _project(self, out_BxTxNxH, "btnh,nhd->btd", "wo", "o", (cfg.num_heads, h, d),
+                             ("heads", "head_dim", "embed"), 2, init)
         if cfg.o_bias:
             out_BxTxD = out_BxTxD + _bias(self, "wo_bias", d, "embed")
         return out_BxTxD, new_cache
@@ -190,16 +202,13 @@ class MLP(nn.Module):
         cfg = self.config
         d, f = cfg.hidden_size, cfg.mlp_dim
         init = nn.initializers.normal(cfg.init_std)
-        gate_DxF = _weight(self, "w_gate", (d, f), ("embed", "mlp"), init)
-        up_DxF = _weight(self, "w_up", (d, f), ("embed", "mlp"), init)
-        down_FxD = _weight(self, "w_down", (f, d), ("mlp", "embed"), init)
-        gate_BxTxF = jnp.einsum("btd,df->btf", x_BxTxD, gate_DxF)
-        up_BxTxF = jnp.einsum("btd,df->btf", x_BxTxD, up_DxF)
+        gate_BxTxF = _project(self, x_BxTxD, "btd,df->btf", "w_gate", "gate", (d, f), ("embed", "mlp"), 1, init)
+        up_BxTxF = _project(self, x_BxTxD, "btd,df->btf", "w_up", "up", (d, f), ("embed", "mlp"), 1, init)
         if cfg.mlp_bias:
             gate_BxTxF = gate_BxTxF + _bias(self, "w_gate_bias", f, "mlp")
             up_BxTxF = up_BxTxF + _bias(self, "w_up_bias", f, "mlp")
         hidden_BxTxF = constrain(nn.silu(gate_BxTxF) * up_BxTxF, ("batch", "length", "act_mlp"))
-        out_BxTxD = jnp.einsum("btf,fd->btd", hidden_BxTxF, down_FxD)
+        out_BxTxD = _project(self, hidden_BxTxF, "btf,fd->btd", "w_down", "down", (f, d), ("mlp", "embed"), 1, init)
         return out_BxTxD + _bias(self, "w_down_bias", d, "embed") if cfg.mlp_bias else out_BxTxD
 
 

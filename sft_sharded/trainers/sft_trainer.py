@@ -6,6 +6,8 @@ import jax
 import jax.numpy as jnp
 
 from sft_sharded.losses import LossTerms, chunked_cross_entropy, cross_entropy_with_hits, target_mask
+from sft_sharded.models.lora import is_adapter
+from sft_sharded.trainers import partition
 from sft_sharded.trainers.trainer import Batch, Trainer, TrainState
 
 _MODEL_INPUTS = ("positions", "segment_ids")
@@ -27,10 +29,24 @@ class SFTTrainer(Trainer):
         self.z_loss = z_loss
         self.loss_chunk_size = loss_chunk_size
 
+    @property
+    def lora(self):
+        """The model's LoRA config, or None (full fine-tuning)."""
+        return getattr(getattr(self.model, "config", None), "lora", None)
+
+    def split_params(self, params):
+        """(trainable, frozen) parts of a model's params: with LoRA the adapters and the base (stored in
+        `lora.base_dtype`), else (params, None)."""
+        if self.lora is None:
+            return params, None
+        adapters, base = partition.split(params, is_adapter)
+        dtype = jnp.dtype(self.lora.base_dtype)
+        return adapters, jax.tree.map(lambda x: x.astype(dtype), base)
+
     def _init(self, key: jax.Array, dummy_input: jax.Array) -> TrainState:
-        params = self.model.init(key, dummy_input)["params"]
+        params, frozen = self.split_params(self.model.init(key, dummy_input)["params"])
         # Boxed params pass their logical names on to the optimizer state (optax maps over leaves).
-        return TrainState(params, self.optimizer.init(params), step=jnp.zeros((), jnp.int32))
+        return TrainState(params, self.optimizer.init(params), jnp.zeros((), jnp.int32), frozen)
 
     def create_train_state(self, key: jax.Array, dummy_input: jax.Array) -> TrainState:
         return self.init_sharded(self._init, key, dummy_input)
@@ -39,6 +55,7 @@ class SFTTrainer(Trainer):
         return self.abstract_sharded(self._init, key, dummy_input)
 
     def compute_loss(self, params, batch: Batch) -> jax.Array:
+        """The loss with the model's full params (with LoRA: `partition.merge(state.params, state.frozen)`)."""
         terms, _ = self.loss_terms(params, batch)
         return terms.mean()
 

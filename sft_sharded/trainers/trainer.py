@@ -22,6 +22,7 @@ from sft_sharded import batch as batch_format
 from sft_sharded import sharding
 from sft_sharded.batch import BATCH_KEYS
 from sft_sharded.losses import LossTerms, safe_mean
+from sft_sharded.trainers import partition
 
 Batch = Mapping[str, Any]
 # XLA:CPU's YNNPACK fusions (a dot fused with its elementwise neighbours) run this model's steps up to
@@ -32,9 +33,13 @@ CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 @flax.struct.dataclass
 class TrainState:
+    """`params` and `opt_state` are what training updates; `frozen` holds parameters the model uses but
+    nothing updates (LoRA's base weights: no gradients, no optimizer state), None in full fine-tuning."""
+
     params: Any
     opt_state: Any
     step: jax.Array
+    frozen: Any = None
 
 
 class Trainer(abc.ABC):
@@ -123,9 +128,10 @@ class Trainer(abc.ABC):
         """Loss (and extra) sums and counts on a batch, no update."""
         return self._run("eval", state, batch)
 
-    def loss_and_grad(self, params: Any, batch: Batch) -> tuple[jax.Array, Any]:
-        """The train step's loss and gradients (after the single division), without an update."""
-        return self._run("grad", params, batch)
+    def loss_and_grad(self, params: Any, batch: Batch, frozen: Any = None) -> tuple[jax.Array, Any]:
+        """The train step's loss and gradients with respect to `params` (after the single division),
+        without an update; `frozen` is the state's frozen part, if it has one."""
+        return self._run("grad", (params, frozen), batch)
 
     def lower(self, kind: str, first: Any, batch: Batch) -> jax.stages.Lowered:
         """The jitted "train", "eval" or "grad" step lowered for (possibly abstract) inputs, under the
@@ -159,16 +165,17 @@ class Trainer(abc.ABC):
             fn = jax.jit(self._eval_step_fn, in_shardings=(first_sh, batch_sh), out_shardings=repl,
                          compiler_options=options)
         else:
-            fn = jax.jit(self._grad_fn, in_shardings=(first_sh, batch_sh), out_shardings=(repl, first_sh),
+            fn = jax.jit(self._grad_fn, in_shardings=(first_sh, batch_sh), out_shardings=(repl, first_sh[0]),
                          compiler_options=options)
         self._jitted[key] = fn
         return fn
 
-    def _sums_and_grads(self, params: Any, batch: Batch):
-        """Summed loss, token count, extra sums and the gradient of the sum, over `grad_accum_steps` micro-batches."""
+    def _sums_and_grads(self, params: Any, frozen: Any, batch: Batch):
+        """Summed loss, token count, extra sums and the gradient of the sum with respect to `params` (not
+        `frozen`: no gradient of a frozen weight is ever formed), over `grad_accum_steps` micro-batches."""
         def micro(mb):
             def f(p):
-                terms, extra = self.loss_terms(p, mb)
+                terms, extra = self.loss_terms(partition.merge(p, frozen), mb)
                 return terms.loss_sum, (terms.num_tokens, extra)
             (loss_sum, (num_tokens, extra)), grads = jax.value_and_grad(f, has_aux=True)(params)
             return (loss_sum, num_tokens, extra), grads
@@ -189,18 +196,18 @@ class Trainer(abc.ABC):
         (sums, grads), _ = jax.lax.scan(body, init, micro_batches)
         return sums, grads
 
-    def _mean_grads(self, params: Any, batch: Batch):
+    def _mean_grads(self, params: Any, frozen: Any, batch: Batch):
         """Sums and the gradient of the token-weighted mean: the single division of the whole step."""
-        (loss_sum, num_tokens, extra), grads = self._sums_and_grads(params, batch)
+        (loss_sum, num_tokens, extra), grads = self._sums_and_grads(params, frozen, batch)
         grads = jax.tree.map(lambda g, p: safe_mean(g, num_tokens).astype(p.dtype), grads, params)
         return loss_sum, num_tokens, extra, grads
 
-    def _grad_fn(self, params, batch):
-        loss_sum, num_tokens, _, grads = self._mean_grads(params, batch)
+    def _grad_fn(self, params_and_frozen, batch):
+        loss_sum, num_tokens, _, grads = self._mean_grads(*params_and_frozen, batch)
         return safe_mean(loss_sum, num_tokens), grads
 
     def _train_step_fn(self, state: TrainState, batch: Batch):
-        loss_sum, num_tokens, extra, grads = self._mean_grads(state.params, batch)
+        loss_sum, num_tokens, extra, grads = self._mean_grads(state.params, state.frozen, batch)
         updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         # Real (non-pad) tokens, for throughput and MFU on the work that counts; without segment ids every
@@ -211,8 +218,8 @@ class Trainer(abc.ABC):
             num_real = jnp.float32(batch["input_ids"].size)
         metrics = {"loss": safe_mean(loss_sum, num_tokens), "loss_sum": loss_sum, "num_tokens": num_tokens,
                    "num_real_tokens": num_real, "grad_norm": optax.tree.norm(grads), **extra}
-        return TrainState(params, opt_state, state.step + 1), metrics
+        return TrainState(params, opt_state, state.step + 1, state.frozen), metrics
 
     def _eval_step_fn(self, state: TrainState, batch: Batch):
-        terms, extra = self.loss_terms(state.params, batch)
+        terms, extra = self.loss_terms(partition.merge(state.params, state.frozen), batch)
         return {"loss": terms.mean(), "loss_sum": terms.loss_sum, "num_tokens": terms.num_tokens, **extra}
