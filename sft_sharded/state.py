@@ -66,7 +66,7 @@ def init_state(trainer: SFTTrainer, cfg: TrainConfig) -> TrainState:
     return TrainState(params, opt_state, jax.device_put(jnp.zeros((), jnp.int32), shardings.step), frozen)
 
 
-def withfrozen_base(trainer: SFTTrainer, cfg: TrainConfig, state: TrainState) -> TrainState:
+def with_frozen_base(trainer: SFTTrainer, cfg: TrainConfig, state: TrainState) -> TrainState:
     """A restored state (saved without its frozen part) with the frozen base loaded again."""
     if trainer.lora is None:
         return state

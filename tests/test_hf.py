@@ -35,9 +35,9 @@ FAMILIES = {
 }
 
 
-def make_hf(kind, directory, dtype=torch.float32, **save_kwargs):
+def make_hf(kind, directory, dtype=torch.float32, vocab_size=BASE["vocab_size"], **save_kwargs):
     config_cls, model_cls, extra = FAMILIES[kind]
-    config = getattr(transformers, config_cls)(**BASE, **extra)
+    config = getattr(transformers, config_cls)(**{**BASE, "vocab_size": vocab_size}, **extra)
     torch.manual_seed(0)
     model = getattr(transformers, model_cls)(config).eval()
     with torch.no_grad():

@@ -1,0 +1,91 @@
+"""LoRA runs against Hugging Face PEFT: a tiny random Llama and Qwen2 LoRA-trained here, exported with
+`--to peft` and loaded with `PeftModel.from_pretrained`, give our logits; `--to hf` gives them in plain
+transformers; `lora.init_from` continues from the exported adapter; resume checks the base."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+from data_fixtures import write_hf_tokenizer
+from test_hf import hf_logits, make_hf
+
+from sft_sharded import run
+from sft_sharded.checkpoint import load_params
+from sft_sharded.cli import main
+from sft_sharded.config import load_config
+from sft_sharded.trainers import partition
+
+if os.environ.get("CI") == "true":
+    import peft  # noqa: F401
+peft = pytest.importorskip("peft")
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+ARGS = ["simulate_devices=0", "steps=4", "log_every=1", "eval.every=0", "eval.num_generate=2", "data.batch_size=8",
+        "data.max_length=24", "optim.lr=5e-2", "optim.warmup_steps=0", "lora.rank=4", "lora.alpha=8",
+        "lora.base_dtype=float32"]
+
+
+def ours(run_dir, ids):
+    """Our logits for a trained LoRA run (adapters on the base read again from model.path)."""
+    cfg = load_config(run_dir / "config.yaml")
+    trainer = run.build_trainer(cfg)
+    abstract = run.abstract_state(trainer, cfg)
+    adapters = load_params(run_dir, abstract.params)
+    params = partition.merge(adapters, run.frozen_base(trainer, cfg, abstract.frozen))
+    return np.asarray(jax.jit(trainer.model.apply)({"params": params}, ids.astype(np.int32)))
+
+
+def chats(path, n=16):
+    path.write_text("".join(json.dumps({"text": f"hello {i} " * 3}) + "\n" for i in range(n)))
+    return path
+
+
+@pytest.mark.parametrize("kind", ["llama-gqa-untied", "qwen2-bias-tied"])
+def test_peft_and_merged_exports_give_our_logits(tmp_path, kind):
+    base = make_hf(kind, tmp_path / "hf", vocab_size=320)
+    write_hf_tokenizer(tmp_path / "hf")
+    data = chats(tmp_path / "d.jsonl")
+    run = tmp_path / "run"
+    assert main(["train", *ARGS, f"run_dir={run}", f"model.path={tmp_path / 'hf'}", f"data.path={data}",
+                 f"data.eval_path={data}"]) == 0
+    ids = np.random.default_rng(0).integers(0, 320, (2, 12))
+    want = ours(run, ids)
+    assert np.abs(want - hf_logits(base, ids)).max() > 1e-3  # the adapters did train
+
+    assert main(["export", "--to", "peft", str(run), str(tmp_path / "adapter")]) == 0
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["r"] == 4 and config["lora_alpha"] == 8 and config["base_model_name_or_path"] == str(tmp_path / "hf")
+    tuned = peft.PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    lora_modules = [n for n, _ in tuned.named_parameters() if "lora_" in n]
+    assert len(lora_modules) == 2 * 7 * 2  # A and B of 7 projections in 2 layers: PEFT's count for these targets
+    np.testing.assert_allclose(hf_logits(tuned, ids), want, atol=1e-4)
+
+    assert main(["export", "--to", "hf", str(run), str(tmp_path / "merged")]) == 0
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    np.testing.assert_allclose(hf_logits(merged, ids), want, atol=1e-4)
+
+    # continue from the exported adapter: step 0 of the new run is the tuned model
+    again = tmp_path / "again"
+    assert main(["train", *ARGS, "steps=1", "optim.lr=1e-9", f"run_dir={again}", f"model.path={tmp_path / 'hf'}",
+                 f"data.path={data}", f"data.eval_path={data}", f"lora.init_from={tmp_path / 'adapter'}"]) == 0
+    np.testing.assert_allclose(ours(again, ids), want, atol=1e-4)
+
+
+def test_resume_refuses_another_base_and_the_checkpoint_holds_no_base(tmp_path, capsys):
+    make_hf("llama-gqa-untied", tmp_path / "hf", vocab_size=320)
+    write_hf_tokenizer(tmp_path / "hf")
+    data = chats(tmp_path / "d.jsonl")
+    run = tmp_path / "run"
+    common = [*ARGS, f"run_dir={run}", f"data.path={data}", f"data.eval_path={data}", "checkpoint.every=2",
+              "checkpoint.async_save=false"]
+    assert main(["train", *common, f"model.path={tmp_path / 'hf'}"]) == 0
+    meta = (run / "checkpoints" / "4" / "state" / "_METADATA").read_text()
+    assert "lora_a" in meta and "wq" not in meta  # adapters and their optimizer state only, no base weight
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, "rms_norm_eps": 1e-3}))
+    assert main(["train", *common, "steps=6", f"model.path={tmp_path / 'hf'}"]) == 2
+    err = capsys.readouterr().err
+    assert "trained LoRA adapters on the base" in err and "use the same model.path" in err
