@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 import yaml
 
-from sft_sharded.choices import ATTENTION_IMPLEMENTATIONS, LORA_TARGETS, REMAT_POLICIES
+from sft_sharded.choices import ATTENTION_IMPLEMENTATIONS, LORA_BASE_DTYPES, LORA_TARGETS, REMAT_POLICIES
 from sft_sharded.errors import MissingFileError, UserError
 
 
@@ -130,7 +130,7 @@ class LoraSection:
     dropout: float = 0.0
     targets: list[str] = dataclasses.field(default_factory=lambda: list(LORA_TARGETS))
     rslora: bool = False  # scale alpha / sqrt(rank) instead of alpha / rank
-    base_dtype: str = "bfloat16"  # storage of the frozen base: bfloat16 or float32
+    base_dtype: Literal[LORA_BASE_DTYPES] = "bfloat16"  # type: ignore[valid-type]  # the frozen base's storage
     init_from: str | None = None  # a PEFT adapter directory to continue training from
 
     def __post_init__(self):

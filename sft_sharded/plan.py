@@ -13,7 +13,7 @@ import os
 import re
 import sys
 
-from sft_sharded.choices import ATTENTION_IMPLEMENTATIONS, REMAT_POLICIES
+from sft_sharded.choices import ATTENTION_IMPLEMENTATIONS, LORA_BASE_DTYPES as BASE_DTYPES, REMAT_POLICIES
 
 # Per chip. HBM and peak dense bf16 FLOP/s from the Cloud TPU system-architecture pages
 # (cloud.google.com/tpu/docs/v4, /v5e, /v5p, /v6e), as published in 2025.
@@ -69,7 +69,8 @@ def _topology_mesh(gen: str, grid: str, mesh_spec: str):
 
 
 def plan(topology: str, model: str, seq: int, global_batch: int, mesh_spec: str, remat: str = "full",
-         scan: bool = True, loss_chunk: int | None = None, attention: str = "auto") -> dict:
+         scan: bool = True, loss_chunk: int | None = None, attention: str = "auto", lora_rank: int = 0,
+         base_dtype: str = "bfloat16") -> dict:
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
     import jax
@@ -79,13 +80,15 @@ def plan(topology: str, model: str, seq: int, global_batch: int, mesh_spec: str,
     from sft_sharded.metrics import flops_per_token, memory_per_device, peak_flops
     from sft_sharded.models import Llama, preset
     from sft_sharded.models.attention import resolve
+    from sft_sharded.models.lora import LoraConfig
     from sft_sharded.sharding import MESH_AXES, batch_sharding
     from sft_sharded.trainers import SFTTrainer
 
     gen, grid = parse_topology(topology)
     mesh = _topology_mesh(gen, grid, mesh_spec)
     devices, shape = mesh.devices.flat, tuple(mesh.shape.values())
-    cfg = preset(model, dtype="bfloat16", remat=remat, scan_layers=scan, attention=attention)
+    lora = LoraConfig(rank=lora_rank, base_dtype=base_dtype) if lora_rank else None
+    cfg = preset(model, dtype="bfloat16", remat=remat, scan_layers=scan, attention=attention, lora=lora)
     trainer = SFTTrainer(Llama(cfg), optax.adamw(1e-5), mesh=mesh, loss_chunk_size=loss_chunk)
     state = trainer.abstract_train_state(jax.random.key(0), jax.ShapeDtypeStruct((global_batch, seq), jnp.int32))
     batch_sh = batch_sharding(mesh)
@@ -99,7 +102,7 @@ def plan(topology: str, model: str, seq: int, global_batch: int, mesh_spec: str,
     result = {
         "topology": f"{gen}:{grid}", "chips": len(devices), "mesh": dict(zip(MESH_AXES, shape)), "model": model,
         "params": cfg.num_params(), "seq": seq, "global_batch": global_batch, "remat": remat,
-        "scan": scan, "loss_chunk": loss_chunk, "hbm_bytes": chip["hbm_bytes"], "analytic_flops_per_chip": analytic,
+        "scan": scan, "loss_chunk": loss_chunk, "lora_rank": lora_rank, "base_dtype": base_dtype, "hbm_bytes": chip["hbm_bytes"], "analytic_flops_per_chip": analytic,
         "step_s_at_peak": analytic / peak, "step_s_at_50pct_mfu": 2 * analytic / peak,
     }
     lowered = trainer.lower("train", state, batch)
@@ -130,7 +133,8 @@ def report(r: dict) -> str:
     head = (f"plan: {r['model']} ({r['params'] / 1e9:.3f}B params) on {r['topology']} ({r['chips']} chips), "
             f"mesh {r['mesh']}, {r['global_batch']} x {r['seq']} tokens per step, remat {r['remat']}, "
             f"loss chunk {r['loss_chunk'] or 'none (full logits)'}, attention {r['attention']}"
-            f"{' (%d Pallas calls)' % r['pallas_calls'] if r.get('pallas_calls') else ''}")
+            f"{' (%d Pallas calls)' % r['pallas_calls'] if r.get('pallas_calls') else ''}, "
+            + (f"LoRA rank {r['lora_rank']} on a {r['base_dtype']} base" if r["lora_rank"] else "full fine-tuning"))
     timing = (f"  analytic FLOPs per chip per step {r['analytic_flops_per_chip']:.3e}: {r['step_s_at_peak']:.3f} s at "
               f"peak, {r['step_s_at_50pct_mfu']:.3f} s at 50% MFU")
     if "compiler_error" in r:
@@ -149,8 +153,13 @@ def report(r: dict) -> str:
 
 
 def main(args) -> int:
-    result = plan(args.topology, args.model, args.seq, args.global_batch, args.mesh, args.remat, not args.no_scan,
-                  args.loss_chunk, args.attention)
+    """Print the plan (with --lora-rank: the full fine-tuning plan first, for comparison); exit 1 when the
+    requested one does not fit."""
+    common = (args.topology, args.model, args.seq, args.global_batch, args.mesh, args.remat, not args.no_scan,
+              args.loss_chunk, args.attention)
+    if args.lora_rank:
+        print(report(plan(*common)))
+    result = plan(*common, args.lora_rank, args.base_dtype)
     print(report(result))
     if not result["fits"]:
         need = result.get("compiler_error") or f"{result['total_bytes_per_chip'] / 2**30:.2f} GiB per chip"
@@ -170,6 +179,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--no-scan", action="store_true", help="unroll the layers (slower to compile)")
     parser.add_argument("--attention", default="auto", choices=[a for a in ATTENTION_IMPLEMENTATIONS if a != "cudnn"],
                         help="auto: splash on TPU (models/attention.py)")
+    parser.add_argument("--lora-rank", type=int, default=0, help="plan LoRA of this rank (and print full FT too)")
+    parser.add_argument("--base-dtype", default="bfloat16", choices=BASE_DTYPES, help="storage of the LoRA base")
     parser.add_argument("--loss-chunk", type=int, default=None,
                         help="chunked cross entropy with this many positions per chunk (default: full logits)")
 

@@ -3,6 +3,7 @@ and AOT plans for TPU topologies."""
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -119,6 +120,13 @@ def test_plan_compiles_for_a_tpu_topology_and_refuses_what_does_not_fit():
     assert "on v5p:2x2x1 (4 chips), mesh {'data': 1, 'fsdp': 4, 'tensor': 1}" in ok.stdout
     assert "-> fits" in ok.stdout and "FLOPs per chip per step: compiler" in ok.stdout
     assert "attention splash (" in ok.stdout and "Pallas calls)" in ok.stdout  # "auto" on TPU: the kernel
+    lora = _plan("--topology", "v5p:2x2x1", "--model", "llama3.2-1b", "--seq", "128", "--global-batch", "8",
+                 "--lora-rank", "4")
+    assert lora.returncode == 0, lora.stderr[-3000:]
+    full_line, lora_line = [line for line in lora.stdout.splitlines() if line.startswith("plan:")]
+    assert full_line.endswith("full fine-tuning") and lora_line.endswith("LoRA rank 4 on a bfloat16 base")
+    memory = [float(m) for m in re.findall(r"= ([0-9.]+) GiB of", lora.stdout)]
+    assert len(memory) == 2 and memory[1] < memory[0]  # LoRA's step needs less than full fine-tuning's
     too_big = _plan("--topology", "v5e:2x2", "--model", "llama3.1-8b", "--seq", "8192", "--global-batch", "64",
                     "--mesh", "fsdp=-1")
     assert too_big.returncode == 1

@@ -13,12 +13,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from sft_sharded.choices import LORA_BASE_DTYPES as BASE_DTYPES
 from sft_sharded.choices import LORA_TARGETS
 
 # Our projection names and the PEFT / transformers module names users know.
 TARGETS = {name: f"{name}_proj" for name in LORA_TARGETS}
 ADAPTER_SUFFIXES = ("_lora_a", "_lora_b")
-BASE_DTYPES = ("bfloat16", "float32")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
