@@ -249,7 +249,7 @@ def train(cfg: TrainConfig, *, say: Say = print, on_record: Callable[[dict], Non
         say(f"trained {cfg.steps} steps in {time.perf_counter() - t0:.1f}s; "
             f"packing efficiency {run.batches.efficiency:.1%}")
         if run.has_eval:
-            accuracy, pairs = final_exact_match(run.trainer, cfg, run.tokenizer, state.params)
+            accuracy, pairs = final_exact_match(run.trainer, cfg, run.tokenizer, partition.merge(state.params, state.frozen))
             final = {"step": cfg.steps, "eval_exact_match": accuracy, "eval_generated": len(pairs)}
             writer.write(final)
             records.append(final)

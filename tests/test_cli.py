@@ -92,3 +92,17 @@ def test_progress_prints_plain_lines_off_a_terminal_and_drives_a_rich_bar_on_one
     silent.record(timed)
     silent.say("hello")
     assert capsys.readouterr().out == ""
+
+
+def test_a_lora_run_evaluates_generates_and_resumes_on_the_built_in_task(tmp_path, capsys):
+    from sft_sharded.cli import main
+
+    run = tmp_path / "run"
+    args = ["train", "simulate_devices=0", f"run_dir={run}", "steps=4", "log_every=2", "eval.every=0",
+            "eval.num_generate=4", "data.num_eval=8", "lora.rank=4", "checkpoint.every=2", "checkpoint.async_save=false"]
+    assert main([*args[:4], "steps=2", *args[5:]]) == 0
+    assert main(args) == 0  # resumes at step 2 on the re-initialised base
+    out = capsys.readouterr().out
+    assert f"resumed from {run / 'checkpoints'}/2" in out and "held-out exact match (greedy generation)" in out
+    assert main(["generate", "--run-dir", str(run), "--prompt", "rev:123", "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out.startswith("rev:123 -> ")

@@ -132,3 +132,9 @@ def test_truncation_and_drop_policies():
     assert cut.truncated and len(cut.tokens) == 9 and cut.mask.tolist() == ex.mask[:9].tolist()
     assert fit_length(ex, 6, "truncate") is None  # only prompt left: no trained token, dropped
     np.testing.assert_array_equal(ex.tokens[:7], ids("abcdef") and [1, *ids("abcdef")])
+
+
+def test_byte_decode_stops_at_a_stop_id_and_marks_ids_past_its_vocabulary():
+    tok = ByteTokenizer()
+    ids = tok.encode("hi")[0]
+    assert tok.decode([*ids, 300, tok.eos_id, *ids]) == "hi\ufffd"

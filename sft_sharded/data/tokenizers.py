@@ -56,12 +56,15 @@ class ByteTokenizer:
         return ids, offsets
 
     def decode(self, ids) -> str:
-        """Text of the ids up to the first stop token; other special ids are dropped."""
+        """Text of the ids up to the first stop token; other special ids are dropped, and an id past the
+        vocabulary (a model's vocab may be larger than 264) decodes as U+FFFD."""
         out = bytearray()
         for i in map(int, ids):
             if i in self.stop_ids:
                 break
-            if i >= self.offset:
+            if i >= self.vocab_size:
+                out += "\ufffd".encode()
+            elif i >= self.offset:
                 out.append(i - self.offset)
         return out.decode("utf-8", errors="replace")
 
