@@ -12,9 +12,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from sft_sharded.batch import BATCH_KEYS
 from sft_sharded.data.formats import Example
 
-ROW_KEYS = ("input_ids", "labels", "loss_mask", "segment_ids", "positions")
+ROW_KEYS = BATCH_KEYS  # a packed row holds every key of the batch format
 
 
 def best_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:
