@@ -1,4 +1,4 @@
-"""Full fine-tuning vs LoRA: per-device bytes of the train state (trained params, optimizer state, frozen
+"""Full fine-tuning vs LoRA and QLoRA: per-device bytes of the train state (trained params, optimizer state, frozen
 base), the compiled step's per-device memory, and (where it runs on this CPU) the step time.
 
 usage: python benchmarks/lora_memory.py [--rank 16] [--steps 10]
@@ -78,8 +78,9 @@ def main() -> None:
               ("llama3.2-1b", preset("llama3.2-1b", dtype="bfloat16", scan_layers=True, remat="full"),
                make_mesh(1, 8, 1), 8, 2048, 0)]
     for name, cfg, mesh, batch, seq, steps in shapes:
-        for mode, lora in (("full", None), ("lora-bf16", LoraConfig(rank=args.rank)),
-                           ("lora-f32", LoraConfig(rank=args.rank, base_dtype="float32"))):
+        modes = [("full", None)] + [(f"lora-{dtype}", LoraConfig(rank=args.rank, base_dtype=dtype))
+                                    for dtype in ("float32", "bfloat16", "int8", "nf4")]
+        for mode, lora in modes:
             result = measure(dataclasses.replace(cfg, lora=lora), mesh, batch, seq, steps)
             print(json.dumps({"model": name, "mode": mode, "devices": mesh.devices.size, **result}), flush=True)
 

@@ -9,5 +9,5 @@ ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "reference", "cudnn", "splash")
 REMAT_POLICIES = ("none", "full", "save_dots")
 # models/lora.py: the projections LoRA may adapt, by our name (PEFT's "q_proj", ... are accepted too).
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
-# How LoRA's frozen base is stored (int8 and nf4, QLoRA, are not implemented).
-LORA_BASE_DTYPES = ("bfloat16", "float32")
+# How LoRA's frozen base is stored: int8 and nf4 (QLoRA) quantize its projection weights (models/quant.py).
+LORA_BASE_DTYPES = ("bfloat16", "float32", "int8", "nf4")

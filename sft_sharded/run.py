@@ -30,7 +30,8 @@ from sft_sharded.models import Llama, LlamaConfig, preset
 from sft_sharded.models.lora import LoraConfig
 from sft_sharded.optim import make_optimizer
 from sft_sharded.sharding import data_parallel_size, make_mesh
-from sft_sharded.state import abstract_state, base_fingerprint, frozen_base, init_state, with_frozen_base
+from sft_sharded.state import (abstract_state, base_fingerprint, base_weights, frozen_base, init_state,
+                               with_frozen_base)
 from sft_sharded.trainers import SFTTrainer, TrainState, partition
 
 Say = Callable[[str], None]
@@ -284,13 +285,11 @@ def _model_params(trainer: SFTTrainer, cfg: TrainConfig, params: Any, base_dtype
     in `base_dtype` if given, merged into the weights when `base_dtype` is set)."""
     if trainer.lora is None:
         return params
-    abstract = abstract_state(trainer, cfg).frozen
     if base_dtype is None:
-        return partition.merge(params, frozen_base(trainer, cfg, abstract))
-    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, base_dtype, sharding=a.sharding), abstract)
+        return partition.merge(params, frozen_base(trainer, cfg))
     from sft_sharded.peft import merge
 
-    return merge(frozen_base(trainer, cfg, abstract), params, trainer.model.config)
+    return merge(base_weights(trainer, cfg, base_dtype), params, trainer.model.config)
 
 
 def export(run_dir: str | Path, out_dir: str | Path, dtype: str = "float32", to: str = "hf") -> Path:

@@ -86,7 +86,7 @@ def _axis_size(mesh_axes: Any, mesh: Mesh) -> int:
     return math.prod(mesh.shape[name] for name in names)
 
 
-def _fit_spec(spec: P, shape: Sequence[int], mesh: Mesh, what: str) -> P:
+def fit_spec(spec: P, shape: Sequence[int], mesh: Mesh, what: str = "array") -> P:
     """Drop the mesh axes of any dimension they do not divide (replicate it), warning once."""
     entries = list(spec) + [None] * (len(shape) - len(spec))
     for dim, mesh_axes in enumerate(entries):
@@ -112,7 +112,7 @@ def logical_to_sharding(
     if logical_spec is None or len(logical_spec) == 0:
         return NamedSharding(mesh, P())
     mesh_spec = nn.logical_to_mesh_axes(tuple(logical_spec), rules)
-    return NamedSharding(mesh, _fit_spec(mesh_spec, shape, mesh, what))
+    return NamedSharding(mesh, fit_spec(mesh_spec, shape, mesh, what))
 
 
 def tree_shardings(abstract_boxed: Any, mesh: Mesh, rules=LOGICAL_AXIS_RULES) -> Any:
@@ -126,7 +126,7 @@ def tree_shardings(abstract_boxed: Any, mesh: Mesh, rules=LOGICAL_AXIS_RULES) ->
             names = leaf.names
             value = leaf.value
             if not isinstance(leaf, nn.LogicallyPartitioned):  # already mesh axis names
-                return NamedSharding(mesh, _fit_spec(P(*names), value.shape, mesh, what))
+                return NamedSharding(mesh, fit_spec(P(*names), value.shape, mesh, what))
             return logical_to_sharding(P(*names), value.shape, mesh, rules, what)
         return NamedSharding(mesh, P())
 
@@ -175,7 +175,7 @@ def activation_spec(shape: Sequence[int], logical_axes: tuple[str | None, ...]) 
     mesh_spec = nn.logical_to_mesh_axes(logical_axes)
     if mesh_spec is None:
         return None
-    return _fit_spec(mesh_spec, shape, mesh, f"activation {logical_axes}")
+    return fit_spec(mesh_spec, shape, mesh, f"activation {logical_axes}")
 
 
 def constrain(x: jax.Array, logical_axes: tuple[str | None, ...]) -> jax.Array:

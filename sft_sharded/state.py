@@ -36,12 +36,21 @@ def _init_part(trainer: SFTTrainer, cfg: TrainConfig, part: int, shardings):
         return jax.jit(init, out_shardings=shardings)(jax.random.key(cfg.seed))
 
 
-def frozen_base(trainer: SFTTrainer, cfg: TrainConfig, abstract_frozen):
-    """The frozen part of the model's params, laid out (and typed) as `abstract_frozen`: read from
-    `model.path`, or the preset's random init again (the same seed gives the same base)."""
+def base_weights(trainer: SFTTrainer, cfg: TrainConfig, dtype=None):
+    """The frozen part of the model's params, unquantized: read from `model.path` (in `dtype`, default
+    the trainer's storage dtype), or the preset's random init again (the same seed gives the same base)."""
+    abstract = trainer.abstract_base(jax.random.key(cfg.seed), _dummy(cfg))
+    if dtype is not None:
+        abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, dtype, sharding=a.sharding), abstract)
     if cfg.model.path:
-        return hf.load_params(cfg.model.path, trainer.model.config, abstract_frozen)
-    return _init_part(trainer, cfg, 1, sharding.shardings_of(abstract_frozen))
+        return hf.load_params(cfg.model.path, trainer.model.config, abstract)
+    base = _init_part(trainer, cfg, 1, sharding.shardings_of(abstract))
+    return base if dtype is None else jax.tree.map(lambda x: x.astype(dtype), base)
+
+
+def frozen_base(trainer: SFTTrainer, cfg: TrainConfig):
+    """The frozen base as training uses it: `base_weights`, quantized if `lora.base_dtype` says so."""
+    return trainer.quantize_frozen(base_weights(trainer, cfg))
 
 
 def init_state(trainer: SFTTrainer, cfg: TrainConfig) -> TrainState:
@@ -55,7 +64,7 @@ def init_state(trainer: SFTTrainer, cfg: TrainConfig) -> TrainState:
     if abstract.frozen is None:
         params, frozen = hf.load_params(cfg.model.path, trainer.model.config, abstract.params), None
     else:
-        frozen = frozen_base(trainer, cfg, abstract.frozen)
+        frozen = frozen_base(trainer, cfg)
         if cfg.lora.init_from:
             from sft_sharded.peft import load_adapters
 
@@ -70,7 +79,7 @@ def with_frozen_base(trainer: SFTTrainer, cfg: TrainConfig, state: TrainState) -
     """A restored state (saved without its frozen part) with the frozen base loaded again."""
     if trainer.lora is None:
         return state
-    return state.replace(frozen=frozen_base(trainer, cfg, abstract_state(trainer, cfg).frozen))
+    return state.replace(frozen=frozen_base(trainer, cfg))
 
 
 def base_fingerprint(cfg: TrainConfig) -> str:

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from jax.sharding import PartitionSpec as P
 from reference import GRAD_TOL, llama_logits, random_batch, to_numpy
 
 from sft_sharded import Llama, SFTTrainer, make_mesh
@@ -122,3 +123,51 @@ def test_the_compiled_step_holds_no_gradient_or_optimizer_state_of_the_base(tiny
     # in both runs), so the whole step is compared: 62 MB against 149 MB when measured.
     assert lora.temp_size_in_bytes < full.temp_size_in_bytes
     assert lora_total < full_total / 2
+
+
+# The largest gap between neighbouring NF4 code values (QLoRA, appendix E) is between -1 and -0.69619:
+# nearest rounding is off by at most half of it, times the block's absmax (bfloat16 scales add 2^-8).
+NF4_HALF_GAP = (1.0 - 0.6961928009986877) / 2
+
+
+def test_nf4_and_int8_round_trips_stay_within_their_bounds():
+    from sft_sharded.models import quant
+
+    w = np.random.default_rng(0).normal(size=(256, 96)).astype(np.float32)
+    back = np.asarray(quant.dequantize(quant.quantize(jnp.asarray(w), "nf4", (0,))), np.float32)
+    absmax = np.abs(w).reshape(4, 64, 96).max(1, keepdims=True)  # blocks of 64 inputs, one per output column
+    error = np.abs(back - w).reshape(4, 64, 96)
+    assert (error <= absmax * (NF4_HALF_GAP + 2**-8)).all()
+    assert error.max() > absmax.max() * 0.1  # the bound is tight (NF4 really is 4 bits)
+    back8 = np.asarray(quant.dequantize(quant.quantize(jnp.asarray(w), "int8", (0,))), np.float32)
+    # int8 with a scale per output column: within one quantization step of the column's absmax/127 (qwix
+    # maps absmax to 127.5 and clips) plus bfloat16 rounding
+    assert (np.abs(back8 - w) <= np.abs(w).max(0) * (1 / 127 + 2**-8)).all()
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_a_qlora_base_is_stored_quantized_on_its_shards_and_the_loss_falls(tiny_config, kind):
+    import qwix
+
+    cfg = dataclasses.replace(tiny_config, hidden_size=64, num_heads=4, num_kv_heads=2, mlp_dim=128)
+    trainer, state = lora_trainer(cfg, lora=LoraConfig(rank=4, alpha=8.0, base_dtype=kind),
+                                  optimizer=optax.adamw(3e-2))
+    wq = state.frozen["layer_0"]["attn"]["wq"]
+    assert isinstance(wq, qwix.QArray) and wq.qvalue.shape == (64, 4, 16)
+    assert wq.qvalue.sharding.spec == P("fsdp", "tensor", None)  # the weight's own shards
+    assert state.frozen["embedding"].dtype == jnp.bfloat16  # only the projections are quantized
+    abstract = trainer.abstract_train_state(jax.random.key(0), jnp.zeros((8, 16), jnp.int32))
+    assert jax.tree.structure(abstract.frozen) == jax.tree.structure(state.frozen)
+    # step 0 is the base model computed from the dequantized weights
+    base = SFTTrainer(Llama(dataclasses.replace(cfg, dtype="float32")), optax.sgd(0.1), mesh=trainer.mesh)
+    dequantized = jax.tree.map(lambda x: x, state.frozen, is_leaf=lambda x: isinstance(x, qwix.QArray))
+    dequantized = jax.tree.map(lambda x: qwix.dequantize(x).astype(jnp.float32) if isinstance(x, qwix.QArray)
+                               else x.astype(jnp.float32), dequantized, is_leaf=lambda x: isinstance(x, qwix.QArray))
+    batch = random_batch(3)
+    np.testing.assert_allclose(float(trainer.compute_loss(partition.merge(state.params, state.frozen), batch)),
+                               float(base.compute_loss(dequantized, batch)), rtol=1e-5)
+    losses = []
+    for step in range(12):
+        state, metrics = trainer.train_step(state, random_batch(step % 2))
+        losses.append(float(metrics["loss"]))
+    assert losses[-1] < losses[0] - 0.1

@@ -34,7 +34,7 @@ def ours(run_dir, ids):
     trainer = run.build_trainer(cfg)
     abstract = run.abstract_state(trainer, cfg)
     adapters = load_params(run_dir, abstract.params)
-    params = partition.merge(adapters, run.frozen_base(trainer, cfg, abstract.frozen))
+    params = partition.merge(adapters, run.frozen_base(trainer, cfg))
     return np.asarray(jax.jit(trainer.model.apply)({"params": params}, ids.astype(np.int32)))
 
 

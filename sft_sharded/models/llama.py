@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from sft_sharded.choices import ATTENTION_IMPLEMENTATIONS, REMAT_POLICIES
-from sft_sharded.models import lora
+from sft_sharded.models import lora, quant
 from sft_sharded.models.attention import attention, dot_product_attention
 from sft_sharded.models.lora import LoraConfig
 from sft_sharded.sharding import constrain
@@ -100,7 +100,7 @@ def _weight(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[st
     """The parameter in the compute dtype, cast where it lives: pinning the cast copy to the parameter's
     own sharding makes each device cast its shard before the FSDP all-gather, which then moves bf16
     instead of float32 bytes (and no device casts the whole gathered weight)."""
-    return constrain(_param(module, name, shape, axes, init).astype(module.config.dtype), axes)
+    return constrain(quant.dequantize(_param(module, name, shape, axes, init)).astype(module.config.dtype), axes)
 
 
 def _bias(module: nn.Module, name: str, size: int, axis: str) -> jax.Array:

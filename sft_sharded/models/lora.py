@@ -27,7 +27,7 @@ class LoraConfig:
     alpha: float = 16.0
     targets: tuple[str, ...] = tuple(TARGETS)  # our names; PEFT's ("q_proj", ...) are accepted too
     rslora: bool = False  # scale alpha / sqrt(rank) instead of alpha / rank
-    base_dtype: str = "bfloat16"  # how the frozen base is stored: bfloat16 or float32
+    base_dtype: str = "bfloat16"  # how the frozen base is stored: bfloat16, float32, int8 or nf4 (QLoRA)
 
     def __post_init__(self):
         if not isinstance(self.rank, int) or self.rank < 1:
@@ -40,8 +40,7 @@ class LoraConfig:
                              f"{list(TARGETS)} or {list(TARGETS.values())}")
         object.__setattr__(self, "targets", names)
         if self.base_dtype not in BASE_DTYPES:
-            raise ValueError(f"lora.base_dtype={self.base_dtype!r}: implemented are {list(BASE_DTYPES)} "
-                             "(int8 and nf4, QLoRA, are not implemented yet)")
+            raise ValueError(f"lora.base_dtype={self.base_dtype!r} must be one of {list(BASE_DTYPES)}")
 
     @property
     def scale(self) -> float:

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from sft_sharded.losses import LossTerms, chunked_cross_entropy, cross_entropy_with_hits, target_mask
+from sft_sharded.models import quant
 from sft_sharded.models.lora import is_adapter
 from sft_sharded.trainers import partition
 from sft_sharded.trainers.trainer import Batch, Trainer, TrainState
@@ -40,8 +41,27 @@ class SFTTrainer(Trainer):
         if self.lora is None:
             return params, None
         adapters, base = partition.split(params, is_adapter)
-        dtype = jnp.dtype(self.lora.base_dtype)
+        # a quantized base is quantized from bfloat16 by `quantize_frozen`, on its shards
+        dtype = jnp.dtype(jnp.bfloat16 if self.lora.base_dtype in quant.QUANTIZED else self.lora.base_dtype)
         return adapters, jax.tree.map(lambda x: x.astype(dtype), base)
+
+    def quantize_frozen(self, frozen):
+        """The frozen base with its projection weights quantized (QLoRA: lora.base_dtype int8 or nf4), each
+        on its weight's shards; unchanged otherwise. Works on arrays and on abstract (ShapeDtypeStruct)
+        trees alike."""
+        kind = self.lora.base_dtype if self.lora is not None else None
+        if kind not in quant.QUANTIZED or frozen is None:
+            return frozen
+        shardings = quant.quantized_shardings(frozen, kind)
+        fn = jax.jit(lambda f: quant.quantize_tree(f, kind), out_shardings=shardings)
+        if all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(frozen)):
+            return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                jax.eval_shape(fn, frozen), shardings)
+        return fn(frozen)
+
+    def abstract_base(self, key: jax.Array, dummy_input) -> object:
+        """The frozen base as it is initialised or loaded, before any quantization (abstract)."""
+        return self.abstract_sharded(self._init, key, dummy_input).frozen
 
     def _init(self, key: jax.Array, dummy_input: jax.Array) -> TrainState:
         params, frozen = self.split_params(self.model.init(key, dummy_input)["params"])
@@ -49,10 +69,12 @@ class SFTTrainer(Trainer):
         return TrainState(params, self.optimizer.init(params), jnp.zeros((), jnp.int32), frozen)
 
     def create_train_state(self, key: jax.Array, dummy_input: jax.Array) -> TrainState:
-        return self.init_sharded(self._init, key, dummy_input)
+        state = self.init_sharded(self._init, key, dummy_input)
+        return state.replace(frozen=self.quantize_frozen(state.frozen))
 
     def abstract_train_state(self, key: jax.Array, dummy_input) -> TrainState:
-        return self.abstract_sharded(self._init, key, dummy_input)
+        abstract = self.abstract_sharded(self._init, key, dummy_input)
+        return abstract.replace(frozen=self.quantize_frozen(abstract.frozen))
 
     def compute_loss(self, params, batch: Batch) -> jax.Array:
         """The loss with the model's full params (with LoRA: `partition.merge(state.params, state.frozen)`)."""
