@@ -18,11 +18,15 @@ from sft_sharded.devices import simulate_cpu_devices
 
 
 def state_bytes(tree) -> int:
-    """Bytes one device holds of a (possibly abstract) sharded tree."""
+    """Bytes one device holds of a (possibly abstract) sharded tree (4-bit values count half a byte, as
+    XLA packs them on TPU and GPU)."""
     import jax
     import numpy as np
 
-    return sum(int(np.prod(x.sharding.shard_shape(x.shape))) * x.dtype.itemsize for x in jax.tree.leaves(tree))
+    def bits(dtype) -> int:
+        return 4 if str(dtype) in ("int4", "uint4") else np.dtype(dtype).itemsize * 8
+
+    return sum(int(np.prod(x.sharding.shard_shape(x.shape))) * bits(x.dtype) // 8 for x in jax.tree.leaves(tree))
 
 
 def measure(cfg, mesh, batch: int, seq: int, steps: int) -> dict:

@@ -42,7 +42,12 @@ def model_config(cfg: TrainConfig) -> LlamaConfig:
     m = cfg.model
     options = dict(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat, scan_layers=m.scan_layers,
                    attention=m.attention, lora=lora_config(cfg))
-    return hf.config_from_hf(m.path, **options) if m.path else preset(m.preset, **options)
+    try:
+        return hf.config_from_hf(m.path, **options) if m.path else preset(m.preset, **options)
+    except UserError:
+        raise
+    except (ValueError, TypeError) as err:  # LlamaConfig's own checks of the model.* options
+        raise UserError(f"model: {err}") from None
 
 
 def lora_config(cfg: TrainConfig) -> LoraConfig | None:

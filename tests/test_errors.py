@@ -75,6 +75,10 @@ def test_empty_missing_and_unmatched_data_files(tmp_path, capsys):
     (["data.batch_size=6"], "data.batch_size=6 is not divisible by the data-parallel size mesh.data x mesh.fsdp = 4"),
     (["model.path=/nonexistent"], "model.path='/nonexistent': no config.json in that directory"),
     (["tokenizer.path=/tmp"], "tokenizer.path='/tmp': no tokenizer.json in that directory"),
+    (["model.preset=llama9"], "model.preset='llama9' is not one of"),
+    (["model.dtype=float99"], "model: data type 'float99' not understood"),
+    (["lora.rank=4", "lora.targets=[q, attn_out]"], "lora.targets=['q', 'attn_out']: unknown ['attn_out']"),
+    (["lora.dropout=0.1"], "lora.dropout=0.1: dropout is not implemented"),
 ])
 def test_bad_config(tmp_path, capsys, overrides, expected):
     status, err = cli(capsys, "train", *FAST, f"run_dir={tmp_path / 'run'}", *overrides)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from sft_sharded.errors import UserError
 from sft_sharded.models.llama import LlamaConfig
 
 PRESETS: dict[str, dict] = {
@@ -31,5 +32,5 @@ PRESETS: dict[str, dict] = {
 def preset(name: str, **overrides) -> LlamaConfig:
     """LlamaConfig for a named shape; `overrides` replace fields (dtype, remat, ...)."""
     if name not in PRESETS:
-        raise ValueError(f"model.preset={name!r} is not one of {sorted(PRESETS)}")
+        raise UserError(f"model.preset={name!r} is not one of {sorted(PRESETS)}")
     return dataclasses.replace(LlamaConfig(**PRESETS[name]), **overrides)
