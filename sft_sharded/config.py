@@ -136,8 +136,6 @@ class LoraSection:
     def __post_init__(self):
         if self.rank < 0:
             raise ConfigError(f"lora.rank={self.rank} must be >= 0 (0: off)")
-        if self.dropout:
-            raise ConfigError(f"lora.dropout={self.dropout}: dropout is not implemented; use 0.0")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -57,7 +57,7 @@ def lora_config(cfg: TrainConfig) -> LoraConfig | None:
         return None
     try:
         return LoraConfig(rank=c.rank, alpha=c.alpha, targets=tuple(c.targets), rslora=c.rslora,
-                          base_dtype=c.base_dtype)
+                          base_dtype=c.base_dtype, dropout=c.dropout)
     except ValueError as err:
         raise UserError(str(err)) from None
 
@@ -80,7 +80,7 @@ def build_trainer(cfg: TrainConfig, model_cfg: LlamaConfig | None = None) -> SFT
         raise UserError(f"data.batch_size={cfg.data.batch_size} is not divisible by optim.grad_accum_steps={k}")
     model_cfg = model_cfg or model_config(cfg)
     return SFTTrainer(Llama(model_cfg), make_optimizer(cfg.optim, cfg.steps), mesh=mesh, grad_accum_steps=k,
-                      loss_chunk_size=cfg.loss.chunk_size, z_loss=cfg.loss.z_loss)
+                      loss_chunk_size=cfg.loss.chunk_size, z_loss=cfg.loss.z_loss, seed=cfg.seed)
 
 
 def prepare_run_dir(run_dir: str | Path) -> Path:

@@ -78,7 +78,7 @@ def test_empty_missing_and_unmatched_data_files(tmp_path, capsys):
     (["model.preset=llama9"], "model.preset='llama9' is not one of"),
     (["model.dtype=float99"], "model: data type 'float99' not understood"),
     (["lora.rank=4", "lora.targets=[q, attn_out]"], "lora.targets=['q', 'attn_out']: unknown ['attn_out']"),
-    (["lora.dropout=0.1"], "lora.dropout=0.1: dropout is not implemented"),
+    (["lora.rank=4", "lora.dropout=1.5"], "lora.dropout=1.5 must be in [0, 1)"),
 ])
 def test_bad_config(tmp_path, capsys, overrides, expected):
     status, err = cli(capsys, "train", *FAST, f"run_dir={tmp_path / 'run'}", *overrides)

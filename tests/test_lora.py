@@ -171,3 +171,22 @@ def test_a_qlora_base_is_stored_quantized_on_its_shards_and_the_loss_falls(tiny_
         state, metrics = trainer.train_step(state, random_batch(step % 2))
         losses.append(float(metrics["loss"]))
     assert losses[-1] < losses[0] - 0.1
+
+
+def test_lora_dropout_acts_in_training_steps_only_and_is_a_function_of_the_step(tiny_config):
+    def run(dropout, seed=0, steps=3):
+        trainer, state = lora_trainer(tiny_config, lora=dataclasses.replace(LORA, dropout=dropout), seed=seed)
+        state = randomize_b(state)
+        evals = float(trainer.eval_step(state, random_batch(5))["loss"])
+        losses = []
+        for step in range(steps):
+            state, metrics = trainer.train_step(state, random_batch(step))
+            losses.append(float(metrics["loss"]))
+        return evals, losses
+
+    eval_0, plain = run(0.0)
+    eval_d, dropped = run(0.5)
+    assert eval_d == eval_0  # evaluation never drops
+    assert dropped[0] != plain[0]  # the first training step already sees a dropped input
+    assert run(0.5) == (eval_d, dropped)  # the same seed and steps give the same masks
+    assert run(0.5, seed=1)[1][0] != dropped[0]

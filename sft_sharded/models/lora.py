@@ -28,6 +28,7 @@ class LoraConfig:
     targets: tuple[str, ...] = tuple(TARGETS)  # our names; PEFT's ("q_proj", ...) are accepted too
     rslora: bool = False  # scale alpha / sqrt(rank) instead of alpha / rank
     base_dtype: str = "bfloat16"  # how the frozen base is stored: bfloat16, float32, int8 or nf4 (QLoRA)
+    dropout: float = 0.0  # on the adapter's input while training (as PEFT's lora_dropout)
 
     def __post_init__(self):
         if not isinstance(self.rank, int) or self.rank < 1:
@@ -39,6 +40,8 @@ class LoraConfig:
             raise ValueError(f"lora.targets={list(self.targets)}: unknown {unknown}; choose from "
                              f"{list(TARGETS)} or {list(TARGETS.values())}")
         object.__setattr__(self, "targets", names)
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"lora.dropout={self.dropout} must be in [0, 1)")
         if self.base_dtype not in BASE_DTYPES:
             raise ValueError(f"lora.base_dtype={self.base_dtype!r} must be one of {list(BASE_DTYPES)}")
 
@@ -72,6 +75,9 @@ def delta(module: nn.Module, target: str, x: jax.Array, spec: str, in_shape: tup
                      (*in_axes, "lora_rank")), (*in_shape, r), param_dtype).astype(dtype)
     b = module.param(f"{target}_lora_b", nn.with_logical_partitioning(nn.initializers.zeros,
                      ("lora_rank", *out_axes)), (r, *out_shape), param_dtype).astype(dtype)
+    if lora.dropout and module.has_rng("dropout"):  # training: the trainer passes a dropout rng
+        keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - lora.dropout, x.shape)
+        x = jnp.where(keep, x / (1.0 - lora.dropout), 0.0).astype(x.dtype)
     x_spec, w_spec = spec.split("->")[0].split(",")
     y_spec = spec.split("->")[1]
     in_letters = w_spec[: len(in_shape)]

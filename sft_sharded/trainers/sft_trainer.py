@@ -24,11 +24,13 @@ class SFTTrainer(Trainer):
     `Trainer`."""
 
     def __init__(self, model, optimizer, *, pad_label_id: int | None = 0, z_loss: float = 0.0,
-                 loss_chunk_size: int | None = None, **options):
+                 loss_chunk_size: int | None = None, seed: int = 0, **options):
         super().__init__(model, optimizer, **options)
         self.pad_label_id = pad_label_id
         self.z_loss = z_loss
         self.loss_chunk_size = loss_chunk_size
+        if self.lora is not None and self.lora.dropout:
+            self.dropout_seed = seed  # LoRA dropout: a different mask each step and micro-batch
 
     @property
     def lora(self):
@@ -81,8 +83,11 @@ class SFTTrainer(Trainer):
         terms, _ = self.loss_terms(params, batch)
         return terms.mean()
 
-    def loss_terms(self, params, batch: Batch) -> tuple[LossTerms, dict[str, jax.Array]]:
+    def loss_terms(self, params, batch: Batch, rng: jax.Array | None = None) -> tuple[LossTerms, dict[str, jax.Array]]:
+        """Summed token losses and their count; `rng` (training with LoRA dropout) drives the dropout."""
         kwargs = {key: batch[key] for key in _MODEL_INPUTS if key in batch}
+        if rng is not None:
+            kwargs["rngs"] = {"dropout": rng}
         mask_BxT = target_mask(batch, self.pad_label_id)
         if self.loss_chunk_size:  # the model hands over hidden states and head; logits per chunk only
             hidden_BxTxD, head_DxV = self.model.apply({"params": params}, batch["input_ids"], **kwargs,

@@ -72,6 +72,9 @@ class Trainer(abc.ABC):
             on_cpu = self.mesh.devices.flat[0].platform == "cpu"
             compiler_options = dict(CPU_COMPILER_OPTIONS) if on_cpu else {}
         self.compiler_options = compiler_options
+        # Set by a subclass whose loss uses dropout: the train step then passes `loss_terms` an `rng`,
+        # a function of this seed, the step and the micro-batch (eval and `loss_and_grad` never drop).
+        self.dropout_seed: int | None = None
         self._jitted: dict[tuple, Callable] = {}
         self._checked_signatures: set = set()
 
@@ -90,9 +93,10 @@ class Trainer(abc.ABC):
         `abstract_sharded` with the init function `create_train_state` uses."""
         raise NotImplementedError(f"{type(self).__name__} does not provide abstract_train_state")
 
-    def loss_terms(self, params: Any, batch: Batch) -> tuple[LossTerms, dict[str, jax.Array]]:
+    def loss_terms(self, params: Any, batch: Batch, rng: jax.Array | None = None) -> tuple[LossTerms, dict[str, jax.Array]]:
         """(loss sum, weight) and extra metric sums. Default: the mean with weight 1, so micro-batches
-        count equally; SFTTrainer overrides it with per-token sums for exact token weighting."""
+        count equally; SFTTrainer overrides it with per-token sums for exact token weighting. `rng` is
+        given only in training steps of a trainer with `dropout_seed` set."""
         return LossTerms(self.compute_loss(params, batch), jnp.float32(1.0)), {}
 
     # --- mesh context and sharded init --------------------------------------------------------------
@@ -170,35 +174,38 @@ class Trainer(abc.ABC):
         self._jitted[key] = fn
         return fn
 
-    def _sums_and_grads(self, params: Any, frozen: Any, batch: Batch):
+    def _sums_and_grads(self, params: Any, frozen: Any, batch: Batch, rng: jax.Array | None = None):
         """Summed loss, token count, extra sums and the gradient of the sum with respect to `params` (not
-        `frozen`: no gradient of a frozen weight is ever formed), over `grad_accum_steps` micro-batches."""
-        def micro(mb):
+        `frozen`: no gradient of a frozen weight is ever formed), over `grad_accum_steps` micro-batches.
+        `rng` (training with dropout) is folded with the micro-batch index and handed to `loss_terms`."""
+        def micro(mb, index):
+            extra_args = {} if rng is None else {"rng": jax.random.fold_in(rng, index)}
+
             def f(p):
-                terms, extra = self.loss_terms(partition.merge(p, frozen), mb)
+                terms, extra = self.loss_terms(partition.merge(p, frozen), mb, **extra_args)
                 return terms.loss_sum, (terms.num_tokens, extra)
             (loss_sum, (num_tokens, extra)), grads = jax.value_and_grad(f, has_aux=True)(params)
             return (loss_sum, num_tokens, extra), grads
 
         k = self.grad_accum_steps
         if k == 1:
-            return micro(batch)
+            return micro(batch, 0)
         micro_batches = {key: sharding.split_microbatches(x, k, self.mesh) for key, x in batch.items()}
 
-        def body(acc, mb):
-            sums, grads = micro(mb)
+        def body(acc, xs):
+            sums, grads = micro(*xs)
             return jax.tree.map(jnp.add, acc, (sums, grads)), None
 
-        zero_sums, _ = jax.eval_shape(micro, jax.tree.map(lambda x: x[0], micro_batches))
+        zero_sums, _ = jax.eval_shape(micro, jax.tree.map(lambda x: x[0], micro_batches), 0)
         init = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero_sums), jax.tree.map(
             lambda p: jnp.zeros(p.shape, jnp.float32), params
         )
-        (sums, grads), _ = jax.lax.scan(body, init, micro_batches)
+        (sums, grads), _ = jax.lax.scan(body, init, (micro_batches, jnp.arange(k)))
         return sums, grads
 
-    def _mean_grads(self, params: Any, frozen: Any, batch: Batch):
+    def _mean_grads(self, params: Any, frozen: Any, batch: Batch, rng: jax.Array | None = None):
         """Sums and the gradient of the token-weighted mean: the single division of the whole step."""
-        (loss_sum, num_tokens, extra), grads = self._sums_and_grads(params, frozen, batch)
+        (loss_sum, num_tokens, extra), grads = self._sums_and_grads(params, frozen, batch, rng)
         grads = jax.tree.map(lambda g, p: safe_mean(g, num_tokens).astype(p.dtype), grads, params)
         return loss_sum, num_tokens, extra, grads
 
@@ -207,7 +214,8 @@ class Trainer(abc.ABC):
         return safe_mean(loss_sum, num_tokens), grads
 
     def _train_step_fn(self, state: TrainState, batch: Batch):
-        loss_sum, num_tokens, extra, grads = self._mean_grads(state.params, state.frozen, batch)
+        rng = None if self.dropout_seed is None else jax.random.fold_in(jax.random.key(self.dropout_seed), state.step)
+        loss_sum, num_tokens, extra, grads = self._mean_grads(state.params, state.frozen, batch, rng)
         updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         # Real (non-pad) tokens, for throughput and MFU on the work that counts; without segment ids every
