@@ -174,3 +174,28 @@ def test_corrupt_newest_checkpoint_falls_back_then_errors(tiny_config, tmp_path,
 def test_no_checkpoint_returns_none(tiny_config, tmp_path):
     trainer, _ = _trainer(tiny_config, make_mesh(1, 8, 1))
     assert Checkpointer(tmp_path / "none", every=1, keep=1).restore_latest(_abstract(trainer)) is None
+
+
+@pytest.mark.slow
+def test_a_qlora_run_resumes_bit_identically_after_sigkill(tmp_path):
+    """Its checkpoints hold the adapters and their optimizer state; the NF4 base is read (here: re-drawn from
+    the seed) and quantized again on resume, which must give the very same steps."""
+    lora = ("lora.rank=4", "lora.base_dtype=nf4")
+    proc = start(tmp_path / "reference", *lora)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    reference = losses(tmp_path / "reference")
+    run = tmp_path / "run"
+    proc = start(run, *lora)
+    wait_for_step(proc, run, 12)
+    deadline = time.time() + 60
+    while not (run / "checkpoints" / "10").is_dir() and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    proc = start(run, *lora)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    assert f"resumed from {run / 'checkpoints'}/10" in out
+    got = losses(run)
+    assert [got[s] for s in range(11, 17)] == [reference[s] for s in range(11, 17)]  # bit-identical

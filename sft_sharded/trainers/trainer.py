@@ -139,7 +139,10 @@ class Trainer(abc.ABC):
 
     def lower(self, kind: str, first: Any, batch: Batch) -> jax.stages.Lowered:
         """The jitted "train", "eval" or "grad" step lowered for (possibly abstract) inputs, under the
-        mesh: `.compile()` it for memory and cost analysis (plans, benchmarks) without running it."""
+        mesh: `.compile()` it for memory and cost analysis (plans, benchmarks) without running it. For
+        "grad", `first` is the params, or (params, frozen) when the state has a frozen part."""
+        if kind == "grad" and not isinstance(first, tuple):
+            first = (first, None)
         with self.activate():
             return self._compiled(kind, first).lower(first, batch)
 
