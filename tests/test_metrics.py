@@ -42,3 +42,22 @@ def test_metrics_writer_resume_keeps_history_up_to_the_checkpoint(tmp_path):
     resumed.close()
     steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3]
+
+
+def test_lora_flops_per_token_match_xla_cost_analysis():
+    """The frozen base has no weight gradient: 4 x its matmul params, 6 x the adapters'."""
+    import dataclasses
+
+    from sft_sharded.models.lora import LoraConfig
+
+    cfg = LlamaConfig(vocab_size=512, hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=384,
+                      lora=LoraConfig(rank=8, base_dtype="float32"))
+    trainer = SFTTrainer(Llama(cfg), optax.sgd(0.1), mesh=make_mesh(1, 1, 1, devices=jax.devices()[:1]))
+    state = trainer.create_train_state(jax.random.key(0), jnp.zeros((4, 64), jnp.int32))
+    batch = {"input_ids": jnp.zeros((4, 64), jnp.int32), "labels": jnp.ones((4, 64), jnp.int32)}
+    cost = trainer.lower("grad", (state.params, state.frozen), batch).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    analytic = flops_per_token(cfg, 64, causal=False) * 4 * 64
+    assert 1.0 <= cost["flops"] / analytic < 1.10, (cost["flops"], analytic)
+    full = flops_per_token(dataclasses.replace(cfg, lora=None), 64, causal=False) * 4 * 64
+    assert cost["flops"] < 0.85 * full  # the 6N count would overstate a LoRA step's work

@@ -83,7 +83,17 @@ class LlamaConfig:
     def head_size(self) -> int:
         return self.head_dim or self.hidden_size // self.num_heads
 
+    def num_adapter_params(self) -> int:
+        """LoRA's A and B over all layers (0 without LoRA)."""
+        if self.lora is None:
+            return 0
+        d, h, f = self.hidden_size, self.head_size, self.mlp_dim
+        q, kv = self.num_heads * h, self.num_kv_heads * h
+        sizes = {"q": (d, q), "k": (d, kv), "v": (d, kv), "o": (q, d), "gate": (d, f), "up": (d, f), "down": (f, d)}
+        return self.num_layers * self.lora.rank * sum(sum(sizes[t]) for t in self.lora.targets)
+
     def num_params(self) -> int:
+        """The model's own parameters (the base, without LoRA adapters)."""
         d, h, k, f, v = self.hidden_size, self.head_size, self.num_kv_heads, self.mlp_dim, self.vocab_size
         attn = d * h * (2 * self.num_heads + 2 * k) + (h * (self.num_heads + 2 * k) if self.qkv_bias else 0)
         attn += d if self.o_bias else 0
