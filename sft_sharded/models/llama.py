@@ -301,7 +301,7 @@ class Llama(nn.Module):
             stack = nn.scan(
                 layer_cls,
                 variable_axes={"params": 0},
-                split_rngs={"params": True},
+                split_rngs={"params": True, "dropout": True},  # a fresh LoRA dropout mask per layer
                 in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0),
                 length=cfg.num_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
