@@ -120,8 +120,13 @@ class Checkpointer:
         return None
 
     def saved_config(self, step: int) -> dict:
-        """The config a checkpoint was saved with (the run's config and its base fingerprint)."""
-        return self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"] or {}
+        """The config a checkpoint was saved with (the run's config and its base fingerprint); {} when its
+        config item cannot be read (reported: the state itself restored, so training goes on)."""
+        try:
+            return self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"] or {}
+        except Exception as err:  # noqa: BLE001 - reported; the base check then has nothing to compare
+            log.warning("checkpoint %s/%d: config unreadable (%s: %s)", self.directory, step, type(err).__name__, err)
+            return {}
 
     def _check_same_model(self, step: int, abstract_state: Any) -> None:
         """Refuse a checkpoint whose params have other names or shapes than the model's: it was made by
