@@ -21,6 +21,7 @@ from etils import epath
 
 from sft_sharded.data.pipeline import SavedDataState
 from sft_sharded.errors import UserError
+from sft_sharded.sharding import key_name
 
 log = logging.getLogger(__name__)
 FINAL_PARAMS = "final_params"
@@ -158,12 +159,9 @@ class Checkpointer:
 
 def _param_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
     """"params/a/b" -> shape for the params of a TrainState or of its checkpoint metadata (a dict)."""
-    def name(entry: Any) -> str:
-        return str(getattr(entry, "key", getattr(entry, "name", getattr(entry, "idx", entry))))
-
     out = {}
     for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
-        names = [name(e) for e in path]
+        names = [key_name(e) for e in path]
         if names and names[0] == "params":
             out["/".join(names)] = tuple(leaf.shape)
     return out

@@ -163,8 +163,10 @@ def _describe_process() -> str:
         return ""
     import jax
 
+    from sft_sharded import distributed
+
     try:
-        return f"process {jax.process_index()} of {jax.process_count()}: " if jax.process_count() > 1 else ""
+        return f"{distributed.describe()}: " if jax.process_count() > 1 else ""
     except RuntimeError:  # no backend could start: there is no process index to name
         return ""
 

@@ -9,22 +9,16 @@ import jax
 import optax
 
 from sft_sharded.config import OptimConfig
+from sft_sharded.sharding import key_name
 
 _NO_DECAY_NAMES = ("bias", "scale", "norm")
-
-
-def _key_name(entry: Any) -> str:
-    for attr in ("key", "name", "idx"):
-        if hasattr(entry, attr):
-            return str(getattr(entry, attr))
-    return str(entry)
 
 
 def decay_mask(params: Any) -> Any:
     """True where weight decay applies: not on norm scales or biases (matched by parameter path name,
     because with scan-over-layers a norm scale is 2-D and a rank rule would decay it)."""
     def decays(path, _):
-        names = [_key_name(entry).lower() for entry in path]
+        names = [key_name(entry).lower() for entry in path]
         return not any(marker in name for name in names for marker in _NO_DECAY_NAMES)
 
     return jax.tree_util.tree_map_with_path(decays, params)

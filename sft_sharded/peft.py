@@ -18,27 +18,21 @@ import numpy as np
 from sft_sharded.errors import MissingFileError, UserError
 from sft_sharded.hf import SafetensorsDir, get_path, set_path, write_safetensors
 from sft_sharded.models.llama import LlamaConfig
-from sft_sharded.models.lora import TARGETS
+from sft_sharded.models.lora import PROJECTIONS, TARGETS
 from sft_sharded.sharding import global_to_host
 
-_MODULES = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
-            "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
-_PARENT = {"q": "attn", "k": "attn", "v": "attn", "o": "attn", "gate": "mlp", "up": "mlp", "down": "mlp"}
 _PREFIX = "base_model.model.model.layers.{i}."
-
-
-def _base_weight(target: str) -> str:
-    return {"q": "wq", "k": "wk", "v": "wv", "o": "wo"}.get(target, f"w_{target}")
 
 
 def _entries(cfg: LlamaConfig):
     """(our path, PEFT name, layer, which: "a" or "b", target) for every adapter tensor."""
     for target in cfg.lora.targets:
         for which, peft in (("a", "lora_A"), ("b", "lora_B")):
+            parent, _, module = PROJECTIONS[target]
             for i in range(cfg.num_layers):
                 layer = "layers" if cfg.scan_layers else f"layer_{i}"
-                name = _PREFIX.format(i=i) + f"{_MODULES[target]}.{peft}.weight"
-                yield (layer, _PARENT[target], f"{target}_lora_{which}"), name, i, which, target
+                name = _PREFIX.format(i=i) + f"{module}.{peft}.weight"
+                yield (layer, parent, f"{target}_lora_{which}"), name, i, which, target
 
 
 def _to_peft(array: np.ndarray, which: str, rank: int) -> np.ndarray:
@@ -111,11 +105,11 @@ def merge(base: Any, adapters: Any, cfg: LlamaConfig) -> Any:
     scale = cfg.lora.scale
     for target in cfg.lora.targets:
         for i in range(1 if cfg.scan_layers else cfg.num_layers):
-            layer = "layers" if cfg.scan_layers else f"layer_{i}"
-            parent = (layer, _PARENT[target])
+            module, weight, _ = PROJECTIONS[target]
+            parent = ("layers" if cfg.scan_layers else f"layer_{i}", module)
             a = get_path(adapters, (*parent, f"{target}_lora_a")).astype(jnp.float32)
             b = get_path(adapters, (*parent, f"{target}_lora_b")).astype(jnp.float32)
             product = jax.vmap(lambda x, y: jnp.tensordot(x, y, 1))(a, b) if cfg.scan_layers else jnp.tensordot(a, b, 1)
-            w = get_path(merged, (*parent, _base_weight(target)))
-            set_path(merged, (*parent, _base_weight(target)), w.astype(jnp.float32) + scale * product)
+            w = get_path(merged, (*parent, weight))
+            set_path(merged, (*parent, weight), w.astype(jnp.float32) + scale * product)
     return merged

@@ -138,6 +138,14 @@ def shardings_of(tree: Any) -> Any:
     return jax.tree.map(lambda x: x.sharding, tree)
 
 
+def key_name(entry: Any) -> str:
+    """The name of one entry of a pytree path (a dict key, an attribute, an index, or a plain string)."""
+    for attr in ("key", "name", "idx"):
+        if hasattr(entry, attr):
+            return str(getattr(entry, attr))
+    return str(entry)
+
+
 def unbox(tree: Any) -> Any:
     """Take `.value` of every `nn.Partitioned` leaf without applying sharding constraints."""
     return jax.tree.map(

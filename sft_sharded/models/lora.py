@@ -15,9 +15,18 @@ import jax.numpy as jnp
 
 from sft_sharded.choices import LORA_BASE_DTYPES as BASE_DTYPES
 from sft_sharded.choices import LORA_TARGETS
+from sft_sharded.sharding import key_name
 
-# Our projection names and the PEFT / transformers module names users know.
-TARGETS = {name: f"{name}_proj" for name in LORA_TARGETS}
+# Each projection LoRA may adapt (choices.LORA_TARGETS): our module and weight, and the transformers
+# module it is in a Hugging Face checkpoint (whose last part is the name PEFT users know).
+PROJECTIONS = {
+    "q": ("attn", "wq", "self_attn.q_proj"), "k": ("attn", "wk", "self_attn.k_proj"),
+    "v": ("attn", "wv", "self_attn.v_proj"), "o": ("attn", "wo", "self_attn.o_proj"),
+    "gate": ("mlp", "w_gate", "mlp.gate_proj"), "up": ("mlp", "w_up", "mlp.up_proj"),
+    "down": ("mlp", "w_down", "mlp.down_proj"),
+}
+assert tuple(PROJECTIONS) == LORA_TARGETS
+TARGETS = {name: hf.rsplit(".", 1)[1] for name, (_, _, hf) in PROJECTIONS.items()}
 ADAPTER_SUFFIXES = ("_lora_a", "_lora_b")
 
 
@@ -52,7 +61,7 @@ class LoraConfig:
 
 def is_adapter(path: tuple) -> bool:
     """Whether the parameter at this tree path is a LoRA adapter (trained) rather than base (frozen)."""
-    return any(str(getattr(k, "key", k)).endswith(ADAPTER_SUFFIXES) for k in path)
+    return any(key_name(k).endswith(ADAPTER_SUFFIXES) for k in path)
 
 
 def _kaiming_uniform(fan_in: int):

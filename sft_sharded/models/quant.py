@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding
 
+from sft_sharded.sharding import fit_spec, key_name
+
 QUANTIZED = ("int8", "nf4")
 NF4_BLOCK = 64
 # The projection weights QLoRA quantizes (norms, biases, the embedding and the head stay bfloat16), with
@@ -37,7 +39,7 @@ def quantize(w: jax.Array, kind: str, input_axes: tuple[int, ...]):
 
 
 def _input_axes(path: tuple, ndim: int) -> tuple[int, ...] | None:
-    name = str(getattr(path[-1], "key", path[-1]))
+    name = key_name(path[-1])
     if name not in INPUT_AXES:
         return None
     offset = ndim - (3 if name in ("wq", "wk", "wv", "wo") else 2)  # a scanned stack adds a layer axis
@@ -56,13 +58,11 @@ def quantize_tree(frozen: Any, kind: str) -> Any:
 def quantized_shardings(frozen: Any, kind: str) -> Any:
     """Shardings of `quantize_tree(frozen)`: each QArray's values on its weight's sharding, its scales on
     the same axes where they divide (a dimension of 1 is replicated)."""
-    from sft_sharded.sharding import fit_spec
-
     def one(path, x):
-        quantized = jax.eval_shape(lambda w: quantize_tree({path[-1].key: w}, kind)[path[-1].key], x) \
-            if _input_axes(path, x.ndim) is not None else None
-        if quantized is None:
+        axes = _input_axes(path, x.ndim)
+        if axes is None:
             return x.sharding
+        quantized = jax.eval_shape(lambda w: quantize(w, kind, axes), x)
         sh = x.sharding
         return jax.tree.map(lambda part: NamedSharding(sh.mesh, fit_spec(sh.spec, part.shape, sh.mesh)), quantized)
 
