@@ -17,6 +17,9 @@ import pytest  # noqa: E402
 from sft_sharded.models import LlamaConfig  # noqa: E402
 
 assert not ON_CPU or jax.device_count() == 8, jax.devices()
+if not ON_CPU:
+    # GPUs multiply float32 in TF32 by default; the float64 references need full float32 products.
+    jax.config.update("jax_default_matmul_precision", "highest")
 
 
 # GQA (4 query heads on 2 kv heads), untied, small enough for exact float32 comparisons.

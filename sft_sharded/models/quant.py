@@ -70,7 +70,10 @@ def quantized_shardings(frozen: Any, kind: str) -> Any:
 
 
 def dequantize(value: Any) -> jax.Array:
-    """A stored weight as an array: QArrays are dequantized, arrays pass through."""
+    """A stored weight as an array: QArrays are dequantized, arrays pass through (without importing qwix,
+    which only quantized training needs)."""
+    if isinstance(value, jax.Array):
+        return value
     import qwix
 
     return qwix.dequantize(value) if isinstance(value, qwix.QArray) else value
