@@ -19,10 +19,10 @@ def measure(name: str, cfg, saves: int) -> dict:
     import jax.numpy as jnp
     import optax
 
-    from sft_sharded import Llama, SFTTrainer, make_mesh
+    from sft_sharded import Decoder, SFTTrainer, make_mesh
     from sft_sharded.checkpoint import Checkpointer
 
-    trainer = SFTTrainer(Llama(cfg), optax.adamw(1e-4), mesh=make_mesh(2, 2, 2))
+    trainer = SFTTrainer(Decoder(cfg), optax.adamw(1e-4), mesh=make_mesh(2, 2, 2))
     state = trainer.create_train_state(jax.random.key(0), jnp.zeros((8, 64), jnp.int32))
     jax.block_until_ready(state)
     state_bytes = sum(x.nbytes for x in jax.tree.leaves(state))
@@ -46,11 +46,11 @@ def main() -> None:
     from sft_sharded.devices import simulate_cpu_devices
 
     simulate_cpu_devices(8)
-    from sft_sharded.models import LlamaConfig, preset
+    from sft_sharded.models import DecoderConfig, preset
 
     models = {
         "tiny (default)": preset("tiny"),
-        "llama-100m": LlamaConfig(vocab_size=16384, hidden_size=768, num_layers=12, num_heads=12, num_kv_heads=4,
+        "llama-100m": DecoderConfig(vocab_size=16384, hidden_size=768, num_layers=12, num_heads=12, num_kv_heads=4,
                                   mlp_dim=2560),
     }
     results = [measure(name, cfg, args.saves) for name, cfg in models.items()]

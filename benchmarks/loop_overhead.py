@@ -1,5 +1,5 @@
 """Training-loop overhead: `fit` (live data pipeline, metrics, progress callback) vs a bare loop of the
-jitted step over the same batches, on the default job (tiny Llama, mesh 2x2x2, 8 simulated CPU devices);
+jitted step over the same batches, on the default job (tiny Decoder, mesh 2x2x2, 8 simulated CPU devices);
 and `fit` over the pre-built batches, which separates the loop's own cost from the pipeline's CPU time.
 
     python benchmarks/loop_overhead.py [--steps 100] [--repeats 3]

@@ -35,11 +35,11 @@ def measure(cfg, mesh, batch: int, seq: int, steps: int) -> dict:
     import numpy as np
     import optax
 
-    from sft_sharded import Llama, SFTTrainer
+    from sft_sharded import Decoder, SFTTrainer
     from sft_sharded.metrics import memory_per_device
     from sft_sharded.sharding import batch_sharding, global_batch
 
-    trainer = SFTTrainer(Llama(cfg), optax.adamw(1e-4), mesh=mesh)
+    trainer = SFTTrainer(Decoder(cfg), optax.adamw(1e-4), mesh=mesh)
     abstract = trainer.abstract_train_state(jax.random.key(0), jax.ShapeDtypeStruct((batch, seq), jnp.int32))
     sh = batch_sharding(mesh)
     batch_spec = {k: jax.ShapeDtypeStruct((batch, seq), jnp.int32, sharding=sh) for k in ("input_ids", "labels")}
@@ -72,11 +72,11 @@ def main() -> None:
 
     import jax
 
-    from sft_sharded import LlamaConfig, make_mesh
+    from sft_sharded import DecoderConfig, make_mesh
     from sft_sharded.models import preset
     from sft_sharded.models.lora import LoraConfig
 
-    comparison = LlamaConfig(vocab_size=8192, hidden_size=256, num_layers=4, num_heads=8, num_kv_heads=8, head_dim=32,
+    comparison = DecoderConfig(vocab_size=8192, hidden_size=256, num_layers=4, num_heads=8, num_kv_heads=8, head_dim=32,
                              mlp_dim=1024, dtype="bfloat16", scan_layers=True)
     shapes = [("comparison", comparison, make_mesh(1, 1, 1, devices=jax.devices()[:1]), 8, 512, args.steps),
               ("llama3.2-1b", preset("llama3.2-1b", dtype="bfloat16", scan_layers=True, remat="full"),

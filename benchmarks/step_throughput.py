@@ -45,7 +45,7 @@ def main() -> None:
     import numpy as np
     import optax
 
-    from sft_sharded import Llama, LlamaConfig, SFTTrainer, make_mesh
+    from sft_sharded import Decoder, DecoderConfig, SFTTrainer, make_mesh
     from sft_sharded.metrics import flops_per_token, memory_per_device, mfu, peak_flops
     from sft_sharded.models import preset
     from sft_sharded.models.attention import resolve
@@ -56,12 +56,12 @@ def main() -> None:
     if args.preset:
         cfg = preset(args.preset, **options)
     else:
-        cfg = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, num_layers=args.layers,
+        cfg = DecoderConfig(vocab_size=args.vocab, hidden_size=args.hidden, num_layers=args.layers,
                           num_heads=args.heads, head_dim=args.head_dim, num_kv_heads=args.kv_heads,
                           mlp_dim=args.mlp, tie_embeddings=args.tied, **options)
     data, fsdp, tensor = (int(x) for x in args.mesh.split(","))
     mesh = make_mesh(data, fsdp, tensor)
-    trainer = SFTTrainer(Llama(cfg), optax.adamw(1e-4), mesh=mesh, loss_chunk_size=args.loss_chunk,
+    trainer = SFTTrainer(Decoder(cfg), optax.adamw(1e-4), mesh=mesh, loss_chunk_size=args.loss_chunk,
                           compiler_options={} if args.xla_defaults else None)
     state = trainer.create_train_state(jax.random.key(0), jnp.zeros((args.batch, args.seq), jnp.int32))
     rng = np.random.default_rng(0)

@@ -12,6 +12,8 @@ _EXPORTS = {
     "TrainState": "sft_sharded.trainers",
     "make_mesh": "sft_sharded.sharding",
     "LOGICAL_AXIS_RULES": "sft_sharded.sharding",
+    "Decoder": "sft_sharded.models",
+    "DecoderConfig": "sft_sharded.models",
     "Llama": "sft_sharded.models",
     "LlamaConfig": "sft_sharded.models",
 }

@@ -5,9 +5,13 @@ from __future__ import annotations
 
 # models/attention.py: "auto" picks splash on TPU, cuDNN on GPU (bf16/fp16), else the blocked XLA path.
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "reference", "cudnn", "splash")
-# models/llama.py: what a decoder layer saves for the backward pass (none: everything; full: nothing).
+# models/decoder.py: what a decoder layer saves for the backward pass (none: everything; full: nothing).
 REMAT_POLICIES = ("none", "full", "save_dots")
 # models/lora.py: the projections LoRA may adapt, by our name (PEFT's "q_proj", ... are accepted too).
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 # How LoRA's frozen base is stored: int8 and nf4 (QLoRA) quantize its projection weights (models/quant.py).
 LORA_BASE_DTYPES = ("bfloat16", "float32", "int8", "nf4")
+# models/config.py: the gated MLP's activation (SwiGLU's silu; Gemma's GeGLU with the tanh GELU).
+ACTIVATIONS = ("silu", "gelu_tanh")
+# models/config.py: a layer's attention, as transformers' `layer_types` names it.
+LAYER_TYPES = ("full_attention", "sliding_attention")

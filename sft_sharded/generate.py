@@ -15,10 +15,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from sft_sharded import sharding
-from sft_sharded.models.llama import Llama, init_cache
+from sft_sharded.models.decoder import Decoder, init_cache
 
 
-def _generate(model: Llama, params, ids_BxP, segment_ids_BxP, max_new_tokens: int):
+def _generate(model: Decoder, params, ids_BxP, segment_ids_BxP, max_new_tokens: int):
     cfg = model.config
     batch, prompt_len = ids_BxP.shape
     cache = init_cache(cfg, batch, prompt_len + max_new_tokens)

@@ -1,4 +1,4 @@
-"""Hugging Face interop: safetensors <-> Llama params (Llama, Qwen2, Mistral families; config.json in
+"""Hugging Face interop: safetensors <-> decoder params (Llama, Qwen2/3, Mistral, Gemma 2/3; config.json in
 `hf_config`).
 
 Import reads one tensor at a time (memory-mapped) and places it straight into its sharding with
@@ -23,7 +23,7 @@ import numpy as np
 from sft_sharded.errors import MissingFileError, UserError
 from sft_sharded.hf_config import (TOKEN_ID_FIELDS, config_from_hf, config_to_hf, hf_model_type, read_hf_config,
                                    tokenizer_token_ids)
-from sft_sharded.models.llama import LlamaConfig
+from sft_sharded.models.config import DecoderConfig
 from sft_sharded.sharding import global_to_host
 
 __all__ = ["TOKEN_ID_FIELDS", "config_from_hf", "config_to_hf", "hf_model_type", "load_params", "read_hf_config",
@@ -89,7 +89,7 @@ def write_safetensors(path: Path, tensors: dict[str, np.ndarray]) -> None:
 
 
 # --- tensor mapping -------------------------------------------------------------------------------
-def _mapping(cfg: LlamaConfig) -> dict[tuple[str, ...], tuple[str, Any, Any]]:
+def _mapping(cfg: DecoderConfig) -> dict[tuple[str, ...], tuple[str, Any, Any]]:
     """Our param path (layer index as "{i}") -> (HF name, hf->ours, ours->hf)."""
     d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_size
     t = lambda w: w.T  # noqa: E731
@@ -110,8 +110,16 @@ def _mapping(cfg: LlamaConfig) -> dict[tuple[str, ...], tuple[str, Any, Any]]:
         ("layer_{i}", "mlp", "w_up"): (layer + "mlp.up_proj.weight", t, t),
         ("layer_{i}", "mlp", "w_down"): (layer + "mlp.down_proj.weight", t, t),
         ("layer_{i}", "attn_norm", "scale"): (layer + "input_layernorm.weight", None, None),
-        ("layer_{i}", "mlp_norm", "scale"): (layer + "post_attention_layernorm.weight", None, None),
     }
+    if cfg.sandwich_norms:  # Gemma: "post_attention_layernorm" is the norm after attention, not before the MLP
+        m[("layer_{i}", "post_attn_norm", "scale")] = (layer + "post_attention_layernorm.weight", None, None)
+        m[("layer_{i}", "mlp_norm", "scale")] = (layer + "pre_feedforward_layernorm.weight", None, None)
+        m[("layer_{i}", "post_mlp_norm", "scale")] = (layer + "post_feedforward_layernorm.weight", None, None)
+    else:
+        m[("layer_{i}", "mlp_norm", "scale")] = (layer + "post_attention_layernorm.weight", None, None)
+    if cfg.qk_norm:
+        for name in ("q", "k"):
+            m[("layer_{i}", "attn", f"{name}_norm", "scale")] = (layer + f"self_attn.{name}_norm.weight", None, None)
     if cfg.qkv_bias:
         for name, count in (("wq", n), ("wk", k), ("wv", k)):
             m[("layer_{i}", "attn", name + "_bias")] = (
@@ -126,7 +134,7 @@ def _mapping(cfg: LlamaConfig) -> dict[tuple[str, ...], tuple[str, Any, Any]]:
     return m
 
 
-def _entries(cfg: LlamaConfig):
+def _entries(cfg: DecoderConfig):
     """(our path, HF name, layer or None, hf->ours, ours->hf) for every tensor."""
     for path, (name, to_ours, to_hf) in _mapping(cfg).items():
         to_ours, to_hf = to_ours or (lambda w: w), to_hf or (lambda w: w)
@@ -157,7 +165,7 @@ def _listing(names: list[str], limit: int = 6) -> str:
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
-def _check_coverage(directory: Path, cfg: LlamaConfig, tensors: SafetensorsDir) -> None:
+def _check_coverage(directory: Path, cfg: DecoderConfig, tensors: SafetensorsDir) -> None:
     """Every tensor the model needs is in the checkpoint, and every tensor in the checkpoint is used.
 
     Two kinds of extra tensor are known to carry nothing: RoPE's `inv_freq` buffers (older exports; they
@@ -179,7 +187,7 @@ def _check_coverage(directory: Path, cfg: LlamaConfig, tensors: SafetensorsDir) 
                         f"this model and would be ignored: {_listing(extra)}")
 
 
-def load_params(directory: str | Path, cfg: LlamaConfig, abstract_params: Any) -> Any:
+def load_params(directory: str | Path, cfg: DecoderConfig, abstract_params: Any) -> Any:
     """Params from an HF directory, each tensor placed straight into the sharding of `abstract_params`.
 
     Refuses a checkpoint with a missing, extra or wrongly shaped tensor, naming it."""
@@ -215,7 +223,7 @@ def load_params(directory: str | Path, cfg: LlamaConfig, abstract_params: Any) -
     return params
 
 
-def save_pretrained(params: Any, cfg: LlamaConfig, out_dir: str | Path, *, model_type: str | None = None,
+def save_pretrained(params: Any, cfg: DecoderConfig, out_dir: str | Path, *, model_type: str | None = None,
                     dtype: str = "float32", tokenizer_dir: str | Path | None = None,
                     token_ids: dict[str, Any] | None = None, generation_config: dict[str, Any] | None = None,
                     max_shard_bytes: int = 2 * 1024**3) -> Path:

@@ -1,4 +1,4 @@
-"""Hugging Face `config.json` <-> LlamaConfig, field by field.
+"""Hugging Face `config.json` <-> DecoderConfig, field by field.
 
 Each supported `model_type` has an explicit list of the fields its transformers model reads. Every such
 field is either implemented or refused with its name and value; fields that only describe the checkpoint
@@ -16,20 +16,42 @@ from pathlib import Path
 from typing import Any
 
 from sft_sharded.errors import MissingFileError, UserError
-from sft_sharded.models.llama import LlamaConfig
+from sft_sharded.models.config import DecoderConfig
+from sft_sharded.models.rope import check_scaling
 
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}
+ARCHITECTURES = {
+    "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+    "mistral": "MistralForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM",
+}
 
-# Read by the transformers model of every supported type (modeling_llama/qwen2/mistral.py).
+# Read by the transformers model of every supported type (modeling_<type>.py and its config class).
 _COMMON = {
     "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-    "intermediate_size", "head_dim", "hidden_act", "rms_norm_eps", "tie_word_embeddings", "rope_theta",
+    "intermediate_size", "head_dim", "rms_norm_eps", "tie_word_embeddings", "rope_theta",
     "rope_scaling", "rope_parameters", "attention_dropout", "max_position_embeddings",
 }
+_QWEN_WINDOWS = {"use_sliding_window", "sliding_window", "max_window_layers", "layer_types"}
+_GEMMA = {"hidden_activation", "query_pre_attn_scalar", "sliding_window", "layer_types", "attention_bias",
+          "final_logit_softcapping", "attn_logit_softcapping", "use_bidirectional_attention",
+          # Older Gemma configs carry hidden_act beside hidden_activation; transformers reads the latter.
+          "hidden_act"}
 READ_FIELDS = {
-    "llama": _COMMON | {"attention_bias", "mlp_bias"},
-    "qwen2": _COMMON | {"use_sliding_window", "sliding_window", "max_window_layers", "layer_types", "use_mrope"},
-    "mistral": _COMMON | {"sliding_window"},
+    "llama": _COMMON | {"hidden_act", "attention_bias", "mlp_bias"},
+    "qwen2": _COMMON | _QWEN_WINDOWS | {"hidden_act", "use_mrope"},
+    "qwen3": _COMMON | _QWEN_WINDOWS | {"hidden_act", "attention_bias"},
+    "mistral": _COMMON | {"hidden_act", "sliding_window"},
+    "gemma2": _COMMON | _GEMMA,
+    "gemma3_text": _COMMON | _GEMMA | {"rope_local_base_freq", "sliding_window_pattern"},
+}
+# transformers' defaults for a field a config.json leaves out, where they matter and differ between families.
+_GEMMA_DEFAULTS = {"head_dim": 256, "query_pre_attn_scalar": 256, "sliding_window": 4096,
+                   "hidden_activation": "gelu_pytorch_tanh", "tie_word_embeddings": True}
+DEFAULTS = {
+    "llama": {}, "mistral": {}, "qwen2": {"sliding_window": 4096, "max_window_layers": 28},
+    "qwen3": {"head_dim": 128, "sliding_window": 4096, "max_window_layers": 28},
+    "gemma2": {**_GEMMA_DEFAULTS, "final_logit_softcapping": 30.0, "attn_logit_softcapping": 50.0},
+    "gemma3_text": {**_GEMMA_DEFAULTS, "rope_theta": 1_000_000.0, "rope_local_base_freq": 10_000.0,
+                    "sliding_window_pattern": 6},
 }
 # Token ids describe the checkpoint (and its tokenizer), not the math: carried to the export as they are.
 TOKEN_ID_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
@@ -40,6 +62,8 @@ HARMLESS_FIELDS = {
     "problem_type", "chunk_size_feed_forward", "is_encoder_decoder", "is_decoder", "add_cross_attention",
     "tie_encoder_decoder", "torchscript", "pruned_heads", "tokenizer_class", "prefix", "sep_token_id",
     "decoder_start_token_id", "task_specific_params", "finetuning_task", "cross_attention_hidden_size",
+    # transformers 5 writes Gemma 3's pattern under this private name next to the layer_types it derived.
+    "_sliding_window_pattern",
     # Llama-2's tensor-parallel slicing of its matmuls: the same products, summed in another order.
     "pretraining_tp",
     # Generation defaults that older transformers kept in config.json (generation_config.json now).
@@ -49,8 +73,7 @@ HARMLESS_FIELDS = {
     "return_dict_in_generate", "forced_bos_token_id", "forced_eos_token_id", "remove_invalid_values",
     "exponential_decay_length_penalty", "suppress_tokens", "begin_suppress_tokens",
 }
-_ACTIVATIONS = ("silu", "swish")  # transformers maps both to SiLU
-_LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh"}  # transformers' name -> ours
 
 
 def read_hf_config(directory: str | Path) -> dict[str, Any]:
@@ -61,6 +84,9 @@ def read_hf_config(directory: str | Path) -> dict[str, Any]:
         hf = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise UserError(f"{path}: not valid JSON: {err.msg} (line {err.lineno})") from None
+    if hf.get("model_type") == "gemma3":
+        raise UserError(f"{path}: model_type 'gemma3' is the multimodal Gemma 3 (a vision tower beside the "
+                        "text decoder), which is not supported; a text-only Gemma 3 has model_type 'gemma3_text'")
     if hf.get("model_type") not in ARCHITECTURES:
         raise UserError(f"{path}: model_type {hf.get('model_type')!r} is not supported "
                         f"(supported: {sorted(ARCHITECTURES)})")
@@ -71,28 +97,94 @@ def _refuse(path: Path, field: str, value: Any, why: str) -> UserError:
     return UserError(f"{path}: {field}={json.dumps(value)} is not supported: {why}")
 
 
-def _rope(path: Path, hf: dict) -> tuple[float, tuple[tuple[str, float], ...] | None]:
-    # transformers >= 5 writes "rope_parameters" (theta and scaling together); older configs use
-    # top-level "rope_theta" and "rope_scaling".
-    rope = hf.get("rope_parameters") or {}
-    theta = float(rope.get("rope_theta", hf.get("rope_theta", 10_000.0)))
-    scaling = hf.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
-    if scaling is None:
-        return theta, None
+def _scaling(path: Path, field: str, scaling: dict | None, hf: dict) -> tuple | None:
+    """A rope scaling dict as DecoderConfig.rope_scaling (None: plain RoPE), or refused by name."""
+    if not scaling or scaling.get("rope_type", scaling.get("type", "default")) == "default":
+        return None
+    s = {k: v for k, v in scaling.items() if k not in ("type", "rope_theta")}
+    s["rope_type"] = scaling.get("rope_type", scaling.get("type"))
+    if s["rope_type"] == "dynamic":
+        raise _refuse(path, field, scaling, "dynamic NTK scaling changes the frequencies with the batch's length, "
+                      "so training would not match the model transformers runs; use yarn or linear")
+    if s["rope_type"] in ("yarn", "llama3"):
+        s.setdefault("original_max_position_embeddings", hf.get("max_position_embeddings"))
+    if s["rope_type"] == "yarn" and s.get("factor") is None and s["original_max_position_embeddings"]:
+        s["factor"] = hf["max_position_embeddings"] / s["original_max_position_embeddings"]
+    try:
+        return check_scaling(s)
+    except ValueError as err:
+        raise _refuse(path, field, scaling, str(err)) from None
+
+
+def _rope(path: Path, hf: dict, model_type: str) -> dict[str, Any]:
+    """rope_theta, rope_scaling and (Gemma 3) rope_local_theta. transformers >= 5 writes `rope_parameters`
+    (per layer type for Gemma 3); older configs use `rope_theta`, `rope_scaling`, `rope_local_base_freq`."""
+    defaults = DEFAULTS[model_type]
+    params = hf.get("rope_parameters") or {}
+    full, local = params, None
+    if "full_attention" in params or "sliding_attention" in params:
+        full, local = params.get("full_attention") or {}, params.get("sliding_attention") or {}
+    for key in ("partial_rotary_factor",):
+        if key in full and full[key] != 1.0:
+            raise _refuse(path, f"rope_parameters.{key}", full[key], "partial rotary embeddings are not implemented")
+    theta = float(full.get("rope_theta", hf.get("rope_theta", defaults.get("rope_theta", 10_000.0))))
     field = "rope_scaling" if hf.get("rope_scaling") else "rope_parameters"
-    kind = scaling.get("rope_type", scaling.get("type"))
-    if kind == "default":
-        return theta, None
-    if kind != "llama3":
-        raise _refuse(path, field, scaling, f"rope type {kind!r} is not implemented (implemented: llama3)")
-    missing = [k for k in _LLAMA3_KEYS if k not in scaling]
-    if missing:
-        raise _refuse(path, field, scaling, f"llama3 scaling needs {missing}")
-    return theta, tuple(sorted((k, float(scaling[k])) for k in _LLAMA3_KEYS))
+    out = {"rope_theta": theta, "rope_scaling": _scaling(path, field, hf.get("rope_scaling") or full, hf)}
+    if model_type == "gemma3_text":
+        local = local or {}
+        if _scaling(path, "rope_parameters.sliding_attention", local, hf) is not None:
+            raise _refuse(path, "rope_parameters.sliding_attention", local, "only plain RoPE on sliding layers")
+        out["rope_local_theta"] = float(local.get("rope_theta", hf.get("rope_local_base_freq",
+                                                                        defaults["rope_local_base_freq"])))
+    return out
 
 
-def config_from_hf(directory: str | Path, **overrides) -> LlamaConfig:
-    """LlamaConfig of a Hugging Face directory; refuses any field value the model does not implement."""
+def _windows(path: Path, hf: dict, model_type: str) -> dict[str, Any]:
+    """sliding_window and layer_types as transformers derives them for the family."""
+    get = lambda key: hf.get(key, DEFAULTS[model_type].get(key))  # noqa: E731
+    layers = hf["num_hidden_layers"]
+    if model_type == "mistral":
+        return {"sliding_window": hf.get("sliding_window")}
+    if model_type in ("qwen2", "qwen3"):
+        window = get("sliding_window") if hf.get("use_sliding_window") else None
+        types = hf.get("layer_types") or [
+            "sliding_attention" if window is not None and i >= get("max_window_layers") else "full_attention"
+            for i in range(layers)]
+    elif model_type.startswith("gemma"):
+        if hf.get("use_bidirectional_attention"):
+            raise _refuse(path, "use_bidirectional_attention", True, "only causal attention is implemented")
+        window, period = get("sliding_window"), get("sliding_window_pattern") or 2
+        types = hf.get("layer_types") or [
+            "sliding_attention" if (i + 1) % period else "full_attention" for i in range(layers)]
+    else:
+        return {}
+    if "sliding_attention" not in types:
+        return {}
+    return {"sliding_window": window, "layer_types": tuple(types)}
+
+
+def _family(path: Path, hf: dict, model_type: str) -> dict[str, Any]:
+    """The DecoderConfig fields in which the family differs from Llama."""
+    get = lambda key: hf.get(key, DEFAULTS[model_type].get(key))  # noqa: E731
+    gemma = model_type.startswith("gemma")
+    act_field = "hidden_activation" if gemma else "hidden_act"
+    act = get(act_field) or "silu"
+    if act not in _ACTIVATIONS:
+        raise _refuse(path, act_field, act, f"implemented: {sorted(_ACTIVATIONS)}")
+    if model_type == "qwen2" and hf.get("use_mrope"):
+        raise _refuse(path, "use_mrope", True, "multimodal RoPE (Qwen2-VL) is not implemented")
+    attention_bias = bool(get("attention_bias")) and model_type != "mistral"
+    out = dict(activation=_ACTIVATIONS[act], qkv_bias=model_type == "qwen2" or attention_bias, o_bias=attention_bias,
+               mlp_bias=model_type == "llama" and bool(get("mlp_bias")), qk_norm=model_type in ("qwen3", "gemma3_text"))
+    if gemma:
+        out.update(norm_plus_one=True, sandwich_norms=True, embed_scale=True,
+                   query_pre_attn_scalar=get("query_pre_attn_scalar"),
+                   attn_softcap=get("attn_logit_softcapping"), final_softcap=get("final_logit_softcapping"))
+    return out
+
+
+def config_from_hf(directory: str | Path, **overrides) -> DecoderConfig:
+    """DecoderConfig of a Hugging Face directory; refuses any field value the model does not implement."""
     hf = read_hf_config(directory)
     path = Path(directory) / "config.json"
     model_type = hf["model_type"]
@@ -104,35 +196,20 @@ def config_from_hf(directory: str | Path, **overrides) -> LlamaConfig:
         warnings.warn(f"{path}: fields {unknown} are not read by model_type {model_type!r} (neither here nor in "
                       "transformers' model of that type); check that the checkpoint is what you think it is",
                       stacklevel=2)
-    act = hf.get("hidden_act", "silu")
-    if act not in _ACTIVATIONS:
-        raise _refuse(path, "hidden_act", act, f"the MLP is SwiGLU with silu (implemented: {list(_ACTIVATIONS)})")
     if hf.get("attention_dropout", 0.0):
         raise _refuse(path, "attention_dropout", hf["attention_dropout"],
                       "dropout is not implemented (set it to 0.0 to train without dropout)")
-    window = hf.get("sliding_window") if model_type == "mistral" else None
-    if model_type == "qwen2":
-        # Qwen2 windows only some layers (max_window_layers / layer_types): not built (not approximated).
-        if hf.get("use_sliding_window"):
-            raise _refuse(path, "use_sliding_window", True, "Qwen2's per-layer sliding windows are not implemented")
-        if hf.get("use_mrope"):
-            raise _refuse(path, "use_mrope", True, "multimodal RoPE (Qwen2-VL) is not implemented")
-        sliding = [t for t in hf.get("layer_types") or () if t != "full_attention"]
-        if sliding:
-            raise _refuse(path, "layer_types", sorted(set(sliding)), "only full_attention layers are implemented")
-    theta, scaling = _rope(path, hf)
-    heads = hf["num_attention_heads"]
-    llama_bias = model_type == "llama" and bool(hf.get("attention_bias", False))
     try:
-        return LlamaConfig(
+        heads = hf["num_attention_heads"]
+        return DecoderConfig(
             vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], num_layers=hf["num_hidden_layers"],
             num_heads=heads, num_kv_heads=hf.get("num_key_value_heads") or heads, mlp_dim=hf["intermediate_size"],
-            head_dim=hf.get("head_dim"), rope_theta=theta, rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-            tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            qkv_bias=model_type == "qwen2" or llama_bias, o_bias=llama_bias,
-            mlp_bias=model_type == "llama" and bool(hf.get("mlp_bias", False)),
-            rope_scaling=scaling, sliding_window=window,
-            max_position_embeddings=hf.get("max_position_embeddings"), **overrides,
+            head_dim=hf.get("head_dim", DEFAULTS[model_type].get("head_dim")),
+            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            tie_embeddings=bool(hf.get("tie_word_embeddings", DEFAULTS[model_type].get("tie_word_embeddings", False))),
+            max_position_embeddings=hf.get("max_position_embeddings"),
+            **_family(path, hf, model_type), **_rope(path, hf, model_type), **_windows(path, hf, model_type),
+            **overrides,
         )
     except KeyError as err:
         raise UserError(f"{path}: required field {err.args[0]!r} is missing") from None
@@ -140,20 +217,40 @@ def config_from_hf(directory: str | Path, **overrides) -> LlamaConfig:
         raise UserError(f"{path}: {err}") from None
 
 
-def hf_model_type(cfg: LlamaConfig, preferred: str | None = None) -> str:
-    """The transformers family whose tensors are exactly this model's: `preferred` when it fits."""
-    fits = {
-        "llama": cfg.qkv_bias == cfg.o_bias and cfg.sliding_window is None,
-        "qwen2": cfg.qkv_bias and not cfg.o_bias and not cfg.mlp_bias and cfg.sliding_window is None,
-        "mistral": not (cfg.qkv_bias or cfg.o_bias or cfg.mlp_bias),
+_LLAMA_LIKE = dict(norm_plus_one=False, sandwich_norms=False, embed_scale=False, activation="silu",
+                   query_pre_attn_scalar=None, attn_softcap=None, final_softcap=None, rope_local_theta=None)
+_GEMMA_LIKE = dict(norm_plus_one=True, sandwich_norms=True, embed_scale=True, activation="gelu_tanh", mlp_bias=False)
+
+
+def _fits(cfg: DecoderConfig) -> dict[str, bool]:
+    """Which transformers families compute exactly this model (same tensors, same math)."""
+    def same(**values):
+        return all(getattr(cfg, k) == v for k, v in values.items())
+
+    attention_bias = cfg.qkv_bias == cfg.o_bias  # one flag for q, k, v and o
+    return {
+        "llama": same(**_LLAMA_LIKE, qk_norm=False, sliding_window=None) and attention_bias,
+        "qwen2": same(**_LLAMA_LIKE, qk_norm=False, qkv_bias=True, o_bias=False, mlp_bias=False),
+        "qwen3": same(**_LLAMA_LIKE, qk_norm=True, mlp_bias=False) and attention_bias,
+        "mistral": same(**_LLAMA_LIKE, qk_norm=False, qkv_bias=False, o_bias=False, mlp_bias=False, layer_types=None),
+        "gemma2": same(**_GEMMA_LIKE, qk_norm=False, rope_local_theta=None) and attention_bias,
+        # Gemma 3 never scales its sliding layers' RoPE: a scaled model needs its own local base.
+        "gemma3_text": same(**_GEMMA_LIKE, qk_norm=True) and attention_bias
+        and (cfg.rope_local_theta is not None or cfg.rope_scaling is None),
     }
+
+
+def hf_model_type(cfg: DecoderConfig, preferred: str | None = None) -> str:
+    """The transformers family that computes exactly this model: `preferred` when it fits."""
+    fits = _fits(cfg)
     if preferred is not None and fits.get(preferred):
         return preferred
     for model_type, ok in fits.items():
         if ok:
             return model_type
-    raise UserError(f"no Hugging Face family has this model's tensors (qkv_bias={cfg.qkv_bias}, o_bias={cfg.o_bias}, "
-                    f"mlp_bias={cfg.mlp_bias}, sliding_window={cfg.sliding_window})")
+    fields = {k: getattr(cfg, k) for k in ("qkv_bias", "o_bias", "mlp_bias", "qk_norm", "norm_plus_one",
+                                           "activation", "sliding_window", "rope_local_theta")}
+    raise UserError(f"no Hugging Face family computes this model ({fields})")
 
 
 def tokenizer_token_ids(tokenizer) -> dict[str, Any]:
@@ -165,31 +262,52 @@ def tokenizer_token_ids(tokenizer) -> dict[str, Any]:
     return {k: v for k, v in ids.items() if v is not None and v != []}
 
 
-def config_to_hf(cfg: LlamaConfig, model_type: str, dtype: str, token_ids: dict[str, Any] | None = None) -> dict:
+def _int_if_whole(x: float) -> float | int:
+    return int(x) if float(x).is_integer() else x
+
+
+def _family_to_hf(cfg: DecoderConfig, model_type: str) -> dict[str, Any]:
+    """The fields of config.json in which `model_type` differs from Llama's."""
+    types = list(cfg.layer_types or [
+        "sliding_attention" if cfg.is_sliding(i) else "full_attention" for i in range(cfg.num_layers)])
+    if model_type == "llama":
+        return {"hidden_act": "silu", "attention_bias": cfg.o_bias, "mlp_bias": cfg.mlp_bias}
+    if model_type == "mistral":
+        return {"hidden_act": "silu", "sliding_window": cfg.sliding_window}
+    if model_type in ("qwen2", "qwen3"):
+        out = {"hidden_act": "silu", "use_sliding_window": cfg.sliding_window is not None,
+               "sliding_window": cfg.sliding_window, "layer_types": types}
+        return out | ({"attention_bias": cfg.o_bias} if model_type == "qwen3" else {})
+    out = {"hidden_activation": "gelu_pytorch_tanh", "attention_bias": cfg.o_bias,
+           # transformers' config class insists on an int where the value is one
+           "query_pre_attn_scalar": _int_if_whole(cfg.query_pre_attn_scalar or cfg.head_size),
+           "sliding_window": cfg.sliding_window or 4096, "layer_types": types,
+           "attn_logit_softcapping": cfg.attn_softcap, "final_logit_softcapping": cfg.final_softcap}
+    if model_type == "gemma3_text":
+        out["rope_local_base_freq"] = cfg.rope_local_theta or cfg.rope_theta
+    return out
+
+
+def config_to_hf(cfg: DecoderConfig, model_type: str, dtype: str, token_ids: dict[str, Any] | None = None) -> dict:
     """config.json for `model_type` (which must fit the model: `hf_model_type`), with the checkpoint's
     token ids (bos/eos/pad, as given) and `max_position_embeddings`."""
     if hf_model_type(cfg, model_type) != model_type:
         raise UserError(f"this model cannot be written as model_type {model_type!r}; "
                         f"it can as {hf_model_type(cfg)!r}")
     if cfg.max_position_embeddings is None:
-        raise UserError("LlamaConfig.max_position_embeddings is not set: it is written to config.json on export")
+        raise UserError("DecoderConfig.max_position_embeddings is not set: it is written to config.json on export")
     out = {
         "architectures": [ARCHITECTURES[model_type]], "model_type": model_type, "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
         "num_key_value_heads": cfg.num_kv_heads, "intermediate_size": cfg.mlp_dim, "head_dim": cfg.head_size,
         "rope_theta": cfg.rope_theta, "rms_norm_eps": cfg.rms_norm_eps, "tie_word_embeddings": cfg.tie_embeddings,
-        "hidden_act": "silu", "attention_dropout": 0.0, "max_position_embeddings": cfg.max_position_embeddings,
+        "attention_dropout": 0.0, "max_position_embeddings": cfg.max_position_embeddings,
         "torch_dtype": dtype, **{k: v for k, v in (token_ids or {}).items() if k in TOKEN_ID_FIELDS},
+        **_family_to_hf(cfg, model_type),
     }
-    if model_type == "llama":
-        out["attention_bias"], out["mlp_bias"] = cfg.o_bias, cfg.mlp_bias
-    elif model_type == "qwen2":
-        out["use_sliding_window"] = False
-    else:
-        out["sliding_window"] = cfg.sliding_window
     if cfg.rope_scaling:
         scaling = dict(cfg.rope_scaling)
-        # transformers requires an integer here (it warns on 8192.0)
-        scaling["original_max_position_embeddings"] = int(scaling["original_max_position_embeddings"])
-        out["rope_scaling"] = {"rope_type": "llama3", **scaling}
+        if "original_max_position_embeddings" in scaling:  # transformers requires an integer (it warns on 8192.0)
+            scaling["original_max_position_embeddings"] = int(scaling["original_max_position_embeddings"])
+        out["rope_scaling"] = scaling
     return out

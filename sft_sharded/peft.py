@@ -17,14 +17,14 @@ import numpy as np
 
 from sft_sharded.errors import MissingFileError, UserError
 from sft_sharded.hf import SafetensorsDir, get_path, set_path, write_safetensors
-from sft_sharded.models.llama import LlamaConfig
+from sft_sharded.models.config import DecoderConfig
 from sft_sharded.models.lora import PROJECTIONS, TARGETS
 from sft_sharded.sharding import global_to_host
 
 _PREFIX = "base_model.model.model.layers.{i}."
 
 
-def _entries(cfg: LlamaConfig):
+def _entries(cfg: DecoderConfig):
     """(our path, PEFT name, layer, which: "a" or "b", target) for every adapter tensor."""
     for target in cfg.lora.targets:
         for which, peft in (("a", "lora_A"), ("b", "lora_B")):
@@ -39,7 +39,7 @@ def _to_peft(array: np.ndarray, which: str, rank: int) -> np.ndarray:
     return array.reshape(-1, rank).T if which == "a" else array.reshape(rank, -1).T
 
 
-def save_adapter(adapters: Any, cfg: LlamaConfig, out_dir: str | Path, base_model: str) -> Path:
+def save_adapter(adapters: Any, cfg: DecoderConfig, out_dir: str | Path, base_model: str) -> Path:
     """Write a PEFT LoRA adapter that `peft.PeftModel.from_pretrained(base, out_dir)` loads. Every process
     must call it (gathers are collective); only process 0 writes."""
     lora, out = cfg.lora, Path(out_dir)
@@ -60,7 +60,7 @@ def save_adapter(adapters: Any, cfg: LlamaConfig, out_dir: str | Path, base_mode
     return out
 
 
-def load_adapters(directory: str | Path, cfg: LlamaConfig, abstract_adapters: Any) -> Any:
+def load_adapters(directory: str | Path, cfg: DecoderConfig, abstract_adapters: Any) -> Any:
     """Adapters from a PEFT directory, each placed into its sharding; the adapter must match the run's
     lora settings (rank, alpha, targets), and every tensor must be used."""
     directory = Path(directory)
@@ -99,7 +99,7 @@ def load_adapters(directory: str | Path, cfg: LlamaConfig, abstract_adapters: An
     return out
 
 
-def merge(base: Any, adapters: Any, cfg: LlamaConfig) -> Any:
+def merge(base: Any, adapters: Any, cfg: DecoderConfig) -> Any:
     """Base params with every adapted weight replaced by W + scale * A B, in float32."""
     merged = jax.tree.map(lambda x: x, base)
     scale = cfg.lora.scale

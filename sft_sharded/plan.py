@@ -78,7 +78,7 @@ def plan(topology: str, model: str, seq: int, global_batch: int, mesh_spec: str,
     import optax
 
     from sft_sharded.metrics import flops_per_token, memory_per_device, peak_flops
-    from sft_sharded.models import Llama, preset
+    from sft_sharded.models import Decoder, preset
     from sft_sharded.models.attention import resolve
     from sft_sharded.models.lora import LoraConfig
     from sft_sharded.sharding import MESH_AXES, batch_sharding
@@ -89,7 +89,7 @@ def plan(topology: str, model: str, seq: int, global_batch: int, mesh_spec: str,
     devices, shape = mesh.devices.flat, tuple(mesh.shape.values())
     lora = LoraConfig(rank=lora_rank, base_dtype=base_dtype) if lora_rank else None
     cfg = preset(model, dtype="bfloat16", remat=remat, scan_layers=scan, attention=attention, lora=lora)
-    trainer = SFTTrainer(Llama(cfg), optax.adamw(1e-5), mesh=mesh, loss_chunk_size=loss_chunk)
+    trainer = SFTTrainer(Decoder(cfg), optax.adamw(1e-5), mesh=mesh, loss_chunk_size=loss_chunk)
     state = trainer.abstract_train_state(jax.random.key(0), jax.ShapeDtypeStruct((global_batch, seq), jnp.int32))
     batch_sh = batch_sharding(mesh)
     batch = {k: jax.ShapeDtypeStruct((global_batch, seq), dtype, sharding=batch_sh)

@@ -26,7 +26,7 @@ from sft_sharded.config import TrainConfig, dump_config, load_config, to_dict
 from sft_sharded.data.pipeline import make_iterator, open_records, resume_iterator, scan_counts
 from sft_sharded.data.tokenizers import load_tokenizer
 from sft_sharded.errors import TrainingDiverged, UserError
-from sft_sharded.models import Llama, LlamaConfig, preset
+from sft_sharded.models import Decoder, DecoderConfig, preset
 from sft_sharded.models.lora import LoraConfig
 from sft_sharded.optim import make_optimizer
 from sft_sharded.sharding import data_parallel_size, make_mesh
@@ -37,7 +37,7 @@ from sft_sharded.trainers import SFTTrainer, TrainState, partition
 Say = Callable[[str], None]
 
 
-def model_config(cfg: TrainConfig) -> LlamaConfig:
+def model_config(cfg: TrainConfig) -> DecoderConfig:
     """The preset, or the config.json of `model.path`, with the run's dtype/remat/scan/attention options."""
     m = cfg.model
     options = dict(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat, scan_layers=m.scan_layers,
@@ -46,7 +46,7 @@ def model_config(cfg: TrainConfig) -> LlamaConfig:
         return hf.config_from_hf(m.path, **options) if m.path else preset(m.preset, **options)
     except UserError:
         raise
-    except (ValueError, TypeError) as err:  # LlamaConfig's own checks of the model.* options
+    except (ValueError, TypeError) as err:  # DecoderConfig's own checks of the model.* options
         raise UserError(f"model: {err}") from None
 
 
@@ -69,7 +69,7 @@ def tokenizer_path(cfg: TrainConfig) -> str | None:
     return cfg.tokenizer.path
 
 
-def build_trainer(cfg: TrainConfig, model_cfg: LlamaConfig | None = None) -> SFTTrainer:
+def build_trainer(cfg: TrainConfig, model_cfg: DecoderConfig | None = None) -> SFTTrainer:
     """Mesh, model and optimizer of a config; checks that the global batch splits over the mesh."""
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     dp, k = data_parallel_size(mesh), cfg.optim.grad_accum_steps
@@ -79,7 +79,7 @@ def build_trainer(cfg: TrainConfig, model_cfg: LlamaConfig | None = None) -> SFT
     if cfg.data.batch_size % k:
         raise UserError(f"data.batch_size={cfg.data.batch_size} is not divisible by optim.grad_accum_steps={k}")
     model_cfg = model_cfg or model_config(cfg)
-    return SFTTrainer(Llama(model_cfg), make_optimizer(cfg.optim, cfg.steps), mesh=mesh, grad_accum_steps=k,
+    return SFTTrainer(Decoder(model_cfg), make_optimizer(cfg.optim, cfg.steps), mesh=mesh, grad_accum_steps=k,
                       loss_chunk_size=cfg.loss.chunk_size, z_loss=cfg.loss.z_loss, seed=cfg.seed)
 
 
@@ -95,7 +95,7 @@ def prepare_run_dir(run_dir: str | Path) -> Path:
     return path
 
 
-def check_data(cfg: TrainConfig, tokenizer, model_cfg: LlamaConfig) -> dict:
+def check_data(cfg: TrainConfig, tokenizer, model_cfg: DecoderConfig) -> dict:
     """The start-of-training data report; refuses data that leaves nothing to train on."""
     if model_cfg.vocab_size < tokenizer.vocab_size:
         where = f"model.path={cfg.model.path!r}" if cfg.model.path else f"model.preset={cfg.model.preset!r}"

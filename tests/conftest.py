@@ -14,7 +14,7 @@ if ON_CPU:
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
-from sft_sharded.models import LlamaConfig  # noqa: E402
+from sft_sharded.models import DecoderConfig  # noqa: E402
 
 assert not ON_CPU or jax.device_count() == 8, jax.devices()
 if not ON_CPU:
@@ -23,9 +23,9 @@ if not ON_CPU:
 
 
 # GQA (4 query heads on 2 kv heads), untied, small enough for exact float32 comparisons.
-TINY = LlamaConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=64, init_std=0.2)
+TINY = DecoderConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=64, init_std=0.2)
 
 
 @pytest.fixture
-def tiny_config() -> LlamaConfig:
+def tiny_config() -> DecoderConfig:
     return TINY

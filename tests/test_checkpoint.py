@@ -15,7 +15,7 @@ import numpy as np
 import optax
 import pytest
 
-from sft_sharded import Llama, SFTTrainer, make_mesh
+from sft_sharded import Decoder, SFTTrainer, make_mesh
 from sft_sharded.checkpoint import Checkpointer
 
 ARGS = ["steps=16", "log_every=1", "checkpoint.every=5", "eval.every=0", "eval.num_generate=8", "data.num_eval=16",
@@ -120,7 +120,7 @@ def test_sigterm_saves_at_the_step_boundary_and_exits_cleanly(tmp_path, referenc
 
 
 def _trainer(tiny_config, mesh):
-    trainer = SFTTrainer(Llama(tiny_config), optax.adamw(1e-2), mesh=mesh)
+    trainer = SFTTrainer(Decoder(tiny_config), optax.adamw(1e-2), mesh=mesh)
     return trainer, trainer.create_train_state(jax.random.key(0), jnp.zeros((8, 16), jnp.int32))
 
 

@@ -12,7 +12,7 @@ import optax
 import pytest
 from data_fixtures import write_hf_tokenizer
 
-from sft_sharded import Llama, LlamaConfig, SFTTrainer, make_mesh
+from sft_sharded import Decoder, DecoderConfig, SFTTrainer, make_mesh
 from sft_sharded.cli import main
 from sft_sharded.errors import UserError
 from sft_sharded.hf import save_pretrained
@@ -87,9 +87,9 @@ def test_bad_config(tmp_path, capsys, overrides, expected):
 
 def write_model_dir(directory, vocab=384, hidden=32):
     """A tiny Llama written by our own export (no torch needed)."""
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, num_layers=1, num_heads=2, num_kv_heads=1, mlp_dim=64,
+    cfg = DecoderConfig(vocab_size=vocab, hidden_size=hidden, num_layers=1, num_heads=2, num_kv_heads=1, mlp_dim=64,
                       max_position_embeddings=256)
-    trainer = SFTTrainer(Llama(cfg), optax.sgd(0.1), mesh=make_mesh(1, 8, 1))
+    trainer = SFTTrainer(Decoder(cfg), optax.sgd(0.1), mesh=make_mesh(1, 8, 1))
     state = trainer.create_train_state(jax.random.key(0), jnp.zeros((8, 8), jnp.int32))
     save_pretrained(state.params, cfg, directory)
     return directory

@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from sft_sharded import Llama, SFTTrainer, make_mesh
+from sft_sharded import Decoder, SFTTrainer, make_mesh
 from sft_sharded.generate import greedy_generate
 
 
@@ -24,18 +24,18 @@ def naive_greedy(model, params, prompt, steps):
 @pytest.mark.parametrize("scan", [False, True])
 def test_cached_greedy_matches_full_recompute(tiny_config, scan):
     cfg = dataclasses.replace(tiny_config, scan_layers=scan, init_std=0.5)
-    trainer = SFTTrainer(Llama(cfg), optax.sgd(0.1), mesh=make_mesh(2, 2, 2))
+    trainer = SFTTrainer(Decoder(cfg), optax.sgd(0.1), mesh=make_mesh(2, 2, 2))
     state = trainer.create_train_state(jax.random.key(0), jnp.zeros((8, 16), jnp.int32))
     rng = np.random.default_rng(0)
     prompts = [rng.integers(1, 64, n).tolist() for n in (3, 7, 5)]  # ragged: left padding must not leak
     out = greedy_generate(trainer, state.params, prompts, max_new_tokens=6)
     params = jax.device_get(state.params)
     for prompt, generated in zip(prompts, out):
-        assert generated == naive_greedy(Llama(cfg), params, prompt, 6)
+        assert generated == naive_greedy(Decoder(cfg), params, prompt, 6)
 
 
 def test_stop_ids_cut_the_output(tiny_config):
-    trainer = SFTTrainer(Llama(dataclasses.replace(tiny_config, init_std=0.5)), optax.sgd(0.1), mesh=make_mesh(1, 8, 1))
+    trainer = SFTTrainer(Decoder(dataclasses.replace(tiny_config, init_std=0.5)), optax.sgd(0.1), mesh=make_mesh(1, 8, 1))
     state = trainer.create_train_state(jax.random.key(1), jnp.zeros((8, 16), jnp.int32))
     full = greedy_generate(trainer, state.params, [[5, 6, 7]], max_new_tokens=6)[0]
     cut = greedy_generate(trainer, state.params, [[5, 6, 7]], max_new_tokens=6, stop_ids=(full[2],))[0]

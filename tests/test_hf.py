@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from sft_sharded import Llama, SFTTrainer, make_mesh
+from sft_sharded import Decoder, SFTTrainer, make_mesh
 from sft_sharded.errors import UserError
 from sft_sharded.hf import config_from_hf, load_params, save_pretrained
 
@@ -32,12 +32,25 @@ FAMILIES = {
     "mistral-untied": ("MistralConfig", "MistralForCausalLM", dict(tie_word_embeddings=False, sliding_window=None)),
     # 8-key window at 24 positions: the window masks most of each row's history
     "mistral-sliding-window": ("MistralConfig", "MistralForCausalLM", dict(tie_word_embeddings=False, sliding_window=8)),
+    # The 2026 families, each with choices that catch mistakes: head_dim 24 (not hidden / heads = 16), GQA,
+    # 8-key windows at 24 positions on some layers only, a query_pre_attn_scalar that is not head_dim, and
+    # soft-capping that bites (caps of 2 and 3, not Gemma 2's 50 and 30, which small random logits never reach).
+    "qwen2-sliding-layers": ("Qwen2Config", "Qwen2ForCausalLM", dict(
+        tie_word_embeddings=False, use_sliding_window=True, sliding_window=8, max_window_layers=1)),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(tie_word_embeddings=False, head_dim=24, rope_theta=1e6)),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(
+        head_dim=24, query_pre_attn_scalar=20, sliding_window=8, attn_logit_softcapping=2.0,
+        final_logit_softcapping=3.0, rms_norm_eps=1e-6)),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(
+        num_hidden_layers=3, layer_types=["sliding_attention", "full_attention", "sliding_attention"], head_dim=24,
+        query_pre_attn_scalar=20, sliding_window=8, rope_theta=1e4, rope_local_base_freq=100.0,
+        rope_scaling={"rope_type": "linear", "factor": 4.0})),
 }
 
 
 def make_hf(kind, directory, dtype=torch.float32, vocab_size=BASE["vocab_size"], **save_kwargs):
     config_cls, model_cls, extra = FAMILIES[kind]
-    config = getattr(transformers, config_cls)(**{**BASE, "vocab_size": vocab_size}, **extra)
+    config = getattr(transformers, config_cls)(**{**BASE, "vocab_size": vocab_size, **extra})
     torch.manual_seed(0)
     model = getattr(transformers, model_cls)(config).eval()
     with torch.no_grad():
@@ -55,7 +68,7 @@ def hf_logits(model, ids):
 
 def import_model(directory, mesh_shape=(2, 2, 2), **overrides):
     cfg = config_from_hf(directory, **overrides)
-    trainer = SFTTrainer(Llama(cfg), optax.sgd(0.1), mesh=make_mesh(*mesh_shape))
+    trainer = SFTTrainer(Decoder(cfg), optax.sgd(0.1), mesh=make_mesh(*mesh_shape))
     abstract = trainer.abstract_train_state(jax.random.key(0), jnp.zeros((8, 16), jnp.int32))
     return trainer, cfg, load_params(directory, cfg, abstract.params)
 
@@ -163,7 +176,10 @@ def test_fields_that_change_the_math_are_refused_by_name(tmp_path):
     for field, value, message in (
         ("hidden_act", "gelu", r'hidden_act="gelu" is not supported'),
         ("attention_dropout", 0.1, r"attention_dropout=0.1 is not supported: dropout is not implemented"),
-        ("rope_scaling", {"rope_type": "yarn", "factor": 4.0}, r"rope type 'yarn' is not implemented"),
+        ("rope_scaling", {"rope_type": "dynamic", "factor": 2.0}, r"dynamic NTK scaling changes the frequencies"),
+        ("rope_scaling", {"rope_type": "longrope", "factor": 2.0}, r"rope scaling type 'longrope' is not implemented"),
+        ("rope_scaling", {"rope_type": "yarn", "factor": 2.0, "beta": 3}, r"unknown \['beta'\]"),
+        ("model_type", "gemma3", r"multimodal Gemma 3"),
         ("quantization_config", {"quant_method": "bitsandbytes"}, r"quantization_config=.* is not supported"),
     ):
         (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, field: value}))
@@ -224,7 +240,7 @@ def test_a_preset_export_stops_transformers_generate_at_the_turn_end(tmp_path):
     from sft_sharded.models import preset
 
     cfg = preset("tiny", num_layers=1)
-    trainer = SFTTrainer(Llama(cfg), optax.sgd(0.1), mesh=make_mesh(1, 8, 1))
+    trainer = SFTTrainer(Decoder(cfg), optax.sgd(0.1), mesh=make_mesh(1, 8, 1))
     state = trainer.create_train_state(jax.random.key(0), jnp.zeros((8, 8), jnp.int32))
     tok = ByteTokenizer()
     save_pretrained(state.params, cfg, tmp_path / "out", token_ids=tokenizer_token_ids(tok))

@@ -9,7 +9,7 @@ import optax
 import pytest
 from reference import random_batch
 
-from sft_sharded import Llama, SFTTrainer, make_mesh
+from sft_sharded import Decoder, SFTTrainer, make_mesh
 from sft_sharded.errors import TrainingDiverged
 from sft_sharded.metrics import flops_per_token
 from sft_sharded.trainers.loop import fit
@@ -23,7 +23,7 @@ def _padded_batch(seed: int) -> dict[str, np.ndarray]:
 
 
 def test_fit_reports_real_token_throughput_and_both_mfus(tiny_config):
-    trainer = SFTTrainer(Llama(tiny_config), optax.sgd(0.1), mesh=make_mesh(1, 8, 1))
+    trainer = SFTTrainer(Decoder(tiny_config), optax.sgd(0.1), mesh=make_mesh(1, 8, 1))
     state = trainer.create_train_state(jax.random.key(0), jnp.zeros((8, 16), jnp.int32))
     batch = _padded_batch(0)
     state, metrics = trainer.train_step(state, batch)
@@ -39,7 +39,7 @@ def test_fit_reports_real_token_throughput_and_both_mfus(tiny_config):
 
 
 def test_the_compile_step_record_reports_no_throughput(tiny_config):
-    trainer = SFTTrainer(Llama(tiny_config), optax.sgd(0.1), mesh=make_mesh(1, 8, 1))
+    trainer = SFTTrainer(Decoder(tiny_config), optax.sgd(0.1), mesh=make_mesh(1, 8, 1))
     state = trainer.create_train_state(jax.random.key(0), jnp.zeros((8, 16), jnp.int32))
     _, records = fit(trainer, state, (_padded_batch(s) for s in itertools.count()), steps=3, log_every=1)
     first = records[0]
@@ -49,7 +49,7 @@ def test_the_compile_step_record_reports_no_throughput(tiny_config):
 
 
 def test_an_all_masked_batch_logs_loss_0_and_warns(tiny_config):
-    trainer = SFTTrainer(Llama(tiny_config), optax.sgd(0.1), mesh=make_mesh(1, 8, 1))
+    trainer = SFTTrainer(Decoder(tiny_config), optax.sgd(0.1), mesh=make_mesh(1, 8, 1))
     state = trainer.create_train_state(jax.random.key(0), jnp.zeros((8, 16), jnp.int32))
     masked = {**random_batch(0), "loss_mask": np.zeros((8, 16), bool)}
     with pytest.warns(UserWarning, match="step 2: the batch has no trained target"):
@@ -68,7 +68,7 @@ class _NanAtStep(SFTTrainer):
 
 
 def test_a_nan_loss_stops_the_loop_before_a_save_sees_that_state(tiny_config):
-    trainer = _NanAtStep(Llama(tiny_config), optax.sgd(0.1), mesh=make_mesh(1, 8, 1))
+    trainer = _NanAtStep(Decoder(tiny_config), optax.sgd(0.1), mesh=make_mesh(1, 8, 1))
     state = trainer.create_train_state(jax.random.key(0), jnp.zeros((8, 16), jnp.int32))
 
     def batches():

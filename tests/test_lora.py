@@ -12,7 +12,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 from reference import GRAD_TOL, llama_logits, random_batch, to_numpy
 
-from sft_sharded import Llama, SFTTrainer, make_mesh
+from sft_sharded import Decoder, SFTTrainer, make_mesh
 from sft_sharded.metrics import memory_per_device
 from sft_sharded.models.lora import LoraConfig
 from sft_sharded.trainers import partition
@@ -23,7 +23,7 @@ LORA = LoraConfig(rank=4, alpha=8.0, base_dtype="float32")
 def lora_trainer(cfg, mesh_shape=(2, 2, 2), lora=LORA, optimizer=None, **options):
     cfg = dataclasses.replace(cfg, lora=lora)
     devices = jax.devices()[: int(np.prod(mesh_shape))]
-    trainer = SFTTrainer(Llama(cfg), optimizer or optax.sgd(0.1), mesh=make_mesh(*mesh_shape, devices=devices),
+    trainer = SFTTrainer(Decoder(cfg), optimizer or optax.sgd(0.1), mesh=make_mesh(*mesh_shape, devices=devices),
                          **options)
     return trainer, trainer.create_train_state(jax.random.key(0), jnp.zeros((8, 16), jnp.int32))
 
@@ -65,7 +65,7 @@ def test_step_zero_is_the_base_model(tiny_config):
     trainer, state = lora_trainer(tiny_config)
     batch = random_batch(1)
     lora_loss = trainer.compute_loss(partition.merge(state.params, state.frozen), batch)
-    base = SFTTrainer(Llama(tiny_config), optax.sgd(0.1), mesh=trainer.mesh)
+    base = SFTTrainer(Decoder(tiny_config), optax.sgd(0.1), mesh=trainer.mesh)
     assert float(lora_loss) == float(base.compute_loss(state.frozen, batch))
 
 
@@ -118,8 +118,8 @@ def test_the_compiled_step_holds_no_gradient_or_optimizer_state_of_the_base(tiny
         return compiled.memory_analysis(), memory_per_device(compiled), abstract
 
     mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
-    full, full_total, full_state = memory(SFTTrainer(Llama(cfg), optax.adamw(1e-3), mesh=mesh))
-    lora, lora_total, lora_state = memory(SFTTrainer(Llama(dataclasses.replace(cfg, lora=LoraConfig(rank=4))),
+    full, full_total, full_state = memory(SFTTrainer(Decoder(cfg), optax.adamw(1e-3), mesh=mesh))
+    lora, lora_total, lora_state = memory(SFTTrainer(Decoder(dataclasses.replace(cfg, lora=LoraConfig(rank=4))),
                                                      optax.adamw(1e-3), mesh=mesh))
     base_f32, frozen, adapters = nbytes(full_state.params), nbytes(lora_state.frozen), nbytes(lora_state.params)
     assert frozen == base_f32 // 2  # the base is stored in bfloat16
@@ -167,7 +167,7 @@ def test_a_qlora_base_is_stored_quantized_on_its_shards_and_the_loss_falls(tiny_
     abstract = trainer.abstract_train_state(jax.random.key(0), jnp.zeros((8, 16), jnp.int32))
     assert jax.tree.structure(abstract.frozen) == jax.tree.structure(state.frozen)
     # step 0 is the base model computed from the dequantized weights
-    base = SFTTrainer(Llama(dataclasses.replace(cfg, dtype="float32")), optax.sgd(0.1), mesh=trainer.mesh)
+    base = SFTTrainer(Decoder(dataclasses.replace(cfg, dtype="float32")), optax.sgd(0.1), mesh=trainer.mesh)
     dequantized = jax.tree.map(lambda x: x, state.frozen, is_leaf=lambda x: isinstance(x, qwix.QArray))
     dequantized = jax.tree.map(lambda x: qwix.dequantize(x).astype(jnp.float32) if isinstance(x, qwix.QArray)
                                else x.astype(jnp.float32), dequantized, is_leaf=lambda x: isinstance(x, qwix.QArray))

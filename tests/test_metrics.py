@@ -7,13 +7,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from sft_sharded import Llama, LlamaConfig, SFTTrainer, make_mesh
+from sft_sharded import Decoder, DecoderConfig, SFTTrainer, make_mesh
 from sft_sharded.metrics import MetricsWriter, flops_per_token, mfu, peak_flops
 
 
 def test_flops_per_token_matches_xla_cost_analysis():
-    cfg = LlamaConfig(vocab_size=512, hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=384)
-    trainer = SFTTrainer(Llama(cfg), optax.sgd(0.1), mesh=make_mesh(1, 1, 1, devices=jax.devices()[:1]))
+    cfg = DecoderConfig(vocab_size=512, hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=384)
+    trainer = SFTTrainer(Decoder(cfg), optax.sgd(0.1), mesh=make_mesh(1, 1, 1, devices=jax.devices()[:1]))
     state = trainer.create_train_state(jax.random.key(0), jnp.zeros((4, 64), jnp.int32))
     batch = {"input_ids": jnp.zeros((4, 64), jnp.int32), "labels": jnp.ones((4, 64), jnp.int32)}
     compiled = trainer.lower("grad", state.params, batch).compile()
@@ -50,9 +50,9 @@ def test_lora_flops_per_token_match_xla_cost_analysis():
 
     from sft_sharded.models.lora import LoraConfig
 
-    cfg = LlamaConfig(vocab_size=512, hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=384,
+    cfg = DecoderConfig(vocab_size=512, hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=384,
                       lora=LoraConfig(rank=8, base_dtype="float32"))
-    trainer = SFTTrainer(Llama(cfg), optax.sgd(0.1), mesh=make_mesh(1, 1, 1, devices=jax.devices()[:1]))
+    trainer = SFTTrainer(Decoder(cfg), optax.sgd(0.1), mesh=make_mesh(1, 1, 1, devices=jax.devices()[:1]))
     state = trainer.create_train_state(jax.random.key(0), jnp.zeros((4, 64), jnp.int32))
     batch = {"input_ids": jnp.zeros((4, 64), jnp.int32), "labels": jnp.ones((4, 64), jnp.int32)}
     cost = trainer.lower("grad", (state.params, state.frozen), batch).compile().cost_analysis()

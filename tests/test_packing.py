@@ -7,7 +7,7 @@ import optax
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sft_sharded import Llama, SFTTrainer, make_mesh
+from sft_sharded import Decoder, SFTTrainer, make_mesh
 from sft_sharded.data.formats import Example
 from sft_sharded.data.packing import best_fit_decreasing, efficiency, pack, pad, unpack
 
@@ -60,7 +60,7 @@ def test_packed_batch_trains_to_the_same_loss_as_the_padded_batch(tiny_config):
     examples = [_example(rng, n) for n in (9, 7, 5, 12, 4, 3, 8, 6)]
     packed_rows = pack(examples, 16)
     padded_rows = [pad(e, 16) for e in examples]
-    trainer = SFTTrainer(Llama(tiny_config), optax.sgd(0.1), mesh=make_mesh(1, 8, 1))
+    trainer = SFTTrainer(Decoder(tiny_config), optax.sgd(0.1), mesh=make_mesh(1, 8, 1))
     state = trainer.create_train_state(jax.random.key(0), jnp.zeros((8, 16), jnp.int32))
 
     def batch(rows):

@@ -10,7 +10,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 from reference import GRAD_TOL, llama_logits, masked_ce, random_batch, to_numpy
 
-from sft_sharded import Llama, SFTTrainer, make_mesh
+from sft_sharded import Decoder, SFTTrainer, make_mesh
 from sft_sharded.errors import UserError
 from sft_sharded.sharding import unbox
 
@@ -40,7 +40,7 @@ def jit_loss(trainer, params, batch):
 
 def make_trainer(cfg, mesh_shape=(1, 8, 1), optimizer=None, **options):
     mesh = make_mesh(*mesh_shape)
-    trainer = SFTTrainer(Llama(cfg), optimizer or optax.sgd(0.1), mesh=mesh, **options)
+    trainer = SFTTrainer(Decoder(cfg), optimizer or optax.sgd(0.1), mesh=mesh, **options)
     state = trainer.create_train_state(jax.random.key(0), jnp.zeros((8, 16), jnp.int32))
     return trainer, state
 
@@ -52,7 +52,7 @@ def test_loss_and_grads_match_single_device_on_every_mesh(tiny_config, mesh_shap
     mask = (batch["labels"] != 0) & (batch["labels"] != -100)
     params = jax.device_get(state.params)
     ref_loss, ref_grads = single_device(
-        jax.value_and_grad(lambda p, b, m: reference_loss(Llama(tiny_config), p, b, m)), params, batch, mask
+        jax.value_and_grad(lambda p, b, m: reference_loss(Decoder(tiny_config), p, b, m)), params, batch, mask
     )
     loss, grads = trainer.loss_and_grad(state.params, batch)
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
@@ -60,7 +60,7 @@ def test_loss_and_grads_match_single_device_on_every_mesh(tiny_config, mesh_shap
         np.testing.assert_allclose(trainer.compute_loss(state.params, batch), ref_loss, rtol=1e-5)
     chex.assert_trees_all_close(jax.device_get(grads), jax.device_get(ref_grads), **GRAD_TOL)
     # and the loss equals a float64 numpy cross entropy of the single-device logits
-    logits = single_device(lambda p, x: Llama(tiny_config).apply({"params": p}, x), params, batch["input_ids"])
+    logits = single_device(lambda p, x: Decoder(tiny_config).apply({"params": p}, x), params, batch["input_ids"])
     np.testing.assert_allclose(loss, masked_ce(logits, batch["labels"], mask)[0], rtol=1e-5)
 
 
@@ -70,7 +70,7 @@ def test_train_step_metrics_and_update_match_reference(tiny_config):
     mask = batch["labels"] != 0
     params = jax.device_get(state.params)
     ref_loss, ref_grads = single_device(
-        jax.value_and_grad(lambda p, b, m: reference_loss(Llama(tiny_config), p, b, m)), params, batch, mask
+        jax.value_and_grad(lambda p, b, m: reference_loss(Decoder(tiny_config), p, b, m)), params, batch, mask
     )
     state, metrics = trainer.train_step(state, batch)
     assert int(state.step) == 1
@@ -102,7 +102,7 @@ def test_explicit_loss_mask_counts_token_zero_and_ignores_masked_targets(tiny_co
     batch["labels"][:, 4] = 0  # a real target with id 0, inside the mask
     batch["loss_mask"] = mask
     loss = jit_loss(trainer, state.params, batch)
-    logits = jax.jit(Llama(tiny_config).apply)({"params": jax.device_get(state.params)}, batch["input_ids"])
+    logits = jax.jit(Decoder(tiny_config).apply)({"params": jax.device_get(state.params)}, batch["input_ids"])
     np.testing.assert_allclose(loss, masked_ce(logits, batch["labels"], mask)[0], rtol=1e-5)
     assert float(trainer.eval_step(state, batch)["num_tokens"]) == mask.sum()  # the id-0 targets count
     noise = np.random.default_rng(0).integers(-100, 64, mask.shape).astype(np.int32)
@@ -134,7 +134,7 @@ def test_grad_accumulation_is_token_weighted_with_unequal_micro_batches(tiny_con
 def test_packed_row_gives_the_same_per_token_losses_as_separate_rows(tiny_config):
     rng = np.random.default_rng(5)
     a, b = rng.integers(1, 64, 6), rng.integers(1, 64, 8)
-    apply = jax.jit(Llama(tiny_config).apply)
+    apply = jax.jit(Decoder(tiny_config).apply)
     _, state = make_trainer(tiny_config)
     params = jax.device_get(state.params)
     packed = np.zeros((1, 16), np.int32)
@@ -190,7 +190,7 @@ def test_create_train_state_values_structure_and_shardings(tiny_config):
     optimizer = optax.adamw(1e-3)
     trainer, state = make_trainer(tiny_config, (2, 2, 2), optimizer=optimizer)
     assert int(state.step) == 0
-    reference = to_numpy(Llama(tiny_config).init(jax.random.key(0), jnp.zeros((8, 16), jnp.int32))["params"])
+    reference = to_numpy(Decoder(tiny_config).init(jax.random.key(0), jnp.zeros((8, 16), jnp.int32))["params"])
     # equal up to float32 rounding: the jitted init fuses the initializers' math, eager init does not
     chex.assert_trees_all_close(to_numpy(state.params), reference, rtol=1e-6, atol=0)
     assert jax.tree.structure(state.opt_state) == jax.tree.structure(optimizer.init(unbox(reference)))
@@ -282,7 +282,7 @@ def test_cpu_compiler_options_are_the_default_and_change_no_numbers(tiny_config)
 
 
 def test_labels_out_of_range_are_refused_before_compiling(tiny_config):
-    trainer = SFTTrainer(Llama(tiny_config), optax.sgd(0.1), mesh=make_mesh(2, 2, 2))
+    trainer = SFTTrainer(Decoder(tiny_config), optax.sgd(0.1), mesh=make_mesh(2, 2, 2))
     state = trainer.create_train_state(jax.random.key(0), jnp.zeros((8, 16), jnp.int32))
     ids = np.ones((8, 16), np.int32)
     for key, value in (("labels", 64), ("labels", -1), ("input_ids", 70)):

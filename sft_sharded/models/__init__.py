@@ -1,4 +1,8 @@
-from sft_sharded.models.llama import Llama, LlamaConfig
+from sft_sharded.models.config import DecoderConfig
+from sft_sharded.models.decoder import Decoder
 from sft_sharded.models.presets import PRESETS, preset
 
-__all__ = ["Llama", "LlamaConfig", "PRESETS", "preset"]
+# The names of the first release, when the decoder was Llama's alone; kept so that user code keeps working.
+Llama, LlamaConfig = Decoder, DecoderConfig
+
+__all__ = ["Decoder", "DecoderConfig", "Llama", "LlamaConfig", "PRESETS", "preset"]

@@ -6,9 +6,13 @@ Implementations (all honour causality and `segment_ids`; tests compare each agai
 - "xla": blocked attention in plain jax with a flash-style custom VJP. Query block i only meets keys up to
   its own end (the upper triangle is never computed) and the backward pass recomputes probabilities from
   the saved log-sum-exp instead of keeping [T, S] probabilities. Any platform; the default on CPU.
-- "cudnn": `jax.nn.dot_product_attention(implementation="cudnn")`, GPU (bf16/fp16).
+- "cudnn": `jax.nn.dot_product_attention(implementation="cudnn")`, GPU (bf16/fp16; no soft-capping).
 - "splash": the Pallas splash-attention kernel, TPU (interpret mode elsewhere, for tests only).
-- "auto": splash on TPU, cudnn on GPU where it supports the dtype and head size, else xla.
+- "auto": splash on TPU, cudnn on GPU where it supports the dtype, head size and capping, else xla.
+
+Every implementation takes the same options: `window` (a sliding window of keys, the query's own included),
+`scale` (of the scores; default head_dim**-0.5) and `softcap` (Gemma 2: scores -> cap * tanh(scores / cap),
+after scaling and before the mask).
 """
 
 from __future__ import annotations
@@ -53,6 +57,14 @@ def attention_mask(q_len: int, kv_len: int, q_offset, q_segment_ids, kv_segment_
     return mask
 
 
+def _scale(scale: float | None, head_dim: int) -> np.float32:
+    return np.float32(head_dim ** -0.5 if scale is None else scale)
+
+
+def _cap(scores, softcap: float | None):
+    return scores if softcap is None else softcap * jnp.tanh(scores / softcap)
+
+
 def dot_product_attention(
     q_BxTxNxH: jax.Array,
     k_BxSxKxH: jax.Array,
@@ -61,6 +73,8 @@ def dot_product_attention(
     kv_segment_ids_BxS: jax.Array | None = None,
     q_offset: jax.Array | int = 0,
     window: int | None = None,
+    scale: float | None = None,
+    softcap: float | None = None,
 ) -> jax.Array:
     """The reference: grouped-query causal attention; N query heads share K kv heads (N % K == 0). Softmax
     in float32. Without `kv_segment_ids_BxS` keys use the queries' segment ids (self-attention)."""
@@ -68,9 +82,9 @@ def dot_product_attention(
     kv_len, num_kv = k_BxSxKxH.shape[1], k_BxSxKxH.shape[2]
     group = num_heads // num_kv
     q_BxTxKxGxH = q_BxTxNxH.reshape(batch, length, num_kv, group, head_dim)
-    scores_BxKxGxTxS = jnp.einsum(
+    scores_BxKxGxTxS = _cap(jnp.einsum(
         "btkgd,bskd->bkgts", q_BxTxKxGxH, k_BxSxKxH, preferred_element_type=jnp.float32
-    ) / jnp.sqrt(jnp.float32(head_dim))
+    ) * _scale(scale, head_dim), softcap)
     kv_segments = segment_ids_BxT if kv_segment_ids_BxS is None else kv_segment_ids_BxS
     mask = attention_mask(length, kv_len, q_offset, segment_ids_BxT, kv_segments, window)
     scores_BxKxGxTxS = jnp.where(mask, scores_BxKxGxTxS, _MASKED)
@@ -79,20 +93,22 @@ def dot_product_attention(
     return out_BxTxKxGxH.reshape(batch, length, num_heads, head_dim)
 
 
-def resolve(implementation: str, dtype, head_dim: int, length: int) -> str:
+def resolve(implementation: str, dtype, head_dim: int, length: int, softcap: float | None = None) -> str:
     """The implementation "auto" stands for on this platform, or the one asked for (checked)."""
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"attention implementation {implementation!r} must be one of {IMPLEMENTATIONS}")
     platform = current_platform()
-    cudnn_ok = jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and head_dim % 8 == 0 and head_dim <= 128
+    cudnn_ok = (jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and head_dim % 8 == 0 and head_dim <= 128
+                and softcap is None)
     if implementation == "auto":
         if platform == "tpu" and length % 128 == 0:
             return "splash"
         return "cudnn" if platform == "gpu" and cudnn_ok else "xla"
     if implementation == "cudnn" and (platform != "gpu" or not cudnn_ok):
         raise ValueError(
-            f"attention='cudnn' needs a GPU and bf16/fp16 inputs with head_dim a multiple of 8 up to 128; "
-            f"got platform {platform!r}, dtype {jnp.dtype(dtype).name}, head_dim {head_dim}"
+            f"attention='cudnn' needs a GPU and bf16/fp16 inputs with head_dim a multiple of 8 up to 128, "
+            f"without soft-capping; got platform {platform!r}, dtype {jnp.dtype(dtype).name}, head_dim {head_dim}, "
+            f"softcap {softcap}"
         )
     return implementation
 
@@ -104,34 +120,44 @@ def attention(
     segment_ids_BxT: jax.Array | None = None,
     implementation: str = "auto",
     window: int | None = None,
+    scale: float | None = None,
+    softcap: float | None = None,
 ) -> jax.Array:
     """Causal self-attention over one sequence per row (training and evaluation; decoding with a KV
     cache calls `dot_product_attention`), optionally over a sliding `window` of keys. Output [B, T, N, H]
     in the inputs' dtype."""
     batch, length, num_heads, head_dim = q_BxTxNxH.shape
-    impl = resolve(implementation, q_BxTxNxH.dtype, head_dim, length)
+    impl = resolve(implementation, q_BxTxNxH.dtype, head_dim, length, softcap)
     if impl == "reference":
-        return dot_product_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, window=window)
+        return dot_product_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, window=window, scale=scale,
+                                     softcap=softcap)
     if impl in ("cudnn", "splash"):
         from sft_sharded.models import attention_kernels
 
-        return getattr(attention_kernels, impl)(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, window)
+        return getattr(attention_kernels, impl)(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, window,
+                                                _scale(scale, head_dim), softcap)
     num_kv = k_BxTxKxH.shape[2]
     q_BxTxKxGxH = q_BxTxNxH.reshape(batch, length, num_kv, num_heads // num_kv, head_dim)
-    out_BxTxKxGxH = blocked_attention(q_BxTxKxGxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, _block_size(length), window)
+    out_BxTxKxGxH = blocked_attention(q_BxTxKxGxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, _block_size(length), window,
+                                      float(_scale(scale, head_dim)), softcap)
     return out_BxTxKxGxH.reshape(batch, length, num_heads, head_dim)
 
 
 # --- "xla": blocked causal attention with a recomputing backward pass --------------------------------------
-def _block_scores(q_BxCxKxGxH, k_BxExKxH, segment_ids, start: int, first: int, window) -> jax.Array:
-    """Masked, scaled float32 scores of the query block starting at `start` against keys [first, end)."""
+def _block_scores(q_BxCxKxGxH, k_BxExKxH, segment_ids, start: int, first: int, window, scale, softcap):
+    """Masked, scaled (and capped) float32 scores of the query block starting at `start` against keys
+    [first, end), and the derivative of the capping (None without it)."""
     end = first + k_BxExKxH.shape[1]
     scores = jnp.einsum("btkgd,bskd->bkgts", q_BxCxKxGxH, k_BxExKxH, preferred_element_type=jnp.float32)
-    scores = scores / np.sqrt(q_BxCxKxGxH.shape[-1]).astype(np.float32)
+    scores = scores * np.float32(scale)
+    d_cap = None
+    if softcap is not None:
+        tanh = jnp.tanh(scores / softcap)
+        scores, d_cap = softcap * tanh, 1 - tanh * tanh
     q_segments = None if segment_ids is None else segment_ids[:, start:start + q_BxCxKxGxH.shape[1]]
     kv_segments = None if segment_ids is None else segment_ids[:, first:end]
     mask = attention_mask(q_BxCxKxGxH.shape[1], end - first, start - first, q_segments, kv_segments, window)
-    return jnp.where(mask, scores, _MASKED)
+    return jnp.where(mask, scores, _MASKED), d_cap
 
 
 def _spans(length: int, block: int, window: int | None):
@@ -144,17 +170,20 @@ def _spans(length: int, block: int, window: int | None):
     return spans
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def blocked_attention(q_BxTxKxGxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, block: int, window: int | None = None):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def blocked_attention(q_BxTxKxGxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, block: int, window: int | None = None,
+                      scale: float | None = None, softcap: float | None = None):
     """Causal attention in query blocks of `block` rows (G query heads per kv head), each meeting only the
     keys up to its own end (and inside the window); the backward pass recomputes the probabilities."""
-    return _blocked_fwd(q_BxTxKxGxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, block, window)[0]
+    return _blocked_fwd(q_BxTxKxGxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, block, window, scale, softcap)[0]
 
 
-def _blocked_fwd(q, k, v, segment_ids, block, window):
+def _blocked_fwd(q, k, v, segment_ids, block, window, scale, softcap):
+    scale = _scale(scale, q.shape[-1])
     outs, lses = [], []
     for start, end, first in _spans(q.shape[1], block, window):
-        scores_BxKxGxCxE = _block_scores(q[:, start:end], k[:, first:end], segment_ids, start, first, window)
+        scores_BxKxGxCxE, _ = _block_scores(q[:, start:end], k[:, first:end], segment_ids, start, first, window,
+                                            scale, softcap)
         row_max = jnp.max(scores_BxKxGxCxE, axis=-1, keepdims=True)
         unnorm = jnp.exp(scores_BxKxGxCxE - row_max)
         row_sum = jnp.sum(unnorm, axis=-1, keepdims=True)
@@ -164,8 +193,9 @@ def _blocked_fwd(q, k, v, segment_ids, block, window):
     return out_BxTxKxGxH, (q, k, v, segment_ids, out_BxTxKxGxH, jnp.concatenate(lses, axis=-1))
 
 
-def _blocked_bwd(block, window, residuals, d_out):
+def _blocked_bwd(block, window, scale, softcap, residuals, d_out):
     q, k, v, segment_ids, out, lse_BxKxGxT = residuals
+    scale = _scale(scale, q.shape[-1])
     # sum_s P·dP = sum_d dO·O per query: the softmax backward without a [T, S] reduction.
     delta_BxKxGxT = jnp.einsum("btkgd,btkgd->bkgt", d_out.astype(jnp.float32), out.astype(jnp.float32))
     dk = jnp.zeros(k.shape, jnp.float32)
@@ -173,14 +203,14 @@ def _blocked_bwd(block, window, residuals, d_out):
     dqs = []
     for start, end, first in _spans(q.shape[1], block, window):
         q_i, d_out_i = q[:, start:end], d_out[:, start:end]
-        scores = _block_scores(q_i, k[:, first:end], segment_ids, start, first, window)
+        scores, d_cap = _block_scores(q_i, k[:, first:end], segment_ids, start, first, window, scale, softcap)
         probs = jnp.exp(scores - lse_BxKxGxT[..., start:end, None])
         dv = dv.at[:, first:end].add(
             jnp.einsum("bkgts,btkgd->bskd", probs.astype(d_out.dtype), d_out_i, preferred_element_type=jnp.float32)
         )
         d_probs = jnp.einsum("btkgd,bskd->bkgts", d_out_i, v[:, first:end], preferred_element_type=jnp.float32)
-        d_scores = probs * (d_probs - delta_BxKxGxT[..., start:end, None]) / np.sqrt(q.shape[-1]).astype(np.float32)
-        d_scores = d_scores.astype(q.dtype)
+        d_scores = probs * (d_probs - delta_BxKxGxT[..., start:end, None])
+        d_scores = (d_scores * scale if d_cap is None else d_scores * d_cap * scale).astype(q.dtype)
         dqs.append(jnp.einsum("bkgts,bskd->btkgd", d_scores, k[:, first:end]))
         dk = dk.at[:, first:end].add(jnp.einsum("bkgts,btkgd->bskd", d_scores, q_i, preferred_element_type=jnp.float32))
     d_segments = None if segment_ids is None else np.zeros(segment_ids.shape, jax.dtypes.float0)

@@ -10,7 +10,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from sft_sharded.sharding import activation_spec, current_platform
@@ -19,15 +18,17 @@ Q_AXES = ("batch", "length", "act_heads", "head_dim")
 KV_AXES = ("batch", "length", "act_kv_heads", "head_dim")
 
 
-def cudnn(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT=None, window: int | None = None) -> jax.Array:
+def cudnn(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT=None, window: int | None = None, scale=None,
+          softcap=None) -> jax.Array:
     """cuDNN flash attention with its causal mask (and sliding window). Packed rows add a [B, 1, T, T]
     same-segment mask (cuDNN folds it into a bias: B·T² elements, not B·N·T² scores); rows without packing
-    need none."""
+    need none. cuDNN has no soft-capping: `attention.resolve` never picks it then."""
+    assert softcap is None, "cuDNN attention has no soft-capping"
     mask = None
     if segment_ids_BxT is not None:
         mask = (segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :])[:, None]
     return jax.nn.dot_product_attention(
-        q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask=mask, is_causal=True, implementation="cudnn",
+        q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask=mask, is_causal=True, implementation="cudnn", scale=scale,
         local_window_size=None if window is None else (window - 1, 0),  # left keys besides the query's own
     )
 
@@ -39,7 +40,8 @@ def _block(length: int) -> int:
     raise ValueError(f"splash attention needs a sequence length divisible by 128, got {length}")
 
 
-def _splash_local(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, interpret: bool, window: int | None):
+def _splash_local(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, interpret: bool, window: int | None,
+                  scale: float, softcap: float | None):
     """Splash attention on one device's block: an MQA kernel per kv head (its G query heads share it)."""
     from jax.experimental.pallas.ops.tpu.splash_attention import (
         splash_attention_kernel as kernels,
@@ -61,9 +63,9 @@ def _splash_local(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, interpret: b
     else:  # (left, right) = (window - 1, 0): causal, and at most window - 1 keys before the query's own
         one = masks.LocalMask((length, length), window_size=(window - 1, 0), offset=0)
     mask = masks.MultiHeadMask([one for _ in range(group)])
-    kernel = kernels.make_splash_mqa(mask, block_sizes=blocks, head_shards=1, q_seq_shards=1, interpret=interpret)
+    kernel = kernels.make_splash_mqa(mask, block_sizes=blocks, head_shards=1, q_seq_shards=1, interpret=interpret,
+                                     attn_logits_soft_cap=softcap)
     # The kernel does not scale the scores; scale q in float32 before it goes back to the input dtype.
-    scale = 1.0 / np.sqrt(head_dim)
     q_BxKxGxTxH = (q_BxTxNxH.astype(jnp.float32) * scale).astype(q_BxTxNxH.dtype)
     q_BxKxGxTxH = q_BxKxGxTxH.reshape(batch, length, num_kv, group, head_dim).transpose(0, 2, 3, 1, 4)
     k_BxKxTxH = k_BxTxKxH.transpose(0, 2, 1, 3)
@@ -80,10 +82,13 @@ def _splash_local(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, interpret: b
     return out_BxKxGxTxH.transpose(0, 3, 1, 2, 4).reshape(batch, length, num_heads, head_dim)
 
 
-def splash(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT=None, window: int | None = None) -> jax.Array:
+def splash(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT=None, window: int | None = None, scale=None,
+           softcap=None) -> jax.Array:
     """Splash attention, per device under the mesh (a Pallas call is not partitioned by XLA): batch split
     like the activations, heads split on the tensor axis when both q and kv heads divide it."""
-    local = functools.partial(_splash_local, interpret=current_platform() != "tpu", window=window)
+    scale = q_BxTxNxH.shape[-1] ** -0.5 if scale is None else scale
+    local = functools.partial(_splash_local, interpret=current_platform() != "tpu", window=window, scale=scale,
+                              softcap=softcap)
     q_spec = activation_spec(q_BxTxNxH.shape, Q_AXES)
     if q_spec is None:  # no mesh: one device
         return local(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from sft_sharded.errors import UserError
-from sft_sharded.models.llama import LlamaConfig
+from sft_sharded.models.config import DecoderConfig
 
 PRESETS: dict[str, dict] = {
     # The built-in task's model: a few hundred thousand params, trains in minutes on a laptop CPU.
@@ -29,8 +29,8 @@ PRESETS: dict[str, dict] = {
 }
 
 
-def preset(name: str, **overrides) -> LlamaConfig:
-    """LlamaConfig for a named shape; `overrides` replace fields (dtype, remat, ...)."""
+def preset(name: str, **overrides) -> DecoderConfig:
+    """DecoderConfig for a named shape; `overrides` replace fields (dtype, remat, ...)."""
     if name not in PRESETS:
         raise UserError(f"model.preset={name!r} is not one of {sorted(PRESETS)}")
-    return dataclasses.replace(LlamaConfig(**PRESETS[name]), **overrides)
+    return dataclasses.replace(DecoderConfig(**PRESETS[name]), **overrides)

@@ -1,6 +1,6 @@
 """QLoRA's frozen base: projection weights stored as qwix `QArray`s (int8 with a scale per output channel,
 or NF4 with a scale per block of 64 input elements, as QLoRA) on the weights' own shards, and
-dequantized per layer in the compute dtype where the model reads them (`llama._weight`).
+dequantized per layer in the compute dtype where the model reads them (`layers.weight`).
 
 qwix (Google's JAX quantization library) provides the formats, `quantize` and `dequantize`; we use it as
 an array library only. Its `LoraProvider` rewrites a model's dots by interception, which would hide the

@@ -20,7 +20,7 @@ class SFTTrainer(Trainer):
     Loss options: `pad_label_id` (a label treated as padding when a batch has no `loss_mask`; None: off),
     `z_loss` (coefficient of z·logsumexp²), `loss_chunk_size` (sequence positions per chunk of a cross
     entropy that never materialises the [B, T, V] logits; the model must have a `hidden_and_head` method,
-    as `Llama` does). Everything else (`mesh`, `grad_accum_steps`, `rules`, `compiler_options`) goes to
+    as `Decoder` does). Everything else (`mesh`, `grad_accum_steps`, `rules`, `compiler_options`) goes to
     `Trainer`."""
 
     def __init__(self, model, optimizer, *, pad_label_id: int | None = 0, z_loss: float = 0.0,

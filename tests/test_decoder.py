@@ -10,13 +10,13 @@ import pytest
 from jax.sharding import PartitionSpec as P
 from reference import GRAD_TOL, llama_logits
 
-from sft_sharded import Llama, LlamaConfig, SFTTrainer, make_mesh
+from sft_sharded import Decoder, DecoderConfig, SFTTrainer, make_mesh
 from sft_sharded.models import preset
 from sft_sharded.sharding import unbox
 
 
 def _init(cfg, ids):
-    return unbox(Llama(cfg).init(jax.random.key(1), ids)["params"])
+    return unbox(Decoder(cfg).init(jax.random.key(1), ids)["params"])
 
 
 @pytest.mark.parametrize(
@@ -32,7 +32,7 @@ def test_logits_match_numpy_reference(tiny_config, overrides):
         params = jax.tree_util.tree_map_with_path(
             lambda path, x: x + 0.3 if "bias" in jax.tree_util.keystr(path) else x, params
         )
-    logits = jax.jit(Llama(cfg).apply)({"params": params}, ids)
+    logits = jax.jit(Decoder(cfg).apply)({"params": params}, ids)
     assert logits.dtype == jnp.float32 and logits.shape == (2, 12, cfg.vocab_size)
     np.testing.assert_allclose(logits, llama_logits(params, cfg, ids), atol=2e-5, rtol=1e-4)
 
@@ -42,7 +42,7 @@ def test_segment_ids_and_positions_match_numpy_reference(tiny_config):
     segments = np.array([[1, 1, 1, 2, 2, 2, 2, 3, 0, 0], [1] * 10], np.int32)
     positions = np.array([[0, 1, 2, 0, 1, 2, 3, 0, 0, 0], list(range(10))], np.int32)
     params = _init(tiny_config, ids)
-    logits = jax.jit(Llama(tiny_config).apply)({"params": params}, ids, positions=positions, segment_ids=segments)
+    logits = jax.jit(Decoder(tiny_config).apply)({"params": params}, ids, positions=positions, segment_ids=segments)
     expected = llama_logits(params, tiny_config, ids, positions, segments)
     np.testing.assert_allclose(logits, expected, atol=2e-5, rtol=1e-4)
 
@@ -62,7 +62,7 @@ def test_remat_and_scan_give_the_same_loss_and_grads(tiny_config, remat, scan):
     assert jax.tree.structure(variant) == jax.tree.structure(_init(cfg, ids))
 
     def loss(cfg, p):
-        return jnp.mean(Llama(cfg).apply({"params": p}, ids) ** 2)
+        return jnp.mean(Decoder(cfg).apply({"params": p}, ids) ** 2)
 
     base_loss, base_grads = jax.jit(jax.value_and_grad(lambda p: loss(tiny_config, p)))(params)
     loss_v, grads_v = jax.jit(jax.value_and_grad(lambda p: loss(cfg, p)))(variant)
@@ -74,7 +74,7 @@ def test_remat_and_scan_give_the_same_loss_and_grads(tiny_config, remat, scan):
 
 def test_scanned_params_are_sharded_with_a_replicated_layers_axis(tiny_config):
     cfg = dataclasses.replace(tiny_config, scan_layers=True, remat="full")
-    trainer = SFTTrainer(Llama(cfg), optax.adam(1e-3), mesh=make_mesh(2, 2, 2))
+    trainer = SFTTrainer(Decoder(cfg), optax.adam(1e-3), mesh=make_mesh(2, 2, 2))
     state = trainer.create_train_state(jax.random.key(0), jnp.zeros((8, 16), jnp.int32))
     wq = state.params["layers"]["attn"]["wq"]
     assert wq.shape == (2, 32, 4, 8) and wq.sharding.spec == P(None, "fsdp", "tensor", None)
@@ -84,8 +84,8 @@ def test_scanned_params_are_sharded_with_a_replicated_layers_axis(tiny_config):
 def test_bfloat16_compute_runs_and_stays_close(tiny_config):
     ids = np.random.default_rng(3).integers(0, 64, (2, 12)).astype(np.int32)
     params = _init(tiny_config, ids)
-    full = jax.jit(Llama(tiny_config).apply)({"params": params}, ids)
-    half = jax.jit(Llama(dataclasses.replace(tiny_config, dtype="bfloat16")).apply)({"params": params}, ids)
+    full = jax.jit(Decoder(tiny_config).apply)({"params": params}, ids)
+    half = jax.jit(Decoder(dataclasses.replace(tiny_config, dtype="bfloat16")).apply)({"params": params}, ids)
     assert half.dtype == jnp.float32  # logits leave the model in float32 for the loss
     assert np.abs(np.asarray(half) - np.asarray(full)).max() < 0.1 * np.abs(np.asarray(full)).max()
 
@@ -110,14 +110,14 @@ def test_param_count_matches_the_initialised_tree(tiny_config):
 def test_config_errors_name_the_field(kwargs, message):
     base = dict(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=64)
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
-        LlamaConfig(**{**base, **kwargs})
+        DecoderConfig(**{**base, **kwargs})
 
 
 def test_rope_positions_matter(tiny_config):
     """RoPE is relative: shifting every position changes nothing, stretching them changes the logits."""
     ids = np.arange(10, dtype=np.int32)[None]
     params = _init(tiny_config, ids)
-    apply = jax.jit(Llama(tiny_config).apply)
+    apply = jax.jit(Decoder(tiny_config).apply)
     plain = np.asarray(apply({"params": params}, ids))
     shifted = np.asarray(apply({"params": params}, ids, positions=np.arange(10, dtype=np.int32)[None] + 3))
     stretched = np.asarray(apply({"params": params}, ids, positions=np.arange(10, dtype=np.int32)[None] * 2))

@@ -1,0 +1,140 @@
+"""DecoderConfig: one decoder for every family we import (Llama, Qwen2/3, Mistral, Gemma 2/3). The families
+differ only in the fields below (norm placement, activation, scalings, soft-capping, q/k norms, the window
+of each layer), so a sharding rule or an attention change is made once, in `decoder.py`."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax.numpy as jnp
+
+from sft_sharded.choices import ACTIVATIONS, ATTENTION_IMPLEMENTATIONS, LAYER_TYPES, REMAT_POLICIES
+from sft_sharded.models.lora import LoraConfig
+from sft_sharded.models.rope import check_scaling
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DecoderConfig:
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    mlp_dim: int
+    head_dim: int | None = None  # default hidden_size // num_heads
+    rope_theta: float = 10_000.0
+    # RoPE frequency scaling as sorted (key, value) pairs with a "rope_type" (rope.SCALING_TYPES: llama3,
+    # linear, yarn). None: plain RoPE.
+    rope_scaling: tuple[tuple[str, Any], ...] | None = None
+    # Gemma 3: sliding layers use this RoPE base, unscaled (global layers use rope_theta and rope_scaling).
+    rope_local_theta: float | None = None
+    rms_norm_eps: float = 1e-5
+    norm_plus_one: bool = False  # Gemma: RMSNorm scales by (1 + weight), weights initialised at 0
+    sandwich_norms: bool = False  # Gemma 2/3: a norm after attention and after the MLP too (4 per layer)
+    qk_norm: bool = False  # Qwen3, Gemma 3: RMSNorm over head_dim on q and k before RoPE
+    activation: str = "silu"  # of the gated MLP: "silu" (SwiGLU) or "gelu_tanh" (Gemma's GeGLU)
+    embed_scale: bool = False  # Gemma: embeddings times sqrt(hidden_size), rounded to the compute dtype
+    # Scores are scaled by query_pre_attn_scalar**-0.5 (Gemma); None: head_dim**-0.5.
+    query_pre_attn_scalar: float | None = None
+    attn_softcap: float | None = None  # Gemma 2: scores -> cap * tanh(scores / cap) before the mask
+    final_softcap: float | None = None  # Gemma 2: logits -> cap * tanh(logits / cap)
+    tie_embeddings: bool = False
+    qkv_bias: bool = False  # q/k/v projections (Qwen2; Llama's attention_bias)
+    o_bias: bool = False  # output projection (Llama's attention_bias)
+    mlp_bias: bool = False  # gate/up/down projections (Llama's mlp_bias)
+    # Positions the checkpoint is made for. Not used by the math (RoPE has no table); written to
+    # config.json on export, where transformers reads it.
+    max_position_embeddings: int | None = None
+    dtype: str = "float32"  # compute dtype
+    param_dtype: str = "float32"
+    remat: str = "none"  # choices.REMAT_POLICIES
+    scan_layers: bool = False
+    attention: str = "auto"  # choices.ATTENTION_IMPLEMENTATIONS
+    # Each token sees only the last `sliding_window` keys (its own included): on every layer when
+    # `layer_types` is None (Mistral), else on the layers marked "sliding_attention".
+    sliding_window: int | None = None
+    layer_types: tuple[str, ...] | None = None  # per layer: choices.LAYER_TYPES
+    lora: LoraConfig | None = None  # LoRA adapters on the projections it targets (None: no adapters)
+    init_std: float = 0.02
+
+    def __post_init__(self):
+        for key in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "mlp_dim"):
+            _positive_int(self, key)
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"DecoderConfig.num_heads={self.num_heads} must be a multiple of "
+                             f"num_kv_heads={self.num_kv_heads}")
+        if self.head_dim is None and self.hidden_size % self.num_heads:
+            raise ValueError(f"DecoderConfig.hidden_size={self.hidden_size} is not divisible by "
+                             f"num_heads={self.num_heads}; set head_dim explicitly")
+        for key, choices in (("remat", REMAT_POLICIES), ("attention", ATTENTION_IMPLEMENTATIONS),
+                             ("activation", ACTIVATIONS)):
+            if getattr(self, key) not in choices:
+                raise ValueError(f"DecoderConfig.{key}={getattr(self, key)!r} must be one of {choices}")
+        for key in ("sliding_window", "max_position_embeddings", "head_dim"):
+            if getattr(self, key) is not None:
+                _positive_int(self, key)
+        for key in ("query_pre_attn_scalar", "attn_softcap", "final_softcap", "rope_local_theta"):
+            value = getattr(self, key)
+            if value is not None and not (isinstance(value, (int, float)) and value > 0):
+                raise ValueError(f"DecoderConfig.{key}={value!r} must be a positive number or None")
+        if self.layer_types is not None:
+            object.__setattr__(self, "layer_types", tuple(self.layer_types))
+            bad = sorted(set(self.layer_types) - set(LAYER_TYPES))
+            if bad or len(self.layer_types) != self.num_layers:
+                raise ValueError(f"DecoderConfig.layer_types must list one of {LAYER_TYPES} per layer "
+                                 f"({self.num_layers}); got {len(self.layer_types)} entries, unknown {bad}")
+            if "sliding_attention" in self.layer_types and self.sliding_window is None:
+                raise ValueError("DecoderConfig.layer_types has sliding_attention layers but sliding_window is None")
+        if self.rope_scaling is not None:
+            object.__setattr__(self, "rope_scaling", check_scaling(dict(self.rope_scaling)))
+        for key in ("dtype", "param_dtype"):
+            jnp.dtype(getattr(self, key))  # raises a TypeError naming the bad dtype
+
+    @property
+    def head_size(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_heads
+
+    def is_sliding(self, layer: int) -> bool:
+        if self.sliding_window is None:
+            return False
+        return self.layer_types is None or self.layer_types[layer] == "sliding_attention"
+
+    def window(self, layer: int) -> int | None:
+        """The attention window of layer `layer` (None: full causal attention)."""
+        return self.sliding_window if self.is_sliding(layer) else None
+
+    def rope_for(self, sliding: bool) -> tuple[float, tuple | None]:
+        """(RoPE base, scaling) of a sliding or a full layer."""
+        if self.rope_local_theta is not None and sliding:
+            return self.rope_local_theta, None
+        return self.rope_theta, self.rope_scaling
+
+    @property
+    def uniform_layers(self) -> bool:
+        """Whether every layer has the same window (and so the same RoPE)."""
+        return len({self.is_sliding(i) for i in range(self.num_layers)}) == 1
+
+    def num_adapter_params(self) -> int:
+        """LoRA's A and B over all layers (0 without LoRA)."""
+        if self.lora is None:
+            return 0
+        d, h, f = self.hidden_size, self.head_size, self.mlp_dim
+        q, kv = self.num_heads * h, self.num_kv_heads * h
+        sizes = {"q": (d, q), "k": (d, kv), "v": (d, kv), "o": (q, d), "gate": (d, f), "up": (d, f), "down": (f, d)}
+        return self.num_layers * self.lora.rank * sum(sum(sizes[t]) for t in self.lora.targets)
+
+    def num_params(self) -> int:
+        """The model's own parameters (the base, without LoRA adapters)."""
+        d, h, k, f, v = self.hidden_size, self.head_size, self.num_kv_heads, self.mlp_dim, self.vocab_size
+        attn = d * h * (2 * self.num_heads + 2 * k) + (h * (self.num_heads + 2 * k) if self.qkv_bias else 0)
+        attn += (d if self.o_bias else 0) + (2 * h if self.qk_norm else 0)
+        norms = (4 if self.sandwich_norms else 2) * d
+        layer = attn + 3 * d * f + norms + ((2 * f + d) if self.mlp_bias else 0)
+        return self.num_layers * layer + v * d * (1 if self.tie_embeddings else 2) + d
+
+
+def _positive_int(cfg: DecoderConfig, key: str) -> None:
+    value = getattr(cfg, key)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"DecoderConfig.{key}={value!r} must be a positive int")

@@ -1,0 +1,161 @@
+"""The decoder of every family we import (`DecoderConfig` says how a family differs): the layer stack,
+the embedding and the output head. Layers are in `layers.py`, RoPE in `rope.py`, attention kernels in
+`attention.py`."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from sft_sharded.models.config import DecoderConfig
+from sft_sharded.models.layers import MLP, Attention, RMSNorm, weight
+from sft_sharded.sharding import constrain
+
+RESIDUAL = ("batch", "length", "act_embed")
+
+
+class DecoderLayer(nn.Module):
+    config: DecoderConfig
+
+    @nn.compact
+    def __call__(self, x_BxTxD, positions_BxT, segment_ids_BxT, decode=None, cache=None, sliding=None):
+        """Returns (x, this layer's updated KV cache or None); the pair is also nn.scan's (carry, ys).
+        `sliding` (a bool, or traced in a scanned stack of mixed layers) is None when all layers are alike."""
+        cfg = self.config
+        if sliding is None:
+            sliding = cfg.is_sliding(0)
+        attn_BxTxD, new_cache = Attention(cfg, name="attn")(
+            RMSNorm(cfg, name="attn_norm")(x_BxTxD), positions_BxT, segment_ids_BxT, sliding, decode, cache
+        )
+        if cfg.sandwich_norms:
+            attn_BxTxD = RMSNorm(cfg, name="post_attn_norm")(attn_BxTxD)
+        x_BxTxD = x_BxTxD + attn_BxTxD
+        mlp_BxTxD = MLP(cfg, name="mlp")(RMSNorm(cfg, name="mlp_norm")(x_BxTxD))
+        if cfg.sandwich_norms:
+            mlp_BxTxD = RMSNorm(cfg, name="post_mlp_norm")(mlp_BxTxD)
+        return constrain(x_BxTxD + mlp_BxTxD, RESIDUAL), new_cache
+
+
+_REMAT_POLICIES = {
+    "full": None,  # save nothing: recompute the whole layer in the backward pass
+    "save_dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+class Decoder(nn.Module):
+    """The decoder. Entry points (`apply(variables, ..., method=...)`):
+
+    - `__call__(input_ids_BxT, positions=None, segment_ids=None) -> logits_BxTxV` (float32);
+    - `hidden_and_head(...) -> (hidden_BxTxD, head_DxV)`: the final hidden states and the output head, for
+      a loss that projects chunk by chunk (`losses.chunked_cross_entropy`, which applies
+      `config.final_softcap` as `logits` does);
+    - `decode(input_ids_BxT, positions, segment_ids, cache) -> (logits_BxTxV, cache)`: writes the tokens
+      at `cache["index"]` of a KV cache from `init_cache`.
+
+    Shape letters, here and in every module of the model: B batch, T length (S: the KV cache's length),
+    D model width (`hidden_size`), N query heads, K kv heads, H head dim, F MLP width, V vocabulary.
+    """
+
+    config: DecoderConfig
+
+    def __call__(self, input_ids_BxT, positions=None, segment_ids=None):
+        x_BxTxD, head_DxV, _ = self._forward(input_ids_BxT, positions, segment_ids, None)
+        return logits(x_BxTxD, head_DxV, self.config.final_softcap)
+
+    def hidden_and_head(self, input_ids_BxT, positions=None, segment_ids=None):
+        x_BxTxD, head_DxV, _ = self._forward(input_ids_BxT, positions, segment_ids, None)
+        return x_BxTxD, head_DxV
+
+    def decode(self, input_ids_BxT, positions, segment_ids, cache):
+        x_BxTxD, head_DxV, new_cache = self._forward(input_ids_BxT, positions, segment_ids, cache)
+        return logits(x_BxTxD, head_DxV, self.config.final_softcap), new_cache
+
+    def _embed(self, input_ids_BxT):
+        cfg = self.config
+        embedding_VxD = weight(self, "embedding", (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"),
+                               nn.initializers.normal(cfg.init_std))
+        # Look up all of the fsdp group's tokens in this device's slice of the hidden dim (the table stays
+        # sharded as stored), then reshard to batch-split activations: ids and [B, T, D] rows move, never
+        # the [V, D] table, and the table's gradient lands in its own shard with no reduction over fsdp.
+        ids_BxT = constrain(input_ids_BxT, ("replica_batch", None))
+        rows_BxTxD = constrain(jnp.take(embedding_VxD, ids_BxT, axis=0), ("replica_batch", None, "embed"))
+        if cfg.embed_scale:  # Gemma: sqrt(hidden) rounded to the compute dtype first, as transformers does
+            rows_BxTxD = rows_BxTxD * jnp.asarray(cfg.hidden_size ** 0.5, cfg.dtype)
+        return constrain(rows_BxTxD, RESIDUAL), embedding_VxD
+
+    def _layers(self, x_BxTxD, positions, segment_ids, decode, cache):
+        cfg = self.config
+        layer_cls = DecoderLayer
+        if cfg.remat != "none":
+            # An unrolled layer's `sliding` is a Python bool: static, so its window stays a compile-time fact.
+            layer_cls = nn.remat(DecoderLayer, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers,
+                                 static_argnums=() if cfg.scan_layers else (6,))
+        if not cfg.scan_layers:
+            new_layers = []
+            for i in range(cfg.num_layers):
+                layer_cache = None if cache is None else cache["layers"][i]
+                x_BxTxD, new_layer = layer_cls(cfg, name=f"layer_{i}")(
+                    x_BxTxD, positions, segment_ids, decode, layer_cache, cfg.is_sliding(i))
+                new_layers.append(new_layer)
+            return x_BxTxD, new_layers
+        stack = nn.scan(
+            layer_cls,
+            variable_axes={"params": 0},
+            split_rngs={"params": True, "dropout": True},  # a fresh LoRA dropout mask per layer
+            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, 0),
+            length=cfg.num_layers,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )
+        sliding_L = None
+        if not cfg.uniform_layers:
+            sliding_L = jnp.array([cfg.is_sliding(i) for i in range(cfg.num_layers)])
+        layer_caches = None if cache is None else cache["layers"]
+        return stack(cfg, name="layers")(x_BxTxD, positions, segment_ids, decode, layer_caches, sliding_L)
+
+    @nn.compact
+    def _forward(self, input_ids_BxT, positions, segment_ids, cache):
+        """(final hidden states, output head, updated cache or None)."""
+        cfg = self.config
+        batch, length = input_ids_BxT.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+        x_BxTxD, embedding_VxD = self._embed(input_ids_BxT)
+        decode = None
+        if cache is not None:
+            if segment_ids is None:
+                segment_ids = jnp.ones((batch, length), jnp.int32)
+            kv_segments = jax.lax.dynamic_update_slice(cache["segment_ids"], segment_ids, (0, cache["index"]))
+            decode = (kv_segments, cache["index"])
+        x_BxTxD, new_layers = self._layers(x_BxTxD, positions, segment_ids, decode, cache)
+        x_BxTxD = RMSNorm(cfg, name="final_norm")(x_BxTxD)
+        if cfg.tie_embeddings:
+            head_DxV = embedding_VxD.T
+        else:
+            head_DxV = weight(self, "lm_head", (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"),
+                              nn.initializers.normal(cfg.init_std))
+        new_cache = None
+        if cache is not None:
+            new_cache = {"layers": new_layers, "segment_ids": decode[0], "index": cache["index"] + length}
+        return x_BxTxD, head_DxV, new_cache
+
+
+def softcap(logits_BxTxV: jax.Array, cap: float | None) -> jax.Array:
+    return logits_BxTxV if cap is None else cap * jnp.tanh(logits_BxTxV / cap)
+
+
+def logits(x_BxTxD: jax.Array, head_DxV: jax.Array, cap: float | None = None) -> jax.Array:
+    """float32 logits (soft-capped when the config caps them, Gemma 2)."""
+    logits_BxTxV = jnp.einsum("btd,dv->btv", x_BxTxD, head_DxV, preferred_element_type=jnp.float32)
+    return constrain(softcap(logits_BxTxV, cap), ("batch", "length", "act_vocab"))
+
+
+def init_cache(cfg: DecoderConfig, batch: int, max_length: int) -> dict:
+    """An empty KV cache for `max_length` positions: zeros, segment 0 (nothing visible), index 0."""
+    shape = (batch, max_length, cfg.num_kv_heads, cfg.head_size)
+    if cfg.scan_layers:
+        shape = (cfg.num_layers, *shape)
+        layers = {"k": jnp.zeros(shape, cfg.dtype), "v": jnp.zeros(shape, cfg.dtype)}
+    else:
+        layers = [{"k": jnp.zeros(shape, cfg.dtype), "v": jnp.zeros(shape, cfg.dtype)} for _ in range(cfg.num_layers)]
+    return {"layers": layers, "segment_ids": jnp.zeros((batch, max_length), jnp.int32), "index": jnp.int32(0)}

@@ -1,0 +1,154 @@
+"""The decoder's layers (flax linen, logical axis names only): RMSNorm, the gated MLP and attention.
+
+Weights of rank 3 are declared with `self.param` and used with einsum: flax `DenseGeneral` with logical
+partitioning of >2-D kernels fails under `jax.set_mesh` (flax#3676).
+
+A layer's window and RoPE may differ from its neighbours' (Gemma's local and global layers). `sliding`
+says which a layer is: a Python bool when known at trace time (unrolled layers, or a stack whose layers
+are all alike), else a traced bool (one scanned stack of mixed layers), and then both variants are
+compiled and `lax.cond` runs the layer's own: a scan needs one body for every layer.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from sft_sharded.models import lora, quant
+from sft_sharded.models.attention import attention, dot_product_attention
+from sft_sharded.models.config import DecoderConfig
+from sft_sharded.models.rope import frequencies, rotate
+from sft_sharded.sharding import constrain
+
+
+def param(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str, ...], init) -> jax.Array:
+    cfg = module.config
+    return module.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.dtype(cfg.param_dtype))
+
+
+def weight(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str, ...], init) -> jax.Array:
+    """The parameter in the compute dtype, cast where it lives: pinning the cast copy to the parameter's
+    own sharding makes each device cast its shard before the FSDP all-gather, which then moves bf16
+    instead of float32 bytes (and no device casts the whole gathered weight)."""
+    return constrain(quant.dequantize(param(module, name, shape, axes, init)).astype(module.config.dtype), axes)
+
+
+def _bias(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str, ...]) -> jax.Array:
+    """A bias (zeros at init) in the compute dtype."""
+    return param(module, name, shape, axes, nn.initializers.zeros).astype(module.config.dtype)
+
+
+def _project(module: nn.Module, x: jax.Array, spec: str, name: str, target: str, shape: tuple[int, ...],
+             axes: tuple[str, ...], n_in: int) -> jax.Array:
+    """x times the weight `name` (einsum `spec`; its first `n_in` dims are the input's), plus the LoRA
+    delta of projection `target` when the config adapts it."""
+    init = nn.initializers.normal(module.config.init_std)
+    y = jnp.einsum(spec, x, weight(module, name, shape, axes, init))
+    extra = lora.delta(module, target, x, spec, shape[:n_in], axes[:n_in], shape[n_in:], axes[n_in:])
+    return y if extra is None else y + extra
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm over the last axis. Llama's casts the normalised x to the compute dtype, then scales;
+    Gemma's (`norm_plus_one`) scales by (1 + weight) in float32, then casts, as transformers does."""
+
+    config: DecoderConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cfg = self.config
+        init = nn.initializers.zeros if cfg.norm_plus_one else nn.initializers.ones
+        scale = param(self, "scale", (x.shape[-1],), ("norm",), init)
+        normed = x.astype(jnp.float32)
+        normed = normed * jax.lax.rsqrt(jnp.mean(normed * normed, axis=-1, keepdims=True) + cfg.rms_norm_eps)
+        if cfg.norm_plus_one:
+            return (normed * (1.0 + scale.astype(jnp.float32))).astype(cfg.dtype)
+        return scale.astype(cfg.dtype) * normed.astype(cfg.dtype)
+
+
+_ACTIVATIONS = {"silu": nn.silu, "gelu_tanh": lambda x: nn.gelu(x, approximate=True)}
+
+
+class MLP(nn.Module):
+    """down(act(gate(x)) * up(x)): SwiGLU (silu) or GeGLU (tanh GELU)."""
+
+    config: DecoderConfig
+
+    @nn.compact
+    def __call__(self, x_BxTxD):
+        cfg = self.config
+        d, f = cfg.hidden_size, cfg.mlp_dim
+        gate_BxTxF = _project(self, x_BxTxD, "btd,df->btf", "w_gate", "gate", (d, f), ("embed", "mlp"), 1)
+        up_BxTxF = _project(self, x_BxTxD, "btd,df->btf", "w_up", "up", (d, f), ("embed", "mlp"), 1)
+        if cfg.mlp_bias:
+            gate_BxTxF = gate_BxTxF + _bias(self, "w_gate_bias", (f,), ("mlp",))
+            up_BxTxF = up_BxTxF + _bias(self, "w_up_bias", (f,), ("mlp",))
+        hidden_BxTxF = constrain(_ACTIVATIONS[cfg.activation](gate_BxTxF) * up_BxTxF, ("batch", "length", "act_mlp"))
+        out_BxTxD = _project(self, hidden_BxTxF, "btf,fd->btd", "w_down", "down", (f, d), ("mlp", "embed"), 1)
+        return out_BxTxD + _bias(self, "w_down_bias", (d,), ("embed",)) if cfg.mlp_bias else out_BxTxD
+
+
+def _by_kind(sliding, on_sliding, on_full):
+    """on_sliding() or on_full(): chosen in Python when `sliding` is a bool, else by `lax.cond`."""
+    if isinstance(sliding, bool):
+        return on_sliding() if sliding else on_full()
+    return jax.lax.cond(sliding, on_sliding, on_full)
+
+
+def _rope_frequencies(cfg: DecoderConfig, sliding):
+    """(inverse frequencies, factor on cos/sin) of a layer: static per kind, selected when traced."""
+    full, local = frequencies(cfg.head_size, *cfg.rope_for(False)), frequencies(cfg.head_size, *cfg.rope_for(True))
+    if isinstance(sliding, bool):
+        return local if sliding else full
+    return tuple(jnp.where(sliding, a, b) for a, b in zip(local, full))
+
+
+class Attention(nn.Module):
+    config: DecoderConfig
+
+    @nn.compact
+    def __call__(self, x_BxTxD, positions_BxT, segment_ids_BxT, sliding, decode=None, cache=None):
+        """`decode` (kv_segment_ids, q_offset) and `cache` (k, v of this layer) are given when decoding
+        with a KV cache; the layer then returns its updated cache next to the output."""
+        cfg = self.config
+        d, h = cfg.hidden_size, cfg.head_size
+
+        def project(name, heads, head_axis):
+            y = _project(self, x_BxTxD, "btd,dnh->btnh", name, name[1], (d, heads, h), ("embed", head_axis, "head_dim"), 1)
+            if cfg.qkv_bias:
+                y = y + _bias(self, name + "_bias", (heads, h), (head_axis, "head_dim"))
+            if cfg.qk_norm and name != "wv":
+                y = RMSNorm(cfg, name=f"{name[1]}_norm")(y)
+            return y
+
+        q_BxTxNxH = project("wq", cfg.num_heads, "heads")
+        k_BxTxKxH = project("wk", cfg.num_kv_heads, "kv_heads")
+        v_BxTxKxH = project("wv", cfg.num_kv_heads, "kv_heads")
+        inv_freq, factor = _rope_frequencies(cfg, sliding)
+        q_BxTxNxH = constrain(rotate(q_BxTxNxH, positions_BxT, inv_freq, factor), ("batch", "length", "act_heads", "head_dim"))
+        k_BxTxKxH = rotate(k_BxTxKxH, positions_BxT, inv_freq, factor)
+        scale = None if cfg.query_pre_attn_scalar is None else cfg.query_pre_attn_scalar ** -0.5
+        new_cache = None
+        if cache is None:
+            def attend(window):
+                return lambda: attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, cfg.attention, window,
+                                         scale, cfg.attn_softcap)
+
+            out_BxTxNxH = _by_kind(sliding, attend(cfg.sliding_window), attend(None))
+        else:
+            kv_segment_ids_BxS, offset = decode
+            k_BxSxKxH = jax.lax.dynamic_update_slice(cache["k"], k_BxTxKxH.astype(cache["k"].dtype), (0, offset, 0, 0))
+            v_BxSxKxH = jax.lax.dynamic_update_slice(cache["v"], v_BxTxKxH.astype(cache["v"].dtype), (0, offset, 0, 0))
+            new_cache = {"k": k_BxSxKxH, "v": v_BxSxKxH}
+            # The reference takes a traced window: a full layer's is the cache's whole length.
+            window = None if cfg.sliding_window is None else jnp.where(sliding, cfg.sliding_window, k_BxSxKxH.shape[1])
+            out_BxTxNxH = dot_product_attention(
+                q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, segment_ids_BxT, kv_segment_ids_BxS, q_offset=offset,
+                window=window, scale=scale, softcap=cfg.attn_softcap,
+            )
+        out_BxTxD = _project(self, out_BxTxNxH, "btnh,nhd->btd", "wo", "o", (cfg.num_heads, h, d),
+                             ("heads", "head_dim", "embed"), 2)
+        if cfg.o_bias:
+            out_BxTxD = out_BxTxD + _bias(self, "wo_bias", (d,), ("embed",))
+        return out_BxTxD, new_cache
