@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from sft_sharded.batch import IGNORE_INDEX
+from sft_sharded.models.decoder import softcap
 
 
 def safe_mean(total: jax.Array, count: jax.Array) -> jax.Array:
@@ -84,9 +85,10 @@ def token_accuracy(logits_BxTxV: jax.Array, labels_BxT: jax.Array, mask_BxT: jax
 
 def chunked_cross_entropy(
     hidden_BxTxD: jax.Array, head_DxV: jax.Array, labels_BxT: jax.Array, mask_BxT: jax.Array,
-    chunk: int, z_loss: float = 0.0,
+    chunk: int, z_loss: float = 0.0, final_softcap: float | None = None,
 ) -> tuple[LossTerms, jax.Array]:
-    """Masked cross entropy and the number of argmax hits, never holding more than [B, chunk, V] logits.
+    """Masked cross entropy and the number of argmax hits, never holding more than [B, chunk, V] logits
+    (soft-capped as the model's own logits are when `final_softcap` is set).
 
     Scans over chunks of the sequence; each chunk's logits are recomputed in the backward pass
     (`jax.checkpoint`), so the float32 [B, T, V] logits of the plain path are never materialised.
@@ -104,7 +106,8 @@ def chunked_cross_entropy(
 
     @jax.checkpoint
     def one(h_BxCxD, labels_BxC, mask_BxC):
-        logits_BxCxV = jnp.einsum("bcd,dv->bcv", h_BxCxD, head_DxV, preferred_element_type=jnp.float32)
+        logits_BxCxV = softcap(jnp.einsum("bcd,dv->bcv", h_BxCxD, head_DxV, preferred_element_type=jnp.float32),
+                               final_softcap)
         terms, hits = cross_entropy_with_hits(logits_BxCxV, labels_BxC, mask_BxC, z_loss)
         return terms.loss_sum, terms.num_tokens, hits
 

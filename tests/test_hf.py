@@ -68,7 +68,8 @@ def hf_logits(model, ids):
 
 def import_model(directory, mesh_shape=(2, 2, 2), **overrides):
     cfg = config_from_hf(directory, **overrides)
-    trainer = SFTTrainer(Decoder(cfg), optax.sgd(0.1), mesh=make_mesh(*mesh_shape))
+    devices = jax.devices()[:int(np.prod(mesh_shape))]
+    trainer = SFTTrainer(Decoder(cfg), optax.sgd(0.1), mesh=make_mesh(*mesh_shape, devices=devices))
     abstract = trainer.abstract_train_state(jax.random.key(0), jnp.zeros((8, 16), jnp.int32))
     return trainer, cfg, load_params(directory, cfg, abstract.params)
 

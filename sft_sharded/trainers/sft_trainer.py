@@ -93,7 +93,8 @@ class SFTTrainer(Trainer):
             hidden_BxTxD, head_DxV = self.model.apply({"params": params}, batch["input_ids"], **kwargs,
                                                       method="hidden_and_head")
             terms, hits = chunked_cross_entropy(hidden_BxTxD, head_DxV, batch["labels"], mask_BxT,
-                                                self.loss_chunk_size, self.z_loss)
+                                                self.loss_chunk_size, self.z_loss,
+                                                getattr(self.model.config, "final_softcap", None))
             return terms, {"num_correct": hits}
         logits_BxTxV = self.model.apply({"params": params}, batch["input_ids"], **kwargs)
         terms, hits = cross_entropy_with_hits(logits_BxTxV, batch["labels"], mask_BxT, self.z_loss)
