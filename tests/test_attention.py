@@ -28,12 +28,14 @@ def _inputs(batch=2, length=256, heads=4, kv_heads=2, dim=16, dtype=jnp.float32,
     return q, k, v, segments, cotangent
 
 
-def _numpy_attention(q, k, v, segments, window=None):
+def _numpy_attention(q, k, v, segments, window=None, scale=None, softcap=None):
     q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
     _, length, heads, dim = q.shape
     k = np.repeat(k, heads // k.shape[2], axis=2)
     v = np.repeat(v, heads // v.shape[2], axis=2)
-    scores = np.einsum("btnd,bsnd->bnts", q, k) / np.sqrt(dim)
+    scores = np.einsum("btnd,bsnd->bnts", q, k) * (dim ** -0.5 if scale is None else scale)
+    if softcap is not None:
+        scores = softcap * np.tanh(scores / softcap)
     visible = np.tril(np.ones((length, length), bool))
     if window is not None:  # only the last `window` keys, the query's own included
         visible &= ~np.tril(np.ones((length, length), bool), -window)
@@ -71,6 +73,31 @@ def test_reference_sliding_window_matches_float64_numpy():
     q, k, v, segments, _ = _inputs(length=64)
     out = attn.dot_product_attention(q, k, v, segments, window=7)
     np.testing.assert_allclose(np.asarray(out), _numpy_attention(q, k, v, segments, window=7), rtol=1e-5, atol=1e-5)
+
+
+# Gemma's options together: a window, a query_pre_attn_scalar that is not head_dim, a cap that bites.
+CAPPED = dict(window=24, scale=0.3, softcap=2.0)
+
+
+def test_reference_scale_and_softcap_match_float64_numpy():
+    q, k, v, segments, _ = _inputs(length=64)
+    out = attn.dot_product_attention(q, k, v, segments, **CAPPED)
+    np.testing.assert_allclose(np.asarray(out), _numpy_attention(q, k, v, segments, **CAPPED), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("length,block", [(300, 64), (128, 128)])
+def test_blocked_xla_scale_and_softcap_match_reference(length, block):
+    """The capped backward (d tanh) and the scale, with a window that skips key blocks."""
+    q, k, v, segments, cotangent = _inputs(length=length)
+
+    def blocked(q, k, v, segments):
+        batch, length, heads, dim = q.shape
+        q5 = q.reshape(batch, length, k.shape[2], heads // k.shape[2], dim)
+        return attn.blocked_attention(q5, k, v, segments, block, *CAPPED.values()).reshape(q.shape)
+
+    expected = _value_and_grads(attn.dot_product_attention, q, k, v, segments, cotangent, **CAPPED)
+    actual = _value_and_grads(jax.jit(blocked), q, k, v, segments, cotangent)
+    _assert_close(actual, expected, rtol=2e-5, atol=2e-5)
 
 
 @pytest.mark.parametrize("length,block,window", [(300, 64, 100), (256, 128, 1), (256, 128, 300)])
@@ -117,6 +144,7 @@ def test_blocked_xla_in_bfloat16_stays_close_to_float32_reference():
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="what 'auto' picks on CPU")
 def test_auto_resolves_to_xla_on_cpu_and_cudnn_refuses_clearly():
     assert attn.resolve("auto", jnp.bfloat16, 64, 4096) == "xla"
+    assert attn.resolve("auto", jnp.bfloat16, 64, 4096, softcap=50.0) == "xla"
     with pytest.raises(ValueError, match="attention='cudnn' needs a GPU.*platform 'cpu'"):
         attn.resolve("cudnn", jnp.bfloat16, 64, 4096)
     with pytest.raises(ValueError, match="must be one of"):
@@ -124,12 +152,12 @@ def test_auto_resolves_to_xla_on_cpu_and_cudnn_refuses_clearly():
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN attention needs a GPU (benchmarks/gpu_check.sh)")
-@pytest.mark.parametrize("packed,window", [(True, None), (False, None), (True, 64)])
-def test_cudnn_matches_reference_on_gpu(packed, window):
+@pytest.mark.parametrize("packed,window,scale", [(True, None, None), (False, None, None), (True, 64, 0.1)])
+def test_cudnn_matches_reference_on_gpu(packed, window, scale):
     q, k, v, segments, cotangent = _inputs(length=256, dim=64, dtype=jnp.bfloat16, packed=packed)
-    expected = _value_and_grads(attn.dot_product_attention, q, k, v, segments, cotangent, window=window)
-    actual = _value_and_grads(jax.jit(functools.partial(attn.attention, implementation="cudnn", window=window)),
-                              q, k, v, segments, cotangent)
+    expected = _value_and_grads(attn.dot_product_attention, q, k, v, segments, cotangent, window=window, scale=scale)
+    fn = functools.partial(attn.attention, implementation="cudnn", window=window, scale=scale)
+    actual = _value_and_grads(jax.jit(fn), q, k, v, segments, cotangent)
     _assert_close(actual, expected, rtol=0.05, atol=0.05)
 
 
@@ -151,10 +179,11 @@ def test_splash_matches_reference(mesh_shape):
 
 
 @pytest.mark.slow
-def test_splash_sliding_window_matches_reference():
-    q, k, v, segments, cotangent = _inputs(length=256)
-    expected = _value_and_grads(attn.dot_product_attention, q, k, v, segments, cotangent, window=100)
-    fn = jax.jit(functools.partial(attn.attention, implementation="splash", window=100))
+@pytest.mark.parametrize("options", [dict(window=100), CAPPED], ids=["window", "window-scale-softcap"])
+def test_splash_sliding_window_matches_reference(options):
+    q, k, v, segments, cotangent = _inputs(length=256 if "softcap" not in options else 128)
+    expected = _value_and_grads(attn.dot_product_attention, q, k, v, segments, cotangent, **options)
+    fn = jax.jit(functools.partial(attn.attention, implementation="splash", **options))
     _assert_close(_value_and_grads(fn, q, k, v, segments, cotangent), expected, rtol=1e-4, atol=1e-4)
 
 
