@@ -113,7 +113,9 @@ class EvalConfig:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class LossConfig:
-    chunk_size: int | None = None  # positions per chunk of a cross entropy that never holds [B, T, V] logits
+    # Positions per chunk of a cross entropy that never holds [B, T, V] logits; null: 1024 for vocabularies
+    # of 200k and more (Gemma), full logits otherwise (models/presets.loss_chunk).
+    chunk_size: int | None = None
     z_loss: float = 0.0
 
     def __post_init__(self):

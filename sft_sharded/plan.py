@@ -81,6 +81,7 @@ def plan(topology: str, model: str, seq: int, global_batch: int, mesh_spec: str,
     from sft_sharded.models import Decoder, preset
     from sft_sharded.models.attention import resolve
     from sft_sharded.models.lora import LoraConfig
+    from sft_sharded.models.presets import loss_chunk as chunk_for
     from sft_sharded.sharding import MESH_AXES, batch_sharding
     from sft_sharded.trainers import SFTTrainer
 
@@ -89,6 +90,7 @@ def plan(topology: str, model: str, seq: int, global_batch: int, mesh_spec: str,
     devices, shape = mesh.devices.flat, tuple(mesh.shape.values())
     lora = LoraConfig(rank=lora_rank, base_dtype=base_dtype) if lora_rank else None
     cfg = preset(model, dtype="bfloat16", remat=remat, scan_layers=scan, attention=attention, lora=lora)
+    loss_chunk = chunk_for(cfg, loss_chunk)
     trainer = SFTTrainer(Decoder(cfg), optax.adamw(1e-5), mesh=mesh, loss_chunk_size=loss_chunk)
     state = trainer.abstract_train_state(jax.random.key(0), jax.ShapeDtypeStruct((global_batch, seq), jnp.int32))
     batch_sh = batch_sharding(mesh)
@@ -107,7 +109,7 @@ def plan(topology: str, model: str, seq: int, global_batch: int, mesh_spec: str,
     }
     lowered = trainer.lower("train", state, batch)
     with jax.set_mesh(mesh):  # what "auto" means on the target platform, and proof that a kernel is in
-        result["attention"] = resolve(attention, cfg.dtype, cfg.head_size, seq)
+        result["attention"] = resolve(attention, cfg.dtype, cfg.head_size, seq, cfg.attn_softcap)
     result["pallas_calls"] = lowered.as_text().count("tpu_custom_call")
     try:
         compiled = lowered.compile()
@@ -182,5 +184,6 @@ def add_arguments(parser) -> None:
     parser.add_argument("--lora-rank", type=int, default=0, help="plan LoRA of this rank (and print full FT too)")
     parser.add_argument("--base-dtype", default="bfloat16", choices=BASE_DTYPES, help="storage of the LoRA base")
     parser.add_argument("--loss-chunk", type=int, default=None,
-                        help="chunked cross entropy with this many positions per chunk (default: full logits)")
+                        help="chunked cross entropy with this many positions per chunk (default: 1024 for "
+                             "vocabularies of 200k and more, else full logits)")
 

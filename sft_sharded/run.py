@@ -27,6 +27,7 @@ from sft_sharded.data.pipeline import make_iterator, open_records, resume_iterat
 from sft_sharded.data.tokenizers import load_tokenizer
 from sft_sharded.errors import TrainingDiverged, UserError
 from sft_sharded.models import Decoder, DecoderConfig, preset
+from sft_sharded.models.presets import loss_chunk
 from sft_sharded.models.lora import LoraConfig
 from sft_sharded.optim import make_optimizer
 from sft_sharded.sharding import data_parallel_size, make_mesh
@@ -80,7 +81,7 @@ def build_trainer(cfg: TrainConfig, model_cfg: DecoderConfig | None = None) -> S
         raise UserError(f"data.batch_size={cfg.data.batch_size} is not divisible by optim.grad_accum_steps={k}")
     model_cfg = model_cfg or model_config(cfg)
     return SFTTrainer(Decoder(model_cfg), make_optimizer(cfg.optim, cfg.steps), mesh=mesh, grad_accum_steps=k,
-                      loss_chunk_size=cfg.loss.chunk_size, z_loss=cfg.loss.z_loss, seed=cfg.seed)
+                      loss_chunk_size=loss_chunk(model_cfg, cfg.loss.chunk_size), z_loss=cfg.loss.z_loss, seed=cfg.seed)
 
 
 def prepare_run_dir(run_dir: str | Path) -> Path:

@@ -5,6 +5,12 @@ wraps its output in two private-use sentinel characters, which are found and rem
 Otherwise each assistant turn is located by rendering the conversation prefix by prefix: the tokens that
 `messages[:i+1]` adds beyond `messages[:i]` + generation prompt (longest common token prefix) are the turn,
 less trailing whitespace-only tokens (the template's separator between turns).
+
+Some templates render a turn differently once later turns follow it (Qwen3 drops the reasoning of turns
+before the last user message, and wraps only the last turn in `<think>` tags), so `messages[:i+1]` is not a
+prefix of the whole conversation. Then the turn is what the whole rendering has after the prompt
+`messages[:i]` + generation prompt (which must be its prefix), up to and including the tokenizer's first
+stop token (the turn end, e.g. `<|im_end|>`): the conversation is trained as the template renders it whole.
 """
 
 from __future__ import annotations
@@ -98,6 +104,18 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
+def _turn_in_whole(ids: list[int], prompt_ids: list[int], stop_ids, i: int) -> tuple[int, int]:
+    """(start, end) of assistant turn `i` in a rendering that rewrote it: after its prompt, through the
+    first stop token."""
+    if ids[: len(prompt_ids)] != prompt_ids:
+        raise TemplateError(f"neither messages[:{i + 1}] nor the prompt messages[:{i}] renders as a prefix of "
+                            "the whole conversation")
+    ends = [t for t in range(len(prompt_ids), len(ids)) if ids[t] in stop_ids]
+    if not ends:
+        raise TemplateError(f"assistant turn {i} has no stop token {list(stop_ids)} after it in the rendering")
+    return len(prompt_ids), ends[0] + 1
+
+
 def encode_chat(source: str, messages: list[dict], tokenizer, train_on_all: bool = False) -> tuple[list[int], np.ndarray]:
     """Token ids of the rendered conversation and a bool mask of the tokens to train on."""
     text, spans = render(source, messages, tokenizer)
@@ -113,13 +131,14 @@ def encode_chat(source: str, messages: list[dict], tokenizer, train_on_all: bool
                 continue
             prompt_ids = tokenizer.encode(render(source, messages[:i], tokenizer, add_generation_prompt=True)[0])[0]
             turn_ids = tokenizer.encode(render(source, messages[: i + 1], tokenizer)[0])[0]
-            if ids[: len(turn_ids)] != turn_ids:
-                raise TemplateError(f"rendering messages[:{i + 1}] is not a prefix of the whole conversation")
-            start, end = _common_prefix(prompt_ids, turn_ids), len(turn_ids)
-            # Whitespace the template puts between turns (ChatML's "\n" after <|im_end|>) is not the
-            # assistant's to say: generation markers leave it out too.
-            while end > start and not text[offsets[end - 1][0] : offsets[end - 1][1]].strip():
-                end -= 1
+            if ids[: len(turn_ids)] == turn_ids:
+                start, end = _common_prefix(prompt_ids, turn_ids), len(turn_ids)
+                # Whitespace the template puts between turns (ChatML's "\n" after <|im_end|>) is not the
+                # assistant's to say: generation markers leave it out too.
+                while end > start and not text[offsets[end - 1][0] : offsets[end - 1][1]].strip():
+                    end -= 1
+            else:
+                start, end = _turn_in_whole(ids, prompt_ids, tokenizer.stop_ids, i)
             mask[start:end] = True
     if not mask.any():
         raise TemplateError("the assistant mask is empty: no assistant tokens to train on")

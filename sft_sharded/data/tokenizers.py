@@ -95,7 +95,23 @@ class HFTokenizer:
         self.chat_template = config.get("chat_template")
         if self.chat_template is None and (directory / "chat_template.jinja").is_file():
             self.chat_template = (directory / "chat_template.jinja").read_text()
-        self.stop_ids = tuple(i for i in (self.eos_id,) if i is not None)
+        self.stop_ids = tuple(i for i in (self.eos_id, *self._generation_eos(directory)) if i is not None)
+        self.stop_ids = tuple(dict.fromkeys(self.stop_ids))
+
+    def _generation_eos(self, directory: Path) -> list[int]:
+        """The model's generation_config.json eos ids: chat models stop at the turn end there (Gemma's
+        <end_of_turn>, 106) while tokenizer_config.json names only <eos>."""
+        path = directory / "generation_config.json"
+        if not path.is_file():
+            return []
+        try:
+            eos = json.loads(path.read_text()).get("eos_token_id")
+        except json.JSONDecodeError as err:
+            raise UserError(f"{path}: not valid JSON: {err.msg} (line {err.lineno})") from None
+        ids = [eos] if isinstance(eos, int) else list(eos or [])
+        if not all(isinstance(i, int) and 0 <= i < self.vocab_size for i in ids):
+            raise UserError(f"{path}: eos_token_id={json.dumps(eos)} must be ids of the tokenizer (< {self.vocab_size})")
+        return ids
 
     def _id(self, token: str | None, where: Path) -> int | None:
         if token is None:
