@@ -11,6 +11,7 @@ with numpy, which also handles bfloat16 without torch.
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 from pathlib import Path
@@ -21,6 +22,7 @@ import ml_dtypes
 import numpy as np
 
 from sft_sharded.errors import MissingFileError, UserError
+from sft_sharded.hf_tensors import entries
 from sft_sharded.hf_config import (TOKEN_ID_FIELDS, config_from_hf, config_to_hf, hf_model_type, read_hf_config,
                                    tokenizer_token_ids)
 from sft_sharded.models.config import DecoderConfig
@@ -88,64 +90,6 @@ def write_safetensors(path: Path, tensors: dict[str, np.ndarray]) -> None:
             f.write(np.ascontiguousarray(array).tobytes())
 
 
-# --- tensor mapping -------------------------------------------------------------------------------
-def _mapping(cfg: DecoderConfig) -> dict[tuple[str, ...], tuple[str, Any, Any]]:
-    """Our param path (layer index as "{i}") -> (HF name, hf->ours, ours->hf)."""
-    d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_size
-    t = lambda w: w.T  # noqa: E731
-
-    def heads_in(count):
-        return lambda w: w.T.reshape(d, count, h), lambda w: w.reshape(d, count * h).T
-
-    layer = "model.layers.{i}."
-    m = {
-        ("embedding",): ("model.embed_tokens.weight", None, None),
-        ("final_norm", "scale"): ("model.norm.weight", None, None),
-        ("layer_{i}", "attn", "wq"): (layer + "self_attn.q_proj.weight", *heads_in(n)),
-        ("layer_{i}", "attn", "wk"): (layer + "self_attn.k_proj.weight", *heads_in(k)),
-        ("layer_{i}", "attn", "wv"): (layer + "self_attn.v_proj.weight", *heads_in(k)),
-        ("layer_{i}", "attn", "wo"): (layer + "self_attn.o_proj.weight", lambda w: w.T.reshape(n, h, d),
-                                      lambda w: w.reshape(n * h, d).T),
-        ("layer_{i}", "mlp", "w_gate"): (layer + "mlp.gate_proj.weight", t, t),
-        ("layer_{i}", "mlp", "w_up"): (layer + "mlp.up_proj.weight", t, t),
-        ("layer_{i}", "mlp", "w_down"): (layer + "mlp.down_proj.weight", t, t),
-        ("layer_{i}", "attn_norm", "scale"): (layer + "input_layernorm.weight", None, None),
-    }
-    if cfg.sandwich_norms:  # Gemma: "post_attention_layernorm" is the norm after attention, not before the MLP
-        m[("layer_{i}", "post_attn_norm", "scale")] = (layer + "post_attention_layernorm.weight", None, None)
-        m[("layer_{i}", "mlp_norm", "scale")] = (layer + "pre_feedforward_layernorm.weight", None, None)
-        m[("layer_{i}", "post_mlp_norm", "scale")] = (layer + "post_feedforward_layernorm.weight", None, None)
-    else:
-        m[("layer_{i}", "mlp_norm", "scale")] = (layer + "post_attention_layernorm.weight", None, None)
-    if cfg.qk_norm:
-        for name in ("q", "k"):
-            m[("layer_{i}", "attn", f"{name}_norm", "scale")] = (layer + f"self_attn.{name}_norm.weight", None, None)
-    if cfg.qkv_bias:
-        for name, count in (("wq", n), ("wk", k), ("wv", k)):
-            m[("layer_{i}", "attn", name + "_bias")] = (
-                layer + f"self_attn.{name[1]}_proj.bias", lambda w, c=count: w.reshape(c, h), lambda w: w.reshape(-1))
-    if cfg.o_bias:
-        m[("layer_{i}", "attn", "wo_bias")] = (layer + "self_attn.o_proj.bias", None, None)
-    if cfg.mlp_bias:
-        for name in ("gate", "up", "down"):
-            m[("layer_{i}", "mlp", f"w_{name}_bias")] = (layer + f"mlp.{name}_proj.bias", None, None)
-    if not cfg.tie_embeddings:
-        m[("lm_head",)] = ("lm_head.weight", t, t)
-    return m
-
-
-def _entries(cfg: DecoderConfig):
-    """(our path, HF name, layer or None, hf->ours, ours->hf) for every tensor."""
-    for path, (name, to_ours, to_hf) in _mapping(cfg).items():
-        to_ours, to_hf = to_ours or (lambda w: w), to_hf or (lambda w: w)
-        if path[0] != "layer_{i}":
-            yield path, name, None, to_ours, to_hf
-            continue
-        for i in range(cfg.num_layers):
-            ours = ("layers", *path[1:]) if cfg.scan_layers else (f"layer_{i}", *path[1:])
-            yield ours, name.format(i=i), i, to_ours, to_hf
-
-
 def get_path(tree, path):
     """The leaf of a nested dict at a tuple of keys."""
     for key in path:
@@ -165,12 +109,12 @@ def _listing(names: list[str], limit: int = 6) -> str:
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
-def _check_coverage(directory: Path, cfg: DecoderConfig, tensors: SafetensorsDir) -> None:
+def _check_coverage(directory: Path, cfg: DecoderConfig, model_type: str, tensors: SafetensorsDir) -> None:
     """Every tensor the model needs is in the checkpoint, and every tensor in the checkpoint is used.
 
     Two kinds of extra tensor are known to carry nothing: RoPE's `inv_freq` buffers (older exports; they
     are recomputed from rope_theta) and an `lm_head.weight` that equals the embedding of a tied model."""
-    wanted = {name for _, name, _, _, _ in _entries(cfg)}
+    wanted = {name for _, name, _, _, _ in entries(cfg, model_type)}
     missing = sorted(wanted - set(tensors.entries))
     if missing:
         raise UserError(f"model.path={str(directory)!r}: the checkpoint lacks {len(missing)} tensor(s) this "
@@ -188,38 +132,41 @@ def _check_coverage(directory: Path, cfg: DecoderConfig, tensors: SafetensorsDir
 
 
 def load_params(directory: str | Path, cfg: DecoderConfig, abstract_params: Any) -> Any:
-    """Params from an HF directory, each tensor placed straight into the sharding of `abstract_params`.
+    """Params from an HF directory, straight into the sharding of `abstract_params`: each device's shard is
+    assembled from the tensors it covers, read one at a time (memory-mapped), so neither a whole stacked
+    param (all layers' or all experts' weights) nor the model is ever on the host at once.
 
     Refuses a checkpoint with a missing, extra or wrongly shaped tensor, naming it."""
     directory = Path(directory)
     tensors = SafetensorsDir(directory)
-    _check_coverage(directory, cfg, tensors)
-    grouped: dict[tuple, list] = {}
-    for path, name, layer, to_ours, _ in _entries(cfg):
-        grouped.setdefault(path, []).append((name, layer, to_ours))
+    model_type = read_hf_config(directory)["model_type"]
+    _check_coverage(directory, cfg, model_type, tensors)
+    grouped: dict[tuple, dict] = {}
+    for path, name, index, to_ours, _ in entries(cfg, model_type):
+        grouped.setdefault(path, {})[index] = (name, to_ours)
     params: dict = {}
     for path, parts in grouped.items():
         target = get_path(abstract_params, path)
+        stacked = len(next(iter(parts)))  # leading axes the tensors are stacked on (layers, experts)
 
-        def read(name, to_ours, shape):
+        def read(index, rest, parts=parts, path=path, target=target, stacked=stacked):
+            name, to_ours = parts[index]
             raw = tensors.get(name)
             try:
                 array = to_ours(raw)
             except ValueError:  # a reshape that cannot apply: report it as the shape mismatch it is
                 array = raw
-            if array.shape != tuple(shape):
+            if array.shape != target.shape[stacked:]:
                 raise UserError(f"tensor {name!r} has shape {tuple(raw.shape)} in the checkpoint, but the model "
-                                f"expects {tuple(shape)} for {'/'.join(path)} (HF layout: [out, in])")
-            return array
+                                f"expects {target.shape[stacked:]} for {'/'.join(path)} (HF layout: [out, in])")
+            return np.asarray(array[rest], target.dtype)
 
-        if parts[0][1] is not None and cfg.scan_layers:  # one stacked [layers, ...] array, layer by layer
-            host = np.stack([read(name, f, target.shape[1:]) for name, _, f in sorted(parts, key=lambda p: p[1])])
-        else:
-            (name, _, f), = parts
-            host = read(name, f, target.shape)
-        host = host.astype(target.dtype)
-        set_path(params, path, jax.make_array_from_callback(target.shape, target.sharding, lambda idx, a=host: a[idx]))
-        del host
+        def shard(idx, read=read, target=target, stacked=stacked):
+            ranges = [range(*s.indices(n)) for s, n in zip(idx[:stacked], target.shape[:stacked])]
+            blocks = [read(index, idx[stacked:]) for index in itertools.product(*ranges)]
+            return np.stack(blocks).reshape(*map(len, ranges), *blocks[0].shape) if stacked else blocks[0]
+
+        set_path(params, path, jax.make_array_from_callback(target.shape, target.sharding, shard))
     return params
 
 
@@ -239,9 +186,11 @@ def save_pretrained(params: Any, cfg: DecoderConfig, out_dir: str | Path, *, mod
     np_dtype = np.dtype(ml_dtypes.bfloat16 if dtype == "bfloat16" else dtype)
     shards: list[dict[str, np.ndarray]] = [{}]
     size = 0
-    for path, name, layer, _, to_hf in _entries(cfg):
-        array = global_to_host(get_path(params, path))
-        array = to_hf(array[layer] if cfg.scan_layers and layer is not None else array).astype(np_dtype)
+    gathered: tuple = (None, None)  # one stacked param on the host at a time
+    for path, name, index, _, to_hf in entries(cfg, model_type):
+        if gathered[0] != path:
+            gathered = (path, global_to_host(get_path(params, path)))
+        array = to_hf(gathered[1][index]).astype(np_dtype)
         if size and size + array.nbytes > max_shard_bytes:
             shards.append({})
             size = 0

@@ -22,6 +22,7 @@ from sft_sharded.models.rope import check_scaling
 ARCHITECTURES = {
     "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
     "mistral": "MistralForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM",
+    "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM", "mixtral": "MixtralForCausalLM",
 }
 
 # Read by the transformers model of every supported type (modeling_<type>.py and its config class).
@@ -35,6 +36,9 @@ _GEMMA = {"hidden_activation", "query_pre_attn_scalar", "sliding_window", "layer
           "final_logit_softcapping", "attn_logit_softcapping", "use_bidirectional_attention",
           # Older Gemma configs carry hidden_act beside hidden_activation; transformers reads the latter.
           "hidden_act"}
+_ROUTER = {"num_experts_per_tok", "output_router_logits", "router_aux_loss_coef"}
+_QWEN_MOE = _ROUTER | {"num_experts", "num_local_experts", "moe_intermediate_size", "decoder_sparse_step", "mlp_only_layers",
+                       "norm_topk_prob"}
 READ_FIELDS = {
     "llama": _COMMON | {"hidden_act", "attention_bias", "mlp_bias"},
     "qwen2": _COMMON | _QWEN_WINDOWS | {"hidden_act", "use_mrope"},
@@ -42,6 +46,9 @@ READ_FIELDS = {
     "mistral": _COMMON | {"hidden_act", "sliding_window"},
     "gemma2": _COMMON | _GEMMA,
     "gemma3_text": _COMMON | _GEMMA | {"rope_local_base_freq", "sliding_window_pattern"},
+    "qwen2_moe": _COMMON | _QWEN_WINDOWS | _QWEN_MOE | {"hidden_act", "qkv_bias", "shared_expert_intermediate_size"},
+    "qwen3_moe": _COMMON | _QWEN_WINDOWS | _QWEN_MOE | {"hidden_act", "attention_bias"},
+    "mixtral": _COMMON | _ROUTER | {"hidden_act", "sliding_window", "num_local_experts", "router_jitter_noise"},
 }
 # transformers' defaults for a field a config.json leaves out, where they matter and differ between families.
 _GEMMA_DEFAULTS = {"head_dim": 256, "query_pre_attn_scalar": 256, "sliding_window": 4096,
@@ -52,6 +59,11 @@ DEFAULTS = {
     "gemma2": {**_GEMMA_DEFAULTS, "final_logit_softcapping": 30.0, "attn_logit_softcapping": 50.0},
     "gemma3_text": {**_GEMMA_DEFAULTS, "rope_theta": 1_000_000.0, "rope_local_base_freq": 10_000.0,
                     "sliding_window_pattern": 6},
+    "qwen2_moe": {"num_experts": 60, "num_experts_per_tok": 4, "moe_intermediate_size": 1408, "qkv_bias": True,
+                  "shared_expert_intermediate_size": 5632, "router_aux_loss_coef": 0.001, "decoder_sparse_step": 1},
+    "qwen3_moe": {"num_experts": 128, "num_experts_per_tok": 8, "moe_intermediate_size": 768,
+                  "router_aux_loss_coef": 0.001, "decoder_sparse_step": 1},
+    "mixtral": {"num_local_experts": 8, "num_experts_per_tok": 2, "router_aux_loss_coef": 0.001},
 }
 # Token ids describe the checkpoint (and its tokenizer), not the math: carried to the export as they are.
 TOKEN_ID_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
@@ -143,8 +155,10 @@ def _windows(path: Path, hf: dict, model_type: str) -> dict[str, Any]:
     """sliding_window and layer_types as transformers derives them for the family."""
     get = lambda key: hf.get(key, DEFAULTS[model_type].get(key))  # noqa: E731
     layers = hf["num_hidden_layers"]
-    if model_type == "mistral":
+    if model_type in ("mistral", "mixtral"):
         return {"sliding_window": hf.get("sliding_window")}
+    if model_type.endswith("_moe") and hf.get("use_sliding_window"):
+        raise _refuse(path, "use_sliding_window", True, f"sliding windows of {model_type} are not implemented")
     if model_type in ("qwen2", "qwen3"):
         window = get("sliding_window") if hf.get("use_sliding_window") else None
         types = hf.get("layer_types") or [
@@ -173,14 +187,39 @@ def _family(path: Path, hf: dict, model_type: str) -> dict[str, Any]:
         raise _refuse(path, act_field, act, f"implemented: {sorted(_ACTIVATIONS)}")
     if model_type == "qwen2" and hf.get("use_mrope"):
         raise _refuse(path, "use_mrope", True, "multimodal RoPE (Qwen2-VL) is not implemented")
-    attention_bias = bool(get("attention_bias")) and model_type != "mistral"
-    out = dict(activation=_ACTIVATIONS[act], qkv_bias=model_type == "qwen2" or attention_bias, o_bias=attention_bias,
-               mlp_bias=model_type == "llama" and bool(get("mlp_bias")), qk_norm=model_type in ("qwen3", "gemma3_text"))
+    attention_bias = bool(get("attention_bias")) and model_type not in ("mistral", "mixtral")
+    qkv_bias = model_type == "qwen2" or (model_type == "qwen2_moe" and bool(get("qkv_bias"))) or attention_bias
+    out = dict(activation=_ACTIVATIONS[act], qkv_bias=qkv_bias, o_bias=attention_bias,
+               mlp_bias=model_type == "llama" and bool(get("mlp_bias")),
+               qk_norm=model_type in ("qwen3", "gemma3_text", "qwen3_moe"), **_experts(path, hf, model_type))
     if gemma:
         out.update(norm_plus_one=True, sandwich_norms=True, embed_scale=True,
                    query_pre_attn_scalar=get("query_pre_attn_scalar"),
                    attn_softcap=get("attn_logit_softcapping"), final_softcap=get("final_logit_softcapping"))
     return out
+
+
+def _experts(path: Path, hf: dict, model_type: str) -> dict[str, Any]:
+    """The mixture-of-experts fields, with the dense layers transformers derives (mlp_only_layers, and
+    decoder_sparse_step: layer i is sparse when (i + 1) % step == 0)."""
+    if model_type not in ("qwen2_moe", "qwen3_moe", "mixtral"):
+        return {}
+    get = lambda key: hf.get(key, DEFAULTS[model_type].get(key))  # noqa: E731
+    if get("router_jitter_noise"):
+        raise _refuse(path, "router_jitter_noise", hf["router_jitter_noise"], "router noise is not implemented")
+    mixtral = model_type == "mixtral"
+    step, only = get("decoder_sparse_step") or 1, set(get("mlp_only_layers") or ())
+    dense = tuple(i for i in range(hf["num_hidden_layers"]) if i in only or (i + 1) % step)
+    # transformers adds the load-balancing loss only with output_router_logits; so do we.
+    aux = float(get("router_aux_loss_coef")) if hf.get("output_router_logits") else 0.0
+    # transformers 5 writes Qwen's num_experts as num_local_experts (Mixtral's name), older configs as is.
+    experts = hf.get("num_experts", hf.get("num_local_experts", DEFAULTS[model_type].get("num_experts")))
+    return dict(num_experts=experts or DEFAULTS[model_type].get("num_local_experts"),
+                experts_per_token=get("num_experts_per_tok"),
+                moe_mlp_dim=hf.get("intermediate_size") if mixtral else get("moe_intermediate_size"),
+                norm_topk_prob=True if mixtral else bool(get("norm_topk_prob")), dense_layers=dense,
+                shared_expert_dim=get("shared_expert_intermediate_size") if model_type == "qwen2_moe" else None,
+                router_aux_loss_coef=aux)
 
 
 def config_from_hf(directory: str | Path, **overrides) -> DecoderConfig:
@@ -228,15 +267,26 @@ def _fits(cfg: DecoderConfig) -> dict[str, bool]:
         return all(getattr(cfg, k) == v for k, v in values.items())
 
     attention_bias = cfg.qkv_bias == cfg.o_bias  # one flag for q, k, v and o
+    dense = cfg.num_experts == 0
+    # Sparse families: every layer's attention as its dense sibling's, no windows, experts of one kind.
+    sparse = not dense and cfg.sliding_window is None and cfg.capacity_factor is None and not cfg.router_z_loss_coef
     return {
-        "llama": same(**_LLAMA_LIKE, qk_norm=False, sliding_window=None) and attention_bias,
-        "qwen2": same(**_LLAMA_LIKE, qk_norm=False, qkv_bias=True, o_bias=False, mlp_bias=False),
-        "qwen3": same(**_LLAMA_LIKE, qk_norm=True, mlp_bias=False) and attention_bias,
-        "mistral": same(**_LLAMA_LIKE, qk_norm=False, qkv_bias=False, o_bias=False, mlp_bias=False, layer_types=None),
-        "gemma2": same(**_GEMMA_LIKE, qk_norm=False, rope_local_theta=None) and attention_bias,
+        "llama": dense and same(**_LLAMA_LIKE, qk_norm=False, sliding_window=None) and attention_bias,
+        "qwen2": dense and same(**_LLAMA_LIKE, qk_norm=False, qkv_bias=True, o_bias=False, mlp_bias=False),
+        "qwen3": dense and same(**_LLAMA_LIKE, qk_norm=True, mlp_bias=False) and attention_bias,
+        "mistral": dense and same(**_LLAMA_LIKE, qk_norm=False, qkv_bias=False, o_bias=False, mlp_bias=False,
+                                  layer_types=None),
+        "gemma2": dense and same(**_GEMMA_LIKE, qk_norm=False, rope_local_theta=None) and attention_bias,
         # Gemma 3 never scales its sliding layers' RoPE: a scaled model needs its own local base.
-        "gemma3_text": same(**_GEMMA_LIKE, qk_norm=True) and attention_bias
+        "gemma3_text": dense and same(**_GEMMA_LIKE, qk_norm=True) and attention_bias
         and (cfg.rope_local_theta is not None or cfg.rope_scaling is None),
+        "qwen2_moe": sparse and same(**_LLAMA_LIKE, qk_norm=False, o_bias=False, mlp_bias=False)
+        and cfg.shared_expert_dim is not None,
+        "qwen3_moe": sparse and same(**_LLAMA_LIKE, qk_norm=True, mlp_bias=False, shared_expert_dim=None)
+        and attention_bias,
+        "mixtral": sparse and same(**_LLAMA_LIKE, qk_norm=False, qkv_bias=False, o_bias=False, mlp_bias=False,
+                                   shared_expert_dim=None, norm_topk_prob=True, dense_layers=())
+        and cfg.moe_mlp_dim == cfg.mlp_dim,
     }
 
 
@@ -272,12 +322,16 @@ def _family_to_hf(cfg: DecoderConfig, model_type: str) -> dict[str, Any]:
         "sliding_attention" if cfg.is_sliding(i) else "full_attention" for i in range(cfg.num_layers)])
     if model_type == "llama":
         return {"hidden_act": "silu", "attention_bias": cfg.o_bias, "mlp_bias": cfg.mlp_bias}
-    if model_type == "mistral":
-        return {"hidden_act": "silu", "sliding_window": cfg.sliding_window}
-    if model_type in ("qwen2", "qwen3"):
+    if model_type in ("mistral", "mixtral"):
+        return {"hidden_act": "silu", "sliding_window": cfg.sliding_window} | _experts_to_hf(cfg, model_type)
+    if model_type.startswith("qwen"):
         out = {"hidden_act": "silu", "use_sliding_window": cfg.sliding_window is not None,
                "sliding_window": cfg.sliding_window, "layer_types": types}
-        return out | ({"attention_bias": cfg.o_bias} if model_type == "qwen3" else {})
+        if model_type in ("qwen3", "qwen3_moe"):
+            out["attention_bias"] = cfg.o_bias
+        if model_type == "qwen2_moe":
+            out["qkv_bias"] = cfg.qkv_bias
+        return out | _experts_to_hf(cfg, model_type)
     out = {"hidden_activation": "gelu_pytorch_tanh", "attention_bias": cfg.o_bias,
            # transformers' config class insists on an int where the value is one
            "query_pre_attn_scalar": _int_if_whole(cfg.query_pre_attn_scalar or cfg.head_size),
@@ -286,6 +340,18 @@ def _family_to_hf(cfg: DecoderConfig, model_type: str) -> dict[str, Any]:
     if model_type == "gemma3_text":
         out["rope_local_base_freq"] = cfg.rope_local_theta or cfg.rope_theta
     return out
+
+
+def _experts_to_hf(cfg: DecoderConfig, model_type: str) -> dict[str, Any]:
+    if not cfg.num_experts:
+        return {}
+    out = {"num_experts_per_tok": cfg.experts_per_token, "output_router_logits": cfg.router_aux_loss_coef > 0,
+           "router_aux_loss_coef": cfg.router_aux_loss_coef}
+    if model_type == "mixtral":
+        return out | {"num_local_experts": cfg.num_experts}
+    out |= {"num_experts": cfg.num_experts, "moe_intermediate_size": cfg.moe_mlp_dim, "decoder_sparse_step": 1,
+            "mlp_only_layers": list(cfg.dense_layers), "norm_topk_prob": cfg.norm_topk_prob}
+    return out | ({"shared_expert_intermediate_size": cfg.shared_expert_dim} if model_type == "qwen2_moe" else {})
 
 
 def config_to_hf(cfg: DecoderConfig, model_type: str, dtype: str, token_ids: dict[str, Any] | None = None) -> dict:

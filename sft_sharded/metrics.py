@@ -25,11 +25,13 @@ def peak_flops(device_kind: str) -> float | None:
 def flops_per_token(cfg, seq: int, causal: bool = True) -> float:
     """Training FLOPs per token: 6 x matmul params (forward + backward; the embedding lookup is not a
     matmul, a tied head is) plus attention, 12 x layers x seq x (heads x head_dim), halved when causal.
-    With LoRA the frozen base needs no weight gradient (4 x its matmul params) and the adapters 6 x theirs."""
+    With LoRA the frozen base needs no weight gradient (4 x its matmul params) and the adapters 6 x theirs;
+    with experts only the parameters a token passes through count (the router's k experts, not all)."""
     lookup = cfg.vocab_size * cfg.hidden_size if not cfg.tie_embeddings else 0
     attention = 12 * cfg.num_layers * seq * cfg.num_heads * cfg.head_size
     adapters = getattr(cfg, "num_adapter_params", lambda: 0)()
-    base = (4 if adapters else 6) * (cfg.num_params() - lookup)
+    active = cfg.num_active_params() if hasattr(cfg, "num_active_params") else cfg.num_params()
+    base = (4 if adapters else 6) * (active - lookup)
     return base + 6 * adapters + (attention / 2 if causal else attention)
 
 

@@ -44,6 +44,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("layers", None),
     ("norm", None),
     ("lora_rank", None),  # LoRA's rank dimension: small, replicated
+    ("exp", None),  # a mixture's experts: each device holds a slice of every expert (fsdp/tensor as a dense MLP)
 )
 
 _warned: set[tuple] = set()

@@ -45,6 +45,15 @@ FAMILIES = {
         num_hidden_layers=3, layer_types=["sliding_attention", "full_attention", "sliding_attention"], head_dim=24,
         query_pre_attn_scalar=20, sliding_window=8, rope_theta=1e4, rope_local_base_freq=100.0,
         rope_scaling={"rope_type": "linear", "factor": 4.0})),
+    # Mixtures of experts: 4 experts, top 2, dense layers between sparse ones, a shared expert, the aux loss on.
+    "qwen3-moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(
+        num_hidden_layers=3, head_dim=24, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=40,
+        mlp_only_layers=[1], norm_topk_prob=True, output_router_logits=True, router_aux_loss_coef=0.1)),
+    "qwen2-moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", dict(
+        num_experts=4, num_experts_per_tok=2, moe_intermediate_size=40, shared_expert_intermediate_size=56,
+        decoder_sparse_step=2, output_router_logits=True, router_aux_loss_coef=0.1)),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(
+        num_local_experts=4, num_experts_per_tok=2, output_router_logits=True, router_aux_loss_coef=0.1)),
 }
 
 

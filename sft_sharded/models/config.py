@@ -55,6 +55,17 @@ class DecoderConfig:
     # `layer_types` is None (Mistral), else on the layers marked "sliding_attention".
     sliding_window: int | None = None
     layer_types: tuple[str, ...] | None = None  # per layer: choices.LAYER_TYPES
+    # Mixture of experts (models/moe.py): with num_experts > 0 the MLP of every layer not in `dense_layers`
+    # is a router over `num_experts` gated MLPs of width `moe_mlp_dim`, `experts_per_token` per token.
+    num_experts: int = 0
+    experts_per_token: int = 0
+    moe_mlp_dim: int | None = None
+    norm_topk_prob: bool = False  # the k router weights renormalised to sum to 1 (Qwen3-MoE; Mixtral)
+    shared_expert_dim: int | None = None  # Qwen2-MoE: a gated dense expert beside the routed ones
+    dense_layers: tuple[int, ...] = ()  # layers with the dense MLP (Qwen's mlp_only_layers, sparse step)
+    capacity_factor: float | None = None  # None: dropless; else an expert keeps at most its share x factor
+    router_aux_loss_coef: float = 0.0  # the load-balancing loss (transformers' formula) in the objective
+    router_z_loss_coef: float = 0.0  # mean squared log-sum-exp of router logits in the objective
     lora: LoraConfig | None = None  # LoRA adapters on the projections it targets (None: no adapters)
     init_std: float = 0.02
 
@@ -86,10 +97,30 @@ class DecoderConfig:
                                  f"({self.num_layers}); got {len(self.layer_types)} entries, unknown {bad}")
             if "sliding_attention" in self.layer_types and self.sliding_window is None:
                 raise ValueError("DecoderConfig.layer_types has sliding_attention layers but sliding_window is None")
+        if self.num_experts:
+            self._check_experts()
         if self.rope_scaling is not None:
             object.__setattr__(self, "rope_scaling", check_scaling(dict(self.rope_scaling)))
         for key in ("dtype", "param_dtype"):
             jnp.dtype(getattr(self, key))  # raises a TypeError naming the bad dtype
+
+    def _check_experts(self) -> None:
+        if not 1 <= self.experts_per_token <= self.num_experts:
+            raise ValueError(f"DecoderConfig.experts_per_token={self.experts_per_token} must be in "
+                             f"[1, num_experts={self.num_experts}]")
+        _positive_int(self, "moe_mlp_dim")
+        object.__setattr__(self, "dense_layers", tuple(self.dense_layers))
+        if any(not 0 <= i < self.num_layers for i in self.dense_layers):
+            raise ValueError(f"DecoderConfig.dense_layers={list(self.dense_layers)} must be layer indices "
+                             f"below {self.num_layers}")
+        if self.scan_layers and 0 < len(set(self.dense_layers)) < self.num_layers:
+            raise ValueError(f"scan_layers needs every layer alike, but layers {sorted(self.dense_layers)} are dense "
+                             "and the others mixtures of experts; set model.scan_layers=false")
+        if self.capacity_factor is not None and not self.capacity_factor > 0:
+            raise ValueError(f"DecoderConfig.capacity_factor={self.capacity_factor!r} must be > 0 or None")
+
+    def is_moe(self, layer: int) -> bool:
+        return self.num_experts > 0 and layer not in self.dense_layers
 
     @property
     def head_size(self) -> int:
@@ -130,8 +161,21 @@ class DecoderConfig:
         attn = d * h * (2 * self.num_heads + 2 * k) + (h * (self.num_heads + 2 * k) if self.qkv_bias else 0)
         attn += (d if self.o_bias else 0) + (2 * h if self.qk_norm else 0)
         norms = (4 if self.sandwich_norms else 2) * d
-        layer = attn + 3 * d * f + norms + ((2 * f + d) if self.mlp_bias else 0)
-        return self.num_layers * layer + v * d * (1 if self.tie_embeddings else 2) + d
+        dense = 3 * d * f + ((2 * f + d) if self.mlp_bias else 0)
+        total = v * d * (1 if self.tie_embeddings else 2) + d
+        for i in range(self.num_layers):
+            total += attn + norms + (self._moe_params(self.num_experts) if self.is_moe(i) else dense)
+        return total
+
+    def _moe_params(self, experts: int) -> int:
+        d, shared = self.hidden_size, self.shared_expert_dim or 0
+        return d * self.num_experts + experts * 3 * d * self.moe_mlp_dim + (3 * d * shared + d if shared else 0)
+
+    def num_active_params(self) -> int:
+        """Parameters a token passes through: with experts, only `experts_per_token` of them (for FLOPs)."""
+        inactive = sum(self._moe_params(self.num_experts) - self._moe_params(self.experts_per_token)
+                       for i in range(self.num_layers) if self.is_moe(i))
+        return self.num_params() - inactive
 
 
 def _positive_int(cfg: DecoderConfig, key: str) -> None:

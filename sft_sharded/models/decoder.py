@@ -10,6 +10,7 @@ import jax.numpy as jnp
 
 from sft_sharded.models.config import DecoderConfig
 from sft_sharded.models.layers import MLP, Attention, RMSNorm, weight
+from sft_sharded.models.moe import MoE
 from sft_sharded.sharding import constrain
 
 RESIDUAL = ("batch", "length", "act_embed")
@@ -17,6 +18,7 @@ RESIDUAL = ("batch", "length", "act_embed")
 
 class DecoderLayer(nn.Module):
     config: DecoderConfig
+    moe: bool = False  # a mixture of experts in place of the dense MLP
 
     @nn.compact
     def __call__(self, x_BxTxD, positions_BxT, segment_ids_BxT, decode=None, cache=None, sliding=None):
@@ -31,7 +33,12 @@ class DecoderLayer(nn.Module):
         if cfg.sandwich_norms:
             attn_BxTxD = RMSNorm(cfg, name="post_attn_norm")(attn_BxTxD)
         x_BxTxD = x_BxTxD + attn_BxTxD
-        mlp_BxTxD = MLP(cfg, name="mlp")(RMSNorm(cfg, name="mlp_norm")(x_BxTxD))
+        h_BxTxD = RMSNorm(cfg, name="mlp_norm")(x_BxTxD)
+        if self.moe:
+            real_BxT = jnp.ones(h_BxTxD.shape[:2], bool) if segment_ids_BxT is None else segment_ids_BxT != 0
+            mlp_BxTxD = MoE(cfg, name="moe")(h_BxTxD, real_BxT)
+        else:
+            mlp_BxTxD = MLP(cfg, name="mlp")(h_BxTxD)
         if cfg.sandwich_norms:
             mlp_BxTxD = RMSNorm(cfg, name="post_mlp_norm")(mlp_BxTxD)
         return constrain(x_BxTxD + mlp_BxTxD, RESIDUAL), new_cache
@@ -95,13 +102,13 @@ class Decoder(nn.Module):
             new_layers = []
             for i in range(cfg.num_layers):
                 layer_cache = None if cache is None else cache["layers"][i]
-                x_BxTxD, new_layer = layer_cls(cfg, name=f"layer_{i}")(
+                x_BxTxD, new_layer = layer_cls(cfg, moe=cfg.is_moe(i), name=f"layer_{i}")(
                     x_BxTxD, positions, segment_ids, decode, layer_cache, cfg.is_sliding(i))
                 new_layers.append(new_layer)
             return x_BxTxD, new_layers
         stack = nn.scan(
             layer_cls,
-            variable_axes={"params": 0},
+            variable_axes={"params": 0, "moe": 0},  # "moe": router statistics sown per layer
             split_rngs={"params": True, "dropout": True},  # a fresh LoRA dropout mask per layer
             in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, 0),
             length=cfg.num_layers,
@@ -111,7 +118,7 @@ class Decoder(nn.Module):
         if not cfg.uniform_layers:
             sliding_L = jnp.array([cfg.is_sliding(i) for i in range(cfg.num_layers)])
         layer_caches = None if cache is None else cache["layers"]
-        return stack(cfg, name="layers")(x_BxTxD, positions, segment_ids, decode, layer_caches, sliding_L)
+        return stack(cfg, moe=cfg.is_moe(0), name="layers")(x_BxTxD, positions, segment_ids, decode, layer_caches, sliding_L)
 
     @nn.compact
     def _forward(self, input_ids_BxT, positions, segment_ids, cache):

@@ -67,24 +67,25 @@ class RMSNorm(nn.Module):
         return scale.astype(cfg.dtype) * normed.astype(cfg.dtype)
 
 
-_ACTIVATIONS = {"silu": nn.silu, "gelu_tanh": lambda x: nn.gelu(x, approximate=True)}
+ACTIVATIONS = {"silu": nn.silu, "gelu_tanh": lambda x: nn.gelu(x, approximate=True)}
 
 
 class MLP(nn.Module):
     """down(act(gate(x)) * up(x)): SwiGLU (silu) or GeGLU (tanh GELU)."""
 
     config: DecoderConfig
+    mlp_dim: int | None = None  # default config.mlp_dim (a MoE's shared expert has its own width)
 
     @nn.compact
     def __call__(self, x_BxTxD):
         cfg = self.config
-        d, f = cfg.hidden_size, cfg.mlp_dim
+        d, f = cfg.hidden_size, self.mlp_dim or cfg.mlp_dim
         gate_BxTxF = _project(self, x_BxTxD, "btd,df->btf", "w_gate", "gate", (d, f), ("embed", "mlp"), 1)
         up_BxTxF = _project(self, x_BxTxD, "btd,df->btf", "w_up", "up", (d, f), ("embed", "mlp"), 1)
         if cfg.mlp_bias:
             gate_BxTxF = gate_BxTxF + _bias(self, "w_gate_bias", (f,), ("mlp",))
             up_BxTxF = up_BxTxF + _bias(self, "w_up_bias", (f,), ("mlp",))
-        hidden_BxTxF = constrain(_ACTIVATIONS[cfg.activation](gate_BxTxF) * up_BxTxF, ("batch", "length", "act_mlp"))
+        hidden_BxTxF = constrain(ACTIVATIONS[cfg.activation](gate_BxTxF) * up_BxTxF, ("batch", "length", "act_mlp"))
         out_BxTxD = _project(self, hidden_BxTxF, "btf,fd->btd", "w_down", "down", (f, d), ("mlp", "embed"), 1)
         return out_BxTxD + _bias(self, "w_down_bias", (d,), ("embed",)) if cfg.mlp_bias else out_BxTxD
 

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from sft_sharded.losses import LossTerms, chunked_cross_entropy, cross_entropy_with_hits, target_mask
-from sft_sharded.models import quant
+from sft_sharded.models import moe, quant
 from sft_sharded.models.lora import is_adapter
 from sft_sharded.trainers import partition
 from sft_sharded.trainers.trainer import Batch, Trainer, TrainState
@@ -26,6 +26,14 @@ class SFTTrainer(Trainer):
     def __init__(self, model, optimizer, *, pad_label_id: int | None = 0, z_loss: float = 0.0,
                  loss_chunk_size: int | None = None, seed: int = 0, **options):
         super().__init__(model, optimizer, **options)
+        cfg = getattr(model, "config", None)  # any flax module trains; only a Decoder has experts
+        if getattr(cfg, "num_experts", 0) and (cfg.router_aux_loss_coef or cfg.router_z_loss_coef) \
+                and self.grad_accum_steps > 1:
+            # The load-balancing loss is a product of two batch means: its gradient on one micro-batch
+            # needs the whole batch's expert counts, which a micro-batch does not have.
+            raise ValueError(f"grad_accum_steps={self.grad_accum_steps} with router losses (router_aux_loss_coef="
+                             f"{cfg.router_aux_loss_coef}, router_z_loss_coef={cfg.router_z_loss_coef}) is not "
+                             "implemented; use grad_accum_steps=1 or set the coefficients to 0")
         self.pad_label_id = pad_label_id
         self.z_loss = z_loss
         self.loss_chunk_size = loss_chunk_size
@@ -84,18 +92,38 @@ class SFTTrainer(Trainer):
         return terms.mean()
 
     def loss_terms(self, params, batch: Batch, rng: jax.Array | None = None) -> tuple[LossTerms, dict[str, jax.Array]]:
-        """Summed token losses and their count; `rng` (training with LoRA dropout) drives the dropout."""
+        """Summed token losses and their count; `rng` (training with LoRA dropout) drives the dropout.
+        With experts, the extras carry the router's sums and "penalty": the router losses of this batch
+        in the units of `loss_sum` (times its token count), which the gradient includes."""
         kwargs = {key: batch[key] for key in _MODEL_INPUTS if key in batch}
         if rng is not None:
             kwargs["rngs"] = {"dropout": rng}
+        cfg = getattr(self.model, "config", None)
+        experts = getattr(cfg, "num_experts", 0)
+        if experts:
+            kwargs["mutable"] = ["moe"]
         mask_BxT = target_mask(batch, self.pad_label_id)
         if self.loss_chunk_size:  # the model hands over hidden states and head; logits per chunk only
-            hidden_BxTxD, head_DxV = self.model.apply({"params": params}, batch["input_ids"], **kwargs,
-                                                      method="hidden_and_head")
+            out = self.model.apply({"params": params}, batch["input_ids"], **kwargs, method="hidden_and_head")
+            (hidden_BxTxD, head_DxV), state = out if experts else (out, None)
             terms, hits = chunked_cross_entropy(hidden_BxTxD, head_DxV, batch["labels"], mask_BxT,
-                                                self.loss_chunk_size, self.z_loss,
-                                                getattr(self.model.config, "final_softcap", None))
-            return terms, {"num_correct": hits}
-        logits_BxTxV = self.model.apply({"params": params}, batch["input_ids"], **kwargs)
-        terms, hits = cross_entropy_with_hits(logits_BxTxV, batch["labels"], mask_BxT, self.z_loss)
-        return terms, {"num_correct": hits}
+                                                self.loss_chunk_size, self.z_loss, getattr(cfg, "final_softcap", None))
+        else:
+            out = self.model.apply({"params": params}, batch["input_ids"], **kwargs)
+            logits_BxTxV, state = out if experts else (out, None)
+            terms, hits = cross_entropy_with_hits(logits_BxTxV, batch["labels"], mask_BxT, self.z_loss)
+        extra = {"num_correct": hits}
+        if experts:
+            extra.update(moe.router_sums(state["moe"]))
+            router = moe.router_metrics(extra, experts)
+            extra["penalty"] = terms.num_tokens * (cfg.router_aux_loss_coef * router["moe_aux_loss"]
+                                                   + cfg.router_z_loss_coef * router["moe_z_loss"])
+        return terms, extra
+
+    def summarize(self, extra: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        """The router's metrics from the step's summed statistics (the whole global batch)."""
+        extra = {k: v for k, v in extra.items() if k != "penalty"}
+        if "moe_picks" not in extra:
+            return extra
+        sums = {k: extra.pop(k) for k in [k for k in extra if k.startswith("moe_")]}
+        return {**extra, **moe.router_metrics(sums, self.model.config.num_experts)}

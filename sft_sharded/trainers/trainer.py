@@ -186,8 +186,9 @@ class Trainer(abc.ABC):
 
             def f(p):
                 terms, extra = self.loss_terms(partition.merge(p, frozen), mb, **extra_args)
-                return terms.loss_sum, (terms.num_tokens, extra)
-            (loss_sum, (num_tokens, extra)), grads = jax.value_and_grad(f, has_aux=True)(params)
+                # "penalty": a term the objective has beside the reported loss (router losses).
+                return terms.loss_sum + extra.get("penalty", 0.0), (terms.loss_sum, terms.num_tokens, extra)
+            (_, (loss_sum, num_tokens, extra)), grads = jax.value_and_grad(f, has_aux=True)(params)
             return (loss_sum, num_tokens, extra), grads
 
         k = self.grad_accum_steps
@@ -228,9 +229,14 @@ class Trainer(abc.ABC):
         else:
             num_real = jnp.float32(batch["input_ids"].size)
         metrics = {"loss": safe_mean(loss_sum, num_tokens), "loss_sum": loss_sum, "num_tokens": num_tokens,
-                   "num_real_tokens": num_real, "grad_norm": optax.tree.norm(grads), **extra}
+                   "num_real_tokens": num_real, "grad_norm": optax.tree.norm(grads), **self.summarize(extra)}
         return TrainState(params, opt_state, state.step + 1, state.frozen), metrics
 
     def _eval_step_fn(self, state: TrainState, batch: Batch):
         terms, extra = self.loss_terms(partition.merge(state.params, state.frozen), batch)
-        return {"loss": terms.mean(), "loss_sum": terms.loss_sum, "num_tokens": terms.num_tokens, **extra}
+        return {"loss": terms.mean(), "loss_sum": terms.loss_sum, "num_tokens": terms.num_tokens,
+                **self.summarize(extra)}
+
+    def summarize(self, extra: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        """Metrics from a step's summed extras (a subclass's hook; here: as they are, less "penalty")."""
+        return {k: v for k, v in extra.items() if k != "penalty"}

@@ -1,0 +1,102 @@
+"""Which Hugging Face tensor fills which of our parameters, and how (HF stores linear weights [out, in];
+ours are [in, out] with heads split out, and experts stacked on a leading axis).
+
+`entries(cfg, model_type)` yields every tensor as (our param path, HF name, index, hf->ours, ours->hf):
+`index` places the tensor inside a stacked param: () for a param of its own, (layer,) in a scanned stack,
+(expert,) for an expert's weight, (layer, expert) for both.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sft_sharded.models.config import DecoderConfig
+
+# The mixture-of-experts block of each family: its module, the router's name, and each expert weight's.
+MOE_NAMES = {
+    "mixtral": ("block_sparse_moe", "gate", {"w_gate": "w1", "w_up": "w3", "w_down": "w2"}),
+    "qwen2_moe": ("mlp", "gate", {"w_gate": "gate_proj", "w_up": "up_proj", "w_down": "down_proj"}),
+    "qwen3_moe": ("mlp", "gate", {"w_gate": "gate_proj", "w_up": "up_proj", "w_down": "down_proj"}),
+}
+
+
+def _t(w):
+    return w.T
+
+
+def _moe(cfg: DecoderConfig, model_type: str, layer: str) -> dict:
+    module, router, experts = MOE_NAMES[model_type]
+    prefix = f"{layer}{module}."
+    m = {("layer_{i}", "moe", "router"): (prefix + f"{router}.weight", _t, _t)}
+    for ours, theirs in experts.items():
+        m[("layer_{i}", "moe", ours)] = (prefix + "experts.{e}." + f"{theirs}.weight", _t, _t)
+    if cfg.shared_expert_dim:  # Qwen2-MoE
+        for name in ("gate", "up", "down"):
+            m[("layer_{i}", "moe", "shared_expert", f"w_{name}")] = (prefix + f"shared_expert.{name}_proj.weight", _t, _t)
+        m[("layer_{i}", "moe", "shared_gate")] = (prefix + "shared_expert_gate.weight", _t, _t)
+    return m
+
+
+def mapping(cfg: DecoderConfig, model_type: str) -> dict[tuple[str, ...], tuple[str, Any, Any]]:
+    """Our param path (layer index as "{i}", expert as "{e}" in the HF name) -> (HF name, hf->ours, ours->hf)."""
+    d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_size
+
+    def heads_in(count):
+        return lambda w: w.T.reshape(d, count, h), lambda w: w.reshape(d, count * h).T
+
+    layer = "model.layers.{i}."
+    m = {
+        ("embedding",): ("model.embed_tokens.weight", None, None),
+        ("final_norm", "scale"): ("model.norm.weight", None, None),
+        ("layer_{i}", "attn", "wq"): (layer + "self_attn.q_proj.weight", *heads_in(n)),
+        ("layer_{i}", "attn", "wk"): (layer + "self_attn.k_proj.weight", *heads_in(k)),
+        ("layer_{i}", "attn", "wv"): (layer + "self_attn.v_proj.weight", *heads_in(k)),
+        ("layer_{i}", "attn", "wo"): (layer + "self_attn.o_proj.weight", lambda w: w.T.reshape(n, h, d),
+                                      lambda w: w.reshape(n * h, d).T),
+        ("layer_{i}", "mlp", "w_gate"): (layer + "mlp.gate_proj.weight", _t, _t),
+        ("layer_{i}", "mlp", "w_up"): (layer + "mlp.up_proj.weight", _t, _t),
+        ("layer_{i}", "mlp", "w_down"): (layer + "mlp.down_proj.weight", _t, _t),
+        ("layer_{i}", "attn_norm", "scale"): (layer + "input_layernorm.weight", None, None),
+    }
+    if cfg.num_experts:
+        m.update(_moe(cfg, model_type, layer))
+    if cfg.sandwich_norms:  # Gemma: "post_attention_layernorm" is the norm after attention, not before the MLP
+        m[("layer_{i}", "post_attn_norm", "scale")] = (layer + "post_attention_layernorm.weight", None, None)
+        m[("layer_{i}", "mlp_norm", "scale")] = (layer + "pre_feedforward_layernorm.weight", None, None)
+        m[("layer_{i}", "post_mlp_norm", "scale")] = (layer + "post_feedforward_layernorm.weight", None, None)
+    else:
+        m[("layer_{i}", "mlp_norm", "scale")] = (layer + "post_attention_layernorm.weight", None, None)
+    if cfg.qk_norm:
+        for name in ("q", "k"):
+            m[("layer_{i}", "attn", f"{name}_norm", "scale")] = (layer + f"self_attn.{name}_norm.weight", None, None)
+    if cfg.qkv_bias:
+        for name, count in (("wq", n), ("wk", k), ("wv", k)):
+            m[("layer_{i}", "attn", name + "_bias")] = (
+                layer + f"self_attn.{name[1]}_proj.bias", lambda w, c=count: w.reshape(c, h), lambda w: w.reshape(-1))
+    if cfg.o_bias:
+        m[("layer_{i}", "attn", "wo_bias")] = (layer + "self_attn.o_proj.bias", None, None)
+    if cfg.mlp_bias:
+        for name in ("gate", "up", "down"):
+            m[("layer_{i}", "mlp", f"w_{name}_bias")] = (layer + f"mlp.{name}_proj.bias", None, None)
+    if not cfg.tie_embeddings:
+        m[("lm_head",)] = ("lm_head.weight", _t, _t)
+    return m
+
+
+def entries(cfg: DecoderConfig, model_type: str):
+    """(our path, HF name, index, hf->ours, ours->hf) for every tensor (see the module docstring)."""
+    for path, (name, to_ours, to_hf) in mapping(cfg, model_type).items():
+        to_ours, to_hf = to_ours or (lambda w: w), to_hf or (lambda w: w)
+        if path[0] != "layer_{i}":
+            yield path, name, (), to_ours, to_hf
+            continue
+        for i in range(cfg.num_layers):
+            if path[1] in ("mlp", "moe") and (path[1] == "moe") != cfg.is_moe(i):
+                continue  # a dense layer has no experts, a sparse one no dense MLP
+            ours = ("layers", *path[1:]) if cfg.scan_layers else (f"layer_{i}", *path[1:])
+            layer = (i,) if cfg.scan_layers else ()
+            if "{e}" not in name:
+                yield ours, name.format(i=i), layer, to_ours, to_hf
+                continue
+            for e in range(cfg.num_experts):
+                yield ours, name.format(i=i, e=e), (*layer, e), to_ours, to_hf

@@ -1,0 +1,132 @@
+"""Mixture-of-experts MLP: a softmax router picks `experts_per_token` experts per token, each a gated MLP,
+and the token's output is their outputs weighted by the router (Qwen3-MoE, Qwen2-MoE with its shared
+expert, Mixtral).
+
+Dropless: the (token, expert) pairs are sorted by expert and each expert multiplies its own contiguous
+group with one grouped matmul (`jax.lax.ragged_dot`, on CPU, GPU and TPU), so no token is dropped and no
+expert computes a token it was not given. With `capacity_factor` an expert keeps at most
+ceil(factor * tokens * k / experts) of its pairs (the earliest tokens first) and the rest are dropped
+(their weight is lost, as in fixed-shape MoE training); dropped pairs are counted.
+
+Router statistics for the load-balancing loss (`moe_aux`) are sown per layer into the "moe" collection:
+per expert, the number of (real token, slot) picks and the sum of router probabilities over real tokens,
+and the number of real tokens, so the loss can be formed over the global batch.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from sft_sharded.models.config import DecoderConfig
+from sft_sharded.models.layers import ACTIVATIONS, MLP, param, weight
+from sft_sharded.sharding import constrain, key_name
+
+
+def route(logits_NxE: jax.Array, k: int, normalize: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(probs [N, E] float32, top-k weights [N, k], top-k expert ids [N, k]). Ties go to the lower expert
+    id (as torch.topk does). `normalize`: the k weights sum to 1 (Qwen3-MoE's norm_topk_prob; Mixtral's
+    softmax over the top-k logits is the same thing)."""
+    probs_NxE = jax.nn.softmax(logits_NxE.astype(jnp.float32), axis=-1)
+    weights_NxK, experts_NxK = jax.lax.top_k(probs_NxE, k)
+    if normalize:
+        weights_NxK = weights_NxK / jnp.sum(weights_NxK, axis=-1, keepdims=True)
+    return probs_NxE, weights_NxK, experts_NxK
+
+
+def capacity(num_tokens: int, k: int, num_experts: int, factor: float) -> int:
+    return max(1, math.ceil(factor * num_tokens * k / num_experts))
+
+
+def keep_within_capacity(experts_NxK: jax.Array, num_experts: int, cap: int) -> jax.Array:
+    """Bool [N, k]: the pairs an expert with room for `cap` keeps, in token order (slot order within a token)."""
+    one_hot_PxE = jax.nn.one_hot(experts_NxK.reshape(-1), num_experts, dtype=jnp.int32)
+    rank_P = jnp.sum((jnp.cumsum(one_hot_PxE, axis=0) - 1) * one_hot_PxE, axis=-1)
+    return (rank_P < cap).reshape(experts_NxK.shape)
+
+
+def grouped_mlp(x_NxD, experts_NxK, weights_NxK, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD, activation,
+                keep_NxK=None):
+    """sum_k weight[n, k] * expert_{e[n, k]}(x[n]) with one ragged matmul per weight: pairs sorted by expert."""
+    num_tokens, k = experts_NxK.shape
+    num_experts = w_gate_ExDxF.shape[0]
+    flat_P = experts_NxK.reshape(-1)
+    if keep_NxK is not None:  # a dropped pair goes to a virtual expert past the last, which computes nothing
+        flat_P = jnp.where(keep_NxK.reshape(-1), flat_P, num_experts)
+    order_P = jnp.argsort(flat_P, stable=True)
+    group_sizes_E = jnp.bincount(flat_P, length=num_experts + 1)[:num_experts].astype(jnp.int32)
+    x_PxD = jnp.take(x_NxD, order_P // k, axis=0)
+    gate_PxF = jax.lax.ragged_dot(x_PxD, w_gate_ExDxF, group_sizes_E)
+    up_PxF = jax.lax.ragged_dot(x_PxD, w_up_ExDxF, group_sizes_E)
+    y_PxD = jax.lax.ragged_dot(activation(gate_PxF) * up_PxF, w_down_ExFxD, group_sizes_E)
+    # Rows past the groups (dropped pairs) are left as ragged_dot leaves them: zero them explicitly.
+    y_PxD = jnp.where((jnp.arange(y_PxD.shape[0]) < jnp.sum(group_sizes_E))[:, None], y_PxD, 0)
+    y_NxKxD = jnp.zeros_like(y_PxD).at[order_P].set(y_PxD).reshape(num_tokens, k, -1)
+    return jnp.einsum("nkd,nk->nd", y_NxKxD, weights_NxK.astype(y_NxKxD.dtype))
+
+
+class MoE(nn.Module):
+    config: DecoderConfig
+
+    @nn.compact
+    def __call__(self, x_BxTxD, real_BxT):
+        cfg = self.config
+        batch, length, d = x_BxTxD.shape
+        e, f, k = cfg.num_experts, cfg.moe_mlp_dim, cfg.experts_per_token
+        init = nn.initializers.normal(cfg.init_std)
+        x_NxD = x_BxTxD.reshape(batch * length, d)
+        router_DxE = param(self, "router", (d, e), ("embed", None), init).astype(cfg.dtype)
+        logits_NxE = jnp.einsum("nd,de->ne", x_NxD, router_DxE, preferred_element_type=jnp.float32)
+        probs_NxE, weights_NxK, experts_NxK = route(logits_NxE, k, cfg.norm_topk_prob)
+        keep_NxK = None
+        if cfg.capacity_factor is not None:
+            keep_NxK = keep_within_capacity(experts_NxK, e, capacity(batch * length, k, e, cfg.capacity_factor))
+        out_NxD = grouped_mlp(
+            x_NxD, experts_NxK, weights_NxK,
+            weight(self, "w_gate", (e, d, f), ("exp", "embed", "mlp"), init),
+            weight(self, "w_up", (e, d, f), ("exp", "embed", "mlp"), init),
+            weight(self, "w_down", (e, f, d), ("exp", "mlp", "embed"), init),
+            ACTIVATIONS[cfg.activation], keep_NxK)
+        out_BxTxD = out_NxD.reshape(batch, length, d)
+        if cfg.shared_expert_dim:  # Qwen2-MoE: a dense expert every token uses, behind a sigmoid gate
+            shared = MLP(cfg, mlp_dim=cfg.shared_expert_dim, name="shared_expert")(x_BxTxD)
+            gate_D1 = param(self, "shared_gate", (d, 1), ("embed", None), init).astype(cfg.dtype)
+            out_BxTxD = out_BxTxD + jax.nn.sigmoid(jnp.einsum("btd,do->bto", x_BxTxD, gate_D1)) * shared
+        real_N = real_BxT.reshape(-1).astype(jnp.float32)
+        picks_NxE = jnp.sum(jax.nn.one_hot(experts_NxK, e, dtype=jnp.float32), axis=1)
+        lse_N = jax.nn.logsumexp(logits_NxE, axis=-1)
+        stats = {"picks": jnp.einsum("ne,n->e", picks_NxE, real_N), "probs": jnp.einsum("ne,n->e", probs_NxE, real_N),
+                 "tokens": jnp.sum(real_N), "z": jnp.sum(lse_N * lse_N * real_N)}
+        if keep_NxK is not None:
+            stats["dropped"] = jnp.sum((~keep_NxK).astype(jnp.float32) * real_N[:, None])
+        self.sow("moe", "stats", stats)
+        return constrain(out_BxTxD, ("batch", "length", "act_embed"))
+
+
+def router_sums(stats: dict) -> dict[str, jax.Array]:
+    """The sown per-layer sums (scanned or not) added over layers: per expert "moe_picks" and "moe_probs",
+    and "moe_tokens", "moe_z" (and "moe_dropped" with a capacity). Sums, so micro-batches add up."""
+    out = {}
+    for path, x in jax.tree_util.tree_leaves_with_path(stats):
+        name = "moe_" + key_name(path[-1])
+        keep = 1 if name in ("moe_picks", "moe_probs") else 0
+        summed = jnp.sum(x, axis=tuple(range(x.ndim - keep)))
+        out[name] = out[name] + summed if name in out else summed
+    return out
+
+
+def router_metrics(sums: dict, num_experts: int) -> dict[str, jax.Array]:
+    """The load-balancing loss as transformers forms it over all sparse layers' real tokens together
+    (num_experts * sum_e picks_e / n * probs_e / n), the router z-loss (mean squared log-sum-exp), each
+    expert's share of the picks (min and max) and the dropped pairs."""
+    tokens = jnp.maximum(sums["moe_tokens"], 1.0)
+    picks, probs = sums["moe_picks"], sums["moe_probs"]
+    share = picks / jnp.maximum(jnp.sum(picks), 1.0)
+    out = {"moe_aux_loss": num_experts * jnp.sum(picks * probs) / (tokens * tokens),
+           "moe_z_loss": sums["moe_z"] / tokens, "moe_load_min": jnp.min(share), "moe_load_max": jnp.max(share)}
+    if "moe_dropped" in sums:
+        out["moe_dropped"] = sums["moe_dropped"]
+    return out
