@@ -5,8 +5,10 @@ routing and capacity drops."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
+from sft_sharded import SFTTrainer
 from sft_sharded.models import moe
 
 E, K, D, F = 4, 2, 8, 6
@@ -154,7 +156,7 @@ def test_loss_and_aux_loss_match_transformers_with_padding(kind, tmp_path):
 
 
 @pytest.mark.parametrize("kind", MOE_FAMILIES)
-def test_sharded_loss_aux_and_grads_equal_one_device(kind, tmp_path):
+def test_sharded_and_accumulated_loss_aux_and_grads_equal_one_device(kind, tmp_path):
     pytest.importorskip("torch")
     from reference import GRAD_TOL, random_batch, to_numpy
     from test_hf import import_model, make_hf
@@ -162,8 +164,10 @@ def test_sharded_loss_aux_and_grads_equal_one_device(kind, tmp_path):
     make_hf(kind, tmp_path / "hf")
     batch = random_batch(0, rows=8, length=16, vocab=128)
     results = []
-    for mesh in ((1, 1, 1), (2, 2, 2), (1, 2, 4)):
+    for mesh, accum in (((1, 1, 1), 1), ((2, 2, 2), 1), ((1, 2, 4), 1), ((2, 2, 2), 2)):
         trainer, _, params = import_model(tmp_path / "hf", mesh)
+        if accum > 1:  # the router losses' gradient needs the whole batch's expert counts (a pre-pass)
+            trainer = SFTTrainer(trainer.model, optax.sgd(0.1), mesh=trainer.mesh, grad_accum_steps=accum)
         loss, grads = trainer.loss_and_grad(params, batch)
         _, extra = jax.jit(trainer.loss_terms)(params, batch)
         results.append((float(loss), float(extra["penalty"]), to_numpy(grads)))
@@ -172,3 +176,27 @@ def test_sharded_loss_aux_and_grads_equal_one_device(kind, tmp_path):
     for loss, penalty, grads in sharded:
         np.testing.assert_allclose([loss, penalty], [loss_one, penalty_one], rtol=1e-5)
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, **GRAD_TOL), grads, grads_one)
+
+
+def test_cached_generation_matches_transformers_and_lora_adapts_attention_only(tmp_path):
+    torch = pytest.importorskip("torch")
+    import dataclasses
+
+    from test_hf import import_model, make_hf
+
+    from sft_sharded.generate import greedy_generate
+    from sft_sharded.models import DecoderConfig
+    from sft_sharded.models.lora import LoraConfig
+
+    model = make_hf("qwen3-moe", tmp_path / "hf")
+    trainer, cfg, params = import_model(tmp_path / "hf", (1, 1, 1))
+    prompt = np.random.default_rng(6).integers(2, 128, 5)
+    model.generation_config.eos_token_id = None
+    with torch.no_grad():
+        expected = model.generate(torch.tensor(prompt[None]), max_new_tokens=16, do_sample=False,
+                                  attention_mask=torch.ones((1, 5), dtype=torch.long))[0, 5:].tolist()
+    assert greedy_generate(trainer, params, [prompt.tolist()], max_new_tokens=16)[0] == expected
+    attention_only = dataclasses.replace(cfg, lora=LoraConfig(rank=2, targets=("q", "k", "v", "o")))
+    assert attention_only.num_adapter_params() > 0
+    with pytest.raises(ValueError, match=r"includes \['gate', 'up', 'down'\], but LoRA on experts is not"):
+        DecoderConfig(**{**dataclasses.asdict(cfg), "lora": LoraConfig(rank=2)})

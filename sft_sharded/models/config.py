@@ -116,6 +116,11 @@ class DecoderConfig:
         if self.scan_layers and 0 < len(set(self.dense_layers)) < self.num_layers:
             raise ValueError(f"scan_layers needs every layer alike, but layers {sorted(self.dense_layers)} are dense "
                              "and the others mixtures of experts; set model.scan_layers=false")
+        mlp_targets = [t for t in (self.lora.targets if self.lora else ()) if t in ("gate", "up", "down")]
+        if mlp_targets and len(self.dense_layers) < self.num_layers:
+            raise ValueError(f"lora.targets includes {mlp_targets}, but LoRA on experts is not implemented (an "
+                             "adapter per expert would be a second set of experts); target the attention "
+                             "projections: lora.targets=[q, k, v, o]")
         if self.capacity_factor is not None and not self.capacity_factor > 0:
             raise ValueError(f"DecoderConfig.capacity_factor={self.capacity_factor!r} must be > 0 or None")
 

@@ -118,6 +118,14 @@ def router_sums(stats: dict) -> dict[str, jax.Array]:
     return out
 
 
+def router_penalties(part: dict, whole: dict, num_experts: int) -> tuple[jax.Array, jax.Array]:
+    """This part's share of the whole batch's load-balancing and z losses: with the whole batch's picks
+    and token count (no gradient flows through either), the parts' shares add up to the whole's losses."""
+    tokens = jnp.maximum(whole["moe_tokens"], 1.0)
+    aux = num_experts * jnp.sum(whole["moe_picks"] * part["moe_probs"]) / (tokens * tokens)
+    return aux, part["moe_z"] / tokens
+
+
 def router_metrics(sums: dict, num_experts: int) -> dict[str, jax.Array]:
     """The load-balancing loss as transformers forms it over all sparse layers' real tokens together
     (num_experts * sum_e picks_e / n * probs_e / n), the router z-loss (mean squared log-sum-exp), each

@@ -50,6 +50,11 @@ PRESETS: dict[str, dict] = {
     "gemma3-4b": dict(_GEMMA3, vocab_size=262208, hidden_size=2560, num_layers=34, num_heads=8, num_kv_heads=4,
                       mlp_dim=10240, sliding_window=1024, layer_types=_every(6, 34),
                       rope_scaling=(("factor", 8.0), ("rope_type", "linear")), max_position_embeddings=131072),
+    "qwen3-30b-a3b": dict(_QWEN3, hidden_size=2048, num_layers=48, num_heads=32, num_kv_heads=4, mlp_dim=6144,
+                          num_experts=128, experts_per_token=8, moe_mlp_dim=768, norm_topk_prob=True),
+    "mixtral-8x7b": dict(vocab_size=32000, hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8,
+                         mlp_dim=14336, num_experts=8, experts_per_token=2, moe_mlp_dim=14336, norm_topk_prob=True,
+                         rope_theta=1_000_000.0, max_position_embeddings=32768),
 }
 # Vocabularies this large get the chunked loss unless a run asks otherwise: the float32 logits of a 256k
 # vocabulary are 1 GiB per thousand tokens, more than the rest of a small model's activations.

@@ -26,14 +26,6 @@ class SFTTrainer(Trainer):
     def __init__(self, model, optimizer, *, pad_label_id: int | None = 0, z_loss: float = 0.0,
                  loss_chunk_size: int | None = None, seed: int = 0, **options):
         super().__init__(model, optimizer, **options)
-        cfg = getattr(model, "config", None)  # any flax module trains; only a Decoder has experts
-        if getattr(cfg, "num_experts", 0) and (cfg.router_aux_loss_coef or cfg.router_z_loss_coef) \
-                and self.grad_accum_steps > 1:
-            # The load-balancing loss is a product of two batch means: its gradient on one micro-batch
-            # needs the whole batch's expert counts, which a micro-batch does not have.
-            raise ValueError(f"grad_accum_steps={self.grad_accum_steps} with router losses (router_aux_loss_coef="
-                             f"{cfg.router_aux_loss_coef}, router_z_loss_coef={cfg.router_z_loss_coef}) is not "
-                             "implemented; use grad_accum_steps=1 or set the coefficients to 0")
         self.pad_label_id = pad_label_id
         self.z_loss = z_loss
         self.loss_chunk_size = loss_chunk_size
@@ -91,10 +83,35 @@ class SFTTrainer(Trainer):
         terms, _ = self.loss_terms(params, batch)
         return terms.mean()
 
-    def loss_terms(self, params, batch: Batch, rng: jax.Array | None = None) -> tuple[LossTerms, dict[str, jax.Array]]:
+    def batch_context(self, params, batch: Batch, micro_batches: Batch):
+        """With router losses and micro-batches: the whole batch's router sums and target count, from a
+        forward pass over every micro-batch first. The load-balancing loss multiplies two batch means, so
+        a micro-batch's share of its gradient needs the whole batch's expert counts (which carry no
+        gradient); with them, the micro-batches' penalties add up to the whole batch's exactly."""
+        cfg = getattr(self.model, "config", None)
+        if self.grad_accum_steps == 1 or not getattr(cfg, "num_experts", 0) or not (
+                cfg.router_aux_loss_coef or cfg.router_z_loss_coef):
+            return None
+
+        def body(acc, mb):
+            _, extra = self.loss_terms(params, mb)
+            sums = {k: v for k, v in extra.items() if k.startswith("moe_")}
+            return jax.tree.map(jnp.add, acc, sums), None
+
+        first = jax.tree.map(lambda x: x[0], micro_batches)
+        shapes = {k: v for k, v in jax.eval_shape(lambda mb: self.loss_terms(params, mb)[1], first).items()
+                  if k.startswith("moe_")}
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+        sums, _ = jax.lax.scan(body, zeros, micro_batches)
+        sums = jax.lax.stop_gradient(sums)
+        return {**sums, "num_tokens": jnp.sum(target_mask(batch, self.pad_label_id), dtype=jnp.float32)}
+
+    def loss_terms(self, params, batch: Batch, rng: jax.Array | None = None,
+                   context: dict | None = None) -> tuple[LossTerms, dict[str, jax.Array]]:
         """Summed token losses and their count; `rng` (training with LoRA dropout) drives the dropout.
-        With experts, the extras carry the router's sums and "penalty": the router losses of this batch
-        in the units of `loss_sum` (times its token count), which the gradient includes."""
+        With experts, the extras carry the router's sums and "penalty": the router losses in the units of
+        `loss_sum` (times the token count), which the gradient includes; with a `context` (the whole
+        batch's sums, `batch_context`) this micro-batch's share of the whole batch's router losses."""
         kwargs = {key: batch[key] for key in _MODEL_INPUTS if key in batch}
         if rng is not None:
             kwargs["rngs"] = {"dropout": rng}
@@ -115,9 +132,9 @@ class SFTTrainer(Trainer):
         extra = {"num_correct": hits}
         if experts:
             extra.update(moe.router_sums(state["moe"]))
-            router = moe.router_metrics(extra, experts)
-            extra["penalty"] = terms.num_tokens * (cfg.router_aux_loss_coef * router["moe_aux_loss"]
-                                                   + cfg.router_z_loss_coef * router["moe_z_loss"])
+            whole = context or {**extra, "num_tokens": terms.num_tokens}
+            aux, z = moe.router_penalties(extra, whole, experts)
+            extra["penalty"] = whole["num_tokens"] * (cfg.router_aux_loss_coef * aux + cfg.router_z_loss_coef * z)
         return terms, extra
 
     def summarize(self, extra: dict[str, jax.Array]) -> dict[str, jax.Array]:

@@ -181,8 +181,15 @@ class Trainer(abc.ABC):
         """Summed loss, token count, extra sums and the gradient of the sum with respect to `params` (not
         `frozen`: no gradient of a frozen weight is ever formed), over `grad_accum_steps` micro-batches.
         `rng` (training with dropout) is folded with the micro-batch index and handed to `loss_terms`."""
+        k = self.grad_accum_steps
+        micro_batches = batch if k == 1 else {key: sharding.split_microbatches(x, k, self.mesh)
+                                              for key, x in batch.items()}
+        context = self.batch_context(partition.merge(params, frozen), batch, micro_batches)
+
         def micro(mb, index):
             extra_args = {} if rng is None else {"rng": jax.random.fold_in(rng, index)}
+            if context is not None:
+                extra_args["context"] = context
 
             def f(p):
                 terms, extra = self.loss_terms(partition.merge(p, frozen), mb, **extra_args)
@@ -191,10 +198,8 @@ class Trainer(abc.ABC):
             (_, (loss_sum, num_tokens, extra)), grads = jax.value_and_grad(f, has_aux=True)(params)
             return (loss_sum, num_tokens, extra), grads
 
-        k = self.grad_accum_steps
         if k == 1:
             return micro(batch, 0)
-        micro_batches = {key: sharding.split_microbatches(x, k, self.mesh) for key, x in batch.items()}
 
         def body(acc, xs):
             sums, grads = micro(*xs)
@@ -206,6 +211,11 @@ class Trainer(abc.ABC):
         )
         (sums, grads), _ = jax.lax.scan(body, init, (micro_batches, jnp.arange(k)))
         return sums, grads
+
+    def batch_context(self, params: Any, batch: Batch, micro_batches: Batch) -> Any:
+        """What every micro-batch's loss needs to know about the whole batch (a subclass's hook; None here,
+        and then `loss_terms` gets no `context`)."""
+        return None
 
     def _mean_grads(self, params: Any, frozen: Any, batch: Batch, rng: jax.Array | None = None):
         """Sums and the gradient of the token-weighted mean: the single division of the whole step."""
