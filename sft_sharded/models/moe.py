@@ -20,10 +20,11 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from sft_sharded.models.config import DecoderConfig
 from sft_sharded.models.layers import ACTIVATIONS, MLP, param, weight
-from sft_sharded.sharding import constrain, key_name
+from sft_sharded.sharding import activation_spec, constrain, key_name
 
 
 def route(logits_NxE: jax.Array, k: int, normalize: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -68,6 +69,28 @@ def grouped_mlp(x_NxD, experts_NxK, weights_NxK, w_gate_ExDxF, w_up_ExDxF, w_dow
     return jnp.einsum("nkd,nk->nd", y_NxKxD, weights_NxK.astype(y_NxKxD.dtype))
 
 
+def dispatch(x_BxTxD, experts_BxTxK, weights_BxTxK, w_gate, w_up, w_down, activation, keep_BxTxK=None):
+    """`grouped_mlp` on each device's own rows (in `shard_map` under a mesh): every device sorts only its
+    tokens by expert and multiplies them with all experts' weights, gathered like a dense layer's under
+    FSDP. Left to XLA, the sort over the batch-sharded pairs gathers every token to every device (measured:
+    7x slower than the dense model on 8 simulated devices, 1.9x on one)."""
+    batch, length, d = x_BxTxD.shape
+
+    def local(x, experts, weights, w_gate, w_up, w_down, keep):
+        n = x.shape[0] * x.shape[1]
+        flat = lambda a: None if a is None else a.reshape(n, -1)  # noqa: E731
+        out = grouped_mlp(flat(x), flat(experts), flat(weights), w_gate, w_up, w_down, activation, flat(keep))
+        return out.reshape(x.shape)
+
+    row_spec = activation_spec(x_BxTxD.shape, ("batch", None, None))
+    args = (x_BxTxD, experts_BxTxK, weights_BxTxK, w_gate, w_up, w_down, keep_BxTxK)
+    if row_spec is None:  # no mesh: one device
+        return local(*args)
+    rows = P(row_spec[0], None, None)
+    specs = (rows, rows, rows, P(), P(), P(), None if keep_BxTxK is None else rows)
+    return jax.shard_map(local, in_specs=specs, out_specs=rows, check_vma=False)(*args)
+
+
 class MoE(nn.Module):
     config: DecoderConfig
 
@@ -84,13 +107,13 @@ class MoE(nn.Module):
         keep_NxK = None
         if cfg.capacity_factor is not None:
             keep_NxK = keep_within_capacity(experts_NxK, e, capacity(batch * length, k, e, cfg.capacity_factor))
-        out_NxD = grouped_mlp(
-            x_NxD, experts_NxK, weights_NxK,
+        rows = lambda a: None if a is None else a.reshape(batch, length, k)  # noqa: E731
+        out_BxTxD = dispatch(
+            x_BxTxD, rows(experts_NxK), rows(weights_NxK),
             weight(self, "w_gate", (e, d, f), ("exp", "embed", "mlp"), init),
             weight(self, "w_up", (e, d, f), ("exp", "embed", "mlp"), init),
             weight(self, "w_down", (e, f, d), ("exp", "mlp", "embed"), init),
-            ACTIVATIONS[cfg.activation], keep_NxK)
-        out_BxTxD = out_NxD.reshape(batch, length, d)
+            ACTIVATIONS[cfg.activation], rows(keep_NxK))
         if cfg.shared_expert_dim:  # Qwen2-MoE: a dense expert every token uses, behind a sigmoid gate
             shared = MLP(cfg, mlp_dim=cfg.shared_expert_dim, name="shared_expert")(x_BxTxD)
             gate_D1 = param(self, "shared_gate", (d, 1), ("embed", None), init).astype(cfg.dtype)

@@ -1,0 +1,50 @@
+"""Train-step time of a small mixture of experts (8 experts, top 2) against the dense model with the same
+active parameters per token (mlp 2 x the expert width), on simulated CPU devices.
+Usage: python benchmarks/moe_step.py [--devices 8] [--mesh 1,8,1]"""
+
+import argparse
+import statistics
+import time
+
+from sft_sharded.devices import simulate_cpu_devices
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--devices", type=int, default=8)
+    p.add_argument("--mesh", default="1,8,1", help="data,fsdp,tensor")
+    p.add_argument("--steps", type=int, default=5)
+    args = p.parse_args()
+    simulate_cpu_devices(args.devices)
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+
+    from sft_sharded import Decoder, DecoderConfig, SFTTrainer, make_mesh
+    from sft_sharded.sharding import global_batch
+
+    mesh = make_mesh(*(int(x) for x in args.mesh.split(",")))
+    shape = dict(vocab_size=1024, hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2, mlp_dim=1024,
+                 scan_layers=True)
+    variants = {"dense (mlp 1024)": DecoderConfig(**shape),
+                "moe 8 experts top-2 (expert mlp 512)": DecoderConfig(**shape, num_experts=8, experts_per_token=2,
+                                                                      moe_mlp_dim=512, router_aux_loss_coef=0.01)}
+    ids = np.random.default_rng(0).integers(1, 1024, (16, 256)).astype(np.int32)
+    batch = global_batch({"input_ids": ids, "labels": np.roll(ids, -1, 1), "loss_mask": np.ones_like(ids, bool)}, mesh)
+    for name, cfg in variants.items():
+        trainer = SFTTrainer(Decoder(cfg), optax.adamw(1e-4), mesh=mesh)
+        state = trainer.create_train_state(jax.random.key(0), jnp.zeros((16, 256), jnp.int32))
+        times = []
+        for i in range(2 + args.steps):
+            start = time.perf_counter()
+            state, metrics = trainer.train_step(state, batch)
+            jax.block_until_ready(metrics)
+            times.append(time.perf_counter() - start)
+        step = statistics.median(times[2:])
+        print(f"{name:40s} params {cfg.num_params() / 1e6:6.2f}M active {cfg.num_active_params() / 1e6:6.2f}M "
+              f"step {step * 1e3:7.1f} ms  {16 * 256 / step:9,.0f} tokens/s  mesh {dict(mesh.shape)}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
