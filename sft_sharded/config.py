@@ -30,6 +30,7 @@ class MeshConfig:
     data: int = 2
     fsdp: int = 2
     tensor: int = 2
+    expert: int = 1  # expert parallelism: a mixture's experts split between this many groups
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

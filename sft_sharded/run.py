@@ -72,11 +72,11 @@ def tokenizer_path(cfg: TrainConfig) -> str | None:
 
 def build_trainer(cfg: TrainConfig, model_cfg: DecoderConfig | None = None) -> SFTTrainer:
     """Mesh, model and optimizer of a config; checks that the global batch splits over the mesh."""
-    mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, expert=cfg.mesh.expert)
     dp, k = data_parallel_size(mesh), cfg.optim.grad_accum_steps
     if cfg.data.batch_size % dp:
         raise UserError(f"data.batch_size={cfg.data.batch_size} is not divisible by the data-parallel size "
-                        f"mesh.data x mesh.fsdp = {dp} (mesh {dict(mesh.shape)})")
+                        f"mesh.data x mesh.fsdp x mesh.expert = {dp} (mesh {dict(mesh.shape)})")
     if cfg.data.batch_size % k:
         raise UserError(f"data.batch_size={cfg.data.batch_size} is not divisible by optim.grad_accum_steps={k}")
     model_cfg = model_cfg or model_config(cfg)

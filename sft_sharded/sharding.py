@@ -1,8 +1,9 @@
 """The one place that knows mesh axis names: mesh, logical-axis rules, shardings, global batches.
 
 Models speak logical names only ("embed", "mlp", "heads", ...). `LOGICAL_AXIS_RULES` maps them to the
-mesh axes `data` (replicas), `fsdp` (data parallel with sharded params and optimizer state) and `tensor`
-(Megatron-style splits of heads, mlp and vocab). A dimension its mesh axes do not divide is replicated on
+mesh axes `data` (replicas), `fsdp` (data parallel with sharded params and optimizer state), `expert`
+(data parallel with a mixture's experts split between the groups) and `tensor` (Megatron-style splits of
+heads, mlp and vocab). A dimension its mesh axes do not divide is replicated on
 those axes with a one-time warning: the table says where things go when they can, the shapes decide.
 """
 
@@ -20,8 +21,9 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from sft_sharded.errors import UserError
 
-MESH_AXES = ("data", "fsdp", "tensor")
-BATCH_AXES = ("data", "fsdp")
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
+# Rows are split over every axis but tensor: an expert group holds its own rows, as an fsdp group does.
+BATCH_AXES = ("data", "fsdp", "expert")
 
 # Logical name -> mesh axes. Activation names ("act_*") are separate from weight names so that sharding
 # a weight's hidden dim on fsdp does not drag the residual stream onto fsdp: gathering a weight per layer
@@ -44,7 +46,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("layers", None),
     ("norm", None),
     ("lora_rank", None),  # LoRA's rank dimension: small, replicated
-    ("exp", None),  # a mixture's experts: each device holds a slice of every expert (fsdp/tensor as a dense MLP)
+    ("exp", "expert"),  # a mixture's experts: expert parallelism (models/moe.py exchanges the tokens)
 )
 
 _warned: set[tuple] = set()
@@ -72,10 +74,11 @@ def mesh_shape(sizes: Mapping[str, int], num_devices: int) -> tuple[int, ...]:
     return tuple(sizes.values())
 
 
-def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Sequence[Any] | None = None) -> Mesh:
-    """A Mesh with axes ("data", "fsdp", "tensor") over `devices` (default: all); one size may be -1."""
+def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Sequence[Any] | None = None,
+              expert: int = 1) -> Mesh:
+    """A Mesh with axes MESH_AXES over `devices` (default: all); one size may be -1."""
     devices = list(jax.devices() if devices is None else devices)
-    shape = mesh_shape({"data": data, "fsdp": fsdp, "tensor": tensor}, len(devices))
+    shape = mesh_shape({"data": data, "fsdp": fsdp, "expert": expert, "tensor": tensor}, len(devices))
     # jax.make_mesh orders devices by physical topology (TPU/GPU); Auto axes keep flax logical rules working.
     return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
 

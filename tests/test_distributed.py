@@ -117,7 +117,7 @@ def test_plan_compiles_for_a_tpu_topology_and_refuses_what_does_not_fit():
     pytest.importorskip("libtpu") if os.environ.get("CI") != "true" else None
     ok = _plan("--topology", "v5p:2x2x1", "--model", "tiny", "--seq", "128", "--global-batch", "8")
     assert ok.returncode == 0, ok.stderr[-3000:]
-    assert "on v5p:2x2x1 (4 chips), mesh {'data': 1, 'fsdp': 4, 'tensor': 1}" in ok.stdout
+    assert "on v5p:2x2x1 (4 chips), mesh {'data': 1, 'fsdp': 4, 'expert': 1, 'tensor': 1}" in ok.stdout
     assert "-> fits" in ok.stdout and "FLOPs per chip per step: compiler" in ok.stdout
     assert "attention splash (" in ok.stdout and "Pallas calls)" in ok.stdout  # "auto" on TPU: the kernel
     lora = _plan("--topology", "v5p:2x2x1", "--model", "llama3.2-1b", "--seq", "128", "--global-batch", "8",

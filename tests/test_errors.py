@@ -70,9 +70,9 @@ def test_empty_missing_and_unmatched_data_files(tmp_path, capsys):
 @pytest.mark.parametrize("overrides, expected", [
     (["optim.lrr=0.1"], "unknown config key 'optim.lrr'; did you mean optim.lr"),
     (["optim.lr=fast"], "optim.lr='fast' must be a number"),
-    (["mesh.data=3"], "mesh data=3 x fsdp=2 x tensor=2 = 12 devices, but 8 devices are available"),
+    (["mesh.data=3"], "mesh data=3 x fsdp=2 x expert=1 x tensor=2 = 12 devices, but 8 devices are available"),
     (["mesh.fsdp=0"], "mesh.fsdp=0: each mesh size must be a positive int or -1"),
-    (["data.batch_size=6"], "data.batch_size=6 is not divisible by the data-parallel size mesh.data x mesh.fsdp = 4"),
+    (["data.batch_size=6"], "data.batch_size=6 is not divisible by the data-parallel size mesh.data x mesh.fsdp x mesh.expert = 4"),
     (["model.path=/nonexistent"], "model.path='/nonexistent': no config.json in that directory"),
     (["tokenizer.path=/tmp"], "tokenizer.path='/tmp': no tokenizer.json in that directory"),
     (["model.preset=llama9"], "model.preset='llama9' is not one of"),

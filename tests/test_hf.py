@@ -75,10 +75,12 @@ def hf_logits(model, ids):
         return model(torch.tensor(ids, dtype=torch.long)).logits.float().numpy()
 
 
-def import_model(directory, mesh_shape=(2, 2, 2), **overrides):
+def import_model(directory, mesh_shape=(2, 2, 2), expert=1, grad_accum_steps=1, **overrides):
+    """(trainer, config, params) of an HF directory on a (data, fsdp, tensor) mesh of that many devices."""
     cfg = config_from_hf(directory, **overrides)
-    devices = jax.devices()[:int(np.prod(mesh_shape))]
-    trainer = SFTTrainer(Decoder(cfg), optax.sgd(0.1), mesh=make_mesh(*mesh_shape, devices=devices))
+    devices = jax.devices()[:int(np.prod(mesh_shape)) * expert]
+    trainer = SFTTrainer(Decoder(cfg), optax.sgd(0.1), mesh=make_mesh(*mesh_shape, devices=devices, expert=expert),
+                         grad_accum_steps=grad_accum_steps)
     abstract = trainer.abstract_train_state(jax.random.key(0), jnp.zeros((8, 16), jnp.int32))
     return trainer, cfg, load_params(directory, cfg, abstract.params)
 

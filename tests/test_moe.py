@@ -156,7 +156,7 @@ def test_loss_and_aux_loss_match_transformers_with_padding(kind, tmp_path):
 
 
 @pytest.mark.parametrize("kind", MOE_FAMILIES)
-def test_sharded_and_accumulated_loss_aux_and_grads_equal_one_device(kind, tmp_path):
+def test_sharded_expert_parallel_and_accumulated_loss_aux_and_grads_equal_one_device(kind, tmp_path):
     pytest.importorskip("torch")
     from reference import GRAD_TOL, random_batch, to_numpy
     from test_hf import import_model, make_hf
@@ -164,10 +164,11 @@ def test_sharded_and_accumulated_loss_aux_and_grads_equal_one_device(kind, tmp_p
     make_hf(kind, tmp_path / "hf")
     batch = random_batch(0, rows=8, length=16, vocab=128)
     results = []
-    for mesh, accum in (((1, 1, 1), 1), ((2, 2, 2), 1), ((1, 2, 4), 1), ((2, 2, 2), 2)):
-        trainer, _, params = import_model(tmp_path / "hf", mesh)
-        if accum > 1:  # the router losses' gradient needs the whole batch's expert counts (a pre-pass)
-            trainer = SFTTrainer(trainer.model, optax.sgd(0.1), mesh=trainer.mesh, grad_accum_steps=accum)
+    # (data, fsdp, tensor), expert groups, micro-batches; accumulation's router-loss gradient needs the whole
+    # batch's expert counts (a pre-pass); with expert groups the pairs travel by all-to-all.
+    for mesh, expert, accum in (((1, 1, 1), 1, 1), ((2, 2, 2), 1, 1), ((1, 2, 4), 1, 1), ((2, 2, 2), 1, 2),
+                                ((1, 2, 2), 2, 1), ((1, 2, 1), 4, 1), ((2, 1, 1), 4, 2)):
+        trainer, _, params = import_model(tmp_path / "hf", mesh, expert=expert, grad_accum_steps=accum)
         loss, grads = trainer.loss_and_grad(params, batch)
         _, extra = jax.jit(trainer.loss_terms)(params, batch)
         results.append((float(loss), float(extra["penalty"]), to_numpy(grads)))

@@ -10,11 +10,13 @@ from sft_sharded.sharding import global_batch, logical_to_sharding, make_mesh, s
 
 def test_make_mesh_shapes_axis_types_and_minus_one():
     mesh = make_mesh(data=2, fsdp=2, tensor=2)
-    assert mesh.axis_names == ("data", "fsdp", "tensor") and tuple(mesh.shape.values()) == (2, 2, 2)
+    assert mesh.axis_names == ("data", "fsdp", "expert", "tensor") and tuple(mesh.shape.values()) == (2, 2, 1, 2)
     assert all(t == AxisType.Auto for t in mesh.axis_types)
-    assert dict(make_mesh().shape) == {"data": 1, "fsdp": 8, "tensor": 1}
-    assert dict(make_mesh(data=-1, fsdp=1, tensor=2).shape) == {"data": 4, "fsdp": 1, "tensor": 2}
-    assert dict(make_mesh(1, 1, 1, devices=jax.devices()[:1]).shape) == {"data": 1, "fsdp": 1, "tensor": 1}
+    assert dict(make_mesh().shape) == {"data": 1, "fsdp": 8, "expert": 1, "tensor": 1}
+    assert dict(make_mesh(data=-1, fsdp=1, tensor=2).shape) == {"data": 4, "fsdp": 1, "expert": 1, "tensor": 2}
+    assert dict(make_mesh(1, 1, 1, devices=jax.devices()[:1]).shape) == {"data": 1, "fsdp": 1, "expert": 1,
+                                                                          "tensor": 1}
+    assert dict(make_mesh(1, 2, 2, expert=2).shape) == {"data": 1, "fsdp": 2, "expert": 2, "tensor": 2}
 
 
 @pytest.mark.parametrize(
@@ -44,7 +46,7 @@ def test_global_batch_is_sharded_on_data_and_fsdp():
     mesh = make_mesh(2, 2, 2)
     local = {"input_ids": np.arange(8 * 4, dtype=np.int32).reshape(8, 4)}
     batch = global_batch(local, mesh)
-    assert batch["input_ids"].sharding.spec == P(("data", "fsdp"), None)
+    assert batch["input_ids"].sharding.spec == P(("data", "fsdp", "expert"), None)
     np.testing.assert_array_equal(batch["input_ids"], local["input_ids"])
     assert {s.data.shape for s in batch["input_ids"].addressable_shards} == {(2, 4)}
 
