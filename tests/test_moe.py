@@ -5,10 +5,8 @@ routing and capacity drops."""
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
-from sft_sharded import SFTTrainer
 from sft_sharded.models import moe
 
 E, K, D, F = 4, 2, 8, 6
