@@ -1,6 +1,6 @@
 """Train-step time of a small mixture of experts (8 experts, top 2) against the dense model with the same
 active parameters per token (mlp 2 x the expert width), on simulated CPU devices.
-Usage: python benchmarks/moe_step.py [--devices 8] [--mesh 1,8,1]"""
+Usage: python benchmarks/moe_step.py [--devices 8] [--mesh 1,8,1] [--expert 1] [--moe-only]"""
 
 import argparse
 import statistics
@@ -13,6 +13,8 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--devices", type=int, default=8)
     p.add_argument("--mesh", default="1,8,1", help="data,fsdp,tensor")
+    p.add_argument("--expert", type=int, default=1, help="expert-parallel groups (the mesh's expert axis)")
+    p.add_argument("--moe-only", action="store_true", help="skip the dense baseline")
     p.add_argument("--steps", type=int, default=5)
     args = p.parse_args()
     simulate_cpu_devices(args.devices)
@@ -24,7 +26,7 @@ def main():
     from sft_sharded import Decoder, DecoderConfig, SFTTrainer, make_mesh
     from sft_sharded.sharding import global_batch
 
-    mesh = make_mesh(*(int(x) for x in args.mesh.split(",")))
+    mesh = make_mesh(*(int(x) for x in args.mesh.split(",")), expert=args.expert)
     shape = dict(vocab_size=1024, hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2, mlp_dim=1024,
                  scan_layers=True)
     variants = {"dense (mlp 1024)": DecoderConfig(**shape),
@@ -33,6 +35,8 @@ def main():
     ids = np.random.default_rng(0).integers(1, 1024, (16, 256)).astype(np.int32)
     batch = global_batch({"input_ids": ids, "labels": np.roll(ids, -1, 1), "loss_mask": np.ones_like(ids, bool)}, mesh)
     for name, cfg in variants.items():
+        if args.moe_only and not cfg.num_experts:
+            continue
         trainer = SFTTrainer(Decoder(cfg), optax.adamw(1e-4), mesh=mesh)
         state = trainer.create_train_state(jax.random.key(0), jnp.zeros((16, 256), jnp.int32))
         times = []
