@@ -82,3 +82,19 @@ def test_a_nan_loss_stops_the_loop_before_a_save_sees_that_state(tiny_config):
         fit(trainer, state, batches(), steps=6, log_every=1, save_due=lambda step: step % 2 == 0,
             after_step=lambda step, state: saved.append(step) or False)
     assert saved == [1, 2, 3]  # after_step runs for every dispatched step; step 4 (a save step) never got there
+
+
+def test_a_mixture_logs_router_metrics_and_dropped_pairs(tiny_config):
+    """Capacity 0.5: experts keep half their share, so pairs are dropped, counted and logged with the
+    aux loss and the expert load."""
+    import dataclasses
+
+    cfg = dataclasses.replace(tiny_config, num_experts=4, experts_per_token=2, moe_mlp_dim=16, capacity_factor=0.5,
+                              router_aux_loss_coef=0.01)
+    trainer = SFTTrainer(Decoder(cfg), optax.sgd(0.1), mesh=make_mesh(1, 4, 1, expert=2))
+    state = trainer.create_train_state(jax.random.key(0), jnp.zeros((8, 16), jnp.int32))
+    _, records = fit(trainer, state, (_padded_batch(s) for s in itertools.count()), steps=2, log_every=1)
+    last = records[-1]
+    assert {"moe_aux_loss", "moe_z_loss", "moe_load_min", "moe_load_max", "moe_dropped"} <= set(last), last
+    assert last["moe_dropped"] > 0 and 0 <= last["moe_load_min"] <= 0.25 <= last["moe_load_max"] <= 1
+    assert np.isfinite(last["moe_aux_loss"]) and last["moe_aux_loss"] > 0

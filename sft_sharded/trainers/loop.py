@@ -64,6 +64,8 @@ class _Window:
             record["step_time_s"] = elapsed / max(self.steps, 1)
         if "num_correct" in self.sums and count:
             record["accuracy"] = self.sums["num_correct"] / count
+        # A mixture's router metrics (aux and z losses, expert load, dropped pairs): the last step's.
+        record.update({k: float(v) for k, v in last.items() if k.startswith("moe_")})
         return record
 
 
