@@ -149,6 +149,11 @@ def test_loss_and_aux_loss_match_transformers_with_padding(kind, tmp_path):
     repadded = dict(batch, input_ids=np.where(real == 1, ids, 7).astype(np.int32))
     _, extra2 = jax.jit(trainer.loss_terms)(params, repadded)
     assert float(router_metrics(extra2, cfg.num_experts)["moe_aux_loss"]) == pytest.approx(aux, rel=1e-6)
+    if not cfg.dense_layers:  # every layer sparse: a scanned stack, loaded shard by shard onto expert groups
+        scanned, _, stacked = import_model(tmp_path / "hf", (1, 2, 1), expert=2, scan_layers=True)
+        assert stacked["layers"]["moe"]["w_gate"].shape[:2] == (cfg.num_layers, cfg.num_experts)
+        logits = np.asarray(jax.jit(scanned.model.apply)({"params": stacked}, ids.astype(np.int32), None, real))
+        np.testing.assert_allclose(logits[real == 1], out.logits.numpy()[real == 1], atol=1e-4)
     sparse_layers = cfg.num_layers - len(cfg.dense_layers)
     assert float(extra["moe_tokens"]) == (16 + 10) * sparse_layers  # real tokens only, in every sparse layer
 
