@@ -169,8 +169,10 @@ def test_sharded_expert_parallel_and_accumulated_loss_aux_and_grads_equal_one_de
     results = []
     # (data, fsdp, tensor), expert groups, micro-batches; accumulation's router-loss gradient needs the whole
     # batch's expert counts (a pre-pass); with expert groups the pairs travel by all-to-all.
-    for mesh, expert, accum in (((1, 1, 1), 1, 1), ((2, 2, 2), 1, 1), ((1, 2, 4), 1, 1), ((2, 2, 2), 1, 2),
-                                ((1, 2, 2), 2, 1), ((1, 2, 1), 4, 1), ((2, 1, 1), 4, 2)):
+    meshes = [((1, 1, 1), 1, 1), ((2, 2, 2), 1, 2), ((1, 2, 2), 2, 1)]
+    if kind == "mixtral":  # every case once (the suite's time): tensor=4, expert=4, expert with accumulation
+        meshes += [((2, 2, 2), 1, 1), ((1, 2, 4), 1, 1), ((1, 2, 1), 4, 1), ((2, 1, 1), 4, 2)]
+    for mesh, expert, accum in meshes:
         trainer, _, params = import_model(tmp_path / "hf", mesh, expert=expert, grad_accum_steps=accum)
         loss, grads = trainer.loss_and_grad(params, batch)
         _, extra = jax.jit(trainer.loss_terms)(params, batch)
