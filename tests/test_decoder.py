@@ -52,24 +52,30 @@ def _stack_layers(params, num_layers):
     return {**params, "layers": jax.tree.map(lambda *xs: jnp.stack(xs), *layers)}
 
 
+def _loss(cfg, params, ids):
+    return jnp.mean(Decoder(cfg).apply({"params": params}, ids) ** 2)
+
+
+def _assert_variant_matches(base_cfg, cfg, ids):
+    """`cfg` (remat, scan, attention...) gives `base_cfg`'s loss and gradients on the same weights (stacked
+    when `cfg` scans); returns the baseline's params and loss."""
+    params = _init(base_cfg, ids)
+    variant = _stack_layers(dict(params), cfg.num_layers) if cfg.scan_layers else params
+    assert jax.tree.structure(variant) == jax.tree.structure(_init(cfg, ids))
+    base_loss, base_grads = jax.jit(jax.value_and_grad(lambda p: _loss(base_cfg, p, ids)))(params)
+    loss_v, grads_v = jax.jit(jax.value_and_grad(lambda p: _loss(cfg, p, ids)))(variant)
+    np.testing.assert_allclose(loss_v, base_loss, rtol=1e-6)
+    if cfg.scan_layers:
+        base_grads = _stack_layers(dict(base_grads), cfg.num_layers)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, **GRAD_TOL), grads_v, base_grads)
+    return params, base_loss
+
+
 @pytest.mark.parametrize("remat", ["none", "full", "save_dots"])
 @pytest.mark.parametrize("scan", [False, True])
 def test_remat_and_scan_give_the_same_loss_and_grads(tiny_config, remat, scan):
     ids = np.random.default_rng(2).integers(0, 64, (2, 12)).astype(np.int32)
-    params = _init(tiny_config, ids)
-    cfg = dataclasses.replace(tiny_config, remat=remat, scan_layers=scan)
-    variant = _stack_layers(dict(params), cfg.num_layers) if scan else params
-    assert jax.tree.structure(variant) == jax.tree.structure(_init(cfg, ids))
-
-    def loss(cfg, p):
-        return jnp.mean(Decoder(cfg).apply({"params": p}, ids) ** 2)
-
-    base_loss, base_grads = jax.jit(jax.value_and_grad(lambda p: loss(tiny_config, p)))(params)
-    loss_v, grads_v = jax.jit(jax.value_and_grad(lambda p: loss(cfg, p)))(variant)
-    np.testing.assert_allclose(loss_v, base_loss, rtol=1e-6)
-    if scan:
-        base_grads = _stack_layers(dict(base_grads), cfg.num_layers)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, **GRAD_TOL), grads_v, base_grads)
+    _assert_variant_matches(tiny_config, dataclasses.replace(tiny_config, remat=remat, scan_layers=scan), ids)
 
 
 def test_scanned_params_are_sharded_with_a_replicated_layers_axis(tiny_config):
@@ -139,19 +145,8 @@ def test_mixed_layers_give_the_same_loss_and_grads_in_every_variant(tiny_config,
     remat (a static window per unrolled layer); the unrolled reference attention is the baseline."""
     ids = np.random.default_rng(3).integers(0, 64, (2, 12)).astype(np.int32)
     base_cfg = dataclasses.replace(tiny_config, **MIXED, attention="reference")
-    params = _init(base_cfg, ids)
     cfg = dataclasses.replace(base_cfg, attention=attention, remat=remat, scan_layers=scan)
-    variant = _stack_layers(dict(params), cfg.num_layers) if scan else params
-
-    def loss(cfg, p):
-        return jnp.mean(Decoder(cfg).apply({"params": p}, ids) ** 2)
-
-    base_loss, base_grads = jax.jit(jax.value_and_grad(lambda p: loss(base_cfg, p)))(params)
-    loss_v, grads_v = jax.jit(jax.value_and_grad(lambda p: loss(cfg, p)))(variant)
-    np.testing.assert_allclose(loss_v, base_loss, rtol=1e-6)
-    if scan:
-        base_grads = _stack_layers(dict(base_grads), cfg.num_layers)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, **GRAD_TOL), grads_v, base_grads)
+    params, base_loss = _assert_variant_matches(base_cfg, cfg, ids)
     # The windows matter: all layers global gives another loss.
     uniform = dataclasses.replace(base_cfg, layer_types=None, sliding_window=None)
-    assert abs(float(loss(uniform, params)) - float(base_loss)) > 1e-4
+    assert abs(float(_loss(uniform, params, ids)) - float(base_loss)) > 1e-4

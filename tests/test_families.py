@@ -11,7 +11,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 import jax  # noqa: E402
-from test_hf import hf_logits, import_model, make_hf  # noqa: E402
+from test_hf import assert_packed_rows_match, hf_logits, import_model, make_hf  # noqa: E402
 
 from sft_sharded.generate import greedy_generate  # noqa: E402
 from sft_sharded.models.decoder import init_cache  # noqa: E402
@@ -26,14 +26,7 @@ def test_packed_rows_and_cached_decoding_match_transformers(kind, tmp_path):
     model = make_hf(kind, tmp_path / "hf")
     trainer, _, params = import_model(tmp_path / "hf", (1, 1, 1), scan_layers=True)
     rng = np.random.default_rng(1)
-    a, b = rng.integers(0, 128, 9), rng.integers(0, 128, 12)
-    packed = np.zeros((1, 24), np.int32)
-    packed[0, :9], packed[0, 9:21] = a, b
-    segments = np.array([[1] * 9 + [2] * 12 + [0] * 3], np.int32)
-    positions = np.array([list(range(9)) + list(range(12)) + [0] * 3], np.int32)
-    ours = np.asarray(jax.jit(trainer.model.apply)({"params": params}, packed, positions, segments))
-    assert np.abs(ours[0, :9] - hf_logits(model, a[None])[0]).max() <= 1e-4
-    assert np.abs(ours[0, 9:21] - hf_logits(model, b[None])[0]).max() <= 1e-4
+    assert_packed_rows_match(model, trainer, params, rng)
 
     prompt = rng.integers(2, 128, 5)
     model.generation_config.eos_token_id = None  # 16 tokens, whatever they are

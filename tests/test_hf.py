@@ -101,10 +101,8 @@ def test_import_matches_transformers_and_export_reloads(kind, tmp_path):
     assert np.abs(hf_logits(reloaded, ids) - ours).max() <= 1e-4
 
 
-def test_packed_segments_match_two_separate_hf_forwards(tmp_path):
-    model = make_hf("llama-gqa-untied", tmp_path / "hf")
-    trainer, _, params = import_model(tmp_path / "hf")
-    rng = np.random.default_rng(1)
+def assert_packed_rows_match(model, trainer, params, rng):
+    """A row packing 9 and 12 tokens (then 3 of padding) gives each segment the logits of its own HF forward."""
     a, b = rng.integers(0, 128, 9), rng.integers(0, 128, 12)
     packed = np.zeros((1, 24), np.int32)
     packed[0, :9], packed[0, 9:21] = a, b
@@ -113,6 +111,12 @@ def test_packed_segments_match_two_separate_hf_forwards(tmp_path):
     ours = np.asarray(jax.jit(trainer.model.apply)({"params": params}, packed, positions, segments))
     assert np.abs(ours[0, :9] - hf_logits(model, a[None])[0]).max() <= 1e-4
     assert np.abs(ours[0, 9:21] - hf_logits(model, b[None])[0]).max() <= 1e-4
+
+
+def test_packed_segments_match_two_separate_hf_forwards(tmp_path):
+    model = make_hf("llama-gqa-untied", tmp_path / "hf")
+    trainer, _, params = import_model(tmp_path / "hf")
+    assert_packed_rows_match(model, trainer, params, np.random.default_rng(1))
 
 
 def test_sharded_index_bfloat16_and_scanned_import(tmp_path):

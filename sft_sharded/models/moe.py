@@ -49,6 +49,16 @@ def keep_within_capacity(experts_NxK: jax.Array, num_experts: int, cap: int) -> 
     return (rank_P < cap).reshape(experts_NxK.shape)
 
 
+def _ragged_mlp(x_RxD, group_sizes_E, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD, activation):
+    """Rows sorted by expert, each group through its expert's gated MLP (one ragged matmul per weight).
+    Rows past the groups (dropped pairs, empty buffer rows) come out zero."""
+    gate_RxF = jax.lax.ragged_dot(x_RxD, w_gate_ExDxF, group_sizes_E)
+    up_RxF = jax.lax.ragged_dot(x_RxD, w_up_ExDxF, group_sizes_E)
+    y_RxD = jax.lax.ragged_dot(activation(gate_RxF) * up_RxF, w_down_ExFxD, group_sizes_E)
+    # ragged_dot leaves rows past the groups undefined: zero them explicitly.
+    return jnp.where((jnp.arange(y_RxD.shape[0]) < jnp.sum(group_sizes_E))[:, None], y_RxD, 0)
+
+
 def grouped_mlp(x_NxD, experts_NxK, weights_NxK, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD, activation,
                 keep_NxK=None):
     """sum_k weight[n, k] * expert_{e[n, k]}(x[n]) with one ragged matmul per weight: pairs sorted by expert."""
@@ -59,12 +69,8 @@ def grouped_mlp(x_NxD, experts_NxK, weights_NxK, w_gate_ExDxF, w_up_ExDxF, w_dow
         flat_P = jnp.where(keep_NxK.reshape(-1), flat_P, num_experts)
     order_P = jnp.argsort(flat_P, stable=True)
     group_sizes_E = jnp.bincount(flat_P, length=num_experts + 1)[:num_experts].astype(jnp.int32)
-    x_PxD = jnp.take(x_NxD, order_P // k, axis=0)
-    gate_PxF = jax.lax.ragged_dot(x_PxD, w_gate_ExDxF, group_sizes_E)
-    up_PxF = jax.lax.ragged_dot(x_PxD, w_up_ExDxF, group_sizes_E)
-    y_PxD = jax.lax.ragged_dot(activation(gate_PxF) * up_PxF, w_down_ExFxD, group_sizes_E)
-    # Rows past the groups (dropped pairs) are left as ragged_dot leaves them: zero them explicitly.
-    y_PxD = jnp.where((jnp.arange(y_PxD.shape[0]) < jnp.sum(group_sizes_E))[:, None], y_PxD, 0)
+    y_PxD = _ragged_mlp(jnp.take(x_NxD, order_P // k, axis=0), group_sizes_E, w_gate_ExDxF, w_up_ExDxF,
+                        w_down_ExFxD, activation)
     y_NxKxD = jnp.zeros_like(y_PxD).at[order_P].set(y_PxD).reshape(num_tokens, k, -1)
     return jnp.einsum("nkd,nk->nd", y_NxKxD, weights_NxK.astype(y_NxKxD.dtype))
 
@@ -98,10 +104,7 @@ def _exchange(x_NxD, experts_NxK, weights_NxK, w_gate, w_up, w_down, activation,
     flat_R = local_GxP.reshape(-1)  # local_experts marks an empty row
     order_R = jnp.argsort(flat_R, stable=True)
     sizes_L = jnp.bincount(flat_R, length=local_experts + 1)[:local_experts].astype(jnp.int32)
-    rows_RxD = recv_GxPxD.reshape(groups * pairs, -1)[order_R]
-    hidden = activation(jax.lax.ragged_dot(rows_RxD, w_gate, sizes_L)) * jax.lax.ragged_dot(rows_RxD, w_up, sizes_L)
-    y_RxD = jax.lax.ragged_dot(hidden, w_down, sizes_L)
-    y_RxD = jnp.where((jnp.arange(y_RxD.shape[0]) < jnp.sum(sizes_L))[:, None], y_RxD, 0)
+    y_RxD = _ragged_mlp(recv_GxPxD.reshape(groups * pairs, -1)[order_R], sizes_L, w_gate, w_up, w_down, activation)
     back_GxPxD = jax.lax.all_to_all(jnp.zeros_like(y_RxD).at[order_R].set(y_RxD).reshape(recv_GxPxD.shape),
                                     axis, 0, 0, tiled=True)
     y_sorted_PxD = back_GxPxD.at[group_P, slot_P].get(mode="fill", fill_value=0)
