@@ -28,8 +28,9 @@ def signature(batch: Mapping[str, Any]) -> tuple:
     return tuple(sorted((k, tuple(np.shape(v)), str(getattr(v, "dtype", None))) for k, v in batch.items()))
 
 
-def check_layout(batch: Any, data_parallel: int, grad_accum_steps: int) -> None:
-    """Keys, shapes, dtypes, and rows that split over the data-parallel devices and the micro-batches."""
+def check_layout(batch: Any, data_parallel: int, grad_accum_steps: int, context: int = 1) -> None:
+    """Keys, shapes, dtypes, rows that split over the data-parallel devices and the micro-batches, and
+    positions that split over the `context` devices of a row."""
     if not isinstance(batch, Mapping):
         raise TypeError(f"batch must be a mapping of arrays with keys {BATCH_KEYS}, got {type(batch).__name__}")
     for key in ("input_ids", "labels"):
@@ -50,6 +51,9 @@ def check_layout(batch: Any, data_parallel: int, grad_accum_steps: int) -> None:
     if shape[0] % data_parallel:
         raise UserError(f"batch size {shape[0]} (batch['input_ids'].shape={shape}) is not divisible by the "
                         f"data-parallel size data x fsdp = {data_parallel}")
+    if shape[1] % context:
+        raise UserError(f"sequence length {shape[1]} (batch['input_ids'].shape={shape}) is not divisible by the "
+                        f"context-parallel size mesh.context = {context}")
     if shape[0] % grad_accum_steps:
         raise UserError(f"batch size {shape[0]} is not divisible by grad_accum_steps={grad_accum_steps}")
 

@@ -5,6 +5,10 @@ from __future__ import annotations
 
 # models/attention.py: "auto" picks splash on TPU, cuDNN on GPU (bf16/fp16), else the blocked XLA path.
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "reference", "cudnn", "splash")
+# models/context.py: attention over a sequence split on the mesh's context axis (all-gather keys and values,
+# or pass them around a ring), and the order of positions on the devices (zigzag: causal load balance).
+CONTEXT_SCHEMES = ("allgather", "ring")
+CONTEXT_LAYOUTS = ("zigzag", "contiguous")
 # models/decoder.py: what a decoder layer saves for the backward pass (none: everything; full: nothing).
 REMAT_POLICIES = ("none", "full", "save_dots")
 # models/lora.py: the projections LoRA may adapt, by our name (PEFT's "q_proj", ... are accepted too).

@@ -14,7 +14,8 @@ from typing import Any, Literal
 
 import yaml
 
-from sft_sharded.choices import ATTENTION_IMPLEMENTATIONS, LORA_BASE_DTYPES, LORA_TARGETS, REMAT_POLICIES
+from sft_sharded.choices import (ATTENTION_IMPLEMENTATIONS, CONTEXT_SCHEMES, LORA_BASE_DTYPES, LORA_TARGETS,
+                                 REMAT_POLICIES)
 from sft_sharded.errors import MissingFileError, UserError
 
 
@@ -31,6 +32,7 @@ class MeshConfig:
     fsdp: int = 2
     tensor: int = 2
     expert: int = 1  # expert parallelism: a mixture's experts split between this many groups
+    context: int = 1  # context parallelism: each row's positions split between this many devices
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -42,6 +44,8 @@ class ModelConfig:
     remat: Literal[REMAT_POLICIES] = "none"  # type: ignore[valid-type]
     scan_layers: bool = False
     attention: Literal[ATTENTION_IMPLEMENTATIONS] = "auto"  # type: ignore[valid-type]
+    # With mesh.context > 1: "allgather" (every device gathers the row's keys/values) or "ring".
+    context_attention: Literal[CONTEXT_SCHEMES] = "allgather"  # type: ignore[valid-type]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

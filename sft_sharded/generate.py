@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Sequence
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,6 +20,13 @@ from sft_sharded.models.decoder import Decoder, init_cache
 
 
 def _generate(model: Decoder, params, ids_BxP, segment_ids_BxP, max_new_tokens: int):
+    # A KV cache grows one position at a time: the sequence stays whole (a context axis splits rows' work
+    # in training only).
+    with nn.logical_axis_rules(sharding.whole_sequence(nn.get_logical_axis_rules())):
+        return _generate_whole(model, params, ids_BxP, segment_ids_BxP, max_new_tokens)
+
+
+def _generate_whole(model: Decoder, params, ids_BxP, segment_ids_BxP, max_new_tokens: int):
     cfg = model.config
     batch, prompt_len = ids_BxP.shape
     cache = init_cache(cfg, batch, prompt_len + max_new_tokens)
@@ -55,7 +63,7 @@ def greedy_generate(trainer, params, prompts: Sequence[Sequence[int]], max_new_t
     segments[len(prompts) :, -1] = 1  # filler rows: one visible token so nothing is empty
     params_sh = sharding.shardings_of(params)
     fn = _compiled(trainer, max_new_tokens, jax.tree.structure(params_sh), tuple(jax.tree.leaves(params_sh)))
-    batch_sh = sharding.batch_sharding(trainer.mesh)
+    batch_sh = sharding.row_sharding(trainer.mesh)
     with trainer.activate():
         out = fn(params, sharding.host_to_global(ids, batch_sh), sharding.host_to_global(segments, batch_sh))
     out = sharding.global_to_host(out)
@@ -73,7 +81,7 @@ def greedy_generate(trainer, params, prompts: Sequence[Sequence[int]], max_new_t
 @functools.lru_cache(maxsize=8)
 def _compiled(trainer, max_new_tokens: int, params_treedef, params_shardings: tuple):
     """The generation function for params laid out as given (the cache key is their sharding)."""
-    batch_sh = sharding.batch_sharding(trainer.mesh)
+    batch_sh = sharding.row_sharding(trainer.mesh)
     return jax.jit(
         functools.partial(_generate, trainer.model, max_new_tokens=max_new_tokens),
         in_shardings=(jax.tree.unflatten(params_treedef, params_shardings), batch_sh, batch_sh),

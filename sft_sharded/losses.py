@@ -17,6 +17,7 @@ import jax.numpy as jnp
 
 from sft_sharded.batch import IGNORE_INDEX
 from sft_sharded.models.decoder import softcap
+from sft_sharded.sharding import constrain, sequence_shards
 
 
 def safe_mean(total: jax.Array, count: jax.Array) -> jax.Array:
@@ -91,22 +92,23 @@ def chunked_cross_entropy(
     (soft-capped as the model's own logits are when `final_softcap` is set).
 
     Scans over chunks of the sequence; each chunk's logits are recomputed in the backward pass
-    (`jax.checkpoint`), so the float32 [B, T, V] logits of the plain path are never materialised.
+    (`jax.checkpoint`), so the float32 [B, T, V] logits of the plain path are never materialised. When the
+    mesh splits the sequence into S parts, each step takes one chunk of every part ([B, S, chunk]), so the
+    scan never crosses devices.
     """
     batch, length, dim = hidden_BxTxD.shape
-    pad = -length % chunk
-    if pad:
-        hidden_BxTxD = jnp.pad(hidden_BxTxD, ((0, 0), (0, pad), (0, 0)))
-        labels_BxT = jnp.pad(labels_BxT, ((0, 0), (0, pad)))
-        mask_BxT = jnp.pad(mask_BxT, ((0, 0), (0, pad)))
-    n = (length + pad) // chunk
+    parts = sequence_shards(length)
+    pad = -(length // parts) % chunk
 
-    def split(x):  # [B, T, ...] -> [n, B, chunk, ...]
-        return jnp.moveaxis(x.reshape(batch, n, chunk, *x.shape[2:]), 1, 0)
+    def split(x):  # [B, T, ...] -> [n, B, S, chunk, ...]: the S parts stay where they are
+        x = x.reshape(batch, parts, length // parts, *x.shape[2:])
+        x = jnp.pad(x, [(0, 0), (0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 3))
+        x = x.reshape(batch, parts, -1, chunk, *x.shape[3:])
+        return constrain(jnp.moveaxis(x, 2, 0), (None, "batch", "length", *([None] * (x.ndim - 3))))
 
     @jax.checkpoint
-    def one(h_BxCxD, labels_BxC, mask_BxC):
-        logits_BxCxV = softcap(jnp.einsum("bcd,dv->bcv", h_BxCxD, head_DxV, preferred_element_type=jnp.float32),
+    def one(h_BxSxCxD, labels_BxC, mask_BxC):
+        logits_BxCxV = softcap(jnp.einsum("bscd,dv->bscv", h_BxSxCxD, head_DxV, preferred_element_type=jnp.float32),
                                final_softcap)
         terms, hits = cross_entropy_with_hits(logits_BxCxV, labels_BxC, mask_BxC, z_loss)
         return terms.loss_sum, terms.num_tokens, hits

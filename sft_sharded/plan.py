@@ -45,11 +45,11 @@ def parse_topology(name: str) -> tuple[str, str]:
 
 
 def parse_mesh(spec: str) -> dict[str, int]:
-    sizes = {"data": 1, "fsdp": 1, "expert": 1, "tensor": 1}
+    sizes = {"data": 1, "fsdp": 1, "expert": 1, "context": 1, "tensor": 1}
     for part in filter(None, spec.split(",")):
         key, _, value = part.partition("=")
         if key not in sizes:
-            raise ValueError(f"--mesh {spec!r}: unknown axis {key!r} (axes: data, fsdp, expert, tensor)")
+            raise ValueError(f"--mesh {spec!r}: unknown axis {key!r} (axes: data, fsdp, expert, context, tensor)")
         sizes[key] = int(value)
     return sizes
 

@@ -30,7 +30,7 @@ from sft_sharded.models import Decoder, DecoderConfig, preset
 from sft_sharded.models.presets import loss_chunk
 from sft_sharded.models.lora import LoraConfig
 from sft_sharded.optim import make_optimizer
-from sft_sharded.sharding import data_parallel_size, make_mesh
+from sft_sharded.sharding import context_size, data_parallel_size, make_mesh
 from sft_sharded.state import (abstract_state, base_fingerprint, base_weights, frozen_base, init_state,
                                with_frozen_base)
 from sft_sharded.trainers import SFTTrainer, TrainState, partition
@@ -42,7 +42,7 @@ def model_config(cfg: TrainConfig) -> DecoderConfig:
     """The preset, or the config.json of `model.path`, with the run's dtype/remat/scan/attention options."""
     m = cfg.model
     options = dict(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat, scan_layers=m.scan_layers,
-                   attention=m.attention, lora=lora_config(cfg))
+                   attention=m.attention, context_attention=m.context_attention, lora=lora_config(cfg))
     try:
         return hf.config_from_hf(m.path, **options) if m.path else preset(m.preset, **options)
     except UserError:
@@ -72,11 +72,15 @@ def tokenizer_path(cfg: TrainConfig) -> str | None:
 
 def build_trainer(cfg: TrainConfig, model_cfg: DecoderConfig | None = None) -> SFTTrainer:
     """Mesh, model and optimizer of a config; checks that the global batch splits over the mesh."""
-    mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, expert=cfg.mesh.expert)
+    mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, expert=cfg.mesh.expert, context=cfg.mesh.context)
     dp, k = data_parallel_size(mesh), cfg.optim.grad_accum_steps
     if cfg.data.batch_size % dp:
         raise UserError(f"data.batch_size={cfg.data.batch_size} is not divisible by the data-parallel size "
                         f"mesh.data x mesh.fsdp x mesh.expert = {dp} (mesh {dict(mesh.shape)})")
+    length_key = "max_length" if cfg.data.packing else "pad_to_multiple_of"  # what fixes the rows' length
+    if getattr(cfg.data, length_key) % context_size(mesh):
+        raise UserError(f"data.{length_key}={getattr(cfg.data, length_key)} is not divisible by mesh.context="
+                        f"{context_size(mesh)}: each row's positions are split between that many devices")
     if cfg.data.batch_size % k:
         raise UserError(f"data.batch_size={cfg.data.batch_size} is not divisible by optim.grad_accum_steps={k}")
     model_cfg = model_cfg or model_config(cfg)

@@ -2,8 +2,9 @@
 
 Models speak logical names only ("embed", "mlp", "heads", ...). `LOGICAL_AXIS_RULES` maps them to the
 mesh axes `data` (replicas), `fsdp` (data parallel with sharded params and optimizer state), `expert`
-(data parallel with a mixture's experts split between the groups) and `tensor` (Megatron-style splits of
-heads, mlp and vocab). A dimension its mesh axes do not divide is replicated on
+(data parallel with a mixture's experts split between the groups), `context` (the sequence split between
+devices: long rows; weights and optimizer state sharded over it as over fsdp) and `tensor` (Megatron-style
+splits of heads, mlp and vocab). A dimension its mesh axes do not divide is replicated on
 those axes with a one-time warning: the table says where things go when they can, the shapes decide.
 """
 
@@ -21,9 +22,11 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from sft_sharded.errors import UserError
 
-MESH_AXES = ("data", "fsdp", "expert", "tensor")
-# Rows are split over every axis but tensor: an expert group holds its own rows, as an fsdp group does.
+MESH_AXES = ("data", "fsdp", "expert", "context", "tensor")
+# Rows are split over data, fsdp and expert (an expert group holds its own rows, as an fsdp group does),
+# positions of a row over context.
 BATCH_AXES = ("data", "fsdp", "expert")
+SEQUENCE_AXIS = "context"
 
 # Logical name -> mesh axes. Activation names ("act_*") are separate from weight names so that sharding
 # a weight's hidden dim on fsdp does not drag the residual stream onto fsdp: gathering a weight per layer
@@ -31,7 +34,9 @@ BATCH_AXES = ("data", "fsdp", "expert")
 LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("batch", BATCH_AXES),
     ("replica_batch", "data"),  # the rows of one fsdp group: the embedding lookup gathers ids only within it
-    ("embed", "fsdp"),
+    # Weights are split over context as over fsdp (gathered per layer): a context group holds no more
+    # weights per chip than an fsdp group of the same size.
+    ("embed", ("fsdp", SEQUENCE_AXIS)),
     ("act_embed", None),
     ("mlp", "tensor"),
     ("act_mlp", "tensor"),
@@ -41,7 +46,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("act_kv_heads", "tensor"),
     ("vocab", "tensor"),
     ("act_vocab", "tensor"),
-    ("length", None),
+    ("length", SEQUENCE_AXIS),  # activations' positions (attention over a split sequence: models/context.py)
     ("head_dim", None),
     ("layers", None),
     ("norm", None),
@@ -75,10 +80,11 @@ def mesh_shape(sizes: Mapping[str, int], num_devices: int) -> tuple[int, ...]:
 
 
 def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Sequence[Any] | None = None,
-              expert: int = 1) -> Mesh:
+              expert: int = 1, context: int = 1) -> Mesh:
     """A Mesh with axes MESH_AXES over `devices` (default: all); one size may be -1."""
     devices = list(jax.devices() if devices is None else devices)
-    shape = mesh_shape({"data": data, "fsdp": fsdp, "expert": expert, "tensor": tensor}, len(devices))
+    sizes = {"data": data, "fsdp": fsdp, "expert": expert, "context": context, "tensor": tensor}
+    shape = mesh_shape(sizes, len(devices))
     # jax.make_mesh orders devices by physical topology (TPU/GPU); Auto axes keep flax logical rules working.
     return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
 
@@ -161,9 +167,32 @@ def data_parallel_size(mesh: Mesh) -> int:
     return _axis_size(BATCH_AXES, mesh)
 
 
+def context_size(mesh: Mesh) -> int:
+    """Devices one row's positions are split over (1: whole rows per device)."""
+    return mesh.shape.get(SEQUENCE_AXIS, 1)
+
+
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
-    """Batch dim split over ("data", "fsdp"); the rest replicated."""
-    return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+    """Rows split over BATCH_AXES, positions over the context axis; the rest replicated."""
+    return NamedSharding(mesh, P(BATCH_AXES, *((SEQUENCE_AXIS,) if ndim > 1 else ()), *([None] * (ndim - 2))))
+
+
+def row_sharding(mesh: Mesh) -> NamedSharding:
+    """Rows split over BATCH_AXES, each row whole (prompts for generation, which gathers the sequence)."""
+    return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def whole_sequence(rules: Sequence[tuple[str, Any]]) -> tuple[tuple[str, Any], ...]:
+    """`rules` with activations' positions kept whole on every device (decoding with a KV cache)."""
+    return tuple((name, None if name == "length" else axes) for name, axes in rules)
+
+
+def sequence_shards(length: int) -> int:
+    """Into how many parts the current mesh splits a sequence of `length` positions (1 outside a mesh)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    spec = None if mesh.empty else nn.logical_to_mesh_axes(("length",))
+    size = 1 if spec is None else _axis_size(spec[0], mesh)
+    return size if length % size == 0 else 1
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -222,7 +251,7 @@ def split_microbatches(x_BxT: jax.Array, k: int, mesh: Mesh) -> jax.Array:
     rows = x_BxT.shape[0]
     x = x_BxT.reshape(rows // k, k, *x_BxT.shape[1:]).swapaxes(0, 1)
     if (rows // k) % data_parallel_size(mesh) == 0:
-        x = jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(None, BATCH_AXES)))
+        x = jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(None, *batch_sharding(mesh, x.ndim - 1).spec)))
     return x
 
 

@@ -19,7 +19,7 @@ def test_train_writes_run_dir_and_the_loss_falls(tmp_path):
     result = run_cli("train", f"run_dir={run_dir}", "steps=60", "log_every=10", "eval.every=30",
                      "eval.num_generate=16", "data.num_eval=32")
     assert result.returncode == 0, result.stderr
-    assert "8 cpu devices, mesh {'data': 2, 'fsdp': 2, 'expert': 1, 'tensor': 2}" in result.stdout
+    assert "8 cpu devices, mesh {'data': 2, 'fsdp': 2, 'expert': 1, 'context': 1, 'tensor': 2}" in result.stdout
     assert "10,000 records scanned: 10,000 kept, 0 truncated" in result.stdout
     assert "held-out exact match (greedy generation):" in result.stdout
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

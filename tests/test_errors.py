@@ -70,7 +70,7 @@ def test_empty_missing_and_unmatched_data_files(tmp_path, capsys):
 @pytest.mark.parametrize("overrides, expected", [
     (["optim.lrr=0.1"], "unknown config key 'optim.lrr'; did you mean optim.lr"),
     (["optim.lr=fast"], "optim.lr='fast' must be a number"),
-    (["mesh.data=3"], "mesh data=3 x fsdp=2 x expert=1 x tensor=2 = 12 devices, but 8 devices are available"),
+    (["mesh.data=3"], "mesh data=3 x fsdp=2 x expert=1 x context=1 x tensor=2 = 12 devices, but 8 devices are available"),
     (["mesh.fsdp=0"], "mesh.fsdp=0: each mesh size must be a positive int or -1"),
     (["data.batch_size=6"], "data.batch_size=6 is not divisible by the data-parallel size mesh.data x mesh.fsdp x mesh.expert = 4"),
     (["model.path=/nonexistent"], "model.path='/nonexistent': no config.json in that directory"),

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sft_sharded.choices import ATTENTION_IMPLEMENTATIONS
-from sft_sharded.sharding import current_platform
+from sft_sharded.sharding import current_platform, sequence_shards
 
 IMPLEMENTATIONS = ATTENTION_IMPLEMENTATIONS
 _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite, so a row never becomes NaN
@@ -122,11 +122,18 @@ def attention(
     window: int | None = None,
     scale: float | None = None,
     softcap: float | None = None,
+    context: tuple[str, str] = ("allgather", "zigzag"),
 ) -> jax.Array:
     """Causal self-attention over one sequence per row (training and evaluation; decoding with a KV
     cache calls `dot_product_attention`), optionally over a sliding `window` of keys. Output [B, T, N, H]
-    in the inputs' dtype."""
+    in the inputs' dtype. When the mesh splits the sequence, `models/context.py` attends with the
+    (scheme, layout) of `context` instead of `implementation`."""
     batch, length, num_heads, head_dim = q_BxTxNxH.shape
+    if sequence_shards(length) > 1:
+        from sft_sharded.models import context as split_sequence
+
+        return split_sequence.attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, window,
+                                        float(_scale(scale, head_dim)), softcap, *context)
     impl = resolve(implementation, q_BxTxNxH.dtype, head_dim, length, softcap)
     if impl == "reference":
         return dot_product_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, window=window, scale=scale,

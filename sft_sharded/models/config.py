@@ -9,7 +9,8 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from sft_sharded.choices import ACTIVATIONS, ATTENTION_IMPLEMENTATIONS, LAYER_TYPES, REMAT_POLICIES
+from sft_sharded.choices import (ACTIVATIONS, ATTENTION_IMPLEMENTATIONS, CONTEXT_LAYOUTS, CONTEXT_SCHEMES, LAYER_TYPES,
+                                 REMAT_POLICIES)
 from sft_sharded.models.lora import LoraConfig
 from sft_sharded.models.rope import check_scaling
 
@@ -51,6 +52,10 @@ class DecoderConfig:
     remat: str = "none"  # choices.REMAT_POLICIES
     scan_layers: bool = False
     attention: str = "auto"  # choices.ATTENTION_IMPLEMENTATIONS
+    # When the mesh splits the sequence (its context axis): how attention meets the other devices' keys
+    # (choices.CONTEXT_SCHEMES) and how positions are laid out on the devices (choices.CONTEXT_LAYOUTS).
+    context_attention: str = "allgather"
+    context_layout: str = "zigzag"
     # Each token sees only the last `sliding_window` keys (its own included): on every layer when
     # `layer_types` is None (Mistral), else on the layers marked "sliding_attention".
     sliding_window: int | None = None
@@ -79,7 +84,8 @@ class DecoderConfig:
             raise ValueError(f"DecoderConfig.hidden_size={self.hidden_size} is not divisible by "
                              f"num_heads={self.num_heads}; set head_dim explicitly")
         for key, choices in (("remat", REMAT_POLICIES), ("attention", ATTENTION_IMPLEMENTATIONS),
-                             ("activation", ACTIVATIONS)):
+                             ("activation", ACTIVATIONS), ("context_attention", CONTEXT_SCHEMES),
+                             ("context_layout", CONTEXT_LAYOUTS)):
             if getattr(self, key) not in choices:
                 raise ValueError(f"DecoderConfig.{key}={getattr(self, key)!r} must be one of {choices}")
         for key in ("sliding_window", "max_position_embeddings", "head_dim"):

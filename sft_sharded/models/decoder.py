@@ -7,11 +7,13 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from sft_sharded.models.config import DecoderConfig
+from sft_sharded.models.context import layout_order
 from sft_sharded.models.layers import MLP, Attention, RMSNorm, weight
 from sft_sharded.models.moe import MoE
-from sft_sharded.sharding import constrain
+from sft_sharded.sharding import constrain, sequence_shards
 
 RESIDUAL = ("batch", "length", "act_embed")
 
@@ -127,6 +129,12 @@ class Decoder(nn.Module):
         batch, length = input_ids_BxT.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+        # A sequence split over the mesh runs in the layout its attention balances (models/context.py);
+        # everything else is position by position, so only the inputs and the final states move.
+        order = None if cache is not None else layout_order(length, sequence_shards(length), cfg.context_layout)
+        if order is not None:
+            input_ids_BxT, positions, segment_ids = (None if a is None else a[:, order]
+                                                     for a in (input_ids_BxT, positions, segment_ids))
         x_BxTxD, embedding_VxD = self._embed(input_ids_BxT)
         decode = None
         if cache is not None:
@@ -136,6 +144,8 @@ class Decoder(nn.Module):
             decode = (kv_segments, cache["index"])
         x_BxTxD, new_layers = self._layers(x_BxTxD, positions, segment_ids, decode, cache)
         x_BxTxD = RMSNorm(cfg, name="final_norm")(x_BxTxD)
+        if order is not None:
+            x_BxTxD = constrain(x_BxTxD[:, np.argsort(order)], RESIDUAL)
         if cfg.tie_embeddings:
             head_DxV = embedding_VxD.T
         else:

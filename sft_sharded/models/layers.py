@@ -134,7 +134,7 @@ class Attention(nn.Module):
         if cache is None:
             def attend(window):
                 return lambda: attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, cfg.attention, window,
-                                         scale, cfg.attn_softcap)
+                                         scale, cfg.attn_softcap, (cfg.context_attention, cfg.context_layout))
 
             out_BxTxNxH = _by_kind(sliding, attend(cfg.sliding_window), attend(None))
         else:

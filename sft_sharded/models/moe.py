@@ -118,7 +118,7 @@ def dispatch(x_BxTxD, experts_BxTxK, weights_BxTxK, w_gate, w_up, w_down, activa
     gathered like a dense layer's under FSDP; with it (the mesh's `expert` axis), each group holds its
     share of the experts and the pairs travel (`_exchange`). Left to XLA, the sort over the batch-sharded
     pairs gathered every token to every device (7x the dense model's step on 8 simulated devices)."""
-    row_spec = activation_spec(x_BxTxD.shape, ("batch", None, None))
+    row_spec = activation_spec(x_BxTxD.shape, ("batch", "length", None))
     expert_spec = activation_spec(w_gate.shape, ("exp", None, None))
     groups = 1 if expert_spec is None or expert_spec[0] is None else jax.sharding.get_abstract_mesh().shape[
         expert_spec[0]]
@@ -133,7 +133,7 @@ def dispatch(x_BxTxD, experts_BxTxK, weights_BxTxK, w_gate, w_up, w_down, activa
     args = (x_BxTxD, experts_BxTxK, weights_BxTxK, w_gate, w_up, w_down, keep_BxTxK)
     if row_spec is None:  # no mesh: one device
         return local(*args)
-    rows = P(row_spec[0], None, None)
+    rows = P(row_spec[0], row_spec[1], None)
     weights = P(expert_spec[0] if groups > 1 else None, None, None)
     specs = (rows, rows, rows, weights, weights, weights, None if keep_BxTxK is None else rows)
     return jax.shard_map(local, in_specs=specs, out_specs=rows, check_vma=False)(*args)

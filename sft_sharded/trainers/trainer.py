@@ -149,7 +149,8 @@ class Trainer(abc.ABC):
     def _run(self, kind: str, first: Any, batch: Batch):
         signature = batch_format.signature(batch) if isinstance(batch, Mapping) else None
         if signature not in self._checked_signatures:
-            batch_format.check_layout(batch, sharding.data_parallel_size(self.mesh), self.grad_accum_steps)
+            batch_format.check_layout(batch, sharding.data_parallel_size(self.mesh), self.grad_accum_steps,
+                                      sharding.context_size(self.mesh))
             self._checked_signatures.add(signature)
         batch_format.check_ids(batch, getattr(getattr(self.model, "config", None), "vocab_size", None))
         batch = {key: batch[key] for key in BATCH_KEYS if key in batch}

@@ -1,0 +1,259 @@
+"""Attention over a sequence split between devices (the mesh axis that the logical name "length" maps to:
+`context`), honouring causality, packed segments that cross shard boundaries and sliding windows.
+
+Two schemes, each a flash-style kernel in plain jax with its own backward pass (the probabilities are
+recomputed from the saved log-sum-exp, never stored):
+
+- "allgather": every device gathers the whole row's keys and values (K/V are N/K times smaller than the
+  queries) and attends its own queries to them; the backward pass reduce-scatters their gradients.
+- "ring": key/value blocks travel around the ring of the context axis, one hop per step, while each device
+  folds the block it holds into a running log-sum-exp; the next block's hop is issued before the current
+  block's compute so the two can overlap. The backward pass sends the keys' gradients around with them.
+
+Layout: with `zigzag` (the default) the row is cut into 2c chunks and device i holds chunks i and 2c-1-i,
+so each device's queries see the same number of earlier keys (causal load balance). The decoder
+permutes its inputs into this layout and its outputs back (`layout_order`); every other part of the step
+works position by position and does not care. Key blocks and query blocks that the causal mask or the
+window hide entirely are skipped, which is what makes the layout matter.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec as P
+
+from sft_sharded.sharding import activation_spec, sequence_shards
+
+_MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
+_BLOCK = 512  # query and key rows per block: [B, K, G, 512, 512] float32 scores at a time
+
+
+def layout_order(length: int, shards: int, layout: str = "zigzag") -> np.ndarray | None:
+    """The original position of each position of the split layout (None: the natural order). The zigzag
+    layout needs 2 x shards chunks; a length without them keeps the natural order (still correct)."""
+    if shards == 1 or layout == "contiguous" or length % (2 * shards):
+        return None
+    chunks = np.arange(length, dtype=np.int32).reshape(2 * shards, -1)
+    return np.concatenate([np.concatenate([chunks[i], chunks[2 * shards - 1 - i]]) for i in range(shards)])
+
+
+def _block(n: int) -> int:
+    """The largest divisor of n up to _BLOCK (blocks must tile the rows exactly)."""
+    return max(d for d in range(1, min(n, _BLOCK) + 1) if n % d == 0)
+
+
+def _pieces(order: np.ndarray | None, length: int, shards: int) -> int:
+    """Rows per block such that every block of a shard covers consecutive original positions (so the
+    cheap first/last test of `_visible` is exact): a zigzag shard is two runs, a contiguous one is one."""
+    run = length // shards if order is None else length // (2 * shards)
+    return _block(run)
+
+
+def _visible(q_ord, k_ord, window):
+    """Whether any key of a block can be visible to any query of a block (their positions are runs)."""
+    ok = k_ord[0] <= q_ord[-1]
+    return ok if window is None else ok & (k_ord[-1] > q_ord[0] - window)
+
+
+def _scores(q, k, q_seg, k_seg, q_ord, k_ord, opts):
+    """Scaled (and capped) float32 scores [b, K, G, Tq, Tk], the mask, and the capping's derivative."""
+    window, scale, softcap = opts
+    s = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * np.float32(scale)
+    d_cap = None
+    if softcap is not None:
+        tanh = jnp.tanh(s / softcap)
+        s, d_cap = softcap * tanh, 1 - tanh * tanh
+    mask = k_ord[None, :] <= q_ord[:, None]
+    if window is not None:
+        mask = mask & (k_ord[None, :] > q_ord[:, None] - window)
+    mask = mask[None, None, None] & (q_seg[:, :, None] == k_seg[:, None, :])[:, None, None]
+    return s, mask, d_cap
+
+
+def _split(x, block, axis=1):
+    """[b, S, ...] -> [S/block, b, block, ...] (the scan axis first)."""
+    shape = x.shape
+    x = x.reshape(*shape[:axis], shape[axis] // block, block, *shape[axis + 1:])
+    return jnp.moveaxis(x, axis, 0)
+
+
+def _fold(carry, q, k, v, q_seg, k_seg, q_ord, k_ord, opts, qb, kb):
+    """Fold keys/values [b, S, K, H] into the running (acc, max, sum) of queries [b, C, K, G, H]."""
+    acc, m, l = carry
+    keys = (_split(k, kb), _split(v, kb), _split(k_seg, kb), k_ord.reshape(-1, kb))
+    accs, ms, ls = [], [], []
+    for start in range(0, q.shape[1], qb):
+        rows = slice(start, start + qb)
+        q_i, qs_i, qo_i = q[:, rows], q_seg[:, rows], q_ord[rows]
+
+        def step(c, xs, q_i=q_i, qs_i=qs_i, qo_i=qo_i):
+            k_j, v_j, ks_j, ko_j = xs
+
+            def update(c):
+                a, mx, sm = c
+                s, mask, _ = _scores(q_i, k_j, qs_i, ks_j, qo_i, ko_j, opts)
+                m_new = jnp.maximum(mx, jnp.max(jnp.where(mask, s, _MASKED), axis=-1))
+                p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
+                fix = jnp.exp(mx - m_new)
+                pv = jnp.einsum("bkgts,bskd->bkgtd", p.astype(v_j.dtype), v_j, preferred_element_type=jnp.float32)
+                return a * fix[..., None] + pv, m_new, sm * fix + jnp.sum(p, axis=-1)
+
+            return jax.lax.cond(_visible(qo_i, ko_j, opts[0]), update, lambda c: c, c), None
+
+        (a, mx, sm), _ = jax.lax.scan(step, (acc[..., rows, :], m[..., rows], l[..., rows]), keys)
+        accs.append(a), ms.append(mx), ls.append(sm)
+    return jnp.concatenate(accs, -2), jnp.concatenate(ms, -1), jnp.concatenate(ls, -1)
+
+
+def _unfold(dq, q, k, v, q_seg, k_seg, q_ord, k_ord, lse, delta, d_out, opts, qb, kb):
+    """The backward of `_fold` for one key/value block: (dq + its share, dk, dv), all float32."""
+    keys = (_split(k, kb), _split(v, kb), _split(k_seg, kb), k_ord.reshape(-1, kb))
+    dk = jnp.zeros(k.shape, jnp.float32)
+    dv = jnp.zeros(v.shape, jnp.float32)
+    dqs = []
+    for start in range(0, q.shape[1], qb):
+        rows = slice(start, start + qb)
+        q_i, qs_i, qo_i, do_i = q[:, rows], q_seg[:, rows], q_ord[rows], d_out[:, :, :, rows]
+        lse_i, delta_i = lse[..., rows], delta[..., rows]
+
+        def step(dq_i, xs, q_i=q_i, qs_i=qs_i, qo_i=qo_i, do_i=do_i, lse_i=lse_i, delta_i=delta_i):
+            k_j, v_j, ks_j, ko_j = xs
+
+            def grads(dq_i):
+                s, mask, d_cap = _scores(q_i, k_j, qs_i, ks_j, qo_i, ko_j, opts)
+                p = jnp.where(mask, jnp.exp(s - lse_i[..., None]), 0.0)
+                dv_j = jnp.einsum("bkgts,bkgtd->bskd", p, do_i)
+                dp = jnp.einsum("bkgtd,bskd->bkgts", do_i, v_j.astype(jnp.float32))
+                ds = p * (dp - delta_i[..., None]) * np.float32(opts[1])
+                ds = ds if d_cap is None else ds * d_cap
+                dq_i = dq_i + jnp.einsum("bkgts,bskd->btkgd", ds, k_j.astype(jnp.float32))
+                return dq_i, (jnp.einsum("bkgts,btkgd->bskd", ds, q_i.astype(jnp.float32)), dv_j)
+
+            def skip(dq_i):
+                return dq_i, (jnp.zeros(k_j.shape, jnp.float32), jnp.zeros(v_j.shape, jnp.float32))
+
+            return jax.lax.cond(_visible(qo_i, ko_j, opts[0]), grads, skip, dq_i)
+
+        dq_i, (dk_i, dv_i) = jax.lax.scan(step, dq[:, rows], keys)
+        dqs.append(dq_i)
+        dk = dk + jnp.moveaxis(dk_i, 0, 1).reshape(k.shape)
+        dv = dv + jnp.moveaxis(dv_i, 0, 1).reshape(v.shape)
+    return jnp.concatenate(dqs, 1), dk, dv
+
+
+def _start(q):
+    b, c, kh, g, h = q.shape
+    return (jnp.zeros((b, kh, g, c, h), jnp.float32), jnp.full((b, kh, g, c), _MASKED, jnp.float32),
+            jnp.zeros((b, kh, g, c), jnp.float32))
+
+
+def _finish(carry, dtype):
+    acc, m, l = carry
+    l = jnp.maximum(l, np.float32(1e-30))  # every query sees itself: l > 0 for every real row
+    out = jnp.moveaxis(acc / l[..., None], 3, 1).astype(dtype)  # [b, C, K, G, H]
+    return out, m + jnp.log(l)
+
+
+def _delta(out, d_out):
+    """sum_d dO·O per query ([b, K, G, C]) and dO as [b, K, G, C, H] float32."""
+    d_out = jnp.moveaxis(d_out.astype(jnp.float32), 1, 3)
+    return jnp.sum(d_out * jnp.moveaxis(out.astype(jnp.float32), 1, 3), -1), d_out
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
+def _flash(q, k, v, q_seg, k_seg, q_ord, k_ord, opts, qb, kb):
+    """Queries [b, C, K, G, H] against all keys/values given ([b, S, K, H]), with positions `*_ord`."""
+    return _flash_fwd(q, k, v, q_seg, k_seg, q_ord, k_ord, opts, qb, kb)[0]
+
+
+def _flash_fwd(q, k, v, q_seg, k_seg, q_ord, k_ord, opts, qb, kb):
+    out, lse = _finish(_fold(_start(q), q, k, v, q_seg, k_seg, q_ord, k_ord, opts, qb, kb), q.dtype)
+    return out, (q, k, v, q_seg, k_seg, q_ord, k_ord, out, lse)
+
+
+def _flash_bwd(opts, qb, kb, residuals, d_out):
+    q, k, v, q_seg, k_seg, q_ord, k_ord, out, lse = residuals
+    delta, d_out = _delta(out, d_out)
+    dq, dk, dv = _unfold(jnp.zeros(q.shape, jnp.float32), q, k, v, q_seg, k_seg, q_ord, k_ord, lse, delta,
+                         d_out, opts, qb, kb)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, None, None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def _ring_perm(shards: int):
+    return [(i, (i + 1) % shards) for i in range(shards)]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9))
+def _ring(q, k, v, seg, order, opts, qb, kb, axis, shards):
+    """Queries [b, C, K, G, H] against every device's keys/values, which hop one device per step."""
+    return _ring_fwd(q, k, v, seg, order, opts, qb, kb, axis, shards)[0]
+
+
+def _ring_fwd(q, k, v, seg, order, opts, qb, kb, axis, shards):
+    carry, block = _start(q), (k, v, seg, order)
+    for step in range(shards):
+        # The next block's hop does not depend on this step's compute: XLA may run them together.
+        following = jax.lax.ppermute(block, axis, _ring_perm(shards)) if step < shards - 1 else None
+        carry = _fold(carry, q, block[0], block[1], seg, block[2], order, block[3], opts, qb, kb)
+        block = following
+    out, lse = _finish(carry, q.dtype)
+    return out, (q, k, v, seg, order, out, lse)
+
+
+def _ring_bwd(opts, qb, kb, axis, shards, residuals, d_out):
+    q, k, v, seg, order, out, lse = residuals
+    delta, d_out = _delta(out, d_out)
+    dq = jnp.zeros(q.shape, jnp.float32)
+    block, d_kv = (k, v, seg, order), (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
+    for step in range(shards):
+        following = jax.lax.ppermute(block, axis, _ring_perm(shards)) if step < shards - 1 else None
+        dq, dk, dv = _unfold(dq, q, block[0], block[1], seg, block[2], order, block[3], lse, delta, d_out, opts,
+                             qb, kb)
+        # A block's gradient travels with it; after the last hop it is back on the device that owns it.
+        d_kv = jax.lax.ppermute((d_kv[0] + dk, d_kv[1] + dv), axis, _ring_perm(shards))
+        block = following
+    return dq.astype(q.dtype), d_kv[0].astype(k.dtype), d_kv[1].astype(v.dtype), None, None
+
+
+_ring.defvjp(_ring_fwd, _ring_bwd)
+
+
+def attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, window: int | None, scale: float,
+              softcap: float | None, scheme: str = "allgather", layout: str = "zigzag") -> jax.Array:
+    """Causal attention of a sequence split on the mesh (called by `attention.attention` when the mesh
+    splits "length"), with its positions in `layout_order`. Output [B, T, N, H], split like the queries."""
+    batch, length, num_heads, head_dim = q_BxTxNxH.shape
+    shards = sequence_shards(length)
+    q_spec = activation_spec(q_BxTxNxH.shape, ("batch", "length", "act_heads", None))
+    kv_spec = activation_spec(k_BxTxKxH.shape, ("batch", "length", "act_kv_heads", None))
+    if q_spec[2] != kv_spec[2]:  # kv heads too few to split: keep every head whole so groups line up
+        q_spec, kv_spec = P(*q_spec[:2], None, None), P(*kv_spec[:2], None, None)
+    axis = q_spec[1]
+    order = layout_order(length, shards, layout)
+    run = _pieces(order, length, shards)
+    order = jnp.arange(length, dtype=jnp.int32) if order is None else jnp.asarray(order)
+    if segment_ids_BxT is None:
+        segment_ids_BxT = jnp.ones((batch, length), jnp.int32)
+    opts = (window, float(scale), softcap)
+
+    def local(q, k, v, seg):
+        b, c, n, h = q.shape
+        q = q.reshape(b, c, k.shape[2], n // k.shape[2], h)
+        own = jax.lax.dynamic_slice_in_dim(order, jax.lax.axis_index(axis) * c, c)
+        if scheme == "ring":
+            out = _ring(q, k, v, seg, own, opts, run, run, axis, shards)
+        else:
+            gather = functools.partial(jax.lax.all_gather, axis_name=axis, axis=1, tiled=True)
+            out = _flash(q, gather(k), gather(v), seg, gather(seg), own, order, opts, run, run)
+        return out.reshape(b, c, n, h)
+
+    specs = (q_spec, kv_spec, kv_spec, P(q_spec[0], axis))
+    return jax.shard_map(local, in_specs=specs, out_specs=q_spec, check_vma=False)(
+        q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT)
