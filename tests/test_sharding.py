@@ -41,7 +41,7 @@ def test_indivisible_dimension_is_replicated_with_a_warning():
     with pytest.warns(UserWarning, match=r"dimension 1 of shape \(32, 6, 8\) is not divisible by mesh axes tensor"):
         sharding = logical_to_sharding(P("embed", "kv_heads", "head_dim"), (32, 6, 8), mesh, what="wk")
     assert sharding.spec == P(("fsdp", "context"), None, None)
-    assert logical_to_sharding(P("embed", "heads", "head_dim"), (32, 4, 8), mesh).spec == P("fsdp", "tensor", None)
+    assert logical_to_sharding(P("embed", "heads", "head_dim"), (32, 4, 8), mesh).spec == P(("fsdp", "context"), "tensor", None)
 
 
 def test_global_batch_is_sharded_on_data_and_fsdp():
