@@ -14,6 +14,7 @@ import re
 import sys
 
 from sft_sharded.choices import ATTENTION_IMPLEMENTATIONS, LORA_BASE_DTYPES as BASE_DTYPES, REMAT_POLICIES
+from sft_sharded.errors import UserError
 
 # Per chip. HBM and peak dense bf16 FLOP/s from the Cloud TPU system-architecture pages
 # (cloud.google.com/tpu/docs/v4, /v5e, /v5p, /v6e), as published in 2025.
@@ -82,12 +83,18 @@ def plan(topology: str, model: str, seq: int, global_batch: int, mesh_spec: str,
     from sft_sharded.models.attention import resolve
     from sft_sharded.models.lora import LoraConfig
     from sft_sharded.models.presets import loss_chunk as chunk_for
-    from sft_sharded.sharding import MESH_AXES, batch_sharding
+    from sft_sharded.sharding import MESH_AXES, batch_sharding, context_size, data_parallel_size
     from sft_sharded.trainers import SFTTrainer
 
     gen, grid = parse_topology(topology)
     mesh = _topology_mesh(gen, grid, mesh_spec)
     devices, shape = mesh.devices.flat, tuple(mesh.shape.values())
+    if global_batch % data_parallel_size(mesh):
+        raise UserError(f"--global-batch {global_batch} does not split over data x fsdp x expert = "
+                        f"{data_parallel_size(mesh)} of mesh {dict(mesh.shape)}: use fewer row-splitting devices "
+                        "(e.g. a larger context axis) or more rows")
+    if seq % context_size(mesh):
+        raise UserError(f"--seq {seq} is not divisible by the context axis ({context_size(mesh)} devices)")
     lora = LoraConfig(rank=lora_rank, base_dtype=base_dtype) if lora_rank else None
     cfg = preset(model, dtype="bfloat16", remat=remat, scan_layers=scan, attention=attention, lora=lora)
     loss_chunk = chunk_for(cfg, loss_chunk)
@@ -110,6 +117,8 @@ def plan(topology: str, model: str, seq: int, global_batch: int, mesh_spec: str,
     lowered = trainer.lower("train", state, batch)
     with jax.set_mesh(mesh):  # what "auto" means on the target platform, and proof that a kernel is in
         result["attention"] = resolve(attention, cfg.dtype, cfg.head_size, seq, cfg.attn_softcap)
+    if context_size(mesh) > 1:  # a split sequence attends with models/context.py's kernels instead
+        result["attention"] = f"split sequence ({cfg.context_attention}, {cfg.context_layout})"
     result["pallas_calls"] = lowered.as_text().count("tpu_custom_call")
     try:
         compiled = lowered.compile()
@@ -166,7 +175,7 @@ def main(args) -> int:
     if not result["fits"]:
         need = result.get("compiler_error") or f"{result['total_bytes_per_chip'] / 2**30:.2f} GiB per chip"
         print(f"sft-sharded plan: does not fit in {result['hbm_bytes'] / 2**30:.0f} GiB HBM per chip ({need}); "
-              "use more chips, a smaller batch, fsdp, or remat", file=sys.stderr)
+              "use more chips, a smaller batch, fsdp, a context axis, or remat", file=sys.stderr)
         return 1
     return 0
 
@@ -176,7 +185,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--model", required=True, help="a preset name (sft_sharded.models.PRESETS)")
     parser.add_argument("--seq", type=int, default=4096)
     parser.add_argument("--global-batch", type=int, default=64)
-    parser.add_argument("--mesh", default="fsdp=-1", help="e.g. fsdp=-1 or data=2,fsdp=-1,tensor=4")
+    parser.add_argument("--mesh", default="fsdp=-1", help="e.g. fsdp=-1, data=2,fsdp=-1,tensor=4 or fsdp=-1,context=16")
     parser.add_argument("--remat", default="full", choices=REMAT_POLICIES)
     parser.add_argument("--no-scan", action="store_true", help="unroll the layers (slower to compile)")
     parser.add_argument("--attention", default="auto", choices=[a for a in ATTENTION_IMPLEMENTATIONS if a != "cudnn"],

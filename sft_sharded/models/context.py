@@ -20,6 +20,7 @@ window hide entirely are skipped, which is what makes the layout matter.
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -164,96 +165,130 @@ def _delta(out, d_out):
     return jnp.sum(d_out * jnp.moveaxis(out.astype(jnp.float32), 1, 3), -1), d_out
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
-def _flash(q, k, v, q_seg, k_seg, q_ord, k_ord, opts, qb, kb):
-    """Queries [b, C, K, G, H] against all keys/values given ([b, S, K, H]), with positions `*_ord`."""
-    return _flash_fwd(q, k, v, q_seg, k_seg, q_ord, k_ord, opts, qb, kb)[0]
+class _Setup(NamedTuple):
+    """What a split-sequence attention call fixes at trace time (hashable: the custom VJP's static part)."""
+
+    scheme: str
+    layout: str
+    axis: str  # the mesh axis that splits the sequence
+    shards: int
+    opts: tuple  # (window, scale, softcap)
+    run: int  # rows per query and key block
+    q_spec: P
+    kv_spec: P
+
+    def order(self, length: int) -> jax.Array:
+        order = layout_order(length, self.shards, self.layout)
+        return jnp.arange(length, dtype=jnp.int32) if order is None else jnp.asarray(order)
+
+    def own(self, order: jax.Array, rows: int) -> jax.Array:
+        """This device's positions of the layout."""
+        return jax.lax.dynamic_slice_in_dim(order, jax.lax.axis_index(self.axis) * rows, rows)
+
+    def hop(self, x):
+        """Every device's block to the next device of the ring."""
+        return jax.lax.ppermute(x, self.axis, [(i, (i + 1) % self.shards) for i in range(self.shards)])
+
+    def gather(self, x):
+        return jax.lax.all_gather(x, self.axis, axis=1, tiled=True)
+
+    def shard_map(self, fn, in_specs, out_specs):
+        return jax.shard_map(fn, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+
+    @property
+    def stat_spec(self) -> P:  # [b, K, G, C] float32: a query's log-sum-exp
+        return P(self.kv_spec[0], self.kv_spec[2], None, self.axis)
 
 
-def _flash_fwd(q, k, v, q_seg, k_seg, q_ord, k_ord, opts, qb, kb):
-    out, lse = _finish(_fold(_start(q), q, k, v, q_seg, k_seg, q_ord, k_ord, opts, qb, kb), q.dtype)
-    return out, (q, k, v, q_seg, k_seg, q_ord, k_ord, out, lse)
+def _tie(q, seg, order):
+    """Make the masks' inputs (segment ids, positions) depend on the queries. They are the same in every
+    layer, so inside a scan over layers jax hoisted the masks out of the loop as loop-invariant values and
+    kept every block's mask and scores for all layers at once (gigabytes at long context)."""
+    return jax.lax.optimization_barrier((q, seg, order))
 
 
-def _flash_bwd(opts, qb, kb, residuals, d_out):
-    q, k, v, q_seg, k_seg, q_ord, k_ord, out, lse = residuals
-    delta, d_out = _delta(out, d_out)
-    dq, dk, dv = _unfold(jnp.zeros(q.shape, jnp.float32), q, k, v, q_seg, k_seg, q_ord, k_ord, lse, delta,
-                         d_out, opts, qb, kb)
-    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, None, None
+# The custom VJP wraps the shard_maps: forward and backward are each one shard_map with their collectives
+# written out (the backward reduce-scatters what the forward all-gathered).
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _split_attention(q, k, v, seg, setup: _Setup):
+    return _split_fwd(q, k, v, seg, setup)[0]
 
 
-_flash.defvjp(_flash_fwd, _flash_bwd)
+def _split_fwd(q, k, v, seg, setup: _Setup):
+    order = setup.order(q.shape[1])
+
+    def local(q, k, v, seg):
+        b, c, n, h = q.shape
+        q, seg, positions = _tie(q.reshape(b, c, k.shape[2], n // k.shape[2], h), seg, order)
+        own, carry = setup.own(positions, c), _start(q)
+        args = (setup.opts, setup.run, setup.run)
+        if setup.scheme == "ring":
+            block = (k, v, seg, own)
+            for step in range(setup.shards):
+                # The next block's hop does not depend on this step's compute: XLA may overlap them.
+                following = setup.hop(block) if step < setup.shards - 1 else None
+                carry = _fold(carry, q, block[0], block[1], seg, block[2], own, block[3], *args)
+                block = following
+        else:
+            carry = _fold(carry, q, setup.gather(k), setup.gather(v), seg, setup.gather(seg), own, positions, *args)
+        out, lse = _finish(carry, q.dtype)
+        return out.reshape(b, c, n, h), lse
+
+    seg_spec = P(setup.q_spec[0], setup.axis)
+    out, lse = setup.shard_map(local, (setup.q_spec, setup.kv_spec, setup.kv_spec, seg_spec),
+                               (setup.q_spec, setup.stat_spec))(q, k, v, seg)
+    return out, (q, k, v, seg, out, lse)
 
 
-def _ring_perm(shards: int):
-    return [(i, (i + 1) % shards) for i in range(shards)]
+def _split_bwd(setup: _Setup, residuals, d_out):
+    q, k, v, seg, out, lse = residuals
+    order = setup.order(q.shape[1])
+
+    def local(q, k, v, seg, out, lse, d_out):
+        b, c, n, h = q.shape
+        grouped = (b, c, k.shape[2], n // k.shape[2], h)
+        q, seg, positions = _tie(q.reshape(grouped), seg, order)
+        delta, d_out = _delta(out.reshape(grouped), d_out.reshape(grouped))
+        own, dq = setup.own(positions, c), jnp.zeros(q.shape, jnp.float32)
+        args = (lse, delta, d_out, setup.opts, setup.run, setup.run)
+        if setup.scheme == "ring":
+            block = (k, v, seg, own)
+            d_kv = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
+            for step in range(setup.shards):
+                following = setup.hop(block) if step < setup.shards - 1 else None
+                dq, dk, dv = _unfold(dq, q, block[0], block[1], seg, block[2], own, block[3], *args)
+                # A block's gradient travels with it; after the last hop it is back with its owner.
+                d_kv = setup.hop((d_kv[0] + dk, d_kv[1] + dv))
+                block = following
+            dk, dv = d_kv
+        else:
+            dq, dk, dv = _unfold(dq, q, setup.gather(k), setup.gather(v), seg, setup.gather(seg), own, positions,
+                                 *args)
+            dk, dv = (jax.lax.psum_scatter(x, setup.axis, scatter_dimension=1, tiled=True) for x in (dk, dv))
+        return dq.reshape(b, c, n, h).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+
+    seg_spec = P(setup.q_spec[0], setup.axis)
+    specs = (setup.q_spec, setup.kv_spec, setup.kv_spec, seg_spec, setup.q_spec, setup.stat_spec, setup.q_spec)
+    dq, dk, dv = setup.shard_map(local, specs, (setup.q_spec, setup.kv_spec, setup.kv_spec))(
+        q, k, v, seg, out, lse, d_out)
+    return dq, dk, dv, None
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9))
-def _ring(q, k, v, seg, order, opts, qb, kb, axis, shards):
-    """Queries [b, C, K, G, H] against every device's keys/values, which hop one device per step."""
-    return _ring_fwd(q, k, v, seg, order, opts, qb, kb, axis, shards)[0]
-
-
-def _ring_fwd(q, k, v, seg, order, opts, qb, kb, axis, shards):
-    carry, block = _start(q), (k, v, seg, order)
-    for step in range(shards):
-        # The next block's hop does not depend on this step's compute: XLA may run them together.
-        following = jax.lax.ppermute(block, axis, _ring_perm(shards)) if step < shards - 1 else None
-        carry = _fold(carry, q, block[0], block[1], seg, block[2], order, block[3], opts, qb, kb)
-        block = following
-    out, lse = _finish(carry, q.dtype)
-    return out, (q, k, v, seg, order, out, lse)
-
-
-def _ring_bwd(opts, qb, kb, axis, shards, residuals, d_out):
-    q, k, v, seg, order, out, lse = residuals
-    delta, d_out = _delta(out, d_out)
-    dq = jnp.zeros(q.shape, jnp.float32)
-    block, d_kv = (k, v, seg, order), (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
-    for step in range(shards):
-        following = jax.lax.ppermute(block, axis, _ring_perm(shards)) if step < shards - 1 else None
-        dq, dk, dv = _unfold(dq, q, block[0], block[1], seg, block[2], order, block[3], lse, delta, d_out, opts,
-                             qb, kb)
-        # A block's gradient travels with it; after the last hop it is back on the device that owns it.
-        d_kv = jax.lax.ppermute((d_kv[0] + dk, d_kv[1] + dv), axis, _ring_perm(shards))
-        block = following
-    return dq.astype(q.dtype), d_kv[0].astype(k.dtype), d_kv[1].astype(v.dtype), None, None
-
-
-_ring.defvjp(_ring_fwd, _ring_bwd)
+_split_attention.defvjp(_split_fwd, _split_bwd)
 
 
 def attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, window: int | None, scale: float,
               softcap: float | None, scheme: str = "allgather", layout: str = "zigzag") -> jax.Array:
     """Causal attention of a sequence split on the mesh (called by `attention.attention` when the mesh
     splits "length"), with its positions in `layout_order`. Output [B, T, N, H], split like the queries."""
-    batch, length, num_heads, head_dim = q_BxTxNxH.shape
+    batch, length = q_BxTxNxH.shape[:2]
     shards = sequence_shards(length)
     q_spec = activation_spec(q_BxTxNxH.shape, ("batch", "length", "act_heads", None))
     kv_spec = activation_spec(k_BxTxKxH.shape, ("batch", "length", "act_kv_heads", None))
     if q_spec[2] != kv_spec[2]:  # kv heads too few to split: keep every head whole so groups line up
         q_spec, kv_spec = P(*q_spec[:2], None, None), P(*kv_spec[:2], None, None)
-    axis = q_spec[1]
-    order = layout_order(length, shards, layout)
-    run = _pieces(order, length, shards)
-    order = jnp.arange(length, dtype=jnp.int32) if order is None else jnp.asarray(order)
+    run = _pieces(layout_order(length, shards, layout), length, shards)
+    setup = _Setup(scheme, layout, q_spec[1], shards, (window, float(scale), softcap), run, q_spec, kv_spec)
     if segment_ids_BxT is None:
         segment_ids_BxT = jnp.ones((batch, length), jnp.int32)
-    opts = (window, float(scale), softcap)
-
-    def local(q, k, v, seg):
-        b, c, n, h = q.shape
-        q = q.reshape(b, c, k.shape[2], n // k.shape[2], h)
-        own = jax.lax.dynamic_slice_in_dim(order, jax.lax.axis_index(axis) * c, c)
-        if scheme == "ring":
-            out = _ring(q, k, v, seg, own, opts, run, run, axis, shards)
-        else:
-            gather = functools.partial(jax.lax.all_gather, axis_name=axis, axis=1, tiled=True)
-            out = _flash(q, gather(k), gather(v), seg, gather(seg), own, order, opts, run, run)
-        return out.reshape(b, c, n, h)
-
-    specs = (q_spec, kv_spec, kv_spec, P(q_spec[0], axis))
-    return jax.shard_map(local, in_specs=specs, out_specs=q_spec, check_vma=False)(
-        q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT)
+    return _split_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, setup)
