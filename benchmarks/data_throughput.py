@@ -1,6 +1,7 @@
 """Tokens/s through the data pipeline (read + tokenize + chat template + pack + batch) vs the trainer.
 
     python benchmarks/data_throughput.py [--records 100000] [--workers 0 2] [--batches 200]
+        [--max-length 131072 --pack-buffer 16384 --batch-size 4]  # long rows for the pipeline only
 
 Writes a JSONL of multi-turn conversations, times the pipeline with each worker count, then times the
 default model's train step on the default mesh (8 simulated CPU devices) on the same batches. The last
@@ -70,6 +71,9 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 2])
     parser.add_argument("--batches", type=int, default=200)
     parser.add_argument("--trainer-steps", type=int, default=30)
+    parser.add_argument("--max-length", type=int, help="pipeline rows of this length (the trainer keeps the default)")
+    parser.add_argument("--pack-buffer", type=int, help="examples packed together (fill long rows)")
+    parser.add_argument("--batch-size", type=int, help="pipeline rows per batch")
     args = parser.parse_args()
 
     from sft_sharded.devices import simulate_cpu_devices
@@ -89,8 +93,10 @@ def main() -> None:
         write_conversations(path, args.records)
         print(f"wrote {args.records:,} conversations in {time.perf_counter() - start:.1f}s", file=sys.stderr)
         base = load_config(None, [f"data.path={path}"])
+        long_rows = {key: getattr(args, key) for key in ("max_length", "pack_buffer", "batch_size")
+                     if getattr(args, key) is not None}
         for workers in args.workers:
-            cfg = dataclasses.replace(base.data, worker_count=workers)
+            cfg = dataclasses.replace(base.data, worker_count=workers, **long_rows)
             rate, eff = time_pipeline(cfg, args.batches)
             results[f"pipeline_tokens_per_sec_workers_{workers}"] = round(rate)
             print(f"pipeline, {workers} workers: {rate:,.0f} tokens/s (packing efficiency {eff:.1%})", file=sys.stderr)

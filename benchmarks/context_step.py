@@ -1,0 +1,59 @@
+"""Train-step time and per-device memory with a row's positions split over the mesh's context axis, on
+simulated CPU devices: the same 4 rows x `--seq` positions on 4 devices, split by rows (fsdp=4) or by
+positions (context=2, 4), each scheme and layout. Simulated devices share this host's cores, so the times
+show the overhead of the split (collectives, permutation, smaller blocks), not a speed-up.
+Usage: python benchmarks/context_step.py [--seq 8192] [--steps 3]"""
+
+import argparse
+import dataclasses
+import statistics
+import time
+
+from sft_sharded.devices import simulate_cpu_devices
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--seq", type=int, default=8192)
+    p.add_argument("--steps", type=int, default=3)
+    args = p.parse_args()
+    simulate_cpu_devices(4)
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+
+    from sft_sharded import Decoder, DecoderConfig, SFTTrainer, make_mesh
+    from sft_sharded.metrics import memory_per_device
+    from sft_sharded.sharding import global_batch
+
+    rows, seq = 4, args.seq
+    base = DecoderConfig(vocab_size=1024, hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2, mlp_dim=1024,
+                         scan_layers=True, remat="full", attention="xla")
+    variants = [("fsdp=4 (whole rows)", dict(fsdp=4), {})]
+    for context in (2, 4):
+        for scheme in ("allgather", "ring"):
+            variants.append((f"context={context} {scheme} zigzag", dict(fsdp=4 // context, context=context),
+                             dict(context_attention=scheme)))
+    variants.append(("context=4 allgather contiguous", dict(fsdp=1, context=4), dict(context_layout="contiguous")))
+    ids = np.random.default_rng(0).integers(1, 1024, (rows, seq)).astype(np.int32)
+    for name, sizes, options in variants:
+        mesh = make_mesh(data=1, **sizes)
+        cfg = dataclasses.replace(base, **options)
+        trainer = SFTTrainer(Decoder(cfg), optax.adamw(1e-4), mesh=mesh, loss_chunk_size=1024)
+        state = trainer.create_train_state(jax.random.key(0), jnp.zeros((rows, seq), jnp.int32))
+        batch = global_batch({"input_ids": ids, "labels": np.roll(ids, -1, 1)}, mesh)
+        memory = memory_per_device(trainer.lower("train", state, batch).compile())
+        times = []
+        for _ in range(1 + args.steps):
+            start = time.perf_counter()
+            state, metrics = trainer.train_step(state, batch)
+            jax.block_until_ready(metrics)
+            times.append(time.perf_counter() - start)
+        step = statistics.median(times[1:])
+        print(f"{name:34s} step {step:7.2f} s  {rows * seq / step:8,.0f} tokens/s  {memory / 2**20:7.1f} MiB per "
+              f"device  loss {float(metrics['loss']):.4f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
