@@ -42,6 +42,27 @@ def layout_order(length: int, shards: int, layout: str = "zigzag") -> np.ndarray
     return np.concatenate([np.concatenate([chunks[i], chunks[2 * shards - 1 - i]]) for i in range(shards)])
 
 
+def zigzag_to_natural(x_BxTxD: jax.Array, logical_axes: tuple[str, ...]) -> jax.Array:
+    """Activations from the zigzag layout back to the natural order with four point-to-point transfers of
+    half a shard each (a gather by index would replicate the whole [B, T, D] on every device first).
+    Device i holds chunks (i, 2c-1-i) and needs (2i, 2i+1): each half goes to one device, and the four
+    partial permutations below are the four (half, parity) cases."""
+    spec = activation_spec(x_BxTxD.shape, logical_axes)
+    axis = spec[1]
+    shards = jax.sharding.get_abstract_mesh().shape[axis]
+    first = [(i, i // 2) for i in range(shards)]
+    second = [(i, (2 * shards - 1 - i) // 2) for i in range(shards)]
+
+    def local(x):
+        halves = x.reshape(x.shape[0], 2, x.shape[1] // 2, *x.shape[2:])
+        send = functools.partial(jax.lax.ppermute, axis_name=axis)
+        to_even = send(halves[:, 0], perm=first[0::2]) + send(halves[:, 1], perm=second[1::2])
+        to_odd = send(halves[:, 0], perm=first[1::2]) + send(halves[:, 1], perm=second[0::2])
+        return jnp.concatenate([to_even, to_odd], axis=1)
+
+    return jax.shard_map(local, in_specs=spec, out_specs=spec, check_vma=False)(x_BxTxD)
+
+
 def _block(n: int) -> int:
     """The largest divisor of n up to _BLOCK (blocks must tile the rows exactly)."""
     return max(d for d in range(1, min(n, _BLOCK) + 1) if n % d == 0)

@@ -7,10 +7,9 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from sft_sharded.models.config import DecoderConfig
-from sft_sharded.models.context import layout_order
+from sft_sharded.models.context import layout_order, zigzag_to_natural
 from sft_sharded.models.layers import MLP, Attention, RMSNorm, weight
 from sft_sharded.models.moe import MoE
 from sft_sharded.sharding import constrain, sequence_shards
@@ -145,7 +144,7 @@ class Decoder(nn.Module):
         x_BxTxD, new_layers = self._layers(x_BxTxD, positions, segment_ids, decode, cache)
         x_BxTxD = RMSNorm(cfg, name="final_norm")(x_BxTxD)
         if order is not None:
-            x_BxTxD = constrain(x_BxTxD[:, np.argsort(order)], RESIDUAL)
+            x_BxTxD = zigzag_to_natural(x_BxTxD, RESIDUAL)
         if cfg.tie_embeddings:
             head_DxV = embedding_VxD.T
         else:
