@@ -132,10 +132,11 @@ def _fold(carry, q, k, v, q_seg, k_seg, q_ord, k_ord, opts, qb, kb):
 
 
 def _unfold(dq, q, k, v, q_seg, k_seg, q_ord, k_ord, lse, delta, d_out, opts, qb, kb):
-    """The backward of `_fold` for one key/value block: (dq + its share, dk, dv), all float32."""
+    """The backward of `_fold` for one key/value block: (dq + its share, dk, dv), all float32. The keys'
+    gradients pass through every query block's scan as its per-block input and output, so one buffer is
+    updated in place; summing a gradient per query block kept them all alive (a whole row's keys each)."""
     keys = (_split(k, kb), _split(v, kb), _split(k_seg, kb), k_ord.reshape(-1, kb))
-    dk = jnp.zeros(k.shape, jnp.float32)
-    dv = jnp.zeros(v.shape, jnp.float32)
+    d_keys = (jnp.zeros(keys[0].shape, jnp.float32), jnp.zeros(keys[1].shape, jnp.float32))
     dqs = []
     for start in range(0, q.shape[1], qb):
         rows = slice(start, start + qb)
@@ -143,27 +144,23 @@ def _unfold(dq, q, k, v, q_seg, k_seg, q_ord, k_ord, lse, delta, d_out, opts, qb
         lse_i, delta_i = lse[..., rows], delta[..., rows]
 
         def step(dq_i, xs, q_i=q_i, qs_i=qs_i, qo_i=qo_i, do_i=do_i, lse_i=lse_i, delta_i=delta_i):
-            k_j, v_j, ks_j, ko_j = xs
+            k_j, v_j, ks_j, ko_j, dk_j, dv_j = xs
 
             def grads(dq_i):
                 s, mask, d_cap = _scores(q_i, k_j, qs_i, ks_j, qo_i, ko_j, opts)
                 p = jnp.where(mask, jnp.exp(s - lse_i[..., None]), 0.0)
-                dv_j = jnp.einsum("bkgts,bkgtd->bskd", p, do_i)
+                dv_add = jnp.einsum("bkgts,bkgtd->bskd", p, do_i)
                 dp = jnp.einsum("bkgtd,bskd->bkgts", do_i, v_j.astype(jnp.float32))
                 ds = p * (dp - delta_i[..., None]) * np.float32(opts[1])
                 ds = ds if d_cap is None else ds * d_cap
                 dq_i = dq_i + jnp.einsum("bkgts,bskd->btkgd", ds, k_j.astype(jnp.float32))
-                return dq_i, (jnp.einsum("bkgts,btkgd->bskd", ds, q_i.astype(jnp.float32)), dv_j)
+                return dq_i, (dk_j + jnp.einsum("bkgts,btkgd->bskd", ds, q_i.astype(jnp.float32)), dv_j + dv_add)
 
-            def skip(dq_i):
-                return dq_i, (jnp.zeros(k_j.shape, jnp.float32), jnp.zeros(v_j.shape, jnp.float32))
+            return jax.lax.cond(_visible(qo_i, ko_j, opts[0]), grads, lambda dq_i: (dq_i, (dk_j, dv_j)), dq_i)
 
-            return jax.lax.cond(_visible(qo_i, ko_j, opts[0]), grads, skip, dq_i)
-
-        dq_i, (dk_i, dv_i) = jax.lax.scan(step, dq[:, rows], keys)
+        dq_i, d_keys = jax.lax.scan(step, dq[:, rows], (*keys, *d_keys))
         dqs.append(dq_i)
-        dk = dk + jnp.moveaxis(dk_i, 0, 1).reshape(k.shape)
-        dv = dv + jnp.moveaxis(dv_i, 0, 1).reshape(v.shape)
+    dk, dv = (jnp.moveaxis(d, 0, 1).reshape(x.shape) for d, x in zip(d_keys, (k, v)))
     return jnp.concatenate(dqs, 1), dk, dv
 
 
