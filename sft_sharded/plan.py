@@ -13,7 +13,8 @@ import os
 import re
 import sys
 
-from sft_sharded.choices import ATTENTION_IMPLEMENTATIONS, LORA_BASE_DTYPES as BASE_DTYPES, REMAT_POLICIES
+from sft_sharded.choices import (ATTENTION_IMPLEMENTATIONS, CONTEXT_SCHEMES, LORA_BASE_DTYPES as BASE_DTYPES,
+                                 REMAT_POLICIES)
 from sft_sharded.errors import UserError
 
 # Per chip. HBM and peak dense bf16 FLOP/s from the Cloud TPU system-architecture pages
@@ -71,7 +72,7 @@ def _topology_mesh(gen: str, grid: str, mesh_spec: str):
 
 def plan(topology: str, model: str, seq: int, global_batch: int, mesh_spec: str, remat: str = "full",
          scan: bool = True, loss_chunk: int | None = None, attention: str = "auto", lora_rank: int = 0,
-         base_dtype: str = "bfloat16") -> dict:
+         base_dtype: str = "bfloat16", context_attention: str = "allgather") -> dict:
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
     import jax
@@ -96,7 +97,8 @@ def plan(topology: str, model: str, seq: int, global_batch: int, mesh_spec: str,
     if seq % context_size(mesh):
         raise UserError(f"--seq {seq} is not divisible by the context axis ({context_size(mesh)} devices)")
     lora = LoraConfig(rank=lora_rank, base_dtype=base_dtype) if lora_rank else None
-    cfg = preset(model, dtype="bfloat16", remat=remat, scan_layers=scan, attention=attention, lora=lora)
+    cfg = preset(model, dtype="bfloat16", remat=remat, scan_layers=scan, attention=attention, lora=lora,
+                 context_attention=context_attention)
     loss_chunk = chunk_for(cfg, loss_chunk)
     trainer = SFTTrainer(Decoder(cfg), optax.adamw(1e-5), mesh=mesh, loss_chunk_size=loss_chunk)
     state = trainer.abstract_train_state(jax.random.key(0), jax.ShapeDtypeStruct((global_batch, seq), jnp.int32))
@@ -169,8 +171,8 @@ def main(args) -> int:
     common = (args.topology, args.model, args.seq, args.global_batch, args.mesh, args.remat, not args.no_scan,
               args.loss_chunk, args.attention)
     if args.lora_rank:
-        print(report(plan(*common)))
-    result = plan(*common, args.lora_rank, args.base_dtype)
+        print(report(plan(*common, context_attention=args.context_attention)))
+    result = plan(*common, args.lora_rank, args.base_dtype, args.context_attention)
     print(report(result))
     if not result["fits"]:
         need = result.get("compiler_error") or f"{result['total_bytes_per_chip'] / 2**30:.2f} GiB per chip"
@@ -190,6 +192,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--no-scan", action="store_true", help="unroll the layers (slower to compile)")
     parser.add_argument("--attention", default="auto", choices=[a for a in ATTENTION_IMPLEMENTATIONS if a != "cudnn"],
                         help="auto: splash on TPU (models/attention.py)")
+    parser.add_argument("--context-attention", default="allgather", choices=CONTEXT_SCHEMES,
+                        help="attention over a sequence split on the mesh's context axis (models/context.py)")
     parser.add_argument("--lora-rank", type=int, default=0, help="plan LoRA of this rank (and print full FT too)")
     parser.add_argument("--base-dtype", default="bfloat16", choices=BASE_DTYPES, help="storage of the LoRA base")
     parser.add_argument("--loss-chunk", type=int, default=None,
