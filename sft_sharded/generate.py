@@ -91,12 +91,14 @@ def _compiled(trainer, max_new_tokens: int, params_treedef, params_shardings: tu
 
 def prompt_and_answer(record: dict, tokenizer) -> tuple[list[int], str] | None:
     """The prompt tokens and the reference answer of a chat or prompt/completion record (None for text)."""
+    from sft_sharded.data.formats import chat_messages
     from sft_sharded.data.templates import render
     from sft_sharded.data.tokenizers import bos_ids
 
     if "messages" in record and record["messages"][-1]["role"] == "assistant":
-        text, _ = render(tokenizer.chat_template, record["messages"][:-1], tokenizer, add_generation_prompt=True)
-        return tokenizer.encode(text)[0], record["messages"][-1]["content"]
+        messages, _ = chat_messages(record, "record")  # text parts joined, training keys left out
+        text, _ = render(tokenizer.chat_template, messages[:-1], tokenizer, True, record.get("tools"))
+        return tokenizer.encode(text)[0], messages[-1]["content"]
     if "prompt" in record and "completion" in record:
         return bos_ids(tokenizer) + tokenizer.encode(record["prompt"])[0], record["completion"]
     return None

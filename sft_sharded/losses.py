@@ -49,14 +49,26 @@ def target_mask(batch: Mapping[str, jax.Array], pad_label_id: int | None = 0) ->
     return mask
 
 
+def target_weights(batch: Mapping[str, jax.Array], pad_label_id: int | None = 0) -> jax.Array:
+    """float32 [B, T]: each target's weight in the loss, 0 where `target_mask` says it does not count; a
+    float `loss_mask` (per-message weights) gives the weights, a bool one 1.0."""
+    mask = target_mask(batch, pad_label_id)
+    if "loss_mask" in batch:
+        return jnp.where(mask, jnp.asarray(batch["loss_mask"], jnp.float32), 0.0)
+    return mask.astype(jnp.float32)
+
+
 def cross_entropy_with_hits(
     logits_BxTxV: jax.Array, labels_BxT: jax.Array, mask_BxT: jax.Array, z_loss: float = 0.0
 ) -> tuple[LossTerms, jax.Array]:
     """Token cross entropy (plus optional z-loss, z·logsumexp²) summed over masked-in targets, and the
     number of those targets the model ranks first, from one max over the vocabulary (no separate argmax
     pass over the [B, T, V] logits). A target counts as a hit when its logit equals the maximum, so an
-    exact tie counts for every tied token, where argmax would pick the first."""
+    exact tie counts for every tied token, where argmax would pick the first. A float mask weighs each
+    target: sum of weight x loss, sum of weights, and weighted hits, so the mean stays exact."""
     logits = logits_BxTxV.astype(jnp.float32)
+    weights_BxT = jnp.asarray(mask_BxT, jnp.float32)
+    mask_BxT = weights_BxT != 0
     safe_labels = jnp.where(mask_BxT, labels_BxT, 0)
     # The max only shifts for stability; stopping its gradient leaves d lse / d logits = softmax exactly.
     max_BxT = jax.lax.stop_gradient(jnp.max(logits, axis=-1))
@@ -65,9 +77,9 @@ def cross_entropy_with_hits(
     per_token_BxT = lse_BxT - label_logit_BxT
     if z_loss:
         per_token_BxT = per_token_BxT + z_loss * jnp.square(lse_BxT)
-    loss_sum = jnp.sum(jnp.where(mask_BxT, per_token_BxT, 0.0))
-    hits = jnp.sum(mask_BxT & (label_logit_BxT >= max_BxT), dtype=jnp.float32)
-    return LossTerms(loss_sum, jnp.sum(mask_BxT, dtype=jnp.float32)), hits
+    loss_sum = jnp.sum(jnp.where(mask_BxT, weights_BxT * per_token_BxT, 0.0))
+    hits = jnp.sum(jnp.where(mask_BxT & (label_logit_BxT >= max_BxT), weights_BxT, 0.0))
+    return LossTerms(loss_sum, jnp.sum(weights_BxT)), hits
 
 
 def masked_cross_entropy(

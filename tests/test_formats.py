@@ -107,7 +107,7 @@ def test_empty_assistant_mask_is_a_row_error_not_a_silent_mask():
 @pytest.mark.parametrize("record, message", [
     ({"foo": 1}, r"f.jsonl:3: no known format in keys \['foo'\]"),
     ({"messages": [{"role": "robot", "content": "x"}]}, r"f.jsonl:3: messages\[0\] has unknown role 'robot'"),
-    ({"messages": [{"role": "user", "content": 5}]}, r"f.jsonl:3: messages\[0\].content must be a string, got int"),
+    ({"messages": [{"role": "user", "content": 5}]}, r"f.jsonl:3: messages\[0\].content must be a string or a list of text parts, got int"),
     ({"text": ["a"]}, r"f.jsonl:3: 'text' must be a string, got list"),
     ([1, 2], r"f.jsonl:3: a record must be a JSON object"),
 ])

@@ -303,3 +303,33 @@ def test_minus_100_is_never_a_target_even_under_an_all_ones_loss_mask(tiny_confi
     state, metrics = trainer.train_step(state, batch)
     assert float(metrics["num_tokens"]) == real.sum()
     np.testing.assert_allclose(float(metrics["loss"]), expected, rtol=1e-5)
+
+
+def test_per_message_weights_give_the_weighted_mean_of_independent_references(tiny_config):
+    """A float loss_mask (per-message weights) with packing and grad accumulation: the loss is the numpy
+    sum of weight x token loss over the sum of weights, the gradient that of a plain jax weighted mean."""
+    batch = random_batch(7, rows=8)
+    seg = np.ones((8, 16), np.int32)
+    seg[:, 9:] = 2
+    seg[::2, 13:] = 0
+    batch["segment_ids"] = seg
+    batch["positions"] = np.where(np.arange(16) < 9, np.arange(16), np.arange(16) - 9).astype(np.int32)[None].repeat(8, 0)
+    weights = np.random.default_rng(7).choice([0.0, 0.5, 1.0, 2.0], size=(8, 16)).astype(np.float32)
+    batch["loss_mask"] = np.where(seg > 0, weights, 0.0).astype(np.float32)
+    trainer, state = make_trainer(tiny_config, (2, 2, 2), grad_accum_steps=2)
+    loss, grads = trainer.loss_and_grad(state.params, batch)
+    params = to_numpy(state.params)
+    logits = llama_logits(params, tiny_config, batch["input_ids"], batch["positions"], seg)
+    _, per_token = masked_ce(logits, batch["labels"], batch["loss_mask"] != 0)
+    w = batch["loss_mask"].astype(np.float64)
+    np.testing.assert_allclose(float(loss), np.sum(w * per_token) / np.sum(w), rtol=1e-5)
+    assert abs(float(loss) - masked_ce(logits, batch["labels"], w != 0)[0]) > 1e-3  # the weights matter
+
+    def weighted_mean(p):
+        logits = trainer.model.apply({"params": p}, batch["input_ids"], batch["positions"], seg)
+        logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+        picked = jnp.take_along_axis(logp, batch["labels"][..., None], -1)[..., 0]
+        return -jnp.sum(batch["loss_mask"] * picked) / jnp.sum(batch["loss_mask"])
+
+    expected = single_device(jax.grad(weighted_mean), params)
+    chex.assert_trees_all_close(jax.device_get(grads), jax.device_get(expected), **GRAD_TOL)

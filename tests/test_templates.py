@@ -91,3 +91,99 @@ def test_generation_config_eos_outside_the_vocabulary_is_refused(tmp_path):
     (directory / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 99999]}))
     with pytest.raises(ValueError, match=r"generation_config.json: eos_token_id=\[2, 99999\] must be ids"):
         HFTokenizer(directory)
+
+
+# A Qwen3-style template with tools, written for this test: the tools' schemas in a system block, an
+# assistant's calls after its content, tool results as user turns in <tool_response> tags, reasoning kept
+# after the last user message.
+QWEN3_TOOLS = (
+    "{%- if tools -%}{{ '<|im_start|>system\\n<tools>' }}{%- for tool in tools -%}{{ '\\n' + (tool | tojson) }}"
+    "{%- endfor -%}{{ '\\n</tools><|im_end|>\\n' }}{%- endif -%}"
+    "{%- set ns = namespace(last_query_index=0) -%}"
+    "{%- for message in messages -%}{%- if message.role == 'user' -%}{%- set ns.last_query_index = loop.index0 -%}"
+    "{%- endif -%}{%- endfor -%}"
+    "{%- for message in messages -%}"
+    "{%- if message.role == 'assistant' -%}{{ '<|im_start|>assistant\\n' }}"
+    "{%- if loop.index0 > ns.last_query_index and message.reasoning_content -%}"
+    "{{ '<think>\\n' + message.reasoning_content + '\\n</think>\\n\\n' }}{%- endif -%}{{ message.content }}"
+    "{%- for call in message.tool_calls or [] -%}{{ '<tool_call>\\n' + (call.function | tojson) + '\\n</tool_call>' }}"
+    "{%- endfor -%}{{ '<|im_end|>\\n' }}"
+    "{%- elif message.role == 'tool' -%}"
+    "{{ '<|im_start|>user\\n<tool_response>\\n' + message.content + '\\n</tool_response><|im_end|>\\n' }}"
+    "{%- else -%}{{ '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}{%- endif -%}"
+    "{%- endfor -%}{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
+)
+TOOL_CHAT = {
+    "tools": [{"name": "sort", "parameters": {"type": "object"}}],
+    "messages": [
+        {"role": "user", "content": [{"type": "text", "text": "sort "}, {"type": "text", "text": "3 1 2"}]},
+        {"role": "assistant", "content": None, "reasoning_content": "use the tool",
+         "tool_calls": [{"type": "function", "function": {"name": "sort", "arguments": {"xs": [3, 1, 2]}}}]},
+        {"role": "tool", "name": "sort", "content": "[1, 2, 3]"},
+        {"role": "assistant", "content": "1 2 3", "reasoning_content": "the tool sorted", "weight": 0.5},
+    ],
+}
+
+
+def _qwen3_tools(tmp_path):
+    directory = write_hf_tokenizer(tmp_path, QWEN3_TOOLS, eos_token="<|im_end|>",
+                                   specials=("<|im_start|>", "<|im_end|>", "<think>", "</think>"))
+    raw = Tokenizer.from_file(str(directory / "tokenizer.json"))
+    return HFTokenizer(directory), lambda s: raw.encode(s, add_special_tokens=False).ids, raw.token_to_id("<|im_end|>")
+
+
+def test_tool_calls_tools_reasoning_and_text_parts_reach_the_template_and_weights_the_loss(tmp_path):
+    tok, enc, end = _qwen3_tools(tmp_path)
+    ex = encode_record(TOOL_CHAT, tok)
+    call = '<tool_call>\n{"name": "sort", "arguments": {"xs": [3, 1, 2]}}\n</tool_call>'
+    assert ex.tokens.tolist() == enc(
+        '<|im_start|>system\n<tools>\n{"name": "sort", "parameters": {"type": "object"}}\n</tools><|im_end|>\n'
+        "<|im_start|>user\nsort 3 1 2<|im_end|>\n"
+        f"<|im_start|>assistant\n<think>\nuse the tool\n</think>\n\n{call}<|im_end|>\n"
+        "<|im_start|>user\n<tool_response>\n[1, 2, 3]\n</tool_response><|im_end|>\n"
+        "<|im_start|>assistant\n<think>\nthe tool sorted\n</think>\n\n1 2 3<|im_end|>\n")
+    first = [*enc(f"<think>\nuse the tool\n</think>\n\n{call}"), end]
+    last = [*enc("<think>\nthe tool sorted\n</think>\n\n1 2 3"), end]
+    trained = [(t, float(w)) for t, w in zip(ex.tokens.tolist(), ex.target_weights().tolist()) if w]
+    assert trained == [(t, 1.0) for t in first] + [(t, 0.5) for t in last]  # the tool's result is never trained
+
+
+# ChatML with {% generation %} markers around each assistant turn's content and turn end.
+MARKED = (
+    "{%- for message in messages -%}{{ '<|im_start|>' + message.role + '\\n' }}"
+    "{%- if message.role == 'assistant' -%}{% generation %}{{ message.content + '<|im_end|>' }}{% endgeneration %}"
+    "{{ '\\n' }}{%- else -%}{{ message.content + '<|im_end|>\\n' }}{%- endif -%}{%- endfor -%}"
+)
+
+
+def test_per_message_train_and_weight_under_generation_markers(tmp_path):
+    directory = write_hf_tokenizer(tmp_path, MARKED)
+    raw = Tokenizer.from_file(str(directory / "tokenizer.json"))
+    enc = lambda s: raw.encode(s, add_special_tokens=False).ids  # noqa: E731
+    end = raw.token_to_id("<|im_end|>")
+    record = {"messages": [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "the cat", "train": False},
+                           {"role": "user", "content": "sort 3 1 2"}, {"role": "assistant", "content": "1 2 3", "weight": 2.0},
+                           {"role": "user", "content": "again"}, {"role": "assistant", "content": "1 2 3"}]}
+    ex = encode_record(record, HFTokenizer(directory))
+    trained = [(t, float(w)) for t, w in zip(ex.tokens.tolist(), ex.target_weights().tolist()) if w]
+    assert trained == [(t, 2.0) for t in [*enc("1 2 3"), end]] + [(t, 1.0) for t in [*enc("1 2 3"), end]]
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda r: r["messages"][0]["content"].append({"type": "image", "url": "x.png"}),
+     r"rec: messages\[0\].content\[2\] is a 'image' part; only text parts"),
+    (lambda r: r["messages"][2].update(train=True), r"rec: messages\[2\]: \['train'\] apply to assistant turns only"),
+    (lambda r: r["messages"][3].update(weight=-1), r"rec: messages\[3\].weight must be a number >= 0, got -1"),
+    (lambda r: r["messages"][3].update(train=True), r"rec: messages\[3\]: give 'train' or 'weight', not both"),
+    (lambda r: r["messages"][1].update(tool_calls="sort"), r"rec: messages\[1\].tool_calls must be a list of objects"),
+    (lambda r: r["messages"][2].update(loss=0), r"rec: messages\[2\] \(tool\) has unknown key\(s\) \['loss'\]"),
+    (lambda r: r.update(tools={"name": "sort"}), r"rec: 'tools' must be a list of objects"),
+])
+def test_bad_tool_and_weight_fields_name_the_record_and_field(tmp_path, change, message):
+    from sft_sharded.data.formats import RecordError
+
+    tok, _, _ = _qwen3_tools(tmp_path)
+    record = json.loads(json.dumps(TOOL_CHAT))
+    change(record)
+    with pytest.raises(RecordError, match=message):
+        encode_record(record, tok, where="rec")

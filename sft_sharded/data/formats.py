@@ -19,7 +19,10 @@ from sft_sharded.data.tokenizers import bos_ids
 from sft_sharded.errors import UserError
 
 FORMATS = ("text", "prompt_completion", "messages")
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
+# Message keys passed to the chat template as given (transformers' names), besides role and content.
+TEMPLATE_KEYS = {"assistant": ("tool_calls", "reasoning_content", "thinking"), "tool": ("name", "tool_call_id")}
+TRAINING_KEYS = ("train", "weight")  # per assistant turn: overrides the default (trained, weight 1)
 
 
 class RecordError(UserError):
@@ -35,6 +38,10 @@ class Example:
     tokens: np.ndarray  # int32 [n]
     mask: np.ndarray  # bool [n]: token i is a trained target
     truncated: bool = False
+    weights: np.ndarray | None = None  # float32 [n]: each target's weight in the loss (None: 1 where mask)
+
+    def target_weights(self) -> np.ndarray:
+        return self.mask.astype(np.float32) if self.weights is None else np.where(self.mask, self.weights, 0.0)
 
 
 def detect_format(record: Any, where: str) -> str:
@@ -57,21 +64,70 @@ def _string(record: dict, key: str, where: str) -> str:
     return value
 
 
-def _messages(record: dict, where: str) -> list[dict]:
+def _content(message: dict, where: str) -> str:
+    """A message's text: a string, or a list of text parts joined (transformers' multimodal form)."""
+    content = message.get("content")
+    if content is None and message.get("tool_calls"):
+        return ""  # an assistant turn that only calls tools
+    if isinstance(content, list):
+        for j, part in enumerate(content):
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                raise RecordError(f"{where}.content[{j}] is a {kind!r} part; only text parts "
+                                  "({'type': 'text', 'text': ...}) are supported")
+        return "".join(part["text"] for part in content)
+    if not isinstance(content, str):
+        raise RecordError(f"{where}.content must be a string or a list of text parts, got {type(content).__name__}")
+    return content
+
+
+def _weight(message: dict, where: str) -> float:
+    """The turn's weight in the loss from `train` (bool) or `weight` (a number >= 0); 1 without either."""
+    if message["role"] != "assistant":
+        raise RecordError(f"{where}: {[k for k in TRAINING_KEYS if k in message]} apply to assistant turns only "
+                          "(data.train_on_prompt trains every token)")
+    if "train" in message and "weight" in message:
+        raise RecordError(f"{where}: give 'train' or 'weight', not both")
+    if "train" in message:
+        if not isinstance(message["train"], bool):
+            raise RecordError(f"{where}.train must be true or false, got {message['train']!r}")
+        return float(message["train"])
+    weight = message["weight"]
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0:
+        raise RecordError(f"{where}.weight must be a number >= 0, got {weight!r}")
+    return float(weight)
+
+
+def chat_messages(record: dict, where: str) -> tuple[list[dict], list[float | None]]:
+    """The messages as the template gets them, and each one's weight (None: the default rule)."""
     messages = record["messages"]
     if not isinstance(messages, list) or not messages:
         raise RecordError(f"{where}: 'messages' must be a non-empty list")
-    out = []
+    out, weights = [], []
     for i, message in enumerate(messages):
+        at = f"{where}: messages[{i}]"
         if not isinstance(message, dict):
-            raise RecordError(f"{where}: messages[{i}] must be an object")
-        if message.get("role") not in ROLES:
-            raise RecordError(f"{where}: messages[{i}] has unknown role {message.get('role')!r}; expected one of {ROLES}")
-        if not isinstance(message.get("content"), str):
-            raise RecordError(f"{where}: messages[{i}].content must be a string, got "
-                              f"{type(message.get('content')).__name__}")
-        out.append({"role": message["role"], "content": message["content"]})
-    return out
+            raise RecordError(f"{at} must be an object")
+        role = message.get("role")
+        if role not in ROLES:
+            raise RecordError(f"{at} has unknown role {role!r}; expected one of {ROLES}")
+        allowed = ("role", "content", *TEMPLATE_KEYS.get(role, ()), *TRAINING_KEYS)
+        unknown = sorted(set(message) - set(allowed))
+        if unknown:
+            raise RecordError(f"{at} ({role}) has unknown key(s) {unknown}; allowed: {list(allowed)}")
+        if "tool_calls" in message and not (isinstance(message["tool_calls"], list)
+                                            and all(isinstance(c, dict) for c in message["tool_calls"])):
+            raise RecordError(f"{at}.tool_calls must be a list of objects")
+        for key in ("reasoning_content", "thinking", "name", "tool_call_id"):
+            if key in message and not isinstance(message[key], str):
+                raise RecordError(f"{at}.{key} must be a string, got {type(message[key]).__name__}")
+        out.append({**{k: message[k] for k in allowed if k in message and k not in TRAINING_KEYS},
+                    "content": _content(message, at)})
+        weights.append(_weight(message, at) if any(k in message for k in TRAINING_KEYS) else None)
+    tools = record.get("tools")
+    if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
+        raise RecordError(f"{where}: 'tools' must be a list of objects (JSON schemas of the functions)")
+    return out, weights
 
 
 def encode_record(record: Any, tokenizer, *, fmt: str = "auto", train_on_prompt: bool = False,
@@ -83,14 +139,19 @@ def encode_record(record: Any, tokenizer, *, fmt: str = "auto", train_on_prompt:
     if fmt == "messages":
         if tokenizer.chat_template is None:
             raise RecordError(f"{where}: 'messages' data needs a chat template and the tokenizer has none")
+        messages, turn_weights = chat_messages(record, where)
         try:
-            ids, mask = encode_chat(tokenizer.chat_template, _messages(record, where), tokenizer, train_on_prompt)
+            ids, weights = encode_chat(tokenizer.chat_template, messages, tokenizer, train_on_prompt,
+                                       record.get("tools"), turn_weights)
         except TemplateError as err:
             raise RowSkipped(f"{where}: {err}") from err
         except SecurityError as err:  # the sandbox stopped the template: the template is at fault, not the row
             raise RecordError(f"{where}: the chat template was stopped by the sandbox: {err}") from None
-        mask[:1] = False  # the first token is never a target
-        return Example(np.asarray(ids, np.int32), mask)
+        weights[:1] = 0.0  # the first token is never a target
+        mask = weights != 0
+        if not mask.any():
+            raise RowSkipped(f"{where}: every trained token has weight 0")
+        return Example(np.asarray(ids, np.int32), mask, weights=None if set(np.unique(weights)) <= {0, 1} else weights)
     bos = bos_ids(tokenizer)
     eos = [tokenizer.eos_id]
     if fmt == "text":
@@ -113,7 +174,9 @@ def fit_length(example: Example, max_length: int, policy: str) -> Example | None
     if len(example.tokens) - 1 > max_length:
         if policy == "drop":
             return None
-        example = Example(example.tokens[: max_length + 1], example.mask[: max_length + 1], truncated=True)
+        keep = slice(0, max_length + 1)
+        example = Example(example.tokens[keep], example.mask[keep], truncated=True,
+                          weights=None if example.weights is None else example.weights[keep])
     if len(example.tokens) < 2 or not example.mask[1:].any():
         return None
     return example

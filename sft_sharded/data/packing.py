@@ -41,7 +41,7 @@ def best_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]
 
 def _empty_row(length: int) -> dict[str, np.ndarray]:
     row = {key: np.zeros(length, np.int32) for key in ROW_KEYS}
-    row["loss_mask"] = np.zeros(length, bool)
+    row["loss_mask"] = np.zeros(length, np.float32)  # target weights (per-message weights; else 0/1)
     return row
 
 
@@ -50,7 +50,7 @@ def _place(row: dict[str, np.ndarray], start: int, example: Example, segment: in
     end = start + n
     row["input_ids"][start:end] = example.tokens[:-1]
     row["labels"][start:end] = example.tokens[1:]
-    row["loss_mask"][start:end] = example.mask[1:]
+    row["loss_mask"][start:end] = example.target_weights()[1:]
     row["segment_ids"][start:end] = segment
     row["positions"][start:end] = np.arange(n)
     return end
@@ -81,7 +81,7 @@ def unpack(row: dict[str, np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
     for segment in range(1, int(row["segment_ids"].max(initial=0)) + 1):
         where = np.flatnonzero(row["segment_ids"] == segment)
         tokens = np.concatenate([row["input_ids"][where[:1]], row["labels"][where]])
-        mask = np.concatenate([[False], row["loss_mask"][where]])
+        mask = np.concatenate([[False], row["loss_mask"][where] != 0])
         out.append((tokens, mask))
     return out
 

@@ -65,14 +65,17 @@ def has_generation_markers(source: str) -> bool:
     return "{% generation %}" in source.replace("{%-", "{%").replace("-%}", "%}")
 
 
-def render(source: str, messages: list[dict], tokenizer, add_generation_prompt: bool = False) -> tuple[str, list[tuple[int, int]]]:
-    """Rendered text and the character spans inside `{% generation %}` blocks (empty without markers)."""
-    for message in messages:
-        if START in message["content"] or END in message["content"]:
-            raise TemplateError("message content contains reserved characters U+E000/U+E001")
+def render(source: str, messages: list[dict], tokenizer, add_generation_prompt: bool = False,
+           tools: list[dict] | None = None) -> tuple[str, list[tuple[int, int]]]:
+    """Rendered text and the character spans inside `{% generation %}` blocks (empty without markers).
+    `tools` (JSON schemas) reach the template as transformers passes them: only when given."""
+    dumped = json.dumps([messages, tools], ensure_ascii=False)
+    if START in dumped or END in dumped:
+        raise TemplateError("the conversation contains reserved characters U+E000/U+E001")
+    extra = {} if tools is None else {"tools": tools}
     raw = compile_template(source).render(
         messages=messages, add_generation_prompt=add_generation_prompt,
-        bos_token=tokenizer.bos_token or "", eos_token=tokenizer.eos_token or "",
+        bos_token=tokenizer.bos_token or "", eos_token=tokenizer.eos_token or "", **extra,
     )
     text, spans, pos, opened = [], [], 0, None
     for char in raw:
@@ -116,21 +119,29 @@ def _turn_in_whole(ids: list[int], prompt_ids: list[int], stop_ids, i: int) -> t
     return len(prompt_ids), ends[0] + 1
 
 
-def encode_chat(source: str, messages: list[dict], tokenizer, train_on_all: bool = False) -> tuple[list[int], np.ndarray]:
-    """Token ids of the rendered conversation and a bool mask of the tokens to train on."""
-    text, spans = render(source, messages, tokenizer)
+def encode_chat(source: str, messages: list[dict], tokenizer, train_on_all: bool = False,
+                tools: list[dict] | None = None, turn_weights: list[float | None] | None = None,
+                ) -> tuple[list[int], np.ndarray]:
+    """Token ids of the rendered conversation and each token's float32 weight as a target (0: not
+    trained). Assistant turns weigh 1 unless `turn_weights[i]` (a message's `train`/`weight`) says
+    otherwise; with `train_on_all` every token weighs 1."""
+    text, spans = render(source, messages, tokenizer, tools=tools)
     ids, offsets = tokenizer.encode(text)
     if train_on_all:
-        return ids, np.ones(len(ids), bool)
+        return ids, np.ones(len(ids), np.float32)
+    assistant = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    weight = {i: 1.0 if turn_weights is None or turn_weights[i] is None else turn_weights[i] for i in assistant}
+    weights = np.zeros(len(ids), np.float32)
     if has_generation_markers(source):
-        mask = _spans_to_mask(offsets, spans)
+        if len(spans) != len(assistant) and set(weight.values()) != {1.0}:
+            raise TemplateError(f"per-message weights need one {{% generation %}} block per assistant turn; the "
+                                f"template rendered {len(spans)} for {len(assistant)} turns")
+        for k, span in enumerate(spans):
+            weights[_spans_to_mask(offsets, [span])] = weight[assistant[k]] if len(spans) == len(assistant) else 1.0
     else:
-        mask = np.zeros(len(ids), bool)
-        for i, message in enumerate(messages):
-            if message["role"] != "assistant":
-                continue
-            prompt_ids = tokenizer.encode(render(source, messages[:i], tokenizer, add_generation_prompt=True)[0])[0]
-            turn_ids = tokenizer.encode(render(source, messages[: i + 1], tokenizer)[0])[0]
+        for i in assistant:
+            prompt_ids = tokenizer.encode(render(source, messages[:i], tokenizer, True, tools)[0])[0]
+            turn_ids = tokenizer.encode(render(source, messages[: i + 1], tokenizer, tools=tools)[0])[0]
             if ids[: len(turn_ids)] == turn_ids:
                 start, end = _common_prefix(prompt_ids, turn_ids), len(turn_ids)
                 # Whitespace the template puts between turns (ChatML's "\n" after <|im_end|>) is not the
@@ -139,7 +150,7 @@ def encode_chat(source: str, messages: list[dict], tokenizer, train_on_all: bool
                     end -= 1
             else:
                 start, end = _turn_in_whole(ids, prompt_ids, tokenizer.stop_ids, i)
-            mask[start:end] = True
-    if not mask.any():
+            weights[start:end] = weight[i]
+    if not weights.any() and not any(w == 0 for w in weight.values()):
         raise TemplateError("the assistant mask is empty: no assistant tokens to train on")
-    return ids, mask
+    return ids, weights

@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from sft_sharded.losses import LossTerms, chunked_cross_entropy, cross_entropy_with_hits, target_mask
+from sft_sharded.losses import LossTerms, chunked_cross_entropy, cross_entropy_with_hits, target_weights
 from sft_sharded.models import moe, quant
 from sft_sharded.models.lora import is_adapter
 from sft_sharded.trainers import partition
@@ -104,7 +104,7 @@ class SFTTrainer(Trainer):
         zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
         sums, _ = jax.lax.scan(body, zeros, micro_batches)
         sums = jax.lax.stop_gradient(sums)
-        return {**sums, "num_tokens": jnp.sum(target_mask(batch, self.pad_label_id), dtype=jnp.float32)}
+        return {**sums, "num_tokens": jnp.sum(target_weights(batch, self.pad_label_id))}
 
     def loss_terms(self, params, batch: Batch, rng: jax.Array | None = None,
                    context: dict | None = None) -> tuple[LossTerms, dict[str, jax.Array]]:
@@ -119,7 +119,7 @@ class SFTTrainer(Trainer):
         experts = getattr(cfg, "num_experts", 0)
         if experts:
             kwargs["mutable"] = ["moe"]
-        mask_BxT = target_mask(batch, self.pad_label_id)
+        mask_BxT = target_weights(batch, self.pad_label_id)  # per-target weights (0: not trained)
         if self.loss_chunk_size:  # the model hands over hidden states and head; logits per chunk only
             out = self.model.apply({"params": params}, batch["input_ids"], **kwargs, method="hidden_and_head")
             (hidden_BxTxD, head_DxV), state = out if experts else (out, None)
