@@ -53,6 +53,9 @@ class DataConfig:
     path: str | list[str] | None = None  # JSONL/Parquet file, glob or list; None: the built-in task
     eval_path: str | list[str] | None = None  # held-out files (the built-in task has its own split)
     weights: list[float] | None = None  # per-file mixture weights for data.path
+    # Other datasets' column names -> ours, e.g. {conversations: messages, from: role, value: content}
+    # (ShareGPT; its speaker names human/gpt become user/assistant). Keys inside messages are renamed too.
+    columns: dict[str, str] | None = None
     format: Literal["auto", "text", "prompt_completion", "messages"] = "auto"
     task: Literal["reverse", "sort", "mixed"] = "mixed"  # the built-in task
     train_on_prompt: bool = False  # False: loss on completions / assistant turns only
@@ -198,6 +201,10 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
             except ConfigError as err:
                 errors.append(str(err))
         raise ConfigError(" or ".join(errors))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}={value!r} must be a mapping")
+        return {_coerce(f"{key} key", k, args[0]): _coerce(f"{key}[{k!r}]", v, args[1]) for k, v in value.items()}
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"{key}={value!r} must be a list")

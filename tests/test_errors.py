@@ -72,6 +72,7 @@ def test_empty_missing_and_unmatched_data_files(tmp_path, capsys):
     (["optim.lr=fast"], "optim.lr='fast' must be a number"),
     (["mesh.data=3"], "mesh data=3 x fsdp=2 x expert=1 x context=1 x tensor=2 = 12 devices, but 8 devices are available"),
     (["mesh.fsdp=0"], "mesh.fsdp=0: each mesh size must be a positive int or -1"),
+    (["data.columns=[from]"], "data.columns=['from'] must be a mapping"),
     (["mesh.data=1", "mesh.tensor=1", "mesh.context=4", "data.max_length=30"],
      "data.max_length=30 is not divisible by mesh.context=4: each row's positions are split between that many devices"),
     (["data.batch_size=6"], "data.batch_size=6 is not divisible by the data-parallel size mesh.data x mesh.fsdp x mesh.expert = 4"),

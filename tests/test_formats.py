@@ -138,3 +138,31 @@ def test_byte_decode_stops_at_a_stop_id_and_marks_ids_past_its_vocabulary():
     tok = ByteTokenizer()
     ids = tok.encode("hi")[0]
     assert tok.decode([*ids, 300, tok.eos_id, *ids]) == "hi\ufffd"
+
+
+def test_sharegpt_columns_train_like_the_same_chat_in_our_format(tmp_path):
+    """data.columns maps ShareGPT's conversations/from/value (and its speaker names) onto ours: the
+    pipeline's rows equal those of the same conversations written in our format."""
+    import dataclasses
+    import json
+
+    from sft_sharded.config import load_config
+    from sft_sharded.data.pipeline import make_iterator
+    from sft_sharded.data.tokenizers import ByteTokenizer
+
+    ours, theirs = tmp_path / "ours.jsonl", tmp_path / "sharegpt.jsonl"
+    chats = [[("system", "be brief"), ("user", "sort 3 1 2"), ("assistant", "1 2 3")],
+             [("user", "reverse ab"), ("assistant", "ba"), ("user", "again"), ("assistant", "ab")]]
+    names = {"system": "system", "user": "human", "assistant": "gpt"}
+    ours.write_text("".join(json.dumps({"messages": [{"role": r, "content": c} for r, c in chat]}) + "\n"
+                            for chat in chats))
+    theirs.write_text("".join(json.dumps({"id": i, "conversations": [{"from": names[r], "value": c} for r, c in chat]})
+                              + "\n" for i, chat in enumerate(chats)))
+    base = load_config(None, ["data.batch_size=2", "data.max_length=64", "data.packing=false"]).data
+    rows = []
+    for path, columns in ((ours, None), (theirs, {"conversations": "messages", "from": "role", "value": "content"})):
+        batch = next(make_iterator(dataclasses.replace(base, path=str(path), columns=columns), ByteTokenizer(), seed=0))
+        rows.append(batch)
+    assert rows[0]["loss_mask"].sum() > 0
+    for key in rows[0]:
+        np.testing.assert_array_equal(rows[1][key], rows[0][key])

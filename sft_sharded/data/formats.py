@@ -44,6 +44,29 @@ class Example:
         return self.mask.astype(np.float32) if self.weights is None else np.where(self.mask, self.weights, 0.0)
 
 
+# ShareGPT's speaker names (its "from" field) -> our roles.
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "function_call": "assistant",
+                  "observation": "tool", "tool": "tool"}
+
+
+def rename_columns(record: Any, columns: dict[str, str]) -> Any:
+    """A record with `data.columns` applied: top-level keys renamed (`conversations` -> `messages`) and, in
+    each message, keys renamed too (ShareGPT's `from`/`value` -> `role`/`content`, with its speaker names
+    mapped to roles). A key not in `columns` is kept as it is; a non-object record is left to the checks."""
+    if not isinstance(record, dict):
+        return record
+    out = {columns.get(key, key): value for key, value in record.items()}
+    if isinstance(out.get("messages"), list):
+        messages = [{columns.get(k, k): v for k, v in m.items()} if isinstance(m, dict) else m
+                    for m in out["messages"]]
+        if "from" in columns:
+            for m in messages:
+                if isinstance(m, dict) and m.get("role") in SHAREGPT_ROLES:
+                    m["role"] = SHAREGPT_ROLES[m["role"]]
+        out["messages"] = messages
+    return out
+
+
 def detect_format(record: Any, where: str) -> str:
     if not isinstance(record, dict):
         raise RecordError(f"{where}: a record must be a JSON object, got {type(record).__name__}")

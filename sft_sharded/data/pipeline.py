@@ -17,7 +17,7 @@ import numpy as np
 
 from sft_sharded.config import DataConfig
 from sft_sharded.data import packing
-from sft_sharded.data.formats import RowSkipped, encode_record, fit_length
+from sft_sharded.data.formats import RowSkipped, encode_record, fit_length, rename_columns
 from sft_sharded.data.sources import expand_paths, open_source
 from sft_sharded.data.synthetic import SyntheticSource
 from sft_sharded.errors import UserError
@@ -59,10 +59,22 @@ def open_records(cfg: DataConfig, split: str, seed: int) -> grain.MapDataset:
         return grain.MapDataset.source(SyntheticSource(cfg.task, split, size, seed))
     sources = [open_source(p) for p in expand_paths(path)]
     if cfg.weights is None or split == "eval":
-        return grain.MapDataset.source(ConcatSource(sources))
-    if len(cfg.weights) != len(sources):
+        records = grain.MapDataset.source(ConcatSource(sources))
+    elif len(cfg.weights) != len(sources):
         raise UserError(f"data.weights has {len(cfg.weights)} entries for {len(sources)} files")
-    return grain.MapDataset.mix([grain.MapDataset.source(s) for s in sources], cfg.weights)
+    else:
+        records = grain.MapDataset.mix([grain.MapDataset.source(s) for s in sources], cfg.weights)
+    return records.map(RenameColumns(cfg.columns)) if cfg.columns else records
+
+
+@dataclasses.dataclass(frozen=True)
+class RenameColumns:
+    """(record, where) with `data.columns` applied (a class, not a lambda: grain workers pickle it)."""
+
+    columns: dict
+
+    def __call__(self, item):
+        return rename_columns(item[0], self.columns), item[1]
 
 
 @dataclasses.dataclass
