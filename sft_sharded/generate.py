@@ -105,8 +105,9 @@ def prompt_and_answer(record: dict, tokenizer) -> tuple[list[int], str] | None:
 
 
 def exact_match(trainer, params, records: Sequence[dict], tokenizer, max_new_tokens: int,
-                batch_rows: int = 64) -> tuple[float, list[tuple[str, str]]]:
-    """Share of records whose greedy answer equals the reference exactly, and (expected, got) pairs."""
+                batch_rows: int = 64) -> tuple[float, list[dict[str, str]]]:
+    """Share of records whose greedy answer equals the reference exactly, and for each scored record its
+    {"prompt" (as the model saw it, decoded), "reference", "generation"}."""
     pairs = [p for p in (prompt_and_answer(r, tokenizer) for r in records) if p is not None]
     if not pairs:
         return float("nan"), []
@@ -114,5 +115,6 @@ def exact_match(trainer, params, records: Sequence[dict], tokenizer, max_new_tok
     for i in range(0, len(pairs), batch_rows):
         chunk = pairs[i : i + batch_rows]
         outs = greedy_generate(trainer, params, [p for p, _ in chunk], max_new_tokens, tokenizer.stop_ids)
-        results += [(answer, tokenizer.decode(out)) for (_, answer), out in zip(chunk, outs)]
-    return sum(a == b for a, b in results) / len(results), results
+        results += [{"prompt": tokenizer.decode(prompt), "reference": answer, "generation": tokenizer.decode(out)}
+                    for (prompt, answer), out in zip(chunk, outs)]
+    return sum(r["reference"] == r["generation"] for r in results) / len(results), results

@@ -260,13 +260,17 @@ def train(cfg: TrainConfig, *, say: Say = print, on_record: Callable[[dict], Non
         say(f"trained {cfg.steps} steps in {time.perf_counter() - t0:.1f}s; "
             f"packing efficiency {run.batches.efficiency:.1%}")
         if run.has_eval:
-            accuracy, pairs = final_exact_match(run.trainer, cfg, run.tokenizer, partition.merge(state.params, state.frozen))
-            final = {"step": cfg.steps, "eval_exact_match": accuracy, "eval_generated": len(pairs)}
+            accuracy, scored = final_exact_match(run.trainer, cfg, run.tokenizer, partition.merge(state.params, state.frozen))
+            final = {"step": cfg.steps, "eval_exact_match": accuracy, "eval_generated": len(scored)}
+            if jax.process_index() == 0:  # what users read: every held-out prompt with its two answers
+                (run.run_dir / "eval").mkdir(exist_ok=True)
+                with (run.run_dir / "eval" / f"step_{cfg.steps}.jsonl").open("w") as f:
+                    f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in scored)
             writer.write(final)
             records.append(final)
             on_record(final)
-            wrong = [(a, b) for a, b in pairs if a != b][:3]
-            say(f"held-out exact match (greedy generation): {accuracy:.2%} of {len(pairs)}"
+            wrong = [(r["reference"], r["generation"]) for r in scored if r["reference"] != r["generation"]][:3]
+            say(f"held-out exact match (greedy generation): {accuracy:.2%} of {len(scored)}"
                 + (f"; e.g. expected {wrong[0][0]!r}, got {wrong[0][1]!r}" if wrong else ""))
     finally:
         writer.close()
