@@ -22,7 +22,7 @@ import jax.numpy as jnp
 
 from sft_sharded import hf
 from sft_sharded.checkpoint import FINAL_PARAMS, Checkpointer, load_params, save_params
-from sft_sharded.config import TrainConfig, dump_config, load_config, to_dict
+from sft_sharded.config import DataConfig, TrainConfig, dump_config, load_config, to_dict
 from sft_sharded.data.pipeline import make_iterator, open_records, resume_iterator, scan_counts
 from sft_sharded.data.tokenizers import load_tokenizer
 from sft_sharded.errors import TrainingDiverged, UserError
@@ -136,6 +136,17 @@ def restore_or_init(trainer: SFTTrainer, cfg: TrainConfig, tokenizer, ckpt: Chec
     return state, batches, step
 
 
+def eval_sources(data: DataConfig) -> dict[str, DataConfig]:
+    """Each held-out source's data config by name: with several `data.eval_path` entries, one per entry
+    (named by its file stem), so the log has the loss and accuracy of each; else the whole set."""
+    paths = data.eval_path
+    if not isinstance(paths, list) or len(paths) < 2:
+        return {"all": data}
+    stems = [Path(p).stem for p in paths]
+    names = stems if len(set(stems)) == len(stems) else [str(p) for p in paths]
+    return {name: dataclasses.replace(data, eval_path=p) for name, p in zip(names, paths)}
+
+
 def final_exact_match(trainer: SFTTrainer, cfg: TrainConfig, tokenizer, params) -> tuple[float, list]:
     """Held-out exact match of greedy generation over the first `eval.num_generate` held-out records."""
     from sft_sharded.generate import exact_match
@@ -195,15 +206,18 @@ def prepare(cfg: TrainConfig, say: Say = print) -> Prepared:
 def _fit(run: Prepared, writer, say: Say, on_record, stop_requested) -> tuple[TrainState, list[dict], bool]:
     """The loop with checkpoints, preemption and evaluation; (state, records, stopped early)."""
     from sft_sharded.metrics import flops_per_token
-    from sft_sharded.trainers.loop import evaluate, fit
+    from sft_sharded.trainers.loop import evaluate_sources, fit
 
     cfg, ckpt, trainer = run.cfg, run.ckpt, run.trainer
     shard = dict(process_index=jax.process_index(), process_count=jax.process_count())
     eval_fn = None
     if run.has_eval:
+        sources = eval_sources(cfg.data)
+
         def eval_fn(state):
-            batches = make_iterator(cfg.data, run.tokenizer, split="eval", seed=cfg.seed, **shard)
-            return evaluate(trainer, state, batches)
+            return evaluate_sources(trainer, state, {
+                name: make_iterator(data, run.tokenizer, split="eval", seed=cfg.seed, **shard)
+                for name, data in sources.items()})
 
     config_dict, stopped = {**to_dict(cfg), "base": base_fingerprint(cfg)}, []
 

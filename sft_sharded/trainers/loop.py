@@ -35,6 +35,29 @@ def evaluate(trainer: Trainer, state: TrainState, batches: Iterable[Mapping[str,
     return out
 
 
+def evaluate_sources(trainer: Trainer, state: TrainState,
+                     sources: Mapping[str, Iterable[Mapping[str, np.ndarray]]]) -> Record:
+    """`evaluate` per data source (keys `eval_loss/NAME`, ...) and over all of them together, combined
+    from each source's token-weighted sums (the same numbers as one pass over every batch). One source:
+    plain `evaluate`."""
+    if len(sources) == 1:
+        return evaluate(trainer, state, next(iter(sources.values())))
+    out: Record = {}
+    total = {"eval_loss": 0.0, "eval_accuracy": 0.0, "eval_num_tokens": 0.0}
+    for name, batches in sources.items():
+        result = evaluate(trainer, state, batches)
+        out.update({f"{key}/{name}": value for key, value in result.items()})
+        count = result["eval_num_tokens"]
+        total["eval_num_tokens"] += count
+        for key in ("eval_loss", "eval_accuracy"):
+            total[key] += result.get(key, 0.0) * count
+    for key in ("eval_loss", "eval_accuracy"):
+        total[key] = float(safe_mean(total[key], total["eval_num_tokens"]))
+    if not any(key.startswith("eval_accuracy/") for key in out):
+        total.pop("eval_accuracy")
+    return {**total, **out}
+
+
 class _Window:
     """Sums of the steps since the last log line; the host divides."""
 
