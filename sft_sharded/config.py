@@ -50,8 +50,13 @@ class ModelConfig:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DataConfig:
-    path: str | list[str] | None = None  # JSONL/Parquet file, glob or list; None: the built-in task
-    eval_path: str | list[str] | None = None  # held-out files (the built-in task has its own split)
+    # JSONL/Parquet/Arrow file, glob, dataset directory (datasets.save_to_disk, or a Hub-style repository
+    # with data/train-*.parquet), hf://datasets/NAME from the local Hugging Face cache, or a list of them;
+    # None: the built-in task.
+    path: str | list[str] | None = None
+    eval_path: str | list[str] | None = None  # held-out data, as data.path (the built-in task has its own split)
+    split: str = "train"  # the split of dataset directories in data.path
+    eval_split: str = "test"  # the split of dataset directories in data.eval_path
     weights: list[float] | None = None  # per-file mixture weights for data.path
     # Other datasets' column names -> ours, e.g. {conversations: messages, from: role, value: content}
     # (ShareGPT; its speaker names human/gpt become user/assistant). Keys inside messages are renamed too.

@@ -57,7 +57,8 @@ def open_records(cfg: DataConfig, split: str, seed: int) -> grain.MapDataset:
             raise UserError("data.eval_path is required for held-out evaluation of data.path files")
         size = 1_000_000 if split == "train" else cfg.num_eval
         return grain.MapDataset.source(SyntheticSource(cfg.task, split, size, seed))
-    sources = [open_source(p) for p in expand_paths(path)]
+    key, data_split = ("data.path", cfg.split) if split == "train" else ("data.eval_path", cfg.eval_split)
+    sources = [open_source(p, key) for p in expand_paths(path, data_split, key)]
     if cfg.weights is None or split == "eval":
         records = grain.MapDataset.source(ConcatSource(sources))
     elif len(cfg.weights) != len(sources):

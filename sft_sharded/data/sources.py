@@ -1,5 +1,6 @@
-"""Random-access record sources: JSONL (line-offset index, nothing else held in memory) and Parquet
-(one row group in memory at a time). Each item is `(record, where)` with `where` = "file:line"."""
+"""Random-access record sources: JSONL (line-offset index, nothing else held in memory), Parquet (one row
+group in memory at a time) and Arrow (`datasets.save_to_disk` files, memory-mapped: pages are read as
+records are). Each item is `(record, where)` with `where` = "file:line" or "file:row N"."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sft_sharded.data import hub
 from sft_sharded.errors import MissingFileError, UserError
 
 
@@ -68,24 +70,64 @@ class ParquetSource:
         return self._cached[1][index - int(self._starts[group])], f"{self.path}:row {index}"
 
 
-def expand_paths(path: str | Sequence[str]) -> list[Path]:
-    """A file, a glob or a list of them -> existing files, in order."""
+class ArrowSource:
+    """An Arrow stream file as `datasets.save_to_disk` writes it, memory-mapped (opened lazily, so a
+    grain worker that receives this object by pickle maps the file itself)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._table = None
+        if len(self) == 0:
+            raise UserError(f"{self.path}: the file has no records")
+
+    def _open(self):
+        if self._table is None:
+            import pyarrow as pa
+
+            try:
+                self._table = pa.ipc.open_stream(pa.memory_map(str(self.path))).read_all()
+            except Exception as err:  # noqa: BLE001 - pyarrow raises several types for a file it cannot read
+                raise UserError(f"{self.path}: not a readable Arrow stream ({type(err).__name__}: {err})") from None
+        return self._table
+
+    def __getstate__(self):
+        return {"path": self.path, "_table": None}
+
+    def __len__(self) -> int:
+        return self._open().num_rows
+
+    def __getitem__(self, index: int) -> tuple[object, str]:
+        return self._open().slice(index, 1).to_pylist()[0], f"{self.path}:row {index}"
+
+
+def expand_paths(path: str | Sequence[str], split: str = "train", key: str = "data.path") -> list[Path]:
+    """Files, globs, dataset directories (`datasets.save_to_disk`, Hub-style repositories: the files of
+    `split`) and `hf://datasets/NAME` (the local Hugging Face cache), or a list of them -> existing files,
+    in order."""
     items = [path] if isinstance(path, str) else list(path)
     files: list[Path] = []
     for item in items:
+        if item.startswith(hub.HF_PREFIX):
+            files += hub.dataset_files(hub.resolve_hf_url(item, key), split, key)
+            continue
         matches = sorted(glob.glob(item)) if any(c in item for c in "*?[") else [item]
         if not matches:
-            raise MissingFileError(f"data.path: {item!r} matches no file")
+            raise MissingFileError(f"{key}: {item!r} matches no file")
         for match in matches:
-            if not Path(match).is_file():
-                raise MissingFileError(f"data.path: {match!r} is not a file")
-            files.append(Path(match))
+            if Path(match).is_dir():
+                files += hub.dataset_files(Path(match), split, key)
+            elif not Path(match).is_file():
+                raise MissingFileError(f"{key}: {match!r} is not a file")
+            else:
+                files.append(Path(match))
     return files
 
 
-def open_source(path: Path):
+def open_source(path: Path, key: str = "data.path"):
     if path.suffix == ".parquet":
         return ParquetSource(path)
     if path.suffix in (".jsonl", ".json"):
         return JsonlSource(path)
-    raise UserError(f"data.path: {path} is neither .jsonl nor .parquet")
+    if path.suffix == ".arrow":
+        return ArrowSource(path)
+    raise UserError(f"{key}: {path} is neither .jsonl, .parquet nor .arrow")
