@@ -64,6 +64,11 @@ class DataConfig:
     format: Literal["auto", "text", "prompt_completion", "messages"] = "auto"
     task: Literal["reverse", "sort", "mixed"] = "mixed"  # the built-in task
     train_on_prompt: bool = False  # False: loss on completions / assistant turns only
+    # Chats whose template rewrites earlier turns (Qwen3 drops their reasoning). "last": one example, the
+    # conversation as the template renders it whole (earlier answers without reasoning, the last turn with
+    # it: TRL's and Qwen's rule). "per_turn": one example per assistant turn, rendered up to that turn and
+    # training only it, so every turn's reasoning is trained.
+    multi_turn_reasoning: Literal["last", "per_turn"] = "last"
     max_length: int = 128  # positions per row
     truncation: Literal["truncate", "drop"] = "truncate"  # for examples longer than max_length
     packing: bool = True

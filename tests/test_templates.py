@@ -187,3 +187,36 @@ def test_bad_tool_and_weight_fields_name_the_record_and_field(tmp_path, change, 
     change(record)
     with pytest.raises(RecordError, match=message):
         encode_record(record, tok, where="rec")
+
+
+def test_per_turn_reasoning_trains_each_turn_with_its_reasoning_as_the_last_turn(tmp_path):
+    """data.multi_turn_reasoning=per_turn: one example per assistant turn, rendered up to that turn, so a
+    template that drops earlier reasoning still trains every turn's (the default, last, trains the
+    whole rendering: see the test above)."""
+    import dataclasses
+
+    from sft_sharded.config import DataConfig
+    from sft_sharded.data.pipeline import Encode
+
+    directory = write_hf_tokenizer(tmp_path, QWEN3, eos_token="<|im_end|>",
+                                   specials=("<|im_start|>", "<|im_end|>", "<think>", "</think>"))
+    raw = Tokenizer.from_file(str(directory / "tokenizer.json"))
+    enc = lambda s: raw.encode(s, add_special_tokens=False).ids  # noqa: E731
+    end = raw.token_to_id("<|im_end|>")
+    record = {"messages": [
+        {"role": "user", "content": "hello"},
+        {"role": "assistant", "content": "hello there", "reasoning_content": "say hi"},
+        {"role": "user", "content": "sort 3 1 2"},
+        {"role": "assistant", "content": "1 2 3", "reasoning_content": "the digits in order"},
+    ]}
+    encode = Encode(dataclasses.replace(DataConfig(), multi_turn_reasoning="per_turn", max_length=256), HFTokenizer(directory))
+    first, last = encode((record, "rec")).examples
+    assert first.tokens.tolist() == enc("<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n<think>\nsay hi\n"
+                                        "</think>\n\nhello there<|im_end|>\n")
+    assert _trained(first) == [*enc("<think>\nsay hi\n</think>\n\nhello there"), end]
+    assert last.tokens.tolist() == enc(
+        "<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\nhello there<|im_end|>\n<|im_start|>user\n"
+        "sort 3 1 2<|im_end|>\n<|im_start|>assistant\n<think>\nthe digits in order\n</think>\n\n1 2 3<|im_end|>\n")
+    assert _trained(last) == [*enc("<think>\nthe digits in order\n</think>\n\n1 2 3"), end]
+    whole, = Encode(dataclasses.replace(DataConfig(), max_length=256), HFTokenizer(directory))((record, "rec")).examples
+    assert whole.tokens.tolist() == last.tokens.tolist() and _trained(whole) == [*enc("hello there"), end, *_trained(last)]

@@ -191,6 +191,23 @@ def encode_record(record: Any, tokenizer, *, fmt: str = "auto", train_on_prompt:
     return Example(np.asarray(tokens, np.int32), mask)
 
 
+def encode_turns(record: Any, tokenizer, *, where: str = "record") -> list[Example]:
+    """`data.multi_turn_reasoning=per_turn`: one example per trained assistant turn of a chat record, each
+    the conversation rendered up to and including that turn with only that turn trained. A template that
+    drops earlier turns' reasoning then still trains every turn's reasoning, each as the last turn."""
+    messages, turn_weights = chat_messages(record, where)
+    examples = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant" or turn_weights[i] == 0:
+            continue
+        # Earlier assistant turns are context here (weight 0); this turn keeps its own weight.
+        weights = [0.0 if m["role"] == "assistant" else None for m in messages[:i]] + [turn_weights[i]]
+        turn = {**record, "messages": [dict(m, **({"weight": w} if w is not None else {}))
+                                       for m, w in zip(messages[: i + 1], weights)]}
+        examples.append(encode_record(turn, tokenizer, fmt="messages", where=f"{where} (turn {i})"))
+    return examples
+
+
 def fit_length(example: Example, max_length: int, policy: str) -> Example | None:
     """At most `max_length` input positions (max_length + 1 tokens). policy: "truncate" keeps the start,
     "drop" drops the row. None when the row is dropped or has no trained target left."""

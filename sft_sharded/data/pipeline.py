@@ -17,7 +17,8 @@ import numpy as np
 
 from sft_sharded.config import DataConfig
 from sft_sharded.data import packing
-from sft_sharded.data.formats import RowSkipped, encode_record, fit_length, rename_columns
+from sft_sharded.data.formats import (RowSkipped, detect_format, encode_record, encode_turns, fit_length,
+                                     rename_columns)
 from sft_sharded.data.sources import expand_paths, open_source
 from sft_sharded.data.synthetic import SyntheticSource
 from sft_sharded.errors import UserError
@@ -80,7 +81,7 @@ class RenameColumns:
 
 @dataclasses.dataclass
 class Encoded:
-    example: Any  # Example, or None when the row was skipped
+    examples: tuple  # the record's Examples (several with multi_turn_reasoning=per_turn); () when skipped
     reason: str = ""  # why it was skipped: too_long, no_target, template
     truncated: bool = False
 
@@ -93,17 +94,27 @@ class Encode:
 
     def __call__(self, item) -> Encoded:
         record, where = item
+        cfg = self.cfg
         try:
-            example = encode_record(record, self.tokenizer, fmt=self.cfg.format,
-                                    train_on_prompt=self.cfg.train_on_prompt, where=where)
+            if cfg.multi_turn_reasoning == "per_turn" and not cfg.train_on_prompt and cfg.format in (
+                    "auto", "messages") and detect_format(record, where) == "messages":
+                examples = encode_turns(record, self.tokenizer, where=where)
+            else:
+                examples = [encode_record(record, self.tokenizer, fmt=cfg.format,
+                                          train_on_prompt=cfg.train_on_prompt, where=where)]
         except RowSkipped as err:
             log.warning("skipping %s", err)
-            return Encoded(None, "template")
-        too_long = len(example.tokens) - 1 > self.cfg.max_length
-        fitted = fit_length(example, self.cfg.max_length, self.cfg.truncation)
-        if fitted is None:
-            return Encoded(None, "too_long" if too_long and self.cfg.truncation == "drop" else "no_target")
-        return Encoded(fitted, truncated=fitted.truncated)
+            return Encoded((), "template")
+        kept, reason = [], "no_target"
+        for example in examples:
+            fitted = fit_length(example, cfg.max_length, cfg.truncation)
+            if fitted is not None:
+                kept.append(fitted)
+            elif len(example.tokens) - 1 > cfg.max_length and cfg.truncation == "drop":
+                reason = "too_long"
+        if not kept:
+            return Encoded((), reason)
+        return Encoded(tuple(kept), truncated=any(e.truncated for e in kept))
 
 
 class PackChunk:
@@ -117,7 +128,7 @@ class PackChunk:
         items = [self.encoded[i] for i in range(start, min(start + self.cfg.pack_buffer, len(self.encoded)))]
         counts = collections.Counter(item.reason or "kept" for item in items)
         counts["truncated"] = sum(item.truncated for item in items)
-        examples = [item.example for item in items if item.example is not None]
+        examples = [example for item in items for example in item.examples]
         if self.cfg.packing:
             rows = packing.pack(examples, self.cfg.max_length)
         else:
