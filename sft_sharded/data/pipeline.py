@@ -10,7 +10,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
-from typing import Any
 
 import grain
 import numpy as np
