@@ -142,6 +142,31 @@ class LossConfig:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class WandbConfig:
+    enabled: bool = False  # needs `pip install 'sft_sharded[wandb]'`
+    project: str = "sft_sharded"
+    entity: str | None = None
+    name: str | None = None  # the run's display name (default: W&B's)
+    mode: Literal["online", "offline"] = "online"  # offline: written under run_dir/wandb for `wandb sync`
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MlflowConfig:
+    enabled: bool = False  # needs `pip install 'sft_sharded[mlflow]'`
+    tracking_uri: str | None = None  # default: MLflow's own ($MLFLOW_TRACKING_URI)
+    experiment: str = "sft_sharded"
+    name: str | None = None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrackConfig:
+    """Trackers beside metrics.jsonl and TensorBoard (process 0 logs; a resumed run continues its run)."""
+
+    wandb: WandbConfig = dataclasses.field(default_factory=WandbConfig)
+    mlflow: MlflowConfig = dataclasses.field(default_factory=MlflowConfig)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class LoraSection:
     """LoRA: adapters on the projections in `targets` train, the base is frozen (`models/lora.py`)."""
 
@@ -186,6 +211,7 @@ class TrainConfig:
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     loss: LossConfig = dataclasses.field(default_factory=LossConfig)
     lora: LoraSection = dataclasses.field(default_factory=LoraSection)
+    track: TrackConfig = dataclasses.field(default_factory=TrackConfig)
 
     def __post_init__(self):
         if self.steps < 1:

@@ -50,9 +50,10 @@ def mfu(tokens_per_sec: float, flops_token: float, num_devices: int, peak: float
 
 
 class MetricsWriter:
-    def __init__(self, run_dir: str | Path, enabled: bool = True, resumed_step: int = 0):
+    def __init__(self, run_dir: str | Path, enabled: bool = True, resumed_step: int = 0, trackers: list = ()):
         self.run_dir = Path(run_dir)
         self.enabled = enabled
+        self.trackers = list(trackers)  # tracking.WandbTracker / MlflowTracker: fed every record
         self.records: list[dict] = []
         if not enabled:
             return
@@ -75,6 +76,8 @@ class MetricsWriter:
         for key, value in record.items():
             if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
                 self._tb.add_scalar(key, value, record["step"])
+        for tracker in self.trackers:
+            tracker.log(record)
 
     def close(self) -> None:
         if not self.enabled:
@@ -82,6 +85,8 @@ class MetricsWriter:
         self._jsonl.close()
         self._tb.close()
         plot_losses(self.records, self.run_dir / "loss.png")
+        for tracker in self.trackers:
+            tracker.close(self.run_dir / "loss.png")
 
 
 def plot_losses(records: list[dict], path: Path) -> None:

@@ -265,7 +265,11 @@ def train(cfg: TrainConfig, *, say: Say = print, on_record: Callable[[dict], Non
     from sft_sharded.metrics import MetricsWriter
 
     run = prepare(cfg, say)
-    writer = MetricsWriter(run.run_dir, enabled=jax.process_index() == 0, resumed_step=run.resumed_step)
+    from sft_sharded.tracking import make_trackers
+
+    first = jax.process_index() == 0
+    writer = MetricsWriter(run.run_dir, enabled=first, resumed_step=run.resumed_step,
+                           trackers=make_trackers(cfg, run.run_dir) if first else ())
     t0 = time.perf_counter()
     try:
         state, records, stopped = _fit(run, writer, say, on_record, stop_requested)
