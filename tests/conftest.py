@@ -1,6 +1,13 @@
 """8 simulated CPU devices, set before jax is imported anywhere in the test session."""
 
 import os
+import tempfile
+
+# One persistent XLA compilation cache per test session, shared with the CLI subprocesses the tests start
+# (they inherit the environment): many of them compile the same tiny train step. A fresh directory each
+# session, so nothing carries over from one run of the suite to the next.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="sft-sharded-xla-cache-"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 # SFT_SHARDED_TEST_PLATFORM=gpu (benchmarks/gpu_check.sh) keeps the real accelerator for the tests that
 # need one (the cuDNN attention tests); everything else assumes the 8 simulated CPU devices.

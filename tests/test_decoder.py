@@ -83,7 +83,7 @@ def test_scanned_params_are_sharded_with_a_replicated_layers_axis(tiny_config):
     trainer = SFTTrainer(Decoder(cfg), optax.adam(1e-3), mesh=make_mesh(2, 2, 2))
     state = trainer.create_train_state(jax.random.key(0), jnp.zeros((8, 16), jnp.int32))
     wq = state.params["layers"]["attn"]["wq"]
-    assert wq.shape == (2, 32, 4, 8) and wq.sharding.spec == P(None, "fsdp", "tensor", None)
+    assert wq.shape == (2, 32, 4, 8) and wq.sharding.spec == P(None, ("fsdp", "context"), "tensor", None)
     assert state.params["layers"]["attn_norm"]["scale"].sharding.spec == P(None, None)
 
 

@@ -117,7 +117,7 @@ def test_plan_compiles_for_a_tpu_topology_and_refuses_what_does_not_fit():
     pytest.importorskip("libtpu") if os.environ.get("CI") != "true" else None
     ok = _plan("--topology", "v5p:2x2x1", "--model", "tiny", "--seq", "128", "--global-batch", "8")
     assert ok.returncode == 0, ok.stderr[-3000:]
-    assert "on v5p:2x2x1 (4 chips), mesh {'data': 1, 'fsdp': 4, 'expert': 1, 'tensor': 1}" in ok.stdout
+    assert "on v5p:2x2x1 (4 chips), mesh {'data': 1, 'fsdp': 4, 'expert': 1, 'context': 1, 'tensor': 1}" in ok.stdout
     assert "-> fits" in ok.stdout and "FLOPs per chip per step: compiler" in ok.stdout
     assert "attention splash (" in ok.stdout and "Pallas calls)" in ok.stdout  # "auto" on TPU: the kernel
     lora = _plan("--topology", "v5p:2x2x1", "--model", "llama3.2-1b", "--seq", "128", "--global-batch", "8",
@@ -134,7 +134,7 @@ def test_plan_compiles_for_a_tpu_topology_and_refuses_what_does_not_fit():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model", ["gemma3-4b", "qwen3-8b"])
+@pytest.mark.parametrize("model", ["gemma3-4b"])  # qwen3-8b's plan (26.22 GiB): benchmarks/README.md
 def test_plan_fits_the_2026_families_on_v5p_16_at_seq_8192(model):
     """The real shapes compile for the TPU: Gemma 3's mixed local/global scan (a lax.cond per layer, so
     both splash kernels are in) and its 262k vocabulary (the chunked loss by default)."""

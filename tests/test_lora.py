@@ -162,7 +162,7 @@ def test_a_qlora_base_is_stored_quantized_on_its_shards_and_the_loss_falls(tiny_
                                   optimizer=optax.adamw(3e-2))
     wq = state.frozen["layer_0"]["attn"]["wq"]
     assert isinstance(wq, qwix.QArray) and wq.qvalue.shape == (64, 4, 16)
-    assert wq.qvalue.sharding.spec == P("fsdp", "tensor", None)  # the weight's own shards
+    assert wq.qvalue.sharding.spec == P(("fsdp", "context"), "tensor", None)  # the weight's own shards
     assert state.frozen["embedding"].dtype == jnp.bfloat16  # only the projections are quantized
     abstract = trainer.abstract_train_state(jax.random.key(0), jnp.zeros((8, 16), jnp.int32))
     assert jax.tree.structure(abstract.frozen) == jax.tree.structure(state.frozen)

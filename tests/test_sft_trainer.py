@@ -166,16 +166,17 @@ def test_all_masked_batch_gives_zero_loss_and_zero_grads(tiny_config):
     assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(jax.device_get(state)))
 
 
-# Logical rules applied by hand for mesh (2, 2, 2): embed->fsdp, heads/kv_heads/mlp/vocab->tensor.
+# Logical rules applied by hand for mesh (2, 2, 2): embed->(fsdp, context), heads/kv_heads/mlp/vocab->tensor.
+FSDP = ("fsdp", "context")  # weights split over context as over fsdp (context is 1 here)
 EXPECTED_SPECS = {
-    "embedding": P("tensor", "fsdp"),
-    "lm_head": P("fsdp", "tensor"),
+    "embedding": P("tensor", FSDP),
+    "lm_head": P(FSDP, "tensor"),
     "final_norm/scale": P(None),
-    "layer_0/attn/wq": P("fsdp", "tensor", None),
-    "layer_0/attn/wk": P("fsdp", "tensor", None),
-    "layer_0/attn/wo": P("tensor", None, "fsdp"),
-    "layer_1/mlp/w_gate": P("fsdp", "tensor"),
-    "layer_1/mlp/w_down": P("tensor", "fsdp"),
+    "layer_0/attn/wq": P(FSDP, "tensor", None),
+    "layer_0/attn/wk": P(FSDP, "tensor", None),
+    "layer_0/attn/wo": P("tensor", None, FSDP),
+    "layer_1/mlp/w_gate": P(FSDP, "tensor"),
+    "layer_1/mlp/w_down": P("tensor", FSDP),
     "layer_1/mlp_norm/scale": P(None),
 }
 
@@ -207,10 +208,10 @@ def test_fsdp8_each_device_holds_an_eighth_of_fsdp_sharded_leaves(tiny_config):
     checked = 0
     for leaf in jax.tree.leaves((state.params, state.opt_state)):
         spec = leaf.sharding.spec
-        if "fsdp" not in spec:
+        if FSDP not in spec:
             assert all(s.data.shape == leaf.shape for s in leaf.addressable_shards)
             continue
-        dim = list(spec).index("fsdp")
+        dim = list(spec).index(FSDP)
         expected = list(leaf.shape)
         expected[dim] //= 8
         assert len(leaf.addressable_shards) == 8
