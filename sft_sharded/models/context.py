@@ -27,9 +27,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
+from sft_sharded.models.attention import _MASKED
 from sft_sharded.sharding import activation_spec, sequence_shards
 
-_MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
 _BLOCK = 512  # query and key rows per block: [B, K, G, 512, 512] float32 scores at a time
 
 
@@ -127,7 +127,9 @@ def _fold(carry, q, k, v, q_seg, k_seg, q_ord, k_ord, opts, qb, kb):
             return jax.lax.cond(_visible(qo_i, ko_j, opts[0]), update, lambda c: c, c), None
 
         (a, mx, sm), _ = jax.lax.scan(step, (acc[..., rows, :], m[..., rows], l[..., rows]), keys)
-        accs.append(a), ms.append(mx), ls.append(sm)
+        accs.append(a)
+        ms.append(mx)
+        ls.append(sm)
     return jnp.concatenate(accs, -2), jnp.concatenate(ms, -1), jnp.concatenate(ls, -1)
 
 
