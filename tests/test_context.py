@@ -111,10 +111,10 @@ def _loss_and_grads(cfg, mesh, accum=1, chunk=None, extra=False):
     return float(loss), float(penalty), jax.tree.map(np.asarray, grads)
 
 
-# (model, mesh sizes, grad accumulation, loss chunk): every context size, with fsdp, tensor, experts, the ring
-# (context with tensor alone: the attention test above).
+# (model, mesh sizes, grad accumulation, loss chunk): every context size, with fsdp, tensor, experts, the ring.
 CASES = [
     (TINY_MIXED, dict(context=8, fsdp=1), 1, None),
+    (TINY_MIXED, dict(context=4, fsdp=1, tensor=2), 1, None),
     (TINY_MIXED, dict(context=2, fsdp=2, tensor=2), 2, 16),
     (dataclasses.replace(TINY_MIXED, context_attention="ring"), dict(context=4, fsdp=2), 1, None),
     (TINY_MOE, dict(context=4, fsdp=1, expert=2), 2, None),

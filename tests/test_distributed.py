@@ -134,7 +134,7 @@ def test_plan_compiles_for_a_tpu_topology_and_refuses_what_does_not_fit():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model", ["gemma3-4b"])  # qwen3-8b's plan (26.22 GiB): benchmarks/README.md
+@pytest.mark.parametrize("model", ["gemma3-4b", "qwen3-8b"])
 def test_plan_fits_the_2026_families_on_v5p_16_at_seq_8192(model):
     """The real shapes compile for the TPU: Gemma 3's mixed local/global scan (a lax.cond per layer, so
     both splash kernels are in) and its 262k vocabulary (the chunked loss by default)."""
