@@ -8,6 +8,9 @@ ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "reference", "cudnn", "splash")
 # models/context.py: attention over a sequence split on the mesh's context axis (all-gather keys and values,
 # or pass them around a ring), and the order of positions on the devices (zigzag: causal load balance).
 CONTEXT_SCHEMES = ("allgather", "ring")
+# The default by measurement (benchmarks/README.md): as fast as all-gather on the CPU and it never holds
+# a whole row's keys, values and their float32 gradients (llama3.1-8b, 262,144 positions: 63.69 vs 87.38 GiB).
+DEFAULT_CONTEXT_SCHEME = "ring"
 CONTEXT_LAYOUTS = ("zigzag", "contiguous")
 # models/decoder.py: what a decoder layer saves for the backward pass (none: everything; full: nothing).
 REMAT_POLICIES = ("none", "full", "save_dots")

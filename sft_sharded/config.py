@@ -14,8 +14,8 @@ from typing import Any, Literal
 
 import yaml
 
-from sft_sharded.choices import (ATTENTION_IMPLEMENTATIONS, CONTEXT_SCHEMES, LORA_BASE_DTYPES, LORA_TARGETS,
-                                 REMAT_POLICIES)
+from sft_sharded.choices import (ATTENTION_IMPLEMENTATIONS, CONTEXT_SCHEMES, DEFAULT_CONTEXT_SCHEME, LORA_BASE_DTYPES,
+                                 LORA_TARGETS, REMAT_POLICIES)
 from sft_sharded.errors import MissingFileError, UserError
 
 
@@ -44,8 +44,9 @@ class ModelConfig:
     remat: Literal[REMAT_POLICIES] = "none"  # type: ignore[valid-type]
     scan_layers: bool = False
     attention: Literal[ATTENTION_IMPLEMENTATIONS] = "auto"  # type: ignore[valid-type]
-    # With mesh.context > 1: "allgather" (every device gathers the row's keys/values) or "ring".
-    context_attention: Literal[CONTEXT_SCHEMES] = "allgather"  # type: ignore[valid-type]
+    # With mesh.context > 1: "ring" (key/value blocks pass around the devices) or "allgather" (every device
+    # gathers the row's keys and values).
+    context_attention: Literal[CONTEXT_SCHEMES] = DEFAULT_CONTEXT_SCHEME  # type: ignore[valid-type]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -13,8 +13,8 @@ import os
 import re
 import sys
 
-from sft_sharded.choices import (ATTENTION_IMPLEMENTATIONS, CONTEXT_SCHEMES, LORA_BASE_DTYPES as BASE_DTYPES,
-                                 REMAT_POLICIES)
+from sft_sharded.choices import (ATTENTION_IMPLEMENTATIONS, CONTEXT_SCHEMES, DEFAULT_CONTEXT_SCHEME,
+                                 LORA_BASE_DTYPES as BASE_DTYPES, REMAT_POLICIES)
 from sft_sharded.errors import UserError
 
 # Per chip. HBM and peak dense bf16 FLOP/s from the Cloud TPU system-architecture pages
@@ -72,7 +72,7 @@ def _topology_mesh(gen: str, grid: str, mesh_spec: str):
 
 def plan(topology: str, model: str, seq: int, global_batch: int, mesh_spec: str, remat: str = "full",
          scan: bool = True, loss_chunk: int | None = None, attention: str = "auto", lora_rank: int = 0,
-         base_dtype: str = "bfloat16", context_attention: str = "allgather") -> dict:
+         base_dtype: str = "bfloat16", context_attention: str = DEFAULT_CONTEXT_SCHEME) -> dict:
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
     import jax
@@ -192,7 +192,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--no-scan", action="store_true", help="unroll the layers (slower to compile)")
     parser.add_argument("--attention", default="auto", choices=[a for a in ATTENTION_IMPLEMENTATIONS if a != "cudnn"],
                         help="auto: splash on TPU (models/attention.py)")
-    parser.add_argument("--context-attention", default="allgather", choices=CONTEXT_SCHEMES,
+    parser.add_argument("--context-attention", default=DEFAULT_CONTEXT_SCHEME, choices=CONTEXT_SCHEMES,
                         help="attention over a sequence split on the mesh's context axis (models/context.py)")
     parser.add_argument("--lora-rank", type=int, default=0, help="plan LoRA of this rank (and print full FT too)")
     parser.add_argument("--base-dtype", default="bfloat16", choices=BASE_DTYPES, help="storage of the LoRA base")

@@ -111,19 +111,20 @@ def _loss_and_grads(cfg, mesh, accum=1, chunk=None, extra=False):
     return float(loss), float(penalty), jax.tree.map(np.asarray, grads)
 
 
-# (model, mesh sizes, grad accumulation, loss chunk): every context size, with fsdp, tensor, experts, the ring.
+# (model, mesh sizes, grad accumulation, loss chunk): every context size, with fsdp, tensor, experts, both
+# schemes (the default, ring, and allgather).
 CASES = [
     (TINY_MIXED, dict(context=8, fsdp=1), 1, None),
     (TINY_MIXED, dict(context=4, fsdp=1, tensor=2), 1, None),
     (TINY_MIXED, dict(context=2, fsdp=2, tensor=2), 2, 16),
-    (dataclasses.replace(TINY_MIXED, context_attention="ring"), dict(context=4, fsdp=2), 1, None),
+    (dataclasses.replace(TINY_MIXED, context_attention="allgather"), dict(context=4, fsdp=2), 1, None),
     (TINY_MOE, dict(context=4, fsdp=1, expert=2), 2, None),
 ]
 
 
 @pytest.mark.parametrize("cfg, sizes, accum, chunk", CASES)
 def test_loss_and_grads_with_a_split_sequence_equal_one_device(cfg, sizes, accum, chunk):
-    one = _one_device(dataclasses.replace(cfg, context_attention="allgather"))  # the scheme is unused on one device
+    one = _one_device(dataclasses.replace(cfg, context_attention="ring"))  # the scheme is unused on one device
     split = _loss_and_grads(cfg, make_mesh(data=1, **sizes), accum, chunk, extra=bool(cfg.num_experts))
     np.testing.assert_allclose(split[:2], one[:2], rtol=2e-6)
     assert not cfg.num_experts or one[1] > 0  # the router's loss is in the comparison

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sft_sharded.choices import ATTENTION_IMPLEMENTATIONS
+from sft_sharded.choices import ATTENTION_IMPLEMENTATIONS, DEFAULT_CONTEXT_SCHEME
 from sft_sharded.sharding import current_platform, sequence_shards
 
 IMPLEMENTATIONS = ATTENTION_IMPLEMENTATIONS
@@ -122,7 +122,7 @@ def attention(
     window: int | None = None,
     scale: float | None = None,
     softcap: float | None = None,
-    context: tuple[str, str] = ("allgather", "zigzag"),
+    context: tuple[str, str] = (DEFAULT_CONTEXT_SCHEME, "zigzag"),
 ) -> jax.Array:
     """Causal self-attention over one sequence per row (training and evaluation; decoding with a KV
     cache calls `dot_product_attention`), optionally over a sliding `window` of keys. Output [B, T, N, H]

@@ -9,8 +9,8 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from sft_sharded.choices import (ACTIVATIONS, ATTENTION_IMPLEMENTATIONS, CONTEXT_LAYOUTS, CONTEXT_SCHEMES, LAYER_TYPES,
-                                 REMAT_POLICIES)
+from sft_sharded.choices import (ACTIVATIONS, ATTENTION_IMPLEMENTATIONS, CONTEXT_LAYOUTS, CONTEXT_SCHEMES,
+                                 DEFAULT_CONTEXT_SCHEME, LAYER_TYPES, REMAT_POLICIES)
 from sft_sharded.models.lora import LoraConfig
 from sft_sharded.models.rope import check_scaling
 
@@ -54,7 +54,7 @@ class DecoderConfig:
     attention: str = "auto"  # choices.ATTENTION_IMPLEMENTATIONS
     # When the mesh splits the sequence (its context axis): how attention meets the other devices' keys
     # (choices.CONTEXT_SCHEMES) and how positions are laid out on the devices (choices.CONTEXT_LAYOUTS).
-    context_attention: str = "allgather"
+    context_attention: str = DEFAULT_CONTEXT_SCHEME
     context_layout: str = "zigzag"
     # Each token sees only the last `sliding_window` keys (its own included): on every layer when
     # `layer_types` is None (Mistral), else on the layers marked "sliding_attention".

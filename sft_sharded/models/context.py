@@ -298,7 +298,7 @@ _split_attention.defvjp(_split_fwd, _split_bwd)
 
 
 def attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, window: int | None, scale: float,
-              softcap: float | None, scheme: str = "allgather", layout: str = "zigzag") -> jax.Array:
+              softcap: float | None, scheme: str, layout: str = "zigzag") -> jax.Array:
     """Causal attention of a sequence split on the mesh (called by `attention.attention` when the mesh
     splits "length"), with its positions in `layout_order`. Output [B, T, N, H], split like the queries."""
     batch, length = q_BxTxNxH.shape[:2]
