@@ -79,23 +79,18 @@ def plan(topology: str, model: str, seq: int, global_batch: int, mesh_spec: str,
     import jax.numpy as jnp
     import optax
 
-    from sft_sharded.metrics import flops_per_token, memory_per_device, peak_flops
+    from sft_sharded.metrics import flops_per_token, peak_flops
     from sft_sharded.models import Decoder, preset
     from sft_sharded.models.attention import resolve
     from sft_sharded.models.lora import LoraConfig
     from sft_sharded.models.presets import loss_chunk as chunk_for
-    from sft_sharded.sharding import MESH_AXES, batch_sharding, context_size, data_parallel_size
+    from sft_sharded.sharding import MESH_AXES, batch_sharding, context_size
     from sft_sharded.trainers import SFTTrainer
 
     gen, grid = parse_topology(topology)
     mesh = _topology_mesh(gen, grid, mesh_spec)
     devices, shape = mesh.devices.flat, tuple(mesh.shape.values())
-    if global_batch % data_parallel_size(mesh):
-        raise UserError(f"--global-batch {global_batch} does not split over data x fsdp x expert = "
-                        f"{data_parallel_size(mesh)} of mesh {dict(mesh.shape)}: use fewer row-splitting devices "
-                        "(e.g. a larger context axis) or more rows")
-    if seq % context_size(mesh):
-        raise UserError(f"--seq {seq} is not divisible by the context axis ({context_size(mesh)} devices)")
+    _check_split(mesh, global_batch, seq)
     lora = LoraConfig(rank=lora_rank, base_dtype=base_dtype) if lora_rank else None
     cfg = preset(model, dtype="bfloat16", remat=remat, scan_layers=scan, attention=attention, lora=lora,
                  context_attention=context_attention)
@@ -122,21 +117,42 @@ def plan(topology: str, model: str, seq: int, global_batch: int, mesh_spec: str,
     if context_size(mesh) > 1:  # a split sequence attends with models/context.py's kernels instead
         result["attention"] = f"split sequence ({cfg.context_attention}, {cfg.context_layout})"
     result["pallas_calls"] = lowered.as_text().count("tpu_custom_call")
+    return {**result, **_compile(lowered, chip["hbm_bytes"])}
+
+
+def _check_split(mesh, global_batch: int, seq: int) -> None:
+    """Rows that the row-splitting axes divide and positions that the context axis divides."""
+    from sft_sharded.sharding import context_size, data_parallel_size
+
+    if global_batch % data_parallel_size(mesh):
+        raise UserError(f"--global-batch {global_batch} does not split over data x fsdp x expert = "
+                        f"{data_parallel_size(mesh)} of mesh {dict(mesh.shape)}: use fewer row-splitting devices "
+                        "(e.g. a larger context axis) or more rows")
+    if seq % context_size(mesh):
+        raise UserError(f"--seq {seq} is not divisible by the context axis ({context_size(mesh)} devices)")
+
+
+def _compile(lowered, hbm_bytes: int) -> dict:
+    """Per-chip memory and FLOPs of the compiled step, or the TPU compiler's refusal."""
+    import jax
+
+    from sft_sharded.metrics import memory_per_device
+
     try:
         compiled = lowered.compile()
     except jax.errors.JaxRuntimeError as err:
         if "RESOURCE_EXHAUSTED" not in str(err):
             raise
         # The TPU compiler itself refuses a program that cannot fit in HBM: that is the answer.
-        return {**result, "fits": False, "compiler_error": str(err).splitlines()[0]}
+        return {"fits": False, "compiler_error": str(err).splitlines()[0]}
     memory = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     per_chip = memory_per_device(compiled)
     return {
-        **result, "argument_bytes": memory.argument_size_in_bytes, "temp_bytes": memory.temp_size_in_bytes,
+        "argument_bytes": memory.argument_size_in_bytes, "temp_bytes": memory.temp_size_in_bytes,
         "output_bytes": memory.output_size_in_bytes, "alias_bytes": memory.alias_size_in_bytes,
-        "total_bytes_per_chip": per_chip, "fits": per_chip <= chip["hbm_bytes"],
+        "total_bytes_per_chip": per_chip, "fits": per_chip <= hbm_bytes,
         "compiled_flops_per_chip": float(cost.get("flops", float("nan"))),
     }
 
