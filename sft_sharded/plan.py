@@ -66,7 +66,11 @@ def _topology_mesh(gen: str, grid: str, mesh_spec: str):
     topo = topologies.get_topology_desc(platform="tpu", topology_name=f"{gen}:{grid}",
                                         chips_per_host_bounds=(2, 2, 1), num_slices=1)
     shape = mesh_shape(parse_mesh(mesh_spec), len(topo.devices))
-    physical = topologies.make_mesh(topo, shape, MESH_AXES)
+    try:
+        physical = topologies.make_mesh(topo, shape, MESH_AXES)
+    except NotImplementedError as err:  # a mesh axis that is no product of the torus's axes
+        raise UserError(f"--mesh {mesh_spec!r} (sizes {dict(zip(MESH_AXES, shape))}) does not fit the {gen}:{grid} "
+                        f"torus: {str(err).split('. ')[0]}") from None
     return jax.sharding.Mesh(physical.devices, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
 
 
