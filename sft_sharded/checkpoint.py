@@ -19,6 +19,7 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
+from sft_sharded import paths
 from sft_sharded.data.pipeline import SavedDataState
 from sft_sharded.errors import UserError
 from sft_sharded.sharding import key_name
@@ -70,7 +71,7 @@ class Checkpointer:
 
     def __init__(self, directory: str | Path, *, every: int, keep: int, keep_every: int | None = None,
                  async_save: bool = True):
-        self.directory = Path(directory).absolute()
+        self.directory = paths.absolute(directory, "run_dir")
         self.every = every
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, keep_period=keep_every, enable_async_checkpointing=async_save, create=True,
@@ -169,7 +170,7 @@ def _param_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
 
 def save_params(run_dir: str | Path, params: Any) -> Path:
     """The final params of a run, for `sft-sharded generate` and export."""
-    path = (Path(run_dir) / FINAL_PARAMS).absolute()
+    path = paths.absolute(run_dir, "run_dir") / FINAL_PARAMS
     with ocp.StandardCheckpointer() as ckpt:
         ckpt.save(path, params, force=True)
         ckpt.wait_until_finished()
@@ -178,7 +179,7 @@ def save_params(run_dir: str | Path, params: Any) -> Path:
 
 def load_params(run_dir: str | Path, abstract_params: Any) -> Any:
     """Restore into `abstract_params` (ShapeDtypeStructs with the target shardings)."""
-    path = (Path(run_dir) / FINAL_PARAMS).absolute()
+    path = paths.absolute(run_dir, "run_dir") / FINAL_PARAMS
     if not path.is_dir():
         raise FileNotFoundError(f"{run_dir}: no {FINAL_PARAMS}/ (train the run to the end first)")
     with ocp.StandardCheckpointer() as ckpt:

@@ -12,8 +12,8 @@ import argparse
 import math
 import signal
 import sys
-from pathlib import Path
 
+from sft_sharded import paths
 from sft_sharded.config import TrainConfig, load_config
 from sft_sharded.devices import simulate_cpu_devices
 from sft_sharded.errors import UserError
@@ -134,7 +134,7 @@ def _command(args: argparse.Namespace) -> int:
 
         return plan.main(args)
     if args.command in ("generate", "export"):
-        config_path = Path(args.run_dir) / "config.yaml"
+        config_path = paths.path(args.run_dir, "run_dir") / "config.yaml"
         if not config_path.is_file():
             raise UserError(f"{args.run_dir}: not a run directory (no config.yaml)")
         cfg = load_config(config_path)

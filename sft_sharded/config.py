@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 import yaml
 
+from sft_sharded import paths
 from sft_sharded.choices import (ATTENTION_IMPLEMENTATIONS, CONTEXT_SCHEMES, DEFAULT_CONTEXT_SCHEME, LORA_BASE_DTYPES,
                                  LORA_TARGETS, REMAT_POLICIES)
 from sft_sharded.errors import MissingFileError, UserError
@@ -126,7 +127,10 @@ class OptimConfig:
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class EvalConfig:
     every: int = 100  # steps between held-out loss/accuracy evaluations (0: only at the end)
-    num_generate: int = 256  # held-out records scored by greedy generation at the end (exact match)
+    num_generate: int = 256  # held-out records scored by greedy generation (exact match, eval/step_N.jsonl)
+    # when to generate: with every held-out evaluation, or at the end of the run only (generation is the
+    # slow part of an evaluation: num_generate x max_new_tokens decoding steps)
+    generate: Literal["each_eval", "end"] = "each_eval"
     max_new_tokens: int = 16
 
 
@@ -290,10 +294,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     """TrainConfig from defaults, then a YAML file, then `KEY=VALUE` overrides (values parsed as YAML)."""
     values: dict[str, Any] = {}
     if path is not None:
-        if not Path(path).is_file():
+        if not paths.path(path, "--config").is_file():
             raise MissingFileError(f"--config {path}: no such file")
         try:
-            loaded = yaml.safe_load(Path(path).read_text())
+            loaded = yaml.safe_load(paths.path(path).read_text())
         except yaml.YAMLError as err:
             raise ConfigError(f"{path}: not valid YAML: {err}") from err
         if loaded is not None and not isinstance(loaded, dict):
@@ -312,4 +316,4 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 
 def dump_config(cfg: TrainConfig, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    paths.path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

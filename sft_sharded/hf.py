@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ import jax
 import ml_dtypes
 import numpy as np
 
+from sft_sharded import paths
 from sft_sharded.errors import MissingFileError, UserError
 from sft_sharded.hf_tensors import entries
 from sft_sharded.hf_config import (TOKEN_ID_FIELDS, config_from_hf, config_to_hf, hf_model_type, read_hf_config,
@@ -39,7 +39,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 class SafetensorsDir:
     """Every tensor of `model.safetensors` or of the shards a `model.safetensors.index.json` lists."""
 
-    def __init__(self, directory: Path, files: list[str] | None = None):
+    def __init__(self, directory: str | Path, files: list[str] | None = None, key: str = "model.path"):
+        directory = paths.path(directory, key)
         index = directory / "model.safetensors.index.json"
         if files is not None:
             if not all((directory / f).is_file() for f in files):
@@ -71,7 +72,12 @@ class SafetensorsDir:
         if meta["dtype"] not in _DTYPES:
             raise UserError(f"{path}: tensor {name!r} has dtype {meta['dtype']}; readable: {sorted(_DTYPES)}")
         start, end = meta["data_offsets"]
-        flat = np.memmap(path, dtype=np.uint8, mode="r", offset=base + start, shape=(end - start,))
+        if paths.is_remote(path):  # one ranged read of this tensor's bytes
+            with path.open("rb") as f:
+                f.seek(base + start)
+                flat = np.frombuffer(f.read(end - start), np.uint8)
+        else:
+            flat = np.memmap(path, dtype=np.uint8, mode="r", offset=base + start, shape=(end - start,))
         return flat.view(_DTYPES[meta["dtype"]]).reshape(meta["shape"])
 
 
@@ -137,7 +143,7 @@ def load_params(directory: str | Path, cfg: DecoderConfig, abstract_params: Any)
     param (all layers' or all experts' weights) nor the model is ever on the host at once.
 
     Refuses a checkpoint with a missing, extra or wrongly shaped tensor, naming it."""
-    directory = Path(directory)
+    directory = paths.path(directory, "model.path")
     tensors = SafetensorsDir(directory)
     model_type = read_hf_config(directory)["model_type"]
     _check_coverage(directory, cfg, model_type, tensors)
@@ -179,7 +185,7 @@ def save_pretrained(params: Any, cfg: DecoderConfig, out_dir: str | Path, *, mod
     (bos/eos/pad) go into config.json, and `generation_config` (default: built from `token_ids`) tells
     transformers' `generate` where to stop. Every process must call it (gathers are collective); only
     process 0 writes."""
-    out = Path(out_dir)
+    out = paths.path(out_dir, "export target")
     model_type = hf_model_type(cfg, model_type)
     config = config_to_hf(cfg, model_type, dtype, token_ids)
     write = jax.process_index() == 0
@@ -217,6 +223,7 @@ def save_pretrained(params: Any, cfg: DecoderConfig, out_dir: str | Path, *, mod
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     if tokenizer_dir is not None:
         for name in TOKENIZER_FILES:
-            if (Path(tokenizer_dir) / name).is_file():
-                shutil.copy(Path(tokenizer_dir) / name, out / name)
+            source = paths.path(tokenizer_dir, "tokenizer.path") / name
+            if source.is_file():
+                (out / name).write_bytes(source.read_bytes())
     return out

@@ -15,6 +15,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from sft_sharded import paths
 from sft_sharded.errors import MissingFileError, UserError
 from sft_sharded.models.config import DecoderConfig
 from sft_sharded.models.rope import check_scaling
@@ -89,7 +90,7 @@ _ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh
 
 
 def read_hf_config(directory: str | Path) -> dict[str, Any]:
-    path = Path(directory) / "config.json"
+    path = paths.path(directory, "model.path") / "config.json"
     if not path.is_file():
         raise MissingFileError(f"model.path={str(directory)!r}: no config.json in that directory")
     try:
@@ -225,7 +226,7 @@ def _experts(path: Path, hf: dict, model_type: str) -> dict[str, Any]:
 def config_from_hf(directory: str | Path, **overrides) -> DecoderConfig:
     """DecoderConfig of a Hugging Face directory; refuses any field value the model does not implement."""
     hf = read_hf_config(directory)
-    path = Path(directory) / "config.json"
+    path = paths.path(directory, "model.path") / "config.json"
     model_type = hf["model_type"]
     unknown = sorted(set(hf) - READ_FIELDS[model_type] - HARMLESS_FIELDS - set(TOKEN_ID_FIELDS))
     if "quantization_config" in unknown:

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
+import tempfile
+import time
 from pathlib import Path
+
+from sft_sharded import paths
 
 # Peak dense bf16 FLOP/s per device, by jax `device_kind` prefix (vendor data sheets; TPU from the Cloud
 # TPU system-architecture pages). CPUs have no meaningful peak: MFU is reported only where one is known.
@@ -50,22 +55,32 @@ def mfu(tokens_per_sec: float, flops_token: float, num_devices: int, peak: float
 
 
 class MetricsWriter:
-    def __init__(self, run_dir: str | Path, enabled: bool = True, resumed_step: int = 0, trackers: list = ()):
-        self.run_dir = Path(run_dir)
+    """Appends to metrics.jsonl and TensorBoard events in the run directory. Buckets have no append: with
+    a remote run directory the files are written in a local folder (`local_dir`) and copied up every
+    `sync_every_s` seconds and at the end, so the bucket lags the run by at most that."""
+
+    def __init__(self, run_dir: str | Path, enabled: bool = True, resumed_step: int = 0,
+                 sync_every_s: float = 60.0):
+        self.run_dir = paths.path(run_dir, "run_dir")
+        self.remote = paths.is_remote(self.run_dir)
+        self.local_dir = (Path(tempfile.mkdtemp(prefix="sft-sharded-metrics-")) if self.remote and enabled
+                          else Path(self.run_dir))
         self.enabled = enabled
-        self.trackers = list(trackers)  # tracking.WandbTracker / MlflowTracker: fed every record
+        self.trackers: list = []  # tracking.WandbTracker / MlflowTracker: fed every record
         self.records: list[dict] = []
+        self._sync_every_s, self._synced_at = sync_every_s, time.monotonic()
         if not enabled:
             return
         from tensorboardX import SummaryWriter
 
-        path = self.run_dir / "metrics.jsonl"
-        if path.exists() and resumed_step:  # keep the history up to the checkpoint; later lines are redone
-            kept = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        saved = self.run_dir / "metrics.jsonl"
+        if saved.exists() and resumed_step:  # keep the history up to the checkpoint; later lines are redone
+            kept = [json.loads(line) for line in saved.read_text().splitlines() if line.strip()]
             self.records = [r for r in kept if r.get("step", 0) <= resumed_step]
-            path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
-        self._jsonl = path.open("a" if resumed_step else "w")
-        self._tb = SummaryWriter(str(self.run_dir / "tensorboard"))
+        path = self.local_dir / "metrics.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+        self._jsonl = path.open("a")
+        self._tb = SummaryWriter(str(self.local_dir / "tensorboard"))
 
     def write(self, record: dict) -> None:
         self.records.append(record)
@@ -78,15 +93,29 @@ class MetricsWriter:
                 self._tb.add_scalar(key, value, record["step"])
         for tracker in self.trackers:
             tracker.log(record)
+        if self.remote and time.monotonic() - self._synced_at >= self._sync_every_s:
+            self._tb.flush()
+            self._sync()
+
+    def _sync(self) -> None:
+        """Copy the local files up to the remote run directory."""
+        for local in sorted(p for p in self.local_dir.rglob("*") if p.is_file()):
+            target = self.run_dir / local.relative_to(self.local_dir).as_posix()
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(local.read_bytes())
+        self._synced_at = time.monotonic()
 
     def close(self) -> None:
         if not self.enabled:
             return
         self._jsonl.close()
         self._tb.close()
-        plot_losses(self.records, self.run_dir / "loss.png")
+        plot_losses(self.records, self.local_dir / "loss.png")
         for tracker in self.trackers:
-            tracker.close(self.run_dir / "loss.png")
+            tracker.close(self.local_dir / "loss.png")
+        if self.remote:
+            self._sync()
+            shutil.rmtree(self.local_dir)
 
 
 def plot_losses(records: list[dict], path: Path) -> None:

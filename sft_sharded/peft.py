@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sft_sharded import paths
 from sft_sharded.errors import MissingFileError, UserError
 from sft_sharded.hf import SafetensorsDir, get_path, set_path, write_safetensors
 from sft_sharded.models.config import DecoderConfig
@@ -42,7 +43,7 @@ def _to_peft(array: np.ndarray, which: str, rank: int) -> np.ndarray:
 def save_adapter(adapters: Any, cfg: DecoderConfig, out_dir: str | Path, base_model: str) -> Path:
     """Write a PEFT LoRA adapter that `peft.PeftModel.from_pretrained(base, out_dir)` loads. Every process
     must call it (gathers are collective); only process 0 writes."""
-    lora, out = cfg.lora, Path(out_dir)
+    lora, out = cfg.lora, paths.path(out_dir, "export target")
     tensors = {}
     for path, name, layer, which, _ in _entries(cfg):
         array = global_to_host(get_path(adapters, path))
@@ -63,7 +64,7 @@ def save_adapter(adapters: Any, cfg: DecoderConfig, out_dir: str | Path, base_mo
 def load_adapters(directory: str | Path, cfg: DecoderConfig, abstract_adapters: Any) -> Any:
     """Adapters from a PEFT directory, each placed into its sharding; the adapter must match the run's
     lora settings (rank, alpha, targets), and every tensor must be used."""
-    directory = Path(directory)
+    directory = paths.path(directory, "lora.init_from")
     path = directory / "adapter_config.json"
     if not path.is_file():
         raise MissingFileError(f"lora.init_from={str(directory)!r}: no adapter_config.json in that directory")
@@ -76,7 +77,7 @@ def load_adapters(directory: str | Path, cfg: DecoderConfig, abstract_adapters: 
     differ = [f"{k}={got.get(k)!r} (this run: {v!r})" for k, v in want.items() if got.get(k) != v]
     if differ:
         raise UserError(f"{path}: the adapter does not match the lora settings: {', '.join(differ)}")
-    tensors = SafetensorsDir(directory, files=["adapter_model.safetensors"])
+    tensors = SafetensorsDir(directory, files=["adapter_model.safetensors"], key="lora.init_from")
     entries = list(_entries(cfg))
     extra = sorted(set(tensors.entries) - {name for _, name, _, _, _ in entries})
     if extra:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import tempfile
 import time
 from collections.abc import Callable
@@ -20,7 +21,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from sft_sharded import hf
+from etils import epath
+
+from sft_sharded import hf, paths
 from sft_sharded.checkpoint import FINAL_PARAMS, Checkpointer, load_params, save_params
 from sft_sharded.config import DataConfig, TrainConfig, dump_config, load_config, to_dict
 from sft_sharded.data.pipeline import make_iterator, open_records, resume_iterator, scan_counts
@@ -65,7 +68,7 @@ def lora_config(cfg: TrainConfig) -> LoraConfig | None:
 
 def tokenizer_path(cfg: TrainConfig) -> str | None:
     """tokenizer.path, else the model directory when it holds a tokenizer.json."""
-    if cfg.tokenizer.path is None and cfg.model.path and (Path(cfg.model.path) / "tokenizer.json").is_file():
+    if cfg.tokenizer.path is None and cfg.model.path and (paths.path(cfg.model.path, "model.path") / "tokenizer.json").is_file():
         return cfg.model.path
     return cfg.tokenizer.path
 
@@ -88,13 +91,18 @@ def build_trainer(cfg: TrainConfig, model_cfg: DecoderConfig | None = None) -> S
                       loss_chunk_size=loss_chunk(model_cfg, cfg.loss.chunk_size), z_loss=cfg.loss.z_loss, seed=cfg.seed)
 
 
-def prepare_run_dir(run_dir: str | Path) -> Path:
-    """The run directory, created if needed; a clear error when it cannot be written."""
-    path = Path(run_dir)
+def prepare_run_dir(run_dir: str | Path) -> epath.Path:
+    """The run directory (local or in a bucket), created if needed; a clear error when it cannot be written."""
+    path = paths.path(run_dir, "run_dir")
     try:
         path.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):  # one per process: no race
-            pass
+        if paths.is_remote(path):  # one probe object per process: no race
+            probe = path / f".write-test-{jax.process_index()}-{os.getpid()}"
+            probe.write_text("")
+            probe.unlink()
+        else:
+            with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+                pass
     except OSError as err:
         raise UserError(f"run_dir={str(run_dir)!r} cannot be written: {err.strerror or err}") from None
     return path
@@ -139,21 +147,32 @@ def restore_or_init(trainer: SFTTrainer, cfg: TrainConfig, tokenizer, ckpt: Chec
 def eval_sources(data: DataConfig) -> dict[str, DataConfig]:
     """Each held-out source's data config by name: with several `data.eval_path` entries, one per entry
     (named by its file stem), so the log has the loss and accuracy of each; else the whole set."""
-    paths = data.eval_path
-    if not isinstance(paths, list) or len(paths) < 2:
+    files = data.eval_path
+    if not isinstance(files, list) or len(files) < 2:
         return {"all": data}
-    stems = [Path(p).stem for p in paths]
-    names = stems if len(set(stems)) == len(stems) else [str(p) for p in paths]
-    return {name: dataclasses.replace(data, eval_path=p) for name, p in zip(names, paths)}
+    stems = [Path(p).stem for p in files]
+    names = stems if len(set(stems)) == len(stems) else [str(p) for p in files]
+    return {name: dataclasses.replace(data, eval_path=p) for name, p in zip(names, files)}
 
 
-def final_exact_match(trainer: SFTTrainer, cfg: TrainConfig, tokenizer, params) -> tuple[float, list]:
-    """Held-out exact match of greedy generation over the first `eval.num_generate` held-out records."""
+def generation_eval(trainer: SFTTrainer, cfg: TrainConfig, tokenizer, state: TrainState, run_dir: epath.Path,
+                    step: int) -> dict:
+    """Greedy generation over the first `eval.num_generate` held-out records: the exact match for the log,
+    and each prompt (as the model saw it) with its reference and generation in `eval/step_N.jsonl`, which
+    process 0 writes."""
     from sft_sharded.generate import exact_match
 
     records = open_records(cfg.data, "eval", cfg.seed)  # opened once (a JSONL source indexes its file)
     held_out = [records[i][0] for i in range(min(len(records), cfg.eval.num_generate))]
-    return exact_match(trainer, params, held_out, tokenizer, cfg.eval.max_new_tokens)
+    params = partition.merge(state.params, state.frozen)
+    accuracy, scored = exact_match(trainer, params, held_out, tokenizer, cfg.eval.max_new_tokens)
+    if jax.process_index() == 0:
+        (run_dir / "eval").mkdir(parents=True, exist_ok=True)
+        (run_dir / "eval" / f"step_{step}.jsonl").write_text(
+            "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in scored))
+    wrong = [(r["reference"], r["generation"]) for r in scored if r["reference"] != r["generation"]][:1]
+    example = f"; e.g. expected {wrong[0][0]!r}, got {wrong[0][1]!r}" if wrong else ""
+    return {"eval_exact_match": accuracy, "eval_generated": len(scored), "example": example}
 
 
 @dataclasses.dataclass
@@ -161,7 +180,7 @@ class Prepared:
     """A run after its checks, restored or initialised: what `train` drives."""
 
     cfg: TrainConfig
-    run_dir: Path
+    run_dir: epath.Path
     trainer: SFTTrainer
     tokenizer: Any
     state: TrainState
@@ -215,9 +234,16 @@ def _fit(run: Prepared, writer, say: Say, on_record, stop_requested) -> tuple[Tr
         sources = eval_sources(cfg.data)
 
         def eval_fn(state):
-            return evaluate_sources(trainer, state, {
+            out = evaluate_sources(trainer, state, {
                 name: make_iterator(data, run.tokenizer, split="eval", seed=cfg.seed, **shard)
                 for name, data in sources.items()})
+            step = int(state.step)
+            if cfg.eval.generate == "each_eval" or step == cfg.steps:
+                generated = generation_eval(trainer, cfg, run.tokenizer, state, run.run_dir, step)
+                say(f"step {step}: held-out exact match (greedy generation): {generated['eval_exact_match']:.2%} "
+                    f"of {generated['eval_generated']}{generated.pop('example')}")
+                out.update(generated)
+            return out
 
     config_dict, stopped = {**to_dict(cfg), "base": base_fingerprint(cfg)}, []
 
@@ -268,8 +294,9 @@ def train(cfg: TrainConfig, *, say: Say = print, on_record: Callable[[dict], Non
     from sft_sharded.tracking import make_trackers
 
     first = jax.process_index() == 0
-    writer = MetricsWriter(run.run_dir, enabled=first, resumed_step=run.resumed_step,
-                           trackers=make_trackers(cfg, run.run_dir) if first else ())
+    writer = MetricsWriter(run.run_dir, enabled=first, resumed_step=run.resumed_step)
+    if first:
+        writer.trackers = make_trackers(cfg, run.run_dir, writer.local_dir)
     t0 = time.perf_counter()
     try:
         state, records, stopped = _fit(run, writer, say, on_record, stop_requested)
@@ -277,19 +304,6 @@ def train(cfg: TrainConfig, *, say: Say = print, on_record: Callable[[dict], Non
             return records
         say(f"trained {cfg.steps} steps in {time.perf_counter() - t0:.1f}s; "
             f"packing efficiency {run.batches.efficiency:.1%}")
-        if run.has_eval:
-            accuracy, scored = final_exact_match(run.trainer, cfg, run.tokenizer, partition.merge(state.params, state.frozen))
-            final = {"step": cfg.steps, "eval_exact_match": accuracy, "eval_generated": len(scored)}
-            if jax.process_index() == 0:  # what users read: every held-out prompt with its two answers
-                (run.run_dir / "eval").mkdir(exist_ok=True)
-                with (run.run_dir / "eval" / f"step_{cfg.steps}.jsonl").open("w") as f:
-                    f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in scored)
-            writer.write(final)
-            records.append(final)
-            on_record(final)
-            wrong = [(r["reference"], r["generation"]) for r in scored if r["reference"] != r["generation"]][:3]
-            say(f"held-out exact match (greedy generation): {accuracy:.2%} of {len(scored)}"
-                + (f"; e.g. expected {wrong[0][0]!r}, got {wrong[0][1]!r}" if wrong else ""))
     finally:
         writer.close()
     save_params(run.run_dir, state.params)
@@ -298,7 +312,7 @@ def train(cfg: TrainConfig, *, say: Say = print, on_record: Callable[[dict], Non
 
 def _load_run(run_dir: str | Path) -> tuple[TrainConfig, SFTTrainer, Any]:
     """The config, a trainer and the params of a run: its final params, else its newest checkpoint's."""
-    path = Path(run_dir)
+    path = paths.path(run_dir, "run_dir")
     if not (path / "config.yaml").is_file():
         raise UserError(f"{run_dir}: not a run directory (no config.yaml)")
     cfg = load_config(path / "config.yaml")
@@ -341,7 +355,7 @@ def export(run_dir: str | Path, out_dir: str | Path, dtype: str = "float32", to:
     if cfg.model.path:
         source = hf.read_hf_config(cfg.model.path)
         token_ids = {k: source[k] for k in hf.TOKEN_ID_FIELDS if k in source}
-        gen_path = Path(cfg.model.path) / "generation_config.json"
+        gen_path = paths.path(cfg.model.path, "model.path") / "generation_config.json"
         generation = json.loads(gen_path.read_text()) if gen_path.is_file() else None
         model_type = source["model_type"]
     else:

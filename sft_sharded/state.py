@@ -6,12 +6,11 @@ directory's weights, with fresh or imported LoRA adapters), and the frozen base 
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 
-from sft_sharded import hf, sharding
+from sft_sharded import hf, paths, sharding
 from sft_sharded.config import TrainConfig
 from sft_sharded.trainers import SFTTrainer, TrainState
 
@@ -86,6 +85,6 @@ def base_fingerprint(cfg: TrainConfig) -> str:
     """What identifies the base a run starts from: the model directory and a hash of its config.json,
     or the preset and the seed of its random init."""
     if cfg.model.path:
-        digest = hashlib.sha256((Path(cfg.model.path) / "config.json").read_bytes()).hexdigest()[:16]
+        digest = hashlib.sha256((paths.path(cfg.model.path, "model.path") / "config.json").read_bytes()).hexdigest()[:16]
         return f"{cfg.model.path} (config.json sha256 {digest})"
     return f"preset {cfg.model.preset} (seed {cfg.seed})"

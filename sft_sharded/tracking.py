@@ -10,6 +10,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from etils import epath
+
 from sft_sharded.config import MlflowConfig, TrainConfig, WandbConfig, to_dict
 from sft_sharded.errors import UserError
 
@@ -45,11 +47,11 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, str]:
 
 
 class WandbTracker:
-    def __init__(self, cfg: WandbConfig, run_dir: Path, config: dict[str, Any]):
+    def __init__(self, cfg: WandbConfig, run_dir: epath.Path, config: dict[str, Any], local_dir: Path):
         wandb = _require("wandb", "wandb")
         run_id = _run_id(run_dir, "wandb_run_id") or uuid.uuid4().hex[:8]
         self.run = wandb.init(project=cfg.project, entity=cfg.entity, name=cfg.name, id=run_id, resume="allow",
-                              mode=cfg.mode, dir=str(run_dir), config=config)
+                              mode=cfg.mode, dir=str(local_dir), config=config)
         (run_dir / "wandb_run_id").write_text(run_id)
         self._wandb = wandb
 
@@ -65,7 +67,7 @@ class WandbTracker:
 
 
 class MlflowTracker:
-    def __init__(self, cfg: MlflowConfig, run_dir: Path, config: dict[str, Any]):
+    def __init__(self, cfg: MlflowConfig, run_dir: epath.Path, config: dict[str, Any]):
         mlflow = _require("mlflow", "mlflow")
         if cfg.tracking_uri:
             mlflow.set_tracking_uri(cfg.tracking_uri)
@@ -87,12 +89,14 @@ class MlflowTracker:
         self._mlflow.end_run()
 
 
-def make_trackers(cfg: TrainConfig, run_dir: Path) -> list:
-    """The trackers `track.*` enables (call on process 0 only)."""
+def make_trackers(cfg: TrainConfig, run_dir: epath.Path, local_dir: Path) -> list:
+    """The trackers `track.*` enables (call on process 0 only). Their run ids are kept in `run_dir` (a
+    resume continues the same runs); W&B's own files go to `local_dir`, which is the run directory unless
+    that is in a bucket (`MetricsWriter.local_dir`)."""
     config = to_dict(cfg)
     trackers = []
     if cfg.track.wandb.enabled:
-        trackers.append(WandbTracker(cfg.track.wandb, run_dir, config))
+        trackers.append(WandbTracker(cfg.track.wandb, run_dir, config, local_dir))
     if cfg.track.mlflow.enabled:
         trackers.append(MlflowTracker(cfg.track.mlflow, run_dir, config))
     return trackers

@@ -11,6 +11,9 @@ import os
 import re
 from pathlib import Path
 
+from etils import epath
+
+from sft_sharded import paths
 from sft_sharded.errors import MissingFileError, UserError
 
 HF_PREFIX = "hf://datasets/"
@@ -46,8 +49,18 @@ def _in_split(relative: Path, split: str) -> bool:
     return split in relative.parts[:-1] or re.match(rf"{re.escape(split)}([-_.]|$)", relative.name) is not None
 
 
-def dataset_files(directory: Path, split: str, key: str) -> list[Path]:
-    """The files of `split` in a dataset directory, in order."""
+def _files_under(directory: epath.Path) -> list[epath.Path]:
+    """Every file below `directory` but hidden ones (`.cache/`, `.gitattributes`), sorted."""
+    found = []
+    for root, dirs, files in directory.walk():
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        found += [root / f for f in files if not f.startswith(".")]
+    return sorted(found, key=str)
+
+
+def dataset_files(directory: Path | epath.Path, split: str, key: str) -> list[epath.Path]:
+    """The files of `split` in a dataset directory (local or in a bucket), in order."""
+    directory = paths.path(directory, key)
     if (directory / "dataset_dict.json").is_file():  # DatasetDict.save_to_disk: a folder per split
         splits = json.loads((directory / "dataset_dict.json").read_text()).get("splits", [])
         if split not in splits:
@@ -60,8 +73,7 @@ def dataset_files(directory: Path, split: str, key: str) -> list[Path]:
         if not files or missing:
             raise MissingFileError(f"{key}: {directory}/state.json lists {missing or 'no'} data file(s) that are missing")
         return files
-    found = sorted(p for p in directory.rglob("*") if p.suffix in SUFFIXES and p.is_file()
-                   and not any(part.startswith(".") for part in p.relative_to(directory).parts))
+    found = [p for p in _files_under(directory) if p.suffix in SUFFIXES]
     chosen = [p for p in found if _in_split(p.relative_to(directory), split)]
     if not chosen:
         raise MissingFileError(f"{key}: no {split!r} files in {directory} (looked for {split}-*, {split}.* and "

@@ -11,6 +11,7 @@ import json
 import re
 from pathlib import Path
 
+from sft_sharded import paths
 from sft_sharded.errors import MissingFileError, UserError
 
 # The built-in chat template: roles as special tokens, each turn closed by <|end|>, which is trained on
@@ -75,12 +76,12 @@ class HFTokenizer:
     def __init__(self, directory: str | Path):
         from tokenizers import Tokenizer
 
-        directory = Path(directory)
+        directory = paths.path(directory, "tokenizer.path")
         path = directory / "tokenizer.json"
         if not path.is_file():
             raise MissingFileError(f"tokenizer.path={str(directory)!r}: no tokenizer.json in that directory")
         try:
-            self._tok = Tokenizer.from_file(str(path))
+            self._tok = Tokenizer.from_str(path.read_text())
         except Exception as err:  # noqa: BLE001 - the Rust library raises a bare Exception for any bad file
             raise UserError(f"{path}: not a tokenizer the tokenizers library can read ({err})") from None
         config_path = directory / "tokenizer_config.json"

@@ -1,0 +1,58 @@
+"""The one file-system layer for every path a user names: data, model and tokenizer directories, the run
+directory (checkpoints, metrics, final params) and export targets.
+
+It is etils `epath` because orbax and grain already take `epath.Path`: one notion of a path from the config
+to the checkpoint, and no second file-system library. A local path stays a plain local path; `gs://`,
+`s3://` and `az://` go through fsspec (`gcsfs`, `s3fs`, `adlfs`), and orbax writes checkpoint tensors there
+with tensorstore's own drivers. Other URL schemes are refused by name rather than read as relative local
+paths (`memory://x` would otherwise become a folder called `memory:`).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+from pathlib import Path
+
+from etils import epath
+
+from sft_sharded.errors import UserError
+
+# scheme -> (the fsspec implementation epath needs for it, how to install it)
+REMOTE = {"gs://": ("gcsfs", "pip install 'sft_sharded[gcs]'"), "s3://": ("s3fs", "pip install s3fs"),
+          "az://": ("adlfs", "pip install adlfs")}
+_WILDCARD = re.compile(r"[*?\[]")
+
+
+def is_remote(path: str | os.PathLike) -> bool:
+    return os.fspath(path).startswith(tuple(REMOTE))
+
+
+def path(value: str | os.PathLike, key: str = "path") -> epath.Path:
+    """`value` as an `epath.Path`; `key` (the config key or flag) names it in errors."""
+    text = os.fspath(value)
+    scheme = text.partition("://")[0] + "://" if "://" in text else None
+    if scheme is not None and scheme not in REMOTE:
+        raise UserError(f"{key}={text!r}: unsupported URL scheme {scheme!r} (local paths and "
+                        f"{', '.join(REMOTE)} are supported)")
+    if scheme is not None and importlib.util.find_spec(REMOTE[scheme][0]) is None:
+        package, install = REMOTE[scheme]
+        raise UserError(f"{key}={text!r}: {scheme} paths need the {package} package: {install}")
+    return epath.Path(text)
+
+
+def absolute(value: str | os.PathLike, key: str = "path") -> epath.Path:
+    """A path orbax can take: remote paths as they are, local ones made absolute."""
+    p = path(value, key)
+    return p if is_remote(p) else epath.Path(Path(p).absolute())
+
+
+def glob(pattern: str, key: str = "path") -> list[epath.Path]:
+    """The sorted matches of a glob pattern, local or remote (the pattern may name a bucket's folders)."""
+    parts = pattern.split("/")
+    first = next(i for i, part in enumerate(parts) if _WILDCARD.search(part))
+    base = "/".join(parts[:first]) or ("/" if pattern.startswith("/") else ".")
+    if base.endswith(":/"):  # "gs://bucket" split on "/" leaves "gs:" and "" first
+        raise UserError(f"{key}={pattern!r}: a wildcard in the bucket name cannot be listed")
+    return sorted(path(base, key).glob("/".join(parts[first:])), key=str)
