@@ -16,7 +16,7 @@ $(VENV)/.installed-base: $(VENV)/bin/python pyproject.toml
 
 $(VENV)/.installed-test: $(VENV)/.installed-base
 	$(VENV)/bin/pip install --quiet "torch==2.13.0"
-	$(VENV)/bin/pip install --quiet -e ".[test,hf,wandb,mlflow]"
+	$(VENV)/bin/pip install --quiet -e ".[test,hf,wandb,mlflow,gcs]"
 	$(VENV)/bin/pip install --quiet "jax[tpu]==$$($(VENV)/bin/python -c 'import jax; print(jax.__version__)')"
 	touch $@
 

@@ -103,7 +103,7 @@ def plan(topology: str, model: str, seq: int, global_batch: int, mesh_spec: str,
     state = trainer.abstract_train_state(jax.random.key(0), jax.ShapeDtypeStruct((global_batch, seq), jnp.int32))
     batch_sh = batch_sharding(mesh)
     batch = {k: jax.ShapeDtypeStruct((global_batch, seq), dtype, sharding=batch_sh)
-             for k, dtype in (("input_ids", jnp.int32), ("labels", jnp.int32), ("loss_mask", jnp.bool_),
+             for k, dtype in (("input_ids", jnp.int32), ("labels", jnp.int32), ("loss_mask", jnp.float32),
                               ("segment_ids", jnp.int32), ("positions", jnp.int32))}
     chip = CHIPS[gen]
     peak = peak_flops(f"TPU {gen}")

@@ -34,6 +34,8 @@ def test_train_writes_run_dir_and_the_loss_falls(tmp_path):
     assert train[-1]["loss"] < 0.6 * train[0]["loss"]
     assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]
     assert 0.0 <= records[-1]["eval_exact_match"] <= 1.0 and records[-1]["eval_generated"] == 16
+    assert sorted(p.name for p in (run_dir / "eval").iterdir()) == ["step_30.jsonl", "step_60.jsonl"]  # one per eval
+    assert evals[0]["eval_generated"] == 16 and 0.0 <= evals[0]["eval_exact_match"] <= 1.0
     scored = [json.loads(line) for line in (run_dir / "eval" / "step_60.jsonl").read_text().splitlines()]
     assert len(scored) == 16 and all(set(r) == {"prompt", "reference", "generation"} and r["prompt"] for r in scored)
     assert sum(r["reference"] == r["generation"] for r in scored) / 16 == records[-1]["eval_exact_match"]

@@ -52,9 +52,9 @@ def _in_split(relative: Path, split: str) -> bool:
 def _files_under(directory: epath.Path) -> list[epath.Path]:
     """Every file below `directory` but hidden ones (`.cache/`, `.gitattributes`), sorted."""
     found = []
-    for root, dirs, files in directory.walk():
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
-        found += [root / f for f in files if not f.startswith(".")]
+    for child in directory.iterdir():  # not walk(): epath's walk drops the gs:// of a bucket's paths
+        if not child.name.startswith("."):
+            found += _files_under(child) if child.is_dir() else [child]
     return sorted(found, key=str)
 
 

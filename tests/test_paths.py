@@ -1,0 +1,156 @@
+"""paths.py, the one file-system layer: data, model, run directory (checkpoints, metrics, final params) and
+exports in a bucket. The bucket is a GCS emulator (gcp-storage-emulator, an HTTP server in this process
+that speaks the GCS JSON API), reached by the clients a TPU VM uses: gcsfs for files and tensorstore for
+orbax's tensors. The reference for every byte is the same run on the local disk."""
+
+import json
+import os
+import pathlib
+import socket
+
+import numpy as np
+import pytest
+from etils import epath
+from test_errors import FAST, assert_one_line, cli, write_model_dir
+
+from sft_sharded import paths
+from sft_sharded.cli import main
+from sft_sharded.data.sources import expand_paths, open_source
+from sft_sharded.errors import UserError
+
+# gcsfs asks Google's control plane (with credentials) whether a bucket is zonal or hierarchical before
+# listing it; the emulator has neither, and this machine no credentials. Read when gcsfs is imported.
+os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"
+emulator = pytest.importorskip("gcp_storage_emulator.server")
+pytest.importorskip("gcsfs")
+
+CHATS = [{"messages": [{"role": "user", "content": f"sort {i} {i % 3}"},
+                       {"role": "assistant", "content": f"{i % 3} {i}"}]} for i in range(24)]
+
+
+def _clear_client_caches():
+    import gcsfs
+
+    epath.backend.fsspec_backend._get_filesystem.cache_clear()
+    gcsfs.GCSFileSystem.clear_instance_cache()
+
+
+@pytest.fixture(scope="module")
+def bucket():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = emulator.create_server("127.0.0.1", port, in_memory=True, default_bucket="bkt")
+    server.start()
+    url = f"http://127.0.0.1:{port}"
+    saved = {k: os.environ.get(k) for k in ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL")}
+    os.environ.update(STORAGE_EMULATOR_HOST=url, TENSORSTORE_GCS_HTTP_URL=url)
+    _clear_client_caches()
+    try:
+        yield "gs://bkt"
+    finally:
+        for key, value in saved.items():
+            os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
+        _clear_client_caches()
+        server.stop()
+
+
+def upload(local, remote: str) -> None:
+    """Copy a local file or folder to the bucket."""
+    local = pathlib.Path(local)
+    for item in [local] if local.is_file() else [p for p in local.rglob("*") if p.is_file()]:
+        target = epath.Path(remote) / item.relative_to(local) if item != local else epath.Path(remote)
+        target.write_bytes(item.read_bytes())
+
+
+def test_unknown_schemes_and_missing_clients_are_refused_by_name(monkeypatch):
+    with pytest.raises(UserError, match=r"data.path='memory://x/a.jsonl': unsupported URL scheme 'memory://'"):
+        paths.path("memory://x/a.jsonl", "data.path")
+    monkeypatch.setattr(paths.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(UserError, match=r"run_dir='gs://b/r': gs:// paths need the gcsfs package: "
+                                        r"pip install 'sft_sharded\[gcs\]'"):
+        paths.path("gs://b/r", "run_dir")
+
+
+def test_records_read_from_a_bucket_equal_the_records_written(bucket, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    jsonl = tmp_path / "chats.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in CHATS[:10]))
+    upload(jsonl, f"{bucket}/src/a/part-0.jsonl")
+    upload(jsonl, f"{bucket}/src/b/part-1.jsonl")
+    table = pa.Table.from_pylist(CHATS)
+    pq.write_table(table, tmp_path / "x.parquet", row_group_size=5)  # several row groups: ranged reads
+    upload(tmp_path / "x.parquet", f"{bucket}/repo/data/train-00000-of-00001.parquet")
+    upload(tmp_path / "x.parquet", f"{bucket}/repo/data/test-00000-of-00001.parquet")
+    with pa.ipc.new_stream(tmp_path / "x.arrow", table.schema) as writer:
+        writer.write_table(table)
+    upload(tmp_path / "x.arrow", f"{bucket}/saved/data-00000-of-00001.arrow")
+    (epath.Path(bucket) / "saved" / "state.json").write_text(json.dumps({"_data_files": [
+        {"filename": "data-00000-of-00001.arrow"}]}))
+
+    def records(path, split="train"):
+        files = expand_paths(path, split)
+        return [str(f) for f in files], [open_source(f)[i][0] for f in files for i in range(len(open_source(f)))]
+
+    assert records(f"{bucket}/src/*/*.jsonl") == (
+        [f"{bucket}/src/a/part-0.jsonl", f"{bucket}/src/b/part-1.jsonl"], CHATS[:10] * 2)
+    assert records(f"{bucket}/repo") == ([f"{bucket}/repo/data/train-00000-of-00001.parquet"], CHATS)
+    assert records(f"{bucket}/saved")[1] == CHATS
+    source = open_source(epath.Path(f"{bucket}/src/a/part-0.jsonl"))
+    assert [source[i] for i in (7, 2)] == [(CHATS[7], f"{bucket}/src/a/part-0.jsonl:8"),
+                                           (CHATS[2], f"{bucket}/src/a/part-0.jsonl:3")]
+    with pytest.raises(UserError, match=r"data.path: 'gs://bkt/src/\*.parquet' matches no file"):
+        expand_paths(f"{bucket}/src/*.parquet")
+
+
+def _train(capsys, run_dir, model, data, steps) -> str:
+    status = main(["train", *FAST, f"run_dir={run_dir}", f"model.path={model}", f"data.path={data}",
+                   f"data.eval_path={data}", f"steps={steps}", "checkpoint.every=2", "checkpoint.async_save=false",
+                   "data.batch_size=8", "eval.every=2", "optim.lr=1e-2"])
+    out, err = capsys.readouterr()
+    assert status == 0, err
+    return out
+
+
+@pytest.mark.slow
+def test_a_run_in_a_bucket_trains_resumes_and_exports_byte_for_byte_like_a_local_run(bucket, tmp_path, capsys):
+    model = write_model_dir(tmp_path / "model")
+    data = tmp_path / "chats.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in CHATS))
+    upload(model, f"{bucket}/model")
+    upload(data, f"{bucket}/data/chats.jsonl")
+    runs = {"local": (str(tmp_path / "run"), str(model), str(data)),
+            "bucket": (f"{bucket}/run", f"{bucket}/model", f"{bucket}/data/chats.jsonl")}
+    for run_dir, model_path, data_path in runs.values():
+        _train(capsys, run_dir, model_path, data_path, steps=4)
+        resumed = _train(capsys, run_dir, model_path, data_path, steps=6)
+        assert f"resumed from {run_dir}/checkpoints/4" in resumed
+        status, err = cli(capsys, "export", run_dir, f"{run_dir}-export")
+        assert status == 0, err
+    local, remote = (epath.Path(runs[k][0]) for k in ("local", "bucket"))
+    metrics = {k: [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
+               for k, d in (("local", local), ("bucket", remote))}
+    assert [r["step"] for r in metrics["bucket"] if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    for key in ("loss", "eval_loss", "eval_exact_match"):
+        assert ([r[key] for r in metrics["bucket"] if key in r] == [r[key] for r in metrics["local"] if key in r]
+                and any(key in r for r in metrics["local"])), key
+    for name in ("eval/step_2.jsonl", "eval/step_6.jsonl", "config.yaml"):
+        expected = (local / name).read_text()
+        assert (remote / name).read_text() == (expected.replace(runs["local"][0], runs["bucket"][0])
+                                               .replace(runs["local"][1], runs["bucket"][1])
+                                               .replace(runs["local"][2], runs["bucket"][2]))
+    assert (remote / "loss.png").is_file() and list((remote / "tensorboard").iterdir())
+    exported = {k: epath.Path(f"{runs[k][0]}-export") for k in runs}
+    assert sorted(p.name for p in exported["bucket"].iterdir()) == sorted(p.name for p in exported["local"].iterdir())
+    for name in ("model.safetensors", "config.json"):
+        assert (exported["bucket"] / name).read_bytes() == (exported["local"] / name).read_bytes()
+    assert np.isfinite([r["loss"] for r in metrics["bucket"] if "loss" in r]).all()
+
+
+def test_a_missing_file_in_a_bucket_is_one_line_naming_it(bucket, tmp_path, capsys):
+    assert_one_line(*cli(capsys, "train", *FAST, f"run_dir={tmp_path / 'run'}", f"data.path={bucket}/none.jsonl"),
+                    f"data.path: '{bucket}/none.jsonl' is not a file")
+    assert_one_line(*cli(capsys, "train", *FAST, f"run_dir={tmp_path / 'run'}", f"model.path={bucket}/nomodel"),
+                    f"model.path='{bucket}/nomodel': no config.json in that directory")
