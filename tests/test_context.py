@@ -34,6 +34,54 @@ def _packed_segments():
     return seg
 
 
+@pytest.mark.parametrize("layout, shards, tensor, window, cap", [
+    ("zigzag", 2, 2, None, 4.0),  # chunks 0 and 3 on one device, 1 and 2 on the other
+    ("contiguous", 4, 1, 100, None),  # window < a shard's 128 positions
+])
+def test_splash_per_shard_kernel_matches_the_reference_forward_and_backward(layout, shards, tensor, window, cap):
+    """Splash (Pallas interpret mode here, the kernel itself on TPU) as the kernel of the all-gather scheme:
+    each device's query chunks against all keys, with segments crossing every shard boundary."""
+    length = 512
+    rng = np.random.default_rng(1)
+    q, d_out = (jnp.asarray(rng.normal(size=(2, length, 4, 8)), jnp.float32) for _ in range(2))
+    k, v = (jnp.asarray(rng.normal(size=(2, length, 2, 8)), jnp.float32) for _ in range(2))
+    seg = np.ones((2, length), np.int32)
+    seg[0, 100:], seg[0, 300:], seg[1, 200:], seg[1, 460:] = 2, 3, 2, 0
+    seg = jnp.asarray(seg)
+    order = context.layout_order(length, shards, layout)
+    perm = np.arange(length) if order is None else order
+    mesh = make_mesh(data=1, fsdp=8 // shards // tensor, tensor=tensor, context=shards)
+    assert context.per_shard_kernel("splash", "allgather", length, shards, layout) == "splash"
+
+    def split(q, k, v):
+        out = context.attention(q[:, perm], k[:, perm], v[:, perm], seg[:, perm], window, 8 ** -0.5, cap,
+                                "allgather", layout, implementation="splash")
+        return out[:, np.argsort(perm)]
+
+    def reference(q, k, v):
+        return dot_product_attention(q, k, v, seg, window=window, softcap=cap)
+
+    def value_and_grads(fn):
+        return jax.jit(jax.value_and_grad(lambda *a: jnp.sum(fn(*a) * d_out), argnums=(0, 1, 2)))(q, k, v)
+
+    with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+        value, grads = value_and_grads(split)
+    ref_value, ref_grads = value_and_grads(reference)
+    np.testing.assert_allclose(value, ref_value, rtol=1e-5)
+    for ours, theirs in zip(grads, ref_grads):
+        np.testing.assert_allclose(ours, theirs, atol=2e-5)
+
+
+def test_kernels_that_cannot_run_on_a_split_sequence_are_refused_by_name():
+    with pytest.raises(ValueError, match=r"attention='cudnn' does not run on a sequence split by mesh.context"):
+        context.per_shard_kernel("cudnn", "ring", 1024, 4, "zigzag")
+    with pytest.raises(ValueError, match=r"needs model.context_attention=allgather \(got 'ring'\)"):
+        context.per_shard_kernel("splash", "ring", 1024, 4, "zigzag")
+    with pytest.raises(ValueError, match=r"chunks of a multiple of 128 positions \(got 64: 512 positions, 4 shards"):
+        context.per_shard_kernel("splash", "allgather", 512, 4, "zigzag")
+    assert context.per_shard_kernel("auto", "allgather", 1024, 4, "zigzag") == "jax"  # splash: TPU only
+
+
 def test_zigzag_layout_gives_each_shard_a_chunk_from_each_end():
     order = context.layout_order(16, 4)
     np.testing.assert_array_equal(order.reshape(4, 4), [[0, 1, 14, 15], [2, 3, 12, 13], [4, 5, 10, 11],
@@ -129,6 +177,29 @@ def test_loss_and_grads_with_a_split_sequence_equal_one_device(cfg, sizes, accum
     np.testing.assert_allclose(split[:2], one[:2], rtol=2e-6)
     assert not cfg.num_experts or one[1] > 0  # the router's loss is in the comparison
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-7), split[2], one[2])
+
+
+def test_splash_per_shard_kernel_in_the_model_equals_one_device():
+    """The decoder (scanned, rematerialized, mixed sliding and full layers) with splash under all-gather on
+    context=2 x tensor=2 equals one device running the XLA kernel."""
+    length = 512
+    cfg = dataclasses.replace(TINY_MIXED, sliding_window=200, context_attention="allgather")
+    rng = np.random.default_rng(2)
+    seg = np.ones((2, length), np.int32)
+    seg[0, 150:], seg[1, 300:] = 2, 0
+    pos = np.concatenate([np.arange(150), np.arange(length - 150)])[None].repeat(2, 0).astype(np.int32)
+    pos[1] = np.arange(length)
+    batch = {"input_ids": rng.integers(0, 64, (2, length)).astype(np.int32), "segment_ids": seg, "positions": pos,
+             "labels": np.where(seg > 0, rng.integers(1, 64, (2, length)), 0).astype(np.int32)}
+    results = []
+    for attention, mesh in (("xla", make_mesh(data=1, fsdp=1, devices=jax.devices()[:1])),
+                            ("splash", make_mesh(data=1, fsdp=2, tensor=2, context=2))):
+        trainer = SFTTrainer(Decoder(dataclasses.replace(cfg, attention=attention)), optax.sgd(0.1), mesh=mesh)
+        params = trainer.create_train_state(jax.random.key(0), jnp.zeros((2, length), jnp.int32)).params
+        loss, grads = trainer.loss_and_grad(params, batch)
+        results.append((float(loss), jax.tree.map(np.asarray, grads)))
+    np.testing.assert_allclose(results[1][0], results[0][0], rtol=2e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-7), results[1][1], results[0][1])
 
 
 def test_generation_on_a_split_sequence_mesh_matches_one_device():

@@ -40,9 +40,12 @@ def _block(length: int) -> int:
     raise ValueError(f"splash attention needs a sequence length divisible by 128, got {length}")
 
 
-def _splash_local(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, interpret: bool, window: int | None,
-                  scale: float, softcap: float | None):
-    """Splash attention on one device's block: an MQA kernel per kv head (its G query heads share it)."""
+def _splash_local(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, segment_ids_BxT, interpret: bool, window: int | None,
+                  scale: float, softcap: float | None, kv_segment_ids_BxS=None, offset: int = 0):
+    """Splash attention on one device's block: an MQA kernel per kv head (its G query heads share it).
+    Queries are positions offset + 0..T-1 of the keys' 0..S-1 (offset 0, S = T: the whole sequence; a
+    chunk of a split sequence against all its keys otherwise); `kv_segment_ids_BxS` defaults to the
+    queries' own."""
     from jax.experimental.pallas.ops.tpu.splash_attention import (
         splash_attention_kernel as kernels,
     )
@@ -51,33 +54,36 @@ def _splash_local(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, interpret: b
     )
 
     batch, length, num_heads, head_dim = q_BxTxNxH.shape
-    num_kv = k_BxTxKxH.shape[2]
+    num_kv, kv_length = k_BxSxKxH.shape[2], k_BxSxKxH.shape[1]
     group = num_heads // num_kv
-    size = _block(length)
+    bq, bkv = _block(length), _block(kv_length)
     blocks = kernels.BlockSizes(
-        block_q=size, block_kv=size, block_kv_compute=size,
-        block_q_dkv=size, block_kv_dkv=size, block_kv_dkv_compute=size, block_q_dq=size, block_kv_dq=size,
+        block_q=bq, block_kv=bkv, block_kv_compute=bkv,
+        block_q_dkv=bq, block_kv_dkv=bkv, block_kv_dkv_compute=bkv, block_q_dq=bq, block_kv_dq=bkv,
     )
     if window is None:
-        one = masks.CausalMask((length, length))
+        one = masks.CausalMask((length, kv_length), offset=offset)
     else:  # (left, right) = (window - 1, 0): causal, and at most window - 1 keys before the query's own
-        one = masks.LocalMask((length, length), window_size=(window - 1, 0), offset=0)
+        one = masks.LocalMask((length, kv_length), window_size=(window - 1, 0), offset=offset)
     mask = masks.MultiHeadMask([one for _ in range(group)])
     kernel = kernels.make_splash_mqa(mask, block_sizes=blocks, head_shards=1, q_seq_shards=1, interpret=interpret,
                                      attn_logits_soft_cap=softcap)
     # The kernel does not scale the scores; scale q in float32 before it goes back to the input dtype.
     q_BxKxGxTxH = (q_BxTxNxH.astype(jnp.float32) * scale).astype(q_BxTxNxH.dtype)
     q_BxKxGxTxH = q_BxKxGxTxH.reshape(batch, length, num_kv, group, head_dim).transpose(0, 2, 3, 1, 4)
-    k_BxKxTxH = k_BxTxKxH.transpose(0, 2, 1, 3)
-    v_BxKxTxH = v_BxTxKxH.transpose(0, 2, 1, 3)
+    k_BxKxSxH = k_BxSxKxH.transpose(0, 2, 1, 3)
+    v_BxKxSxH = v_BxSxKxH.transpose(0, 2, 1, 3)
+    if segment_ids_BxT is not None and kv_segment_ids_BxS is None:
+        kv_segment_ids_BxS = segment_ids_BxT
 
-    def one_head(q_GxTxH, k_TxH, v_TxH, segments_T):
-        ids = None if segments_T is None else kernels.SegmentIds(q=segments_T, kv=segments_T)
-        return kernel(q_GxTxH, k_TxH, v_TxH, segment_ids=ids)
+    def one_head(q_GxTxH, k_SxH, v_SxH, segments_T, kv_segments_S):
+        ids = None if segments_T is None else kernels.SegmentIds(q=segments_T, kv=kv_segments_S)
+        return kernel(q_GxTxH, k_SxH, v_SxH, segment_ids=ids)
 
-    per_row = jax.vmap(one_head, in_axes=(0, 0, 0, None))  # over kv heads
-    out_BxKxGxTxH = jax.vmap(per_row, in_axes=(0, 0, 0, 0 if segment_ids_BxT is not None else None))(
-        q_BxKxGxTxH, k_BxKxTxH, v_BxKxTxH, segment_ids_BxT
+    per_row = jax.vmap(one_head, in_axes=(0, 0, 0, None, None))  # over kv heads
+    segments_axis = 0 if segment_ids_BxT is not None else None
+    out_BxKxGxTxH = jax.vmap(per_row, in_axes=(0, 0, 0, segments_axis, segments_axis))(
+        q_BxKxGxTxH, k_BxKxSxH, v_BxKxSxH, segment_ids_BxT, kv_segment_ids_BxS
     )
     return out_BxKxGxTxH.transpose(0, 3, 1, 2, 4).reshape(batch, length, num_heads, head_dim)
 

@@ -28,7 +28,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from sft_sharded.models.attention import _MASKED
-from sft_sharded.sharding import activation_spec, sequence_shards
+from sft_sharded.sharding import activation_spec, current_platform, sequence_shards
 
 _BLOCK = 512  # query and key rows per block: [B, K, G, 512, 512] float32 scores at a time
 
@@ -297,12 +297,32 @@ def _split_bwd(setup: _Setup, residuals, d_out):
 _split_attention.defvjp(_split_fwd, _split_bwd)
 
 
+def per_shard_kernel(implementation: str, scheme: str, length: int, shards: int, layout: str) -> str:
+    """"splash" (`models/context_splash.py`) or "jax" (the kernels here) for a split sequence; a kernel
+    asked for by name that cannot run there is refused rather than replaced."""
+    from sft_sharded.models.context_splash import chunk_length
+
+    if implementation == "cudnn":
+        raise ValueError("attention='cudnn' does not run on a sequence split by mesh.context (its masks cover "
+                         "whole rows); use attention=auto or xla there")
+    chunk = chunk_length(length, shards, layout)
+    fits = scheme == "allgather" and length % 128 == 0 and chunk % 128 == 0
+    if implementation == "splash" and not fits:
+        raise ValueError(f"attention='splash' on a sequence split by mesh.context needs "
+                         f"model.context_attention=allgather (got {scheme!r}) and query chunks of a multiple of "
+                         f"128 positions (got {chunk}: {length} positions, {shards} shards, {layout} layout)")
+    return "splash" if fits and (implementation == "splash" or implementation == "auto" and
+                                 current_platform() == "tpu") else "jax"
+
+
 def attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, window: int | None, scale: float,
-              softcap: float | None, scheme: str, layout: str = "zigzag") -> jax.Array:
+              softcap: float | None, scheme: str, layout: str = "zigzag", implementation: str = "auto") -> jax.Array:
     """Causal attention of a sequence split on the mesh (called by `attention.attention` when the mesh
-    splits "length"), with its positions in `layout_order`. Output [B, T, N, H], split like the queries."""
+    splits "length"), with its positions in `layout_order`. Output [B, T, N, H], split like the queries.
+    The per-shard kernel: splash with the all-gather scheme where `per_shard_kernel` says, else jax's."""
     batch, length = q_BxTxNxH.shape[:2]
     shards = sequence_shards(length)
+    kernel = per_shard_kernel(implementation, scheme, length, shards, layout)
     q_spec = activation_spec(q_BxTxNxH.shape, ("batch", "length", "act_heads", None))
     kv_spec = activation_spec(k_BxTxKxH.shape, ("batch", "length", "act_kv_heads", None))
     if q_spec[2] != kv_spec[2]:  # kv heads too few to split: keep every head whole so groups line up
@@ -311,4 +331,9 @@ def attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, window: int | No
     setup = _Setup(scheme, layout, q_spec[1], shards, (window, float(scale), softcap), run, q_spec, kv_spec)
     if segment_ids_BxT is None:
         segment_ids_BxT = jnp.ones((batch, length), jnp.int32)
+    if kernel == "splash":
+        from sft_sharded.models import context_splash
+
+        return context_splash.attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, window, float(scale),
+                                        softcap, layout, q_spec, kv_spec, shards)
     return _split_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, setup)

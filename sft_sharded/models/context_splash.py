@@ -1,0 +1,71 @@
+"""Splash attention (TPU) as the per-shard kernel of a sequence split on the mesh's context axis, with the
+all-gather scheme.
+
+Each device gathers every key, value and segment id, puts them back in sequence order, and runs splash for
+each of its query chunks (two with the zigzag layout, one with the contiguous one) against all the keys,
+with the chunk's start as the causal mask's offset. Splash masks are static while which chunks a device
+holds depends on its index on the axis, so every device's kernels are built and `lax.switch` runs the
+device's own. Splash's block-sparse mask skips the key blocks above a chunk's diagonal: that is the causal
+work the zigzag layout balances. The backward pass is splash's own; the all-gather's transpose
+reduce-scatters the key and value gradients back to their owners.
+
+The ring keeps the jax kernels of `models/context.py` (it needs each block's log-sum-exp and a backward
+that walks the ring again, which splash does not expose)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec as P
+
+from sft_sharded.models.attention_kernels import _splash_local
+from sft_sharded.models.context import layout_order
+from sft_sharded.sharding import current_platform
+
+
+def chunks(length: int, shards: int, layout: str) -> list[list[tuple[int, int, int]]]:
+    """For each device: (first row in its shard, position of that row in the sequence, rows) of each run
+    of consecutive positions it holds."""
+    order = layout_order(length, shards, layout)
+    order = np.arange(length) if order is None else order
+    rows, out = length // shards, []
+    for device in range(shards):
+        own = order[device * rows:(device + 1) * rows]
+        starts = np.concatenate([[0], np.flatnonzero(np.diff(own) != 1) + 1])
+        ends = np.concatenate([starts[1:], [rows]])
+        out.append([(int(a), int(own[a]), int(b - a)) for a, b in zip(starts, ends)])
+    return out
+
+
+def chunk_length(length: int, shards: int, layout: str) -> int:
+    return min(n for device in chunks(length, shards, layout) for _, _, n in device)
+
+
+def attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, window: int | None, scale: float,
+              softcap: float | None, layout: str, q_spec: P, kv_spec: P, shards: int) -> jax.Array:
+    """Output [B, T, N, H] in the layout's order, split like the queries (`q_spec[1]` names the axis)."""
+    length, axis = q_BxTxNxH.shape[1], q_spec[1]
+    order = layout_order(length, shards, layout)
+    natural = None if order is None else np.argsort(order)  # gathered (layout order) -> sequence order
+    interpret = current_platform() != "tpu"
+
+    def branch(device_chunks):
+        def run(q, k_all, v_all, seg, seg_all):
+            outs = [_splash_local(q[:, row:row + n], k_all, v_all, seg[:, row:row + n], interpret, window, scale,
+                                  softcap, kv_segment_ids_BxS=seg_all, offset=start)
+                    for row, start, n in device_chunks]
+            return jnp.concatenate(outs, axis=1) if len(outs) > 1 else outs[0]
+        return run
+
+    def gather(x):
+        x = jax.lax.all_gather(x, axis, axis=1, tiled=True)
+        return x if natural is None else jnp.take(x, natural, axis=1)
+
+    def local(q, k, v, seg):
+        branches = [branch(device) for device in chunks(length, shards, layout)]
+        return jax.lax.switch(jax.lax.axis_index(axis), branches, q, gather(k), gather(v), seg, gather(seg))
+
+    seg_spec = P(q_spec[0], axis)
+    return jax.shard_map(local, in_specs=(q_spec, kv_spec, kv_spec, seg_spec), out_specs=q_spec, check_vma=False)(
+        q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT)
