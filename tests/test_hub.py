@@ -64,7 +64,7 @@ def test_hf_url_resolves_from_the_local_cache_and_says_when_it_is_not_there(tmp_
         _records("hf://datasets/org/chats@v2")
 
 
-def test_a_sharegpt_save_to_disk_dataset_trains_and_a_hub_repository_evaluates_through_the_cli(tmp_path, capsys):
+def test_a_sharegpt_save_to_disk_dataset_and_a_hub_repository_train_through_the_cli(tmp_path, capsys):
     sharegpt = [{"conversations": [{"from": "human", "value": m["messages"][0]["content"]},
                                    {"from": "gpt", "value": m["messages"][1]["content"]}]} for m in CHATS * 4]
     datasets.Dataset.from_list(sharegpt).save_to_disk(str(tmp_path / "saved"))
@@ -77,3 +77,10 @@ def test_a_sharegpt_save_to_disk_dataset_trains_and_a_hub_repository_evaluates_t
     assert records[-1]["eval_generated"] == 2 and any(r.get("num_tokens", 0) > 0 for r in records)
     assert [json.loads(line)["reference"] for line in (run_dir / "eval" / "step_2.jsonl").read_text().splitlines()] == [
         "1 0", "1 1"]
+    # the Hub-style repository trains too: its train split for data.path, its test split for data.eval_path
+    datasets.Dataset.from_list(CHATS * 4).to_parquet(str(tmp_path / "hub" / "data" / "train-00000-of-00001.parquet"))
+    status, err = cli(capsys, "train", *FAST, f"run_dir={tmp_path / 'run2'}", f"data.path={tmp_path / 'hub'}",
+                      f"data.eval_path={tmp_path / 'hub'}")
+    assert status == 0, err
+    records = [json.loads(line) for line in (tmp_path / "run2" / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["eval_generated"] == 2 and sum(r.get("num_tokens", 0) for r in records) > 0
