@@ -6,10 +6,9 @@ Usage: python benchmarks/context_step.py [--seq 8192] [--steps 3]"""
 
 import argparse
 import dataclasses
-import statistics
-import time
 
 from sft_sharded.devices import simulate_cpu_devices
+from timing import median_step_s  # a sibling: python puts benchmarks/ on the path
 
 
 def main():
@@ -44,13 +43,7 @@ def main():
         state = trainer.create_train_state(jax.random.key(0), jnp.zeros((rows, seq), jnp.int32))
         batch = global_batch({"input_ids": ids, "labels": np.roll(ids, -1, 1)}, mesh)
         memory = memory_per_device(trainer.lower("train", state, batch).compile())
-        times = []
-        for _ in range(1 + args.steps):
-            start = time.perf_counter()
-            state, metrics = trainer.train_step(state, batch)
-            jax.block_until_ready(metrics)
-            times.append(time.perf_counter() - start)
-        step = statistics.median(times[1:])
+        step, state, metrics = median_step_s(trainer, state, batch, args.steps, warmup=1)
         print(f"{name:34s} step {step:7.2f} s  {rows * seq / step:8,.0f} tokens/s  {memory / 2**20:7.1f} MiB per "
               f"device  loss {float(metrics['loss']):.4f}", flush=True)
 

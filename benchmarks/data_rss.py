@@ -21,8 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-from data_throughput import write_conversations  # noqa: E402
+from data_throughput import write_conversations  # a sibling: python puts benchmarks/ on the path
 
 
 def peak_rss_mib() -> float:

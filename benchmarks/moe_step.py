@@ -3,10 +3,9 @@ active parameters per token (mlp 2 x the expert width), on simulated CPU devices
 Usage: python benchmarks/moe_step.py [--devices 8] [--mesh 1,8,1] [--expert 1] [--moe-only]"""
 
 import argparse
-import statistics
-import time
 
 from sft_sharded.devices import simulate_cpu_devices
+from timing import median_step_s  # a sibling: python puts benchmarks/ on the path
 
 
 def main():
@@ -39,13 +38,7 @@ def main():
             continue
         trainer = SFTTrainer(Decoder(cfg), optax.adamw(1e-4), mesh=mesh)
         state = trainer.create_train_state(jax.random.key(0), jnp.zeros((16, 256), jnp.int32))
-        times = []
-        for i in range(2 + args.steps):
-            start = time.perf_counter()
-            state, metrics = trainer.train_step(state, batch)
-            jax.block_until_ready(metrics)
-            times.append(time.perf_counter() - start)
-        step = statistics.median(times[2:])
+        step, state, metrics = median_step_s(trainer, state, batch, args.steps, warmup=2)
         print(f"{name:40s} params {cfg.num_params() / 1e6:6.2f}M active {cfg.num_active_params() / 1e6:6.2f}M "
               f"step {step * 1e3:7.1f} ms  {16 * 256 / step:9,.0f} tokens/s  mesh {dict(mesh.shape)}", flush=True)
 
