@@ -35,8 +35,35 @@ def _clear_client_caches():
     gcsfs.GCSFileSystem.clear_instance_cache()
 
 
+def _send_generation_headers():
+    """Make the emulator's media downloads carry `x-goog-generation`, as GCS's do: tensorstore reads an
+    object's generation from that header (without it: "Malformed StorageGeneration")."""
+    from gcp_storage_emulator import server
+    from gcp_storage_emulator.exceptions import NotFound
+    from gcp_storage_emulator.handlers import objects
+
+    plain = getattr(objects.download, "__wrapped__", objects.download)
+
+    def download(request, response, storage, *args, **kwargs):
+        plain(request, response, storage, *args, **kwargs)
+        try:
+            obj = storage.get_file_obj(request.params["bucket_name"], request.params["object_id"])
+        except NotFound:  # the 404 is already in the response
+            return
+        response["x-goog-generation"] = obj["generation"]
+        response["x-goog-metageneration"] = obj["metageneration"]
+
+    download.__wrapped__ = plain
+    objects.download = download  # `objects.get` (alt=media) calls it by this name
+    for _, methods in server.HANDLERS:
+        for method, handler in methods.items():
+            if getattr(handler, "__wrapped__", handler) is plain:
+                methods[method] = download
+
+
 @pytest.fixture(scope="module")
 def bucket():
+    _send_generation_headers()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
