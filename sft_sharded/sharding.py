@@ -34,6 +34,9 @@ SEQUENCE_AXIS = "context"
 LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("batch", BATCH_AXES),
     ("replica_batch", "data"),  # the rows of one fsdp group: the embedding lookup gathers ids only within it
+    # The looked-up rows halfway to the residual stream: positions already split over context, the hidden
+    # dim still over fsdp (each step is then one all-to-all over one axis; XLA cannot do both at once).
+    ("lookup_embed", "fsdp"),
     # Weights are split over context as over fsdp (gathered per layer): a context group holds no more
     # weights per chip than an fsdp group of the same size.
     ("embed", ("fsdp", SEQUENCE_AXIS)),

@@ -90,6 +90,7 @@ class Decoder(nn.Module):
         rows_BxTxD = constrain(jnp.take(embedding_VxD, ids_BxT, axis=0), ("replica_batch", None, "embed"))
         if cfg.embed_scale:  # Gemma: sqrt(hidden) rounded to the compute dtype first, as transformers does
             rows_BxTxD = rows_BxTxD * jnp.asarray(cfg.hidden_size ** 0.5, cfg.dtype)
+        rows_BxTxD = constrain(rows_BxTxD, ("replica_batch", "length", "lookup_embed"))
         return constrain(rows_BxTxD, RESIDUAL), embedding_VxD
 
     def _layers(self, x_BxTxD, positions, segment_ids, decode, cache):
