@@ -63,8 +63,9 @@ class MetricsWriter:
                  sync_every_s: float = 60.0):
         self.run_dir = paths.path(run_dir, "run_dir")
         self.remote = paths.is_remote(self.run_dir)
-        self.local_dir = (Path(tempfile.mkdtemp(prefix="sft-sharded-metrics-")) if self.remote and enabled
-                          else Path(self.run_dir))
+        self.local_dir: Path | None = None  # where the files are written (process 0 only)
+        if enabled:
+            self.local_dir = Path(tempfile.mkdtemp(prefix="sft-sharded-metrics-")) if self.remote else Path(self.run_dir)
         self.enabled = enabled
         self.trackers: list = []  # tracking.WandbTracker / MlflowTracker: fed every record
         self.records: list[dict] = []

@@ -68,7 +68,8 @@ def lora_config(cfg: TrainConfig) -> LoraConfig | None:
 
 def tokenizer_path(cfg: TrainConfig) -> str | None:
     """tokenizer.path, else the model directory when it holds a tokenizer.json."""
-    if cfg.tokenizer.path is None and cfg.model.path and (paths.path(cfg.model.path, "model.path") / "tokenizer.json").is_file():
+    if cfg.tokenizer.path is None and cfg.model.path and (
+            paths.path(cfg.model.path, "model.path") / "tokenizer.json").is_file():
         return cfg.model.path
     return cfg.tokenizer.path
 
@@ -156,10 +157,10 @@ def eval_sources(data: DataConfig) -> dict[str, DataConfig]:
 
 
 def generation_eval(trainer: SFTTrainer, cfg: TrainConfig, tokenizer, state: TrainState, run_dir: epath.Path,
-                    step: int) -> dict:
-    """Greedy generation over the first `eval.num_generate` held-out records: the exact match for the log,
-    and each prompt (as the model saw it) with its reference and generation in `eval/step_N.jsonl`, which
-    process 0 writes."""
+                    step: int) -> tuple[dict, str]:
+    """Greedy generation over the first `eval.num_generate` held-out records: (the exact match for the log,
+    a line for the user), and each prompt (as the model saw it) with its reference and generation in
+    `eval/step_N.jsonl`, which process 0 writes."""
     from sft_sharded.generate import exact_match
 
     records = open_records(cfg.data, "eval", cfg.seed)  # opened once (a JSONL source indexes its file)
@@ -171,8 +172,9 @@ def generation_eval(trainer: SFTTrainer, cfg: TrainConfig, tokenizer, state: Tra
         (run_dir / "eval" / f"step_{step}.jsonl").write_text(
             "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in scored))
     wrong = [(r["reference"], r["generation"]) for r in scored if r["reference"] != r["generation"]][:1]
-    example = f"; e.g. expected {wrong[0][0]!r}, got {wrong[0][1]!r}" if wrong else ""
-    return {"eval_exact_match": accuracy, "eval_generated": len(scored), "example": example}
+    line = (f"step {step}: held-out exact match (greedy generation): {accuracy:.2%} of {len(scored)}"
+            + (f"; e.g. expected {wrong[0][0]!r}, got {wrong[0][1]!r}" if wrong else ""))
+    return {"eval_exact_match": accuracy, "eval_generated": len(scored)}, line
 
 
 @dataclasses.dataclass
@@ -239,9 +241,8 @@ def _fit(run: Prepared, writer, say: Say, on_record, stop_requested) -> tuple[Tr
                 for name, data in sources.items()})
             step = int(state.step)
             if cfg.eval.generate == "each_eval" or step == cfg.steps:
-                generated = generation_eval(trainer, cfg, run.tokenizer, state, run.run_dir, step)
-                say(f"step {step}: held-out exact match (greedy generation): {generated['eval_exact_match']:.2%} "
-                    f"of {generated['eval_generated']}{generated.pop('example')}")
+                generated, line = generation_eval(trainer, cfg, run.tokenizer, state, run.run_dir, step)
+                say(line)
                 out.update(generated)
             return out
 
