@@ -55,4 +55,6 @@ def glob(pattern: str, key: str = "path") -> list[epath.Path]:
     base = "/".join(parts[:first]) or ("/" if pattern.startswith("/") else ".")
     if base.endswith(":/"):  # "gs://bucket" split on "/" leaves "gs:" and "" first
         raise UserError(f"{key}={pattern!r}: a wildcard in the bucket name cannot be listed")
+    if "**" in pattern:  # epath refuses recursive patterns (one listing per folder of a bucket)
+        raise UserError(f"{key}={pattern!r}: '**' is not supported; name each level (e.g. data/*/*.jsonl)")
     return sorted(path(base, key).glob("/".join(parts[first:])), key=str)

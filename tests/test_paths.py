@@ -93,6 +93,8 @@ def upload(local, remote: str) -> None:
 def test_unknown_schemes_and_missing_clients_are_refused_by_name(monkeypatch):
     with pytest.raises(UserError, match=r"data.path='memory://x/a.jsonl': unsupported URL scheme 'memory://'"):
         paths.path("memory://x/a.jsonl", "data.path")
+    with pytest.raises(UserError, match=r"data.path='data/\*\*/\*.jsonl': '\*\*' is not supported"):
+        paths.glob("data/**/*.jsonl", "data.path")
     monkeypatch.setattr(paths.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(UserError, match=r"run_dir='gs://b/r': gs:// paths need the gcsfs package: "
                                         r"pip install 'sft_sharded\[gcs\]'"):
