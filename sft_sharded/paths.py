@@ -48,6 +48,10 @@ def absolute(value: str | os.PathLike, key: str = "path") -> epath.Path:
     return p if is_remote(p) else epath.Path(Path(p).absolute())
 
 
+def has_wildcard(pattern: str) -> bool:
+    return _WILDCARD.search(pattern) is not None
+
+
 def glob(pattern: str, key: str = "path") -> list[epath.Path]:
     """The sorted matches of a glob pattern, local or remote (the pattern may name a bucket's folders)."""
     parts = pattern.split("/")

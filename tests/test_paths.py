@@ -120,8 +120,8 @@ def test_records_read_from_a_bucket_equal_the_records_written(bucket, tmp_path):
         {"filename": "data-00000-of-00001.arrow"}]}))
 
     def records(path, split="train"):
-        files = expand_paths(path, split)
-        return [str(f) for f in files], [open_source(f)[i][0] for f in files for i in range(len(open_source(f)))]
+        sources = [open_source(f) for f in expand_paths(path, split)]
+        return [str(s.path) for s in sources], [s[i][0] for s in sources for i in range(len(s))]
 
     assert records(f"{bucket}/src/*/*.jsonl") == (
         [f"{bucket}/src/a/part-0.jsonl", f"{bucket}/src/b/part-1.jsonl"], CHATS[:10] * 2)

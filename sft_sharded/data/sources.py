@@ -142,7 +142,7 @@ def expand_paths(path: str | Sequence[str], split: str = "train", key: str = "da
         if item.startswith(hub.HF_PREFIX):
             files += hub.dataset_files(hub.resolve_hf_url(item, key), split, key)
             continue
-        matches = paths.glob(item, key) if any(c in item for c in "*?[") else [paths.path(item, key)]
+        matches = paths.glob(item, key) if paths.has_wildcard(item) else [paths.path(item, key)]
         if not matches:
             raise MissingFileError(f"{key}: {item!r} matches no file")
         for match in matches:
