@@ -21,7 +21,8 @@ if ! python3 -c 'import pytest' 2>/dev/null; then
   python3 -m pip install -q --no-index --find-links benchmarks/wheels pytest || echo "no pytest: tests skipped"
 fi
 if python3 -c 'import pytest' 2>/dev/null; then
-  # cuDNN attention (values and grads) against the einsum reference; the chunked loss against the plain one.
+  # cuDNN attention (values and grads) against the einsum reference, whole rows and one chunk of a split
+  # sequence against all its keys; the chunked loss against the plain one.
   SFT_SHARDED_TEST_PLATFORM=gpu timeout 180 python3 -m pytest -q -p no:cacheprovider \
     tests/test_attention.py tests/test_losses.py -k "not splash" --tb=line 2>&1 | tail -n 30 | tee "$OUT/tests.txt"
 fi

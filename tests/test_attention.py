@@ -161,6 +161,27 @@ def test_cudnn_matches_reference_on_gpu(packed, window, scale):
     _assert_close(actual, expected, rtol=0.05, atol=0.05)
 
 
+@pytest.mark.parametrize("window", [None, 99])
+def test_cudnn_chunk_of_a_split_sequence_matches_the_reference_rows(window):
+    """The per-shard cuDNN call of a split sequence (`models/context_fused.py`): queries 128..191 of a row
+    against all its keys equal those rows of the reference attention, values and gradients. cuDNN on a GPU
+    (benchmarks/gpu_check.sh runs it there, on one GPU); jax's XLA implementation of the same call here."""
+    from sft_sharded.models.attention_kernels import cudnn_chunk
+
+    q, k, v, segments, cotangent = _inputs(length=256, dim=64, dtype=jnp.bfloat16, packed=True)
+    rows = slice(128, 192)
+
+    def reference(q, k, v, segments):
+        return attn.dot_product_attention(q, k, v, segments, window=window)[:, rows]
+
+    def chunk(q, k, v, segments):
+        return cudnn_chunk(q[:, rows], k, v, segments[:, rows], segments, rows.start, window, 64 ** -0.5)
+
+    expected = _value_and_grads(reference, q, k, v, segments, cotangent[:, rows])
+    _assert_close(_value_and_grads(jax.jit(chunk), q, k, v, segments, cotangent[:, rows]), expected, rtol=0.05,
+                  atol=0.05)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("mesh_shape", [None, (2, 2, 2)])
 def test_splash_matches_reference(mesh_shape):

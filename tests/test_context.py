@@ -15,6 +15,7 @@ import pytest
 
 from sft_sharded.errors import UserError
 from sft_sharded.generate import greedy_generate
+from sft_sharded.models import attention as attn
 from sft_sharded.models import context
 from sft_sharded.models.attention import dot_product_attention
 from sft_sharded.models.config import DecoderConfig
@@ -52,41 +53,55 @@ def _assert_equal_to_reference(split, mesh, qkv, seg, d_out, window, cap, atol):
         np.testing.assert_allclose(ours, theirs, atol=atol)
 
 
-@pytest.mark.parametrize("layout, shards, tensor, window, cap", [
-    ("zigzag", 2, 2, None, 4.0),  # chunks 0 and 3 on one device, 1 and 2 on the other
-    ("contiguous", 4, 1, 100, None),  # window < a shard's 128 positions
+@pytest.mark.parametrize("kernel, layout, shards, tensor, window, cap, length", [
+    ("splash", "zigzag", 2, 2, None, 4.0, 512),  # chunks 0 and 3 on one device, 1 and 2 on the other
+    ("splash", "contiguous", 4, 1, 100, None, 512),  # window < a shard's 128 positions
+    ("cudnn", "zigzag", 4, 2, 7, None, 64),  # window < a chunk's 8 positions, odd: the key slice starts early
+    ("cudnn", "contiguous", 2, 1, None, None, 64),
 ])
-def test_splash_per_shard_kernel_matches_the_reference_forward_and_backward(layout, shards, tensor, window, cap):
-    """Splash (Pallas interpret mode here, the kernel itself on TPU) as the kernel of the all-gather scheme:
-    each device's query chunks against all keys, with segments crossing every shard boundary."""
-    length = 512
+def test_fused_per_shard_kernels_match_the_reference_forward_and_backward(monkeypatch, kernel, layout, shards,
+                                                                          tensor, window, cap, length):
+    """Splash (Pallas interpret mode here) and cuDNN (jax's XLA implementation of the same call here) as the
+    kernel of the all-gather scheme: each device's query chunks against the gathered keys, with segments
+    crossing every shard boundary. Which kernel runs where is `per_shard_kernel`'s (tested below)."""
+    monkeypatch.setattr(context, "per_shard_kernel", lambda *args: kernel)
     rng = np.random.default_rng(1)
     q, d_out = (jnp.asarray(rng.normal(size=(2, length, 4, 8)), jnp.float32) for _ in range(2))
     k, v = (jnp.asarray(rng.normal(size=(2, length, 2, 8)), jnp.float32) for _ in range(2))
     seg = np.ones((2, length), np.int32)
-    seg[0, 100:], seg[0, 300:], seg[1, 200:], seg[1, 460:] = 2, 3, 2, 0
+    cut = length / 512  # the segments' boundaries scale with the length
+    seg[0, int(100 * cut):], seg[0, int(300 * cut):], seg[1, int(200 * cut):], seg[1, int(460 * cut):] = 2, 3, 2, 0
     seg = jnp.asarray(seg)
     order = context.layout_order(length, shards, layout)
     perm = np.arange(length) if order is None else order
     mesh = make_mesh(data=1, fsdp=8 // shards // tensor, tensor=tensor, context=shards)
-    assert context.per_shard_kernel("splash", "allgather", length, shards, layout) == "splash"
 
     def split(q, k, v):
         out = context.attention(q[:, perm], k[:, perm], v[:, perm], seg[:, perm], window, 8 ** -0.5, cap,
-                                "allgather", layout, implementation="splash")
+                                "allgather", layout)
         return out[:, np.argsort(perm)]
 
     _assert_equal_to_reference(split, mesh, (q, k, v), seg, d_out, window, cap, atol=2e-5)
 
 
-def test_kernels_that_cannot_run_on_a_split_sequence_are_refused_by_name():
-    with pytest.raises(ValueError, match=r"attention='cudnn' does not run on a sequence split by mesh.context"):
-        context.per_shard_kernel("cudnn", "ring", 1024, 4, "zigzag")
+def test_per_shard_kernel_picks_the_fused_kernel_where_it_runs_and_refuses_by_name(monkeypatch):
+    assert context.per_shard_kernel("auto", "allgather", 1024, 4, "zigzag", jnp.bfloat16, 64) == "jax"  # on CPU
+    assert context.per_shard_kernel("splash", "allgather", 1024, 4, "zigzag", jnp.float32, 64) == "splash"
     with pytest.raises(ValueError, match=r"needs model.context_attention=allgather \(got 'ring'\)"):
-        context.per_shard_kernel("splash", "ring", 1024, 4, "zigzag")
+        context.per_shard_kernel("splash", "ring", 1024, 4, "zigzag", jnp.float32, 64)
     with pytest.raises(ValueError, match=r"chunks of a multiple of 128 positions \(got 64: 512 positions, 4 shards"):
-        context.per_shard_kernel("splash", "allgather", 512, 4, "zigzag")
-    assert context.per_shard_kernel("auto", "allgather", 1024, 4, "zigzag") == "jax"  # splash: TPU only
+        context.per_shard_kernel("splash", "allgather", 512, 4, "zigzag", jnp.float32, 64)
+    with pytest.raises(ValueError, match=r"attention='cudnn' needs a GPU"):
+        context.per_shard_kernel("cudnn", "allgather", 1024, 4, "zigzag", jnp.bfloat16, 64)
+    monkeypatch.setattr(attn, "current_platform", lambda: "gpu")  # what the rule says on a GPU
+    assert context.per_shard_kernel("auto", "allgather", 1024, 4, "zigzag", jnp.bfloat16, 64) == "cudnn"
+    assert context.per_shard_kernel("auto", "ring", 1024, 4, "zigzag", jnp.bfloat16, 64) == "jax"
+    assert context.per_shard_kernel("auto", "allgather", 1024, 4, "zigzag", jnp.bfloat16, 64, softcap=30.0) == "jax"
+    assert context.per_shard_kernel("auto", "allgather", 1024, 4, "zigzag", jnp.float32, 64) == "jax"
+    with pytest.raises(ValueError, match=r"attention='cudnn' .* needs model.context_attention=allgather"):
+        context.per_shard_kernel("cudnn", "ring", 1024, 4, "zigzag", jnp.bfloat16, 64)
+    with pytest.raises(ValueError, match=r"multiple of 2 positions \(got 3: 24 positions, 4 shards, zigzag"):
+        context.per_shard_kernel("cudnn", "allgather", 24, 4, "zigzag", jnp.bfloat16, 64)
 
 
 def test_zigzag_layout_gives_each_shard_a_chunk_from_each_end():

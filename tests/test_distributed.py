@@ -120,6 +120,11 @@ def test_plan_compiles_for_a_tpu_topology_and_refuses_what_does_not_fit():
     assert "on v5p:2x2x1 (4 chips), mesh {'data': 1, 'fsdp': 4, 'expert': 1, 'context': 1, 'tensor': 1}" in ok.stdout
     assert "-> fits" in ok.stdout and "FLOPs per chip per step: compiler" in ok.stdout
     assert "attention splash (" in ok.stdout and "Pallas calls)" in ok.stdout  # "auto" on TPU: the kernel
+    split = _plan("--topology", "v5p:2x2x1", "--model", "tiny", "--seq", "1024", "--global-batch", "2", "--mesh",
+                  "fsdp=1,context=4", "--context-attention", "allgather")
+    assert split.returncode == 0, split.stderr[-3000:]
+    kernels = re.search(r"attention split sequence \(allgather, zigzag, splash per shard\) \((\d+) Pallas", split.stdout)
+    assert kernels and int(kernels.group(1)) > 0, split.stdout
     lora = _plan("--topology", "v5p:2x2x1", "--model", "llama3.2-1b", "--seq", "128", "--global-batch", "8",
                  "--lora-rank", "4")
     assert lora.returncode == 0, lora.stderr[-3000:]

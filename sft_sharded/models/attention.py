@@ -127,7 +127,7 @@ def attention(
     """Causal self-attention over one sequence per row (training and evaluation; decoding with a KV
     cache calls `dot_product_attention`), optionally over a sliding `window` of keys. Output [B, T, N, H]
     in the inputs' dtype. When the mesh splits the sequence, `models/context.py` attends with the
-    (scheme, layout) of `context`, with splash or its own kernels per shard (`context.per_shard_kernel`)."""
+    (scheme, layout) of `context`, with a fused kernel or its own per shard (`context.per_shard_kernel`)."""
     batch, length, num_heads, head_dim = q_BxTxNxH.shape
     if sequence_shards(length) > 1:
         from sft_sharded.models import context as split_sequence

@@ -1,7 +1,8 @@
 """Fused attention kernels: cuDNN flash attention (GPU) and Pallas splash attention (TPU).
 
 Both take [B, T, N, H] queries and [B, T, K, H] keys/values (N % K == 0), are causal and keep tokens
-of different `segment_ids` apart. `models/attention.py` chooses between them and the XLA paths.
+of different `segment_ids` apart. `models/attention.py` chooses between them and the XLA paths;
+`models/context_fused.py` runs them on the query chunks of a split sequence (`cudnn_chunk`, `_splash_local`).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from sft_sharded.models.attention import attention_mask
 from sft_sharded.sharding import activation_spec, current_platform
 
 Q_AXES = ("batch", "length", "act_heads", "head_dim")
@@ -30,6 +32,25 @@ def cudnn(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT=None, window: int | N
     return jax.nn.dot_product_attention(
         q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask=mask, is_causal=True, implementation="cudnn", scale=scale,
         local_window_size=None if window is None else (window - 1, 0),  # left keys besides the query's own
+    )
+
+
+def cudnn_chunk(q_BxCxNxH, k_BxSxKxH, v_BxSxKxH, segment_ids_BxC, kv_segment_ids_BxS, offset: int,
+                window: int | None, scale: float) -> jax.Array:
+    """cuDNN attention of the queries at positions offset .. offset+C-1 of a row against its keys 0 .. S-1
+    (a chunk of a split sequence against the gathered keys). jax's cuDNN call has no causal mask with an
+    offset, so the keys that the causal mask (and the window) hide from the whole chunk are sliced off
+    first, which leaves the chunk's own share of the causal work, and a [B, 1, C, S'] mask (causal from
+    the offset, window, same segment) covers the rest. The start of the slice is even: cuDNN with a mask
+    needs even lengths to train. Off GPU the same call runs jax's XLA implementation (the CPU tests)."""
+    length = q_BxCxNxH.shape[1]
+    end = offset + length
+    first = 0 if window is None else max(0, (offset - window + 1) // 2 * 2)
+    mask = attention_mask(length, end - first, offset - first, segment_ids_BxC, kv_segment_ids_BxS[:, first:end],
+                          window)[:, 0]
+    return jax.nn.dot_product_attention(
+        q_BxCxNxH, k_BxSxKxH[:, first:end], v_BxSxKxH[:, first:end], mask=mask, scale=scale,
+        implementation="cudnn" if current_platform() == "gpu" else "xla",
     )
 
 

@@ -28,7 +28,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from sft_sharded.models.attention import _MASKED
-from sft_sharded.sharding import activation_spec, current_platform, sequence_shards
+from sft_sharded.sharding import activation_spec, sequence_shards
 
 _BLOCK = 512  # query and key rows per block: [B, K, G, 512, 512] float32 scores at a time
 
@@ -297,32 +297,36 @@ def _split_bwd(setup: _Setup, residuals, d_out):
 _split_attention.defvjp(_split_fwd, _split_bwd)
 
 
-def per_shard_kernel(implementation: str, scheme: str, length: int, shards: int, layout: str) -> str:
-    """"splash" (`models/context_splash.py`) or "jax" (the kernels here) for a split sequence; a kernel
-    asked for by name that cannot run there is refused rather than replaced."""
-    from sft_sharded.models.context_splash import chunk_length
+def per_shard_kernel(implementation: str, scheme: str, length: int, shards: int, layout: str, dtype, head_dim: int,
+                     softcap: float | None = None) -> str:
+    """The fused kernel that `attention.resolve` picks, where it can run per shard (`models/context_fused.py`:
+    the all-gather scheme, chunks splash's 128 or cuDNN's 2 divide), else "jax" (the kernels here). A fused
+    kernel asked for by name that cannot run there is refused rather than replaced."""
+    from sft_sharded.models.attention import resolve
+    from sft_sharded.models.context_fused import chunk_length
 
-    if implementation == "cudnn":
-        raise ValueError("attention='cudnn' does not run on a sequence split by mesh.context (its masks cover "
-                         "whole rows); use attention=auto or xla there")
-    chunk = chunk_length(length, shards, layout)
-    fits = scheme == "allgather" and length % 128 == 0 and chunk % 128 == 0
-    if implementation == "splash" and not fits:
-        raise ValueError(f"attention='splash' on a sequence split by mesh.context needs "
+    fused = resolve(implementation, dtype, head_dim, length, softcap)  # cudnn: GPU, dtype, head size checked
+    if fused not in ("splash", "cudnn"):
+        return "jax"
+    chunk, multiple = chunk_length(length, shards, layout), 128 if fused == "splash" else 2
+    if scheme == "allgather" and length % multiple == 0 and chunk % multiple == 0:
+        return fused
+    if implementation == fused:
+        raise ValueError(f"attention={fused!r} on a sequence split by mesh.context needs "
                          f"model.context_attention=allgather (got {scheme!r}) and query chunks of a multiple of "
-                         f"128 positions (got {chunk}: {length} positions, {shards} shards, {layout} layout)")
-    return "splash" if fits and (implementation == "splash" or implementation == "auto" and
-                                 current_platform() == "tpu") else "jax"
+                         f"{multiple} positions (got {chunk}: {length} positions, {shards} shards, {layout} layout)")
+    return "jax"
 
 
 def attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, window: int | None, scale: float,
               softcap: float | None, scheme: str, layout: str = "zigzag", implementation: str = "auto") -> jax.Array:
     """Causal attention of a sequence split on the mesh (called by `attention.attention` when the mesh
     splits "length"), with its positions in `layout_order`. Output [B, T, N, H], split like the queries.
-    The per-shard kernel: splash with the all-gather scheme where `per_shard_kernel` says, else jax's."""
+    The per-shard kernel: splash or cuDNN with the all-gather scheme where `per_shard_kernel` says, else jax's."""
     batch, length = q_BxTxNxH.shape[:2]
     shards = sequence_shards(length)
-    kernel = per_shard_kernel(implementation, scheme, length, shards, layout)
+    kernel = per_shard_kernel(implementation, scheme, length, shards, layout, q_BxTxNxH.dtype, q_BxTxNxH.shape[-1],
+                              softcap)
     q_spec = activation_spec(q_BxTxNxH.shape, ("batch", "length", "act_heads", None))
     kv_spec = activation_spec(k_BxTxKxH.shape, ("batch", "length", "act_kv_heads", None))
     if q_spec[2] != kv_spec[2]:  # kv heads too few to split: keep every head whole so groups line up
@@ -331,9 +335,9 @@ def attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, window: int | No
     setup = _Setup(scheme, layout, q_spec[1], shards, (window, float(scale), softcap), run, q_spec, kv_spec)
     if segment_ids_BxT is None:
         segment_ids_BxT = jnp.ones((batch, length), jnp.int32)
-    if kernel == "splash":
-        from sft_sharded.models import context_splash
+    if kernel != "jax":
+        from sft_sharded.models import context_fused
 
-        return context_splash.attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, window, float(scale),
-                                        softcap, layout, q_spec, kv_spec, shards)
+        return context_fused.attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, window, float(scale),
+                                       softcap, layout, q_spec, kv_spec, shards, kernel)
     return _split_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, setup)
