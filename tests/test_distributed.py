@@ -113,6 +113,7 @@ def _plan(*args):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("libtpu")  # libtpu takes a machine-wide lock file: one plan process at a time
 def test_plan_compiles_for_a_tpu_topology_and_refuses_what_does_not_fit():
     pytest.importorskip("libtpu") if os.environ.get("CI") != "true" else None
     ok = _plan("--topology", "v5p:2x2x1", "--model", "tiny", "--seq", "128", "--global-batch", "8")
@@ -139,6 +140,7 @@ def test_plan_compiles_for_a_tpu_topology_and_refuses_what_does_not_fit():
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("libtpu")
 @pytest.mark.parametrize("model", ["gemma3-4b", "qwen3-8b"])
 def test_plan_fits_the_2026_families_on_v5p_16_at_seq_8192(model):
     """The real shapes compile for the TPU: Gemma 3's mixed local/global scan (a lax.cond per layer, so
