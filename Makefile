@@ -24,7 +24,7 @@ train: $(VENV)/.installed-base
 	$(VENV)/bin/sft-sharded train $(ARGS)
 
 test: $(VENV)/.installed-test
-	$(VENV)/bin/python -m pytest -q -n 2 --dist loadgroup --durations=25 tests
+	$(VENV)/bin/python -m pytest -q -n 2 --dist worksteal --durations=25 tests
 
 test-fast: $(VENV)/.installed-test
 	$(VENV)/bin/python -m pytest -q -m "not slow" tests

@@ -1,12 +1,14 @@
 """Multi-process training through launch/local_multiprocess.sh, cluster detection, the TPU pod launcher,
 and AOT plans for TPU topologies."""
 
+import fcntl
 import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -108,12 +110,15 @@ def test_tpu_pod_launcher_issues_the_right_gcloud_commands(tmp_path):
 
 
 def _plan(*args):
+    """One `sft-sharded plan` at a time on this machine: libtpu refuses to start while another process
+    holds its lock file, and `make test` runs two pytest workers."""
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    return subprocess.run([*SFT, "plan", *args], capture_output=True, text=True, timeout=600, env=env)
+    with open(Path(tempfile.gettempdir()) / "sft_sharded_tests_plan.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return subprocess.run([*SFT, "plan", *args], capture_output=True, text=True, timeout=600, env=env)
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("libtpu")  # libtpu takes a machine-wide lock file: one plan process at a time
 def test_plan_compiles_for_a_tpu_topology_and_refuses_what_does_not_fit():
     pytest.importorskip("libtpu") if os.environ.get("CI") != "true" else None
     ok = _plan("--topology", "v5p:2x2x1", "--model", "tiny", "--seq", "128", "--global-batch", "8")
@@ -140,7 +145,6 @@ def test_plan_compiles_for_a_tpu_topology_and_refuses_what_does_not_fit():
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("libtpu")
 @pytest.mark.parametrize("model", ["gemma3-4b", "qwen3-8b"])
 def test_plan_fits_the_2026_families_on_v5p_16_at_seq_8192(model):
     """The real shapes compile for the TPU: Gemma 3's mixed local/global scan (a lax.cond per layer, so
