@@ -82,6 +82,9 @@ def test_empty_missing_and_unmatched_data_files(tmp_path, capsys):
     (["model.dtype=float99"], "model: data type 'float99' not understood"),
     (["lora.rank=4", "lora.targets=[q, attn_out]"], "lora.targets=['q', 'attn_out']: unknown ['attn_out']"),
     (["lora.rank=4", "lora.dropout=1.5"], "lora.dropout=1.5 must be in [0, 1)"),
+    (["model.attention=cudnn"], "model.attention='cudnn' needs a GPU"),  # this suite runs on the CPU
+    (["mesh.data=1", "mesh.context=2", "model.attention=splash", "model.context_attention=ring"],
+     "model.attention='splash' on a sequence split by mesh.context needs model.context_attention=allgather (got 'ring')"),
 ])
 def test_bad_config(tmp_path, capsys, overrides, expected):
     status, err = cli(capsys, "train", *FAST, f"run_dir={tmp_path / 'run'}", *overrides)

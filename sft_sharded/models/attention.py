@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sft_sharded.choices import ATTENTION_IMPLEMENTATIONS, DEFAULT_CONTEXT_SCHEME
+from sft_sharded.errors import UserError
 from sft_sharded.sharding import current_platform, sequence_shards
 
 IMPLEMENTATIONS = ATTENTION_IMPLEMENTATIONS
@@ -96,7 +97,7 @@ def dot_product_attention(
 def resolve(implementation: str, dtype, head_dim: int, length: int, softcap: float | None = None) -> str:
     """The implementation "auto" stands for on this platform, or the one asked for (checked)."""
     if implementation not in IMPLEMENTATIONS:
-        raise ValueError(f"attention implementation {implementation!r} must be one of {IMPLEMENTATIONS}")
+        raise UserError(f"model.attention: {implementation!r} must be one of {IMPLEMENTATIONS}")
     platform = current_platform()
     cudnn_ok = (jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and head_dim % 8 == 0 and head_dim <= 128
                 and softcap is None)
@@ -105,8 +106,8 @@ def resolve(implementation: str, dtype, head_dim: int, length: int, softcap: flo
             return "splash"
         return "cudnn" if platform == "gpu" and cudnn_ok else "xla"
     if implementation == "cudnn" and (platform != "gpu" or not cudnn_ok):
-        raise ValueError(
-            f"attention='cudnn' needs a GPU and bf16/fp16 inputs with head_dim a multiple of 8 up to 128, "
+        raise UserError(
+            f"model.attention='cudnn' needs a GPU and bf16/fp16 inputs with head_dim a multiple of 8 up to 128, "
             f"without soft-capping; got platform {platform!r}, dtype {jnp.dtype(dtype).name}, head_dim {head_dim}, "
             f"softcap {softcap}"
         )

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from sft_sharded.errors import UserError
 from sft_sharded.models.attention import attention_mask
 from sft_sharded.sharding import activation_spec, current_platform
 
@@ -58,7 +59,7 @@ def _block(length: int) -> int:
     for size in (512, 256, 128):
         if length % size == 0:
             return size
-    raise ValueError(f"splash attention needs a sequence length divisible by 128, got {length}")
+    raise UserError(f"model.attention='splash' needs sequence lengths divisible by 128 (data.max_length, data.pad_to_multiple_of), got {length}")
 
 
 def _splash_local(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, segment_ids_BxT, interpret: bool, window: int | None,

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
+from sft_sharded.errors import UserError
 from sft_sharded.models.attention import _MASKED
 from sft_sharded.sharding import activation_spec, sequence_shards
 
@@ -312,7 +313,7 @@ def per_shard_kernel(implementation: str, scheme: str, length: int, shards: int,
     if scheme == "allgather" and length % multiple == 0 and chunk % multiple == 0:
         return fused
     if implementation == fused:
-        raise ValueError(f"attention={fused!r} on a sequence split by mesh.context needs "
+        raise UserError(f"model.attention={fused!r} on a sequence split by mesh.context needs "
                          f"model.context_attention=allgather (got {scheme!r}) and query chunks of a multiple of "
                          f"{multiple} positions (got {chunk}: {length} positions, {shards} shards, {layout} layout)")
     return "jax"
