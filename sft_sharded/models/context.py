@@ -332,8 +332,6 @@ def attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, window: int | No
     kv_spec = activation_spec(k_BxTxKxH.shape, ("batch", "length", "act_kv_heads", None))
     if q_spec[2] != kv_spec[2]:  # kv heads too few to split: keep every head whole so groups line up
         q_spec, kv_spec = P(*q_spec[:2], None, None), P(*kv_spec[:2], None, None)
-    run = _pieces(layout_order(length, shards, layout), length, shards)
-    setup = _Setup(scheme, layout, q_spec[1], shards, (window, float(scale), softcap), run, q_spec, kv_spec)
     if segment_ids_BxT is None:
         segment_ids_BxT = jnp.ones((batch, length), jnp.int32)
     if kernel != "jax":
@@ -341,4 +339,6 @@ def attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, window: int | No
 
         return context_fused.attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, window, float(scale),
                                        softcap, layout, q_spec, kv_spec, shards, kernel)
+    run = _pieces(layout_order(length, shards, layout), length, shards)
+    setup = _Setup(scheme, layout, q_spec[1], shards, (window, float(scale), softcap), run, q_spec, kv_spec)
     return _split_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, setup)
