@@ -8,7 +8,7 @@ import pytest
 from data_fixtures import write_hf_tokenizer
 from tokenizers import Tokenizer
 
-from sft_sharded.data.formats import encode_record
+from sft_sharded.data.formats import RowSkipped, encode_record
 from sft_sharded.data.tokenizers import HFTokenizer
 
 # Gemma 3's template, as its tokenizer_config.json has it (text parts only).
@@ -23,6 +23,14 @@ GEMMA = (
     "{%- endif -%}{{ '<start_of_turn>' + role + '\\n' + (first_user_prefix if loop.first else '') }}"
     "{{ message['content'] | trim }}{{ '<end_of_turn>\\n' }}{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\\n' }}{%- endif -%}"
+)
+# Gemma 3's treatment of content parts (its template iterates them and trims each text).
+GEMMA_PARTS = (
+    "{%- for message in messages -%}{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}"
+    "{{ '<start_of_turn>' + role + '\n' }}{%- if message['content'] is string -%}{{ message['content'] | trim }}"
+    "{%- else -%}{%- for item in message['content'] -%}{%- if item['type'] == 'text' -%}{{ item['text'] | trim }}"
+    "{%- endif -%}{%- endfor -%}{%- endif -%}{{ '<end_of_turn>\n' }}{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}"
 )
 # Qwen3's rule for reasoning, written for this test: turns after the last user message keep their
 # reasoning (the last turn always gets <think> tags), earlier turns are rendered without it.
@@ -116,7 +124,7 @@ QWEN3_TOOLS = (
 TOOL_CHAT = {
     "tools": [{"name": "sort", "parameters": {"type": "object"}}],
     "messages": [
-        {"role": "user", "content": [{"type": "text", "text": "sort "}, {"type": "text", "text": "3 1 2"}]},
+        {"role": "user", "content": "sort 3 1 2"},
         {"role": "assistant", "content": None, "reasoning_content": "use the tool",
          "tool_calls": [{"type": "function", "function": {"name": "sort", "arguments": {"xs": [3, 1, 2]}}}]},
         {"role": "tool", "name": "sort", "content": "[1, 2, 3]"},
@@ -130,6 +138,18 @@ def _qwen3_tools(tmp_path):
                                    specials=("<|im_start|>", "<|im_end|>", "<think>", "</think>"))
     raw = Tokenizer.from_file(str(directory / "tokenizer.json"))
     return HFTokenizer(directory), lambda s: raw.encode(s, add_special_tokens=False).ids, raw.token_to_id("<|im_end|>")
+
+
+def test_text_parts_reach_the_template_as_a_list_as_in_transformers(tmp_path):
+    tok, enc, end = _qwen3_tools(tmp_path)  # a template that adds strings: it cannot take a list
+    parts = {"messages": [{"role": "user", "content": [{"type": "text", "text": "sort "}, {"type": "text", "text": "3"}]},
+                          {"role": "assistant", "content": "3"}]}
+    with pytest.raises(RowSkipped, match="cannot take content as a list of parts: give each message's content as a"):
+        encode_record(parts, tok)
+    gemma = write_hf_tokenizer(tmp_path / "gemma", GEMMA_PARTS, specials=("<start_of_turn>", "<end_of_turn>"))
+    ex = encode_record(parts, HFTokenizer(gemma))  # Gemma's own template iterates the parts
+    raw = Tokenizer.from_file(str(gemma / "tokenizer.json"))
+    assert _trained(ex) == [*raw.encode("3", add_special_tokens=False).ids, raw.token_to_id("<end_of_turn>")]
 
 
 def test_tool_calls_tools_reasoning_and_text_parts_reach_the_template_and_weights_the_loss(tmp_path):
@@ -170,8 +190,8 @@ def test_per_message_train_and_weight_under_generation_markers(tmp_path):
 
 
 @pytest.mark.parametrize("change, message", [
-    (lambda r: r["messages"][0]["content"].append({"type": "image", "url": "x.png"}),
-     r"rec: messages\[0\].content\[2\] is a 'image' part; only text parts"),
+    (lambda r: r["messages"][0].update(content=[{"type": "text", "text": "a"}, {"type": "image", "url": "x.png"}]),
+     r"rec: messages\[0\].content\[1\] is a 'image' part; only text parts"),
     (lambda r: r["messages"][2].update(train=True), r"rec: messages\[2\]: \['train'\] apply to assistant turns only"),
     (lambda r: r["messages"][3].update(weight=-1), r"rec: messages\[3\].weight must be a number >= 0, got -1"),
     (lambda r: r["messages"][3].update(train=True), r"rec: messages\[3\]: give 'train' or 'weight', not both"),

@@ -14,14 +14,16 @@ import numpy as np
 
 from jinja2.sandbox import SecurityError
 
-from sft_sharded.data.templates import TemplateError, encode_chat
+from sft_sharded.data.templates import TemplateError
+from sft_sharded.data.turns import NotLocatable, encode_chat
 from sft_sharded.data.tokenizers import bos_ids
 from sft_sharded.errors import UserError
 
 FORMATS = ("text", "prompt_completion", "messages")
 ROLES = ("system", "user", "assistant", "tool")
 # Message keys passed to the chat template as given (transformers' names), besides role and content.
-TEMPLATE_KEYS = {"assistant": ("tool_calls", "reasoning_content", "thinking"), "tool": ("name", "tool_call_id")}
+TEMPLATE_KEYS = {"assistant": ("tool_calls", "reasoning_content", "thinking", "reasoning"),
+                 "tool": ("name", "tool_call_id")}
 TRAINING_KEYS = ("train", "weight")  # per assistant turn: overrides the default (trained, weight 1)
 
 
@@ -30,7 +32,12 @@ class RecordError(UserError):
 
 
 class RowSkipped(ValueError):
-    """A well-formed record that cannot be trained on (e.g. an empty assistant mask): counted and reported."""
+    """A well-formed record that cannot be trained on (e.g. an empty assistant mask): counted and reported
+    by `reason` (the cause without the record's place, so equal causes count together)."""
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,7 +129,8 @@ def _weight(message: dict, where: str) -> float:
 
 
 def chat_messages(record: dict, where: str) -> tuple[list[dict], list[float | None]]:
-    """The messages as the template gets them, and each one's weight (None: the default rule)."""
+    """The messages as the template gets them (text parts stay a list, as transformers passes them), and
+    each one's weight (None: the default rule)."""
     messages = record["messages"]
     if not isinstance(messages, list) or not messages:
         raise RecordError(f"{where}: 'messages' must be a non-empty list")
@@ -141,11 +149,11 @@ def chat_messages(record: dict, where: str) -> tuple[list[dict], list[float | No
         if "tool_calls" in message and not (isinstance(message["tool_calls"], list)
                                             and all(isinstance(c, dict) for c in message["tool_calls"])):
             raise RecordError(f"{at}.tool_calls must be a list of objects")
-        for key in ("reasoning_content", "thinking", "name", "tool_call_id"):
+        for key in ("reasoning_content", "thinking", "reasoning", "name", "tool_call_id"):
             if key in message and not isinstance(message[key], str):
                 raise RecordError(f"{at}.{key} must be a string, got {type(message[key]).__name__}")
-        out.append({**{k: message[k] for k in allowed if k in message and k not in TRAINING_KEYS},
-                    "content": _content(message, at)})
+        _content(message, at)  # checked here; the template gets the content as given, as in transformers
+        out.append({k: message[k] for k in allowed if k in message and k not in TRAINING_KEYS})
         weights.append(_weight(message, at) if any(k in message for k in TRAINING_KEYS) else None)
     tools = record.get("tools")
     if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
@@ -166,14 +174,17 @@ def encode_record(record: Any, tokenizer, *, fmt: str = "auto", train_on_prompt:
         try:
             ids, weights = encode_chat(tokenizer.chat_template, messages, tokenizer, train_on_prompt,
                                        record.get("tools"), turn_weights)
+        except NotLocatable as err:
+            name = getattr(tokenizer, "template_name", "the chat template")
+            raise RowSkipped(f"{where}: {err} in {name}", f"assistant turn not locatable in {name}: {err.why}") from err
         except TemplateError as err:
-            raise RowSkipped(f"{where}: {err}") from err
+            raise RowSkipped(f"{where}: {err}", str(err)) from err
         except SecurityError as err:  # the sandbox stopped the template: the template is at fault, not the row
             raise RecordError(f"{where}: the chat template was stopped by the sandbox: {err}") from None
         weights[:1] = 0.0  # the first token is never a target
         mask = weights != 0
         if not mask.any():
-            raise RowSkipped(f"{where}: every trained token has weight 0")
+            raise RowSkipped(f"{where}: every trained token has weight 0", "every trained token has weight 0")
         return Example(np.asarray(ids, np.int32), mask, weights=None if set(np.unique(weights)) <= {0, 1} else weights)
     bos = bos_ids(tokenizer)
     eos = [tokenizer.eos_id]

@@ -1,34 +1,45 @@
-"""Chat templates rendered in jinja2's immutable sandbox, and the assistant (trained) token mask.
+"""Chat templates rendered as transformers' `apply_chat_template` renders them, in jinja2's immutable sandbox.
 
-The mask comes from `{% generation %}...{% endgeneration %}` markers when the template has them: the block
-wraps its output in two private-use sentinel characters, which are found and removed after rendering.
-Otherwise each assistant turn is located by rendering the conversation prefix by prefix: the tokens that
-`messages[:i+1]` adds beyond `messages[:i]` + generation prompt (longest common token prefix) are the turn,
-less trailing whitespace-only tokens (the template's separator between turns).
+The environment has what transformers gives a template (its `chat_template_utils`): `trim_blocks` and
+`lstrip_blocks`, the loop controls (`{% break %}`, `{% continue %}`), `raise_exception`, `strftime_now`,
+`tojson` with `ensure_ascii`, `indent`, `separators` and `sort_keys`, `namespace` refusing underscore names,
+`dict`, and `{% generation %}` blocks. The data it gets is transformers' too: keys whose value is None are
+dropped, a message's reasoning under any of `reasoning_content`, `thinking` or `reasoning` is passed under
+`reasoning_content` and `thinking` as well, `tools` and `documents` are always defined (None when absent),
+and the tokenizer's named special tokens (`bos_token`, `eos_token`, ...) are variables. Where a template
+renders differently here than there, it is a bug here.
 
-Some templates render a turn differently once later turns follow it (Qwen3 drops the reasoning of turns
-before the last user message, and wraps only the last turn in `<think>` tags), so `messages[:i+1]` is not a
-prefix of the whole conversation. Then the turn is what the whole rendering has after the prompt
-`messages[:i]` + generation prompt (which must be its prefix), up to and including the tokenizer's first
-stop token (the turn end, e.g. `<|im_end|>`): the conversation is trained as the template renders it whole.
+`{% generation %}` blocks wrap their output in two private-use sentinel characters, found and removed
+after rendering (transformers records the same spans as indices).
 """
 
 from __future__ import annotations
 
+import datetime
 import functools
 import json
 
 import jinja2
-import numpy as np
+import jinja2.ext
 from jinja2 import nodes
 from jinja2.ext import Extension
 from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 
-START, END = "\ue000", "\ue001"  # private-use characters; content containing them is rejected
+from sft_sharded.errors import UserError
+
+START, END = "\ue000", "\ue001"  # around a {% generation %} block's output
+# Marks that turns.py puts into message text to find it in a rendering; all four are reserved.
+FIELD_END, NEXT_START = "\ue002", "\ue003"
+RESERVED = (START, END, FIELD_END, NEXT_START)
+REASONING_KEYS = ("reasoning_content", "thinking", "reasoning")  # transformers' order of preference
 
 
 class TemplateError(ValueError):
     """A conversation the template cannot render or mask (reported per row, never silently trained)."""
+
+
+class TemplateSyntax(UserError):
+    """The template itself does not parse: every record would fail, so the run stops naming the line."""
 
 
 class _Generation(Extension):
@@ -49,15 +60,54 @@ class _Sandbox(ImmutableSandboxedEnvironment):
         raise SecurityError(f"chat template tried to access {attribute!r} of a {type(obj).__name__} object")
 
 
+class _Namespace(jinja2.utils.Namespace):
+    """jinja's namespace without underscore attributes (transformers refuses them: a way into internals)."""
+
+    def __init__(*args, **kwargs):
+        self, args = args[0], args[1:]
+        attrs = dict(*args, **kwargs)
+        for name in attrs:
+            _Namespace._check(name)
+        jinja2.utils.Namespace.__init__(self, attrs)
+
+    def __setitem__(self, name, value):
+        _Namespace._check(name)
+        jinja2.utils.Namespace.__setitem__(self, name, value)
+
+    @staticmethod
+    def _check(name):
+        if isinstance(name, str) and name.startswith("_"):
+            raise SecurityError(f"chat template stored the underscore attribute {name!r} on a namespace")
+
+
+class _Dict:
+    """`dict(...)` and `dict.fromkeys(...)` for templates, without the class itself."""
+
+    def __call__(self, *args, **kwargs):
+        return dict(*args, **kwargs)
+
+    def fromkeys(self, *args, **kwargs):
+        return dict.fromkeys(*args, **kwargs)
+
+
 def _raise(message):
     raise TemplateError(f"chat template raised: {message}")
 
 
+def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+    # jinja's own tojson escapes HTML characters; transformers' (and so every template's author's) does not.
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _strftime_now(fmt):
+    return datetime.datetime.now().strftime(fmt)
+
+
 @functools.lru_cache(maxsize=16)
 def compile_template(source: str) -> jinja2.Template:
-    env = _Sandbox(trim_blocks=True, lstrip_blocks=True, extensions=[_Generation])
-    env.filters["tojson"] = lambda value, indent=None: json.dumps(value, indent=indent, ensure_ascii=False)
-    env.globals["raise_exception"] = _raise
+    env = _Sandbox(trim_blocks=True, lstrip_blocks=True, extensions=[_Generation, jinja2.ext.loopcontrols])
+    env.filters["tojson"] = _tojson
+    env.globals.update(raise_exception=_raise, strftime_now=_strftime_now, namespace=_Namespace, dict=_Dict())
     return env.from_string(source)
 
 
@@ -65,18 +115,55 @@ def has_generation_markers(source: str) -> bool:
     return "{% generation %}" in source.replace("{%-", "{%").replace("-%}", "%}")
 
 
+def template_messages(messages: list[dict]) -> list[dict]:
+    """Messages as transformers hands them to a template: None values dropped, the reasoning under every
+    name a template reads."""
+    out = []
+    for message in messages:
+        message = {k: v for k, v in message.items() if v is not None}
+        reasoning = next((message[k] for k in REASONING_KEYS if message.get(k) is not None), None)
+        if reasoning is not None:
+            message = {"thinking": reasoning, **message, "reasoning_content": reasoning}
+        out.append(message)
+    return out
+
+
+def render_raw(source: str, messages: list[dict], tokenizer, add_generation_prompt: bool = False,
+               tools: list[dict] | None = None) -> str:
+    """The template's output as it is, sentinels included; `messages` may carry turns.py's marks."""
+    specials = getattr(tokenizer, "special_tokens_map", None) or {
+        "bos_token": tokenizer.bos_token, "eos_token": tokenizer.eos_token}
+    variables = {k: v for k, v in specials.items() if v is not None}
+    try:
+        template = compile_template(source)
+    except jinja2.TemplateSyntaxError as err:
+        name = getattr(tokenizer, "template_name", "the chat template")
+        raise TemplateSyntax(f"{name}: line {err.lineno}: {err.message}") from None
+    try:
+        return template.render(
+            messages=template_messages(messages), tools=tools, documents=None,
+            add_generation_prompt=add_generation_prompt, **variables)
+    except (SecurityError, TemplateError):
+        raise
+    except (jinja2.TemplateError, TypeError, ValueError, KeyError, IndexError, AttributeError) as err:
+        # What the template does with a conversation it was not written for (a list where it adds strings,
+        # a missing key) is this row's problem, reported with the row.
+        hint = ("; it cannot take content as a list of parts: give each message's content as a string"
+                if isinstance(err, TypeError) and any(isinstance(m.get("content"), list) for m in messages) else "")
+        raise TemplateError(f"chat template failed: {type(err).__name__}: {err}{hint}") from None
+
+
+def check_reserved(messages: list[dict], tools) -> None:
+    dumped = json.dumps([messages, tools], ensure_ascii=False)
+    if any(char in dumped for char in RESERVED):
+        raise TemplateError("the conversation contains reserved characters U+E000..U+E003")
+
+
 def render(source: str, messages: list[dict], tokenizer, add_generation_prompt: bool = False,
            tools: list[dict] | None = None) -> tuple[str, list[tuple[int, int]]]:
-    """Rendered text and the character spans inside `{% generation %}` blocks (empty without markers).
-    `tools` (JSON schemas) reach the template as transformers passes them: only when given."""
-    dumped = json.dumps([messages, tools], ensure_ascii=False)
-    if START in dumped or END in dumped:
-        raise TemplateError("the conversation contains reserved characters U+E000/U+E001")
-    extra = {} if tools is None else {"tools": tools}
-    raw = compile_template(source).render(
-        messages=messages, add_generation_prompt=add_generation_prompt,
-        bos_token=tokenizer.bos_token or "", eos_token=tokenizer.eos_token or "", **extra,
-    )
+    """Rendered text and the character spans inside `{% generation %}` blocks (empty without markers)."""
+    check_reserved(messages, tools)
+    raw = render_raw(source, messages, tokenizer, add_generation_prompt, tools)
     text, spans, pos, opened = [], [], 0, None
     for char in raw:
         if char == START:
@@ -88,69 +175,3 @@ def render(source: str, messages: list[dict], tokenizer, add_generation_prompt: 
             text.append(char)
             pos += 1
     return "".join(text), spans
-
-
-def _spans_to_mask(offsets, spans) -> np.ndarray:
-    starts = np.array([o[0] for o in offsets]) if offsets else np.zeros(0, int)
-    mask = np.zeros(len(offsets), bool)
-    for lo, hi in spans:
-        mask |= (starts >= lo) & (starts < hi)
-    return mask
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
-def _turn_in_whole(ids: list[int], prompt_ids: list[int], stop_ids, i: int) -> tuple[int, int]:
-    """(start, end) of assistant turn `i` in a rendering that rewrote it: after its prompt, through the
-    first stop token."""
-    if ids[: len(prompt_ids)] != prompt_ids:
-        raise TemplateError(f"neither messages[:{i + 1}] nor the prompt messages[:{i}] renders as a prefix of "
-                            "the whole conversation")
-    ends = [t for t in range(len(prompt_ids), len(ids)) if ids[t] in stop_ids]
-    if not ends:
-        raise TemplateError(f"assistant turn {i} has no stop token {list(stop_ids)} after it in the rendering")
-    return len(prompt_ids), ends[0] + 1
-
-
-def encode_chat(source: str, messages: list[dict], tokenizer, train_on_all: bool = False,
-                tools: list[dict] | None = None, turn_weights: list[float | None] | None = None,
-                ) -> tuple[list[int], np.ndarray]:
-    """Token ids of the rendered conversation and each token's float32 weight as a target (0: not
-    trained). Assistant turns weigh 1 unless `turn_weights[i]` (a message's `train`/`weight`) says
-    otherwise; with `train_on_all` every token weighs 1."""
-    text, spans = render(source, messages, tokenizer, tools=tools)
-    ids, offsets = tokenizer.encode(text)
-    if train_on_all:
-        return ids, np.ones(len(ids), np.float32)
-    assistant = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
-    weight = {i: 1.0 if turn_weights is None or turn_weights[i] is None else turn_weights[i] for i in assistant}
-    weights = np.zeros(len(ids), np.float32)
-    if has_generation_markers(source):
-        if len(spans) != len(assistant) and set(weight.values()) != {1.0}:
-            raise TemplateError(f"per-message weights need one {{% generation %}} block per assistant turn; the "
-                                f"template rendered {len(spans)} for {len(assistant)} turns")
-        for k, span in enumerate(spans):
-            weights[_spans_to_mask(offsets, [span])] = weight[assistant[k]] if len(spans) == len(assistant) else 1.0
-    else:
-        for i in assistant:
-            prompt_ids = tokenizer.encode(render(source, messages[:i], tokenizer, True, tools)[0])[0]
-            turn_ids = tokenizer.encode(render(source, messages[: i + 1], tokenizer, tools=tools)[0])[0]
-            if ids[: len(turn_ids)] == turn_ids:
-                start, end = _common_prefix(prompt_ids, turn_ids), len(turn_ids)
-                # Whitespace the template puts between turns (ChatML's "\n" after <|im_end|>) is not the
-                # assistant's to say: generation markers leave it out too.
-                while end > start and not text[offsets[end - 1][0] : offsets[end - 1][1]].strip():
-                    end -= 1
-            else:
-                start, end = _turn_in_whole(ids, prompt_ids, tokenizer.stop_ids, i)
-            weights[start:end] = weight[i]
-    if not weights.any() and not any(w == 0 for w in weight.values()):
-        raise TemplateError("the assistant mask is empty: no assistant tokens to train on")
-    return ids, weights

@@ -24,6 +24,10 @@ BYTE_CHAT_TEMPLATE = (
 )
 
 
+# transformers' named special tokens (SPECIAL_TOKENS_ATTRIBUTES), each a variable of a chat template.
+SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+
+
 class ByteTokenizer:
     """ids 0..7 are special (pad, bos, eos, the chat roles and <|end|>); byte b is id b + 8."""
 
@@ -36,6 +40,9 @@ class ByteTokenizer:
         self.chat_template = BYTE_CHAT_TEMPLATE
         self.bos_token, self.eos_token = "<bos>", "<eos>"
         self.stop_ids = (self.eos_id, self.special_ids["<|end|>"])
+        self.special_token_ids = frozenset(self.special_ids.values())
+        self.special_tokens_map = {"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>"}
+        self.template_name = "the built-in chat template"
         self._split = re.compile("(" + "|".join(re.escape(t) for t in self.SPECIALS) + ")")
 
     @property
@@ -89,13 +96,19 @@ class HFTokenizer:
         self.bos_token = _token_text(config.get("bos_token"))
         self.eos_token = _token_text(config.get("eos_token"))
         pad_token = _token_text(config.get("pad_token"))
+        # What transformers passes a template as variables: the named special tokens the config sets.
+        self.special_tokens_map = {key: _token_text(config[key]) for key in SPECIAL_TOKEN_KEYS
+                                   if _token_text(config.get(key)) is not None}
+        self.special_token_ids = frozenset(i for i, t in self._tok.get_added_tokens_decoder().items() if t.special)
         self.bos_id = self._id(self.bos_token, config_path)
         self.eos_id = self._id(self.eos_token, config_path)
         self.pad_id = self._id(pad_token, config_path) if pad_token else self.eos_id
         self.add_bos = bool(config.get("add_bos_token", self.bos_id is not None))
-        self.chat_template = config.get("chat_template")
+        self.chat_template = _default_template(config.get("chat_template"), config_path)
+        self.template_name = f"the chat template of {config_path}"
         if self.chat_template is None and (directory / "chat_template.jinja").is_file():
             self.chat_template = (directory / "chat_template.jinja").read_text()
+            self.template_name = str(directory / "chat_template.jinja")
         self.stop_ids = tuple(i for i in (self.eos_id, *self._generation_eos(directory)) if i is not None)
         self.stop_ids = tuple(dict.fromkeys(self.stop_ids))
 
@@ -141,6 +154,18 @@ class HFTokenizer:
 def bos_ids(tokenizer) -> list[int]:
     """The BOS to put before a text or prompt: [bos] when the tokenizer has one and adds it, else []."""
     return [tokenizer.bos_id] if getattr(tokenizer, "add_bos", True) and tokenizer.bos_id is not None else []
+
+
+def _default_template(value, where: Path) -> str | None:
+    """tokenizer_config.json's chat_template: one template, or a list of named ones of which transformers
+    uses "default" (the others, e.g. "tool_use", are chosen by name)."""
+    if value is None or isinstance(value, str):
+        return value
+    named = {t.get("name"): t.get("template") for t in value if isinstance(t, dict)} if isinstance(value, list) else {}
+    if "default" not in named:
+        what = f"a list of templates named {sorted(map(str, named))} without 'default'" if named else "not a string"
+        raise UserError(f"{where}: chat_template is {what}")
+    return named["default"]
 
 
 def _token_text(value) -> str | None:

@@ -1,0 +1,208 @@
+"""Which tokens of a rendered chat the assistant says: each turn located from the template's own rendering,
+exactly, or the conversation is refused. Never a guess.
+
+A template with `{% generation %}` blocks says it itself (transformers' `return_assistant_tokens_mask`).
+Otherwise, for assistant turn i of the whole rendering W:
+
+- **start**: the rendering of `messages[:i]` with the generation prompt must be a prefix of W; the turn
+  starts where it ends (what the model is asked to continue from at inference). A template that renders
+  earlier messages differently once later ones follow (Mistral-Nemo moves the system prompt to the last
+  user turn) has no such prefix: refused.
+- **its own text**: W is rendered again with a mark after the last visible character of each of the turn's
+  text fields (content, reasoning, string arguments of its tool calls) and a mark before the first one of
+  the next message's fields. Without the marks that rendering must equal W character for character (else
+  the template rewrites the text in a way the marks cannot follow: refused). The turn must reach past its
+  own last mark and end before the next message's first.
+- **end**: if `messages[:i+1]` renders as a prefix of W, the turn ends where that rendering does, less
+  trailing whitespace (the separator before the next turn is not the assistant's to say). Otherwise (the
+  template writes a last turn differently: gpt-oss closes it with `<|return|>` and earlier ones with
+  `<|end|>`; Qwen3 keeps reasoning only after the last user message) the turn ends with the first stop or
+  special token after its own last mark, which is how the template closes a turn there.
+
+A turn boundary inside a token is refused too: a token is the assistant's or the prompt's, never half.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from sft_sharded.data.templates import (FIELD_END, NEXT_START, REASONING_KEYS, RESERVED, TemplateError,
+                                        has_generation_markers, render, render_raw)
+
+
+class NotLocatable(TemplateError):
+    """An assistant turn whose tokens cannot be derived exactly from the template; `why` without the turn's
+    index, to count refusals by cause."""
+
+    def __init__(self, turn: int, why: str):
+        super().__init__(f"assistant turn {turn} not locatable: {why}")
+        self.why = why
+
+
+def _mark_text(text: str, mark: str, at_end: bool) -> str:
+    """`text` with `mark` after its last (or before its first) non-whitespace character: templates that trim
+    or strip still keep it, and the rest of the text is unchanged."""
+    stripped = text.rstrip() if at_end else text.lstrip()
+    if not stripped:
+        return text
+    if at_end:
+        return stripped + mark + text[len(stripped):]
+    return text[: len(text) - len(stripped)] + mark + stripped
+
+
+def _mark_leaves(value, mark: str, at_end: bool):
+    if isinstance(value, str):
+        return _mark_text(value, mark, at_end)
+    if isinstance(value, dict):
+        return {k: _mark_leaves(v, mark, at_end) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_mark_leaves(v, mark, at_end) for v in value]
+    return value
+
+
+def _mark_message(message: dict, mark: str, at_end: bool) -> dict:
+    """The message with its text fields marked: content (or its text parts), reasoning, tool-call arguments.
+    Names, ids and types stay as they are (templates compare them)."""
+    out = dict(message)
+    content = message.get("content")
+    if isinstance(content, str):
+        out["content"] = _mark_text(content, mark, at_end)
+    elif isinstance(content, list):
+        out["content"] = [dict(p, text=_mark_text(p["text"], mark, at_end)) if isinstance(p.get("text"), str)
+                          else p for p in content]
+    for key in REASONING_KEYS:
+        if isinstance(message.get(key), str):
+            out[key] = _mark_text(message[key], mark, at_end)
+    if isinstance(message.get("tool_calls"), list):
+        calls = []
+        for call in message["tool_calls"]:
+            function = call.get("function") if isinstance(call.get("function"), dict) else None
+            if function is not None and "arguments" in function:
+                call = {**call, "function": {**function, "arguments": _mark_leaves(function["arguments"], mark, at_end)}}
+            calls.append(call)
+        out["tool_calls"] = calls
+    return out
+
+
+def _marked_positions(source, messages, i, tokenizer, tools, text) -> tuple[list[int], list[int]] | None:
+    """Where turn i's fields end and where message i+1's begin, in W's characters; None when the marked
+    rendering is not W once the marks are removed."""
+    marked = list(messages)
+    marked[i] = _mark_message(messages[i], FIELD_END, at_end=True)
+    if i + 1 < len(messages):
+        marked[i + 1] = _mark_message(messages[i + 1], NEXT_START, at_end=False)
+    raw = render_raw(source, marked, tokenizer, tools=tools)
+    ends, starts, plain, pos = [], [], [], 0
+    for char in raw:
+        if char == FIELD_END:
+            ends.append(pos)
+        elif char == NEXT_START:
+            starts.append(pos)
+        elif char not in RESERVED:  # generation sentinels are not in W's coordinates either
+            plain.append(char)
+            pos += 1
+    return (ends, starts) if "".join(plain) == text else None
+
+
+def _end_by_prefix(source, messages, i, tokenizer, tools, text) -> int | None:
+    try:
+        upto = render(source, messages[: i + 1], tokenizer, tools=tools)[0]
+    except TemplateError:
+        return None
+    return len(upto.rstrip()) if text.startswith(upto) else None
+
+
+def _end_by_token(offsets, ids, lo: int, hi: int, closers: set[int]) -> int | None:
+    for (start, end), token in zip(offsets, ids):
+        if start >= lo and end <= hi and token in closers:
+            return end
+    return None
+
+
+def _token_range(offsets, lo: int, hi: int, i: int) -> tuple[int, int]:
+    """Token indices [a, b) of the characters [lo, hi); refused when a token straddles either boundary."""
+    starts = np.array([o[0] for o in offsets], dtype=np.int64)
+    ends = np.array([o[1] for o in offsets], dtype=np.int64)
+    if np.any((starts < lo) & (ends > lo)) or np.any((starts < hi) & (ends > hi)):
+        raise NotLocatable(i, "its boundary falls inside a token")
+    inside = np.nonzero((starts >= lo) & (starts < hi))[0]
+    return (int(inside[0]), int(inside[-1]) + 1) if inside.size else (0, 0)
+
+
+def turn_char_spans(source: str, messages: list[dict], tokenizer, tools, text: str, offsets, ids
+                    ) -> dict[int, tuple[int, int]]:
+    """Character span [start, end) in W of every assistant turn (see the module's rule)."""
+    closers = set(getattr(tokenizer, "stop_ids", ())) | set(getattr(tokenizer, "special_token_ids", ()))
+    spans = {}
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prompt = render(source, messages[:i], tokenizer, True, tools)[0]
+        if not text.startswith(prompt):
+            raise NotLocatable(i, "the conversation before it, with the generation prompt, does not render as the "
+                               "start of the whole conversation (the template renders earlier messages "
+                               "differently once later ones follow)")
+        marks = _marked_positions(source, messages, i, tokenizer, tools, text)
+        if marks is None:
+            raise NotLocatable(i, "the template rewrites the message text, so the turn's own "
+                               "text cannot be followed into the rendering")
+        own_ends, next_starts = marks
+        lo, hi = max([len(prompt), *own_ends]), min([len(text), *next_starts])
+        end = _end_by_prefix(source, messages, i, tokenizer, tools, text)
+        if end is None or not lo <= end <= hi:
+            end = _end_by_token(offsets, ids, lo, hi, closers)
+        if end is None:
+            raise NotLocatable(i, "neither the conversation up to it renders as the start of the whole "
+                               "conversation nor does a stop or special token close the turn")
+        spans[i] = (len(prompt), end)
+    return spans
+
+
+def turn_token_spans(source, messages, tokenizer, tools, text, ids, offsets) -> dict[int, tuple[int, int]]:
+    """Token index span [a, b) of every assistant turn."""
+    return {i: _token_range(offsets, lo, hi, i)
+            for i, (lo, hi) in turn_char_spans(source, messages, tokenizer, tools, text, offsets, ids).items()}
+
+
+def _overlapping(offsets, lo: int, hi: int) -> tuple[int, int]:
+    """Token indices [a, b) of the tokens overlapping [lo, hi), as transformers masks a generation block."""
+    inside = [t for t, (s, e) in enumerate(offsets) if e > lo and s < hi]
+    return (inside[0], inside[-1] + 1) if inside else (0, 0)
+
+
+def assistant_turns(source: str, messages: list[dict], tokenizer, tools=None
+                    ) -> tuple[list[int], str, dict[int, tuple[int, int]]]:
+    """Token ids of the whole rendering, its text, and the token span [a, b) of each assistant turn i.
+
+    With `{% generation %}` blocks the spans are the blocks'; when their number differs from the number
+    of assistant turns (a template that marks only some), they are keyed -1, -2, ... instead."""
+    text, blocks = render(source, messages, tokenizer, tools=tools)
+    ids, offsets = tokenizer.encode(text)
+    if not has_generation_markers(source):
+        return ids, text, turn_token_spans(source, messages, tokenizer, tools, text, ids, offsets)
+    assistant = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    keys = assistant if len(blocks) == len(assistant) else [-1 - k for k in range(len(blocks))]
+    return ids, text, {key: _overlapping(offsets, lo, hi) for key, (lo, hi) in zip(keys, blocks)}
+
+
+def encode_chat(source: str, messages: list[dict], tokenizer, train_on_all: bool = False,
+                tools: list[dict] | None = None, turn_weights: list[float | None] | None = None,
+                ) -> tuple[list[int], np.ndarray]:
+    """Token ids of the rendered conversation and each token's float32 weight as a target (0: not
+    trained). Assistant turns weigh 1 unless `turn_weights[i]` (a message's `train`/`weight`) says
+    otherwise; with `train_on_all` every token weighs 1."""
+    if train_on_all:
+        ids = tokenizer.encode(render(source, messages, tokenizer, tools=tools)[0])[0]
+        return ids, np.ones(len(ids), np.float32)
+    ids, _, spans = assistant_turns(source, messages, tokenizer, tools)
+    weight = {i: 1.0 if turn_weights is None or turn_weights[i] is None else turn_weights[i]
+              for i, m in enumerate(messages) if m["role"] == "assistant"}
+    if any(key < 0 for key in spans) and set(weight.values()) != {1.0}:
+        raise TemplateError(f"per-message weights need one {{% generation %}} block per assistant turn; the "
+                            f"template rendered {len(spans)} for {len(weight)} turns")
+    weights = np.zeros(len(ids), np.float32)
+    for key, (a, b) in spans.items():
+        weights[a:b] = weight.get(key, 1.0)
+    if not weights.any() and not any(w == 0 for w in weight.values()):
+        raise TemplateError("the assistant mask is empty: no assistant tokens to train on")
+    return ids, weights
