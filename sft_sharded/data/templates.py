@@ -29,8 +29,8 @@ from sft_sharded.errors import UserError
 
 START, END = "\ue000", "\ue001"  # around a {% generation %} block's output
 # Marks that turns.py puts into message text to find it in a rendering; all four are reserved.
-FIELD_END, NEXT_START = "\ue002", "\ue003"
-RESERVED = (START, END, FIELD_END, NEXT_START)
+PREV_END, OWN_START, OWN_END, NEXT_START = "\ue002", "\ue003", "\ue004", "\ue005"
+RESERVED = (START, END, PREV_END, OWN_START, OWN_END, NEXT_START)
 REASONING_KEYS = ("reasoning_content", "thinking", "reasoning")  # transformers' order of preference
 
 
@@ -156,7 +156,7 @@ def render_raw(source: str, messages: list[dict], tokenizer, add_generation_prom
 def check_reserved(messages: list[dict], tools) -> None:
     dumped = json.dumps([messages, tools], ensure_ascii=False)
     if any(char in dumped for char in RESERVED):
-        raise TemplateError("the conversation contains reserved characters U+E000..U+E003")
+        raise TemplateError("the conversation contains reserved characters U+E000..U+E005")
 
 
 def render(source: str, messages: list[dict], tokenizer, add_generation_prompt: bool = False,

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from sft_sharded.data.templates import (FIELD_END, NEXT_START, REASONING_KEYS, RESERVED, TemplateError,
+from sft_sharded.data.templates import (NEXT_START, OWN_END, OWN_START, PREV_END, REASONING_KEYS, RESERVED, TemplateError,
                                         has_generation_markers, render, render_raw)
 
 
@@ -84,24 +84,38 @@ def _mark_message(message: dict, mark: str, at_end: bool) -> dict:
     return out
 
 
-def _marked_positions(source, messages, i, tokenizer, tools, text) -> tuple[list[int], list[int]] | None:
-    """Where turn i's fields end and where message i+1's begin, in W's characters; None when the marked
-    rendering is not W once the marks are removed."""
-    marked = list(messages)
-    marked[i] = _mark_message(messages[i], FIELD_END, at_end=True)
-    if i + 1 < len(messages):
-        marked[i + 1] = _mark_message(messages[i + 1], NEXT_START, at_end=False)
+def _marked_positions(source, messages, marks: dict[int, tuple[str, bool]], tokenizer, tools, text
+                      ) -> dict[str, list[int]] | None:
+    """W rendered with message j's text fields marked by `marks[j] = (mark, at_end)`: where each mark lands,
+    in W's characters; None when that rendering is not W once the marks are removed."""
+    marked = [_mark_message(m, *marks[j]) if j in marks else m for j, m in enumerate(messages)]
     raw = render_raw(source, marked, tokenizer, tools=tools)
-    ends, starts, plain, pos = [], [], [], 0
+    found = {mark: [] for mark, _ in marks.values()}
+    plain, pos = [], 0
     for char in raw:
-        if char == FIELD_END:
-            ends.append(pos)
-        elif char == NEXT_START:
-            starts.append(pos)
+        if char in found:
+            found[char].append(pos)
         elif char not in RESERVED:  # generation sentinels are not in W's coordinates either
             plain.append(char)
             pos += 1
-    return (ends, starts) if "".join(plain) == text else None
+    return found if "".join(plain) == text else None
+
+
+def _start_after_header(prompt: str, context: str, text: str, after: int, before: int, offsets) -> int | None:
+    """Where turn i starts when the prompt is not a prefix of W: right after the longest start of the
+    generation prompt (the prompt's text beyond `context`, the messages without it) that W has, as whole
+    tokens, between `after` (the end of every earlier message's text) and `before` (the end of the turn's
+    first field). Thinking templates open reasoning in the generation prompt (`<think>`) and render a turn
+    without any differently; the header before it is the same."""
+    if not prompt.startswith(context) or len(prompt) == len(context):
+        return None
+    header = prompt[len(context):]
+    token_starts = {o[0] for o in offsets} | {len(text)}
+    for k in range(len(header), 0, -1):
+        at = text.find(header[:k], after, before)
+        if at >= 0 and at in token_starts and at + k in token_starts:
+            return at + k
+    return None
 
 
 def _end_by_prefix(source, messages, i, tokenizer, tools, text) -> int | None:
@@ -112,10 +126,33 @@ def _end_by_prefix(source, messages, i, tokenizer, tools, text) -> int | None:
     return len(upto.rstrip()) if text.startswith(upto) else None
 
 
-def _end_by_token(offsets, ids, lo: int, hi: int, closers: set[int]) -> int | None:
+def _end_of_last(source, messages, tokenizer, tools, text, lo: int) -> int | None:
+    """The end of the last turn when the template renders the conversation the same with a user message
+    after it: W's end less trailing whitespace. (A template that appends text after the last message, such
+    as Command R's closing instruction, fails this; the turn then needs a closing token.)"""
+    probe = [*messages, {"role": "user", "content": "?"}]
+    try:
+        longer = render(source, probe, tokenizer, tools=tools)[0]
+    except TemplateError:
+        return None
+    end = len(text.rstrip())
+    return end if longer.startswith(text[:end]) and end >= lo else None
+
+
+def _first_at(offsets, lo: int) -> int:
+    """The index of the first token that starts at or after character `lo`."""
+    return next((t for t, (start, _) in enumerate(offsets) if start >= lo), len(offsets))
+
+
+def _end_by_token(offsets, ids, lo: int, hi: int, closers: set[int], opener: int | None) -> int | None:
+    """The end of the first stop or special token in [lo, hi), unless the token that opens an assistant turn
+    (the generation prompt's first) comes first: then the template did not close the turn before the next."""
     for (start, end), token in zip(offsets, ids):
-        if start >= lo and end <= hi and token in closers:
-            return end
+        if start >= lo and end <= hi:
+            if token == opener:
+                return None
+            if token in closers:
+                return end
     return None
 
 
@@ -129,6 +166,14 @@ def _token_range(offsets, lo: int, hi: int, i: int) -> tuple[int, int]:
     return (int(inside[0]), int(inside[-1]) + 1) if inside.size else (0, 0)
 
 
+def _opener(prompt: str, context: str, tokenizer) -> int | None:
+    """The first token of the generation prompt's header (`<|im_start|>`, `<|start|>`) when it is a special
+    token (a plain-text header's first piece could be any text's)."""
+    header = prompt[len(context):] if prompt.startswith(context) else ""
+    ids = tokenizer.encode(header)[0] if header else []
+    return ids[0] if ids and ids[0] in getattr(tokenizer, "special_token_ids", ()) else None
+
+
 def turn_char_spans(source: str, messages: list[dict], tokenizer, tools, text: str, offsets, ids
                     ) -> dict[int, tuple[int, int]]:
     """Character span [start, end) in W of every assistant turn (see the module's rule)."""
@@ -137,24 +182,42 @@ def turn_char_spans(source: str, messages: list[dict], tokenizer, tools, text: s
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
+        marks = {j: (PREV_END, True) for j in range(i)} | {i: (OWN_END, True), i + 1: (NEXT_START, False)}
+        found = _marked_positions(source, messages, marks, tokenizer, tools, text)
+        if found is None:
+            raise NotLocatable(i, "the template rewrites the message text, so the turn's own text cannot be "
+                                  "followed into the rendering")
+        earlier_end = max(found[PREV_END], default=0)
         prompt = render(source, messages[:i], tokenizer, True, tools)[0]
-        if not text.startswith(prompt):
-            raise NotLocatable(i, "the conversation before it, with the generation prompt, does not render as the "
-                               "start of the whole conversation (the template renders earlier messages "
-                               "differently once later ones follow)")
-        marks = _marked_positions(source, messages, i, tokenizer, tools, text)
-        if marks is None:
-            raise NotLocatable(i, "the template rewrites the message text, so the turn's own "
-                               "text cannot be followed into the rendering")
-        own_ends, next_starts = marks
-        lo, hi = max([len(prompt), *own_ends]), min([len(text), *next_starts])
-        end = _end_by_prefix(source, messages, i, tokenizer, tools, text)
+        context = render(source, messages[:i], tokenizer, False, tools)[0] if i else ""
+        if text.startswith(prompt):
+            start = len(prompt)
+        else:
+            own = _marked_positions(source, messages, {i: (OWN_START, False)}, tokenizer, tools, text)
+            own_start = min(own[OWN_START], default=len(text)) if own is not None else None
+            start = None if own_start is None else _start_after_header(prompt, context, text, earlier_end,
+                                                                       own_start, offsets)
+            if start is None:
+                raise NotLocatable(i, "the conversation before it, with the generation prompt, does not render as "
+                                      "the start of the whole conversation, nor does the generation prompt's "
+                                      "header follow the earlier messages there")
+        if earlier_end > start:
+            raise NotLocatable(i, "an earlier message's text is rendered after the turn's start (the template "
+                                  "renders earlier messages differently once later ones follow)")
+        lo, hi = max([start, *found[OWN_END]]), min([len(text), *found.get(NEXT_START, [])])
+        opener = _opener(prompt, context, tokenizer)
+        if i == len(messages) - 1:
+            end = _end_of_last(source, messages, tokenizer, tools, text, lo)
+        else:
+            end = _end_by_prefix(source, messages, i, tokenizer, tools, text)
         if end is None or not lo <= end <= hi:
-            end = _end_by_token(offsets, ids, lo, hi, closers)
+            end = _end_by_token(offsets, ids, lo, hi, closers, opener)
+        if end is None and i == len(messages) - 1 and opener not in ids[_first_at(offsets, lo):]:
+            end = len(text.rstrip())  # nothing closes the last turn but the conversation's end
         if end is None:
             raise NotLocatable(i, "neither the conversation up to it renders as the start of the whole "
-                               "conversation nor does a stop or special token close the turn")
-        spans[i] = (len(prompt), end)
+                                  "conversation nor does a stop or special token close the turn before the next")
+        spans[i] = (start, end)
     return spans
 
 
