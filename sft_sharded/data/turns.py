@@ -139,6 +139,24 @@ def _end_of_last(source, messages, tokenizer, tools, text, lo: int) -> int | Non
     return end if longer.startswith(text[:end]) and end >= lo else None
 
 
+def _extend_to_closer(offsets, ids, text, end: int, hi: int, closers: set[int], opener: int | None) -> int:
+    """A turn that ends without a closing token where it ends as the last message, but is followed in W by
+    one (across whitespace only): the template writes the close only when another message follows (Apertus's
+    `<|assistant_end|>`; GLM, whose turns end with the next `<|user|>`, a stop token of the model). The turn
+    takes it, as the model must learn to stop."""
+    t = _first_at(offsets, end)
+    if t == 0 or ids[t - 1] in closers:
+        return end
+    for (start, stop), token in zip(offsets[t:], ids[t:]):
+        if stop > hi or token == opener:
+            return end
+        if token in closers:
+            return stop
+        if text[start:stop].strip():
+            return end
+    return end
+
+
 def _first_at(offsets, lo: int) -> int:
     """The index of the first token that starts at or after character `lo`."""
     return next((t for t, (start, _) in enumerate(offsets) if start >= lo), len(offsets))
@@ -210,7 +228,9 @@ def turn_char_spans(source: str, messages: list[dict], tokenizer, tools, text: s
             end = _end_of_last(source, messages, tokenizer, tools, text, lo)
         else:
             end = _end_by_prefix(source, messages, i, tokenizer, tools, text)
-        if end is None or not lo <= end <= hi:
+        if end is not None and lo <= end <= hi:
+            end = _extend_to_closer(offsets, ids, text, end, hi, closers, opener)
+        else:
             end = _end_by_token(offsets, ids, lo, hi, closers, opener)
         if end is None and i == len(messages) - 1 and opener not in ids[_first_at(offsets, lo):]:
             end = len(text.rstrip())  # nothing closes the last turn but the conversation's end
