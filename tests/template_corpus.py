@@ -19,7 +19,7 @@ TOOLS = [{"type": "function", "function": {
     "name": "get_weather", "description": "Weather of a city",
     "parameters": {"type": "object", "properties": {"city": {"type": "string", "description": "City name"}},
                    "required": ["city"]}}}]
-CALL = {"id": "call12345", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
+CALL = {"id": "call12345", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris, France"}}}
 
 # Each assistant message has words found nowhere else, so a reference can find it in the rendering.
 SHAPES = {
@@ -52,7 +52,9 @@ SHAPES = {
 
 _SPECIAL = re.compile(r"<\|[^<>\s]{0,40}?\|?>|<[^<>\s|]{1,40}\|>|<｜[^<>\s]{1,40}?｜>|\[/?[A-Z][A-Z_]{1,30}\]|"
                       r"</?s>|<(?:start|end)_of_turn>|<(?:bos|eos)>|<seed:[a-z_]+>|<SPECIAL_\d+>|\]~b\]|\[e~\[|\]~!b\[")
-_ADDED = re.compile(r"</?[a-z][a-z_]{1,20}>")
+_ADDED = re.compile(r"</?[A-Za-z][A-Za-z_]{1,20}>")
+# Control tokens that a template builds from pieces (so its text does not name them whole).
+_BUILT = {"tencent-Hy3": ["<｜hy_eos:opensource｜>", "<｜hy_User:opensource｜>", "<｜hy_Assistant:opensource｜>"]}
 _LINES = ["the cat sat on the mat", "hello world, hello there", "What is the weather in Paris today",
           "user asks and the assistant answers", "Twelve, exactly. It is four."] * 20
 
@@ -74,6 +76,7 @@ def write_tokenizer(directory: Path, name: str) -> Path:
 
     source = (TEMPLATES / f"{name}.jinja").read_text()
     special, added = control_tokens(source)
+    special = sorted(set(special) | set(_BUILT.get(name, ())))
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
