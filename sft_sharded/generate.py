@@ -90,15 +90,23 @@ def _compiled(trainer, max_new_tokens: int, params_treedef, params_shardings: tu
 
 
 def prompt_and_answer(record: dict, tokenizer) -> tuple[list[int], str] | None:
-    """The prompt tokens and the reference answer of a chat or prompt/completion record (None for text)."""
+    """The prompt tokens and the reference answer of a chat or prompt/completion record (None for text, and
+    for a chat whose last assistant turn the template cannot locate). A chat's prompt is the whole
+    conversation before its last assistant turn, as the template renders the whole conversation, and the
+    reference is that turn as it renders it (reasoning and tool calls included), decoded as a generation is."""
     from sft_sharded.data.formats import chat_messages
-    from sft_sharded.data.templates import render
+    from sft_sharded.data.templates import TemplateError
     from sft_sharded.data.tokenizers import bos_ids
+    from sft_sharded.data.turns import assistant_turns
 
     if "messages" in record and record["messages"][-1]["role"] == "assistant":
-        messages, _ = chat_messages(record, "record")  # text parts joined, training keys left out
-        text, _ = render(tokenizer.chat_template, messages[:-1], tokenizer, True, record.get("tools"))
-        return tokenizer.encode(text)[0], messages[-1]["content"]
+        messages, _ = chat_messages(record, "record")  # training keys left out
+        try:
+            ids, _, spans = assistant_turns(tokenizer.chat_template, messages, tokenizer, record.get("tools"))
+        except TemplateError:
+            return None
+        start, end = spans[max(spans, key=lambda k: spans[k][0])]
+        return ids[:start], tokenizer.decode(ids[start:end])
     if "prompt" in record and "completion" in record:
         return bos_ids(tokenizer) + tokenizer.encode(record["prompt"])[0], record["completion"]
     return None

@@ -40,3 +40,24 @@ def test_stop_ids_cut_the_output(tiny_config):
     full = greedy_generate(trainer, state.params, [[5, 6, 7]], max_new_tokens=6)[0]
     cut = greedy_generate(trainer, state.params, [[5, 6, 7]], max_new_tokens=6, stop_ids=(full[2],))[0]
     assert cut == full[: full.index(full[2])]
+
+
+def test_held_out_prompt_of_a_tool_chat_is_the_conversation_before_its_last_turn(tmp_path):
+    """The prompt is everything before the last assistant turn (the tool call and its result included) and
+    the reference is that turn as the template renders it, reasoning included, decoded like a generation."""
+    import json
+
+    from test_templates import TOOL_CHAT, _qwen3_tools
+
+    from sft_sharded.generate import prompt_and_answer
+
+    tok, enc, end = _qwen3_tools(tmp_path)
+    prompt, answer = prompt_and_answer(json.loads(json.dumps(TOOL_CHAT)), tok)
+    call = '<tool_call>\n{"name": "sort", "arguments": {"xs": [3, 1, 2]}}\n</tool_call>'
+    assert prompt == enc(
+        '<|im_start|>system\n<tools>\n{"name": "sort", "parameters": {"type": "object"}}\n</tools><|im_end|>\n'
+        "<|im_start|>user\nsort 3 1 2<|im_end|>\n"
+        f"<|im_start|>assistant\n<think>\nuse the tool\n</think>\n\n{call}<|im_end|>\n"
+        "<|im_start|>user\n<tool_response>\n[1, 2, 3]\n</tool_response><|im_end|>\n<|im_start|>assistant\n")
+    assert answer == tok.decode(enc("<think>\nthe tool sorted\n</think>\n\n1 2 3"))
+    assert "the tool sorted" in answer and answer.endswith("1 2 3")
