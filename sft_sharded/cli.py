@@ -103,6 +103,44 @@ def train(cfg: TrainConfig) -> list[dict]:
         progress.close()
 
 
+def data(cfg: TrainConfig, n: int, json_path: str | None) -> int:
+    """`sft-sharded data`: the report `train` prints, then `n` records rendered (or all of it as JSON)."""
+    import json
+
+    from sft_sharded.data import report, view
+    from sft_sharded.data.pipeline import scan
+    from sft_sharded.data.tokenizers import load_tokenizer
+    from sft_sharded.run import tokenizer_path
+
+    tokenizer = load_tokenizer(tokenizer_path(cfg))
+    counts, items = scan(cfg.data, tokenizer, cfg.seed)
+    lines = report.build(cfg.data, counts, items).lines()
+    skipped = {"too_long": f"longer than data.max_length={cfg.data.max_length}", "no_target": "no trained token"}
+    records = [view.as_json(where, tokenizer, list(item.examples), item.detail or skipped.get(item.reason, ""))
+               for where, item in items[:n]]
+    if json_path is not None:
+        text = json.dumps({"report": lines, "records": records}, ensure_ascii=False, indent=1)
+        if json_path == "-":
+            print(text)
+        else:
+            paths.path(json_path, "--json").write_text(text)
+        return 0
+    color = sys.stdout.isatty()
+    if color:
+        from rich.console import Console
+
+        out = Console(highlight=False).print
+    else:
+        out = print
+    for line in lines:
+        out(line)
+    for record in records:
+        out("")
+        for text in view.as_text(record, color):
+            out(text)
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sft-sharded", description=__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true", help="show the traceback of every error")
@@ -110,6 +148,12 @@ def _parser() -> argparse.ArgumentParser:
     p_train = sub.add_parser("train", help="train (no arguments: the built-in task on 8 simulated devices)")
     p_train.add_argument("--config", help="YAML file of config keys")
     p_train.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. steps=100 optim.lr=1e-3")
+    p_data = sub.add_parser("data", help="the data report and records with their trained tokens marked, as "
+                                          "`train` with the same arguments reads them")
+    p_data.add_argument("--config", help="YAML file of config keys")
+    p_data.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. data.path=chats.jsonl")
+    p_data.add_argument("--records", type=int, default=3, help="how many records to show (default 3)")
+    p_data.add_argument("--json", metavar="PATH", help="write the report and records as JSON ('-': stdout)")
     p_gen = sub.add_parser("generate", help="greedy answers from a trained run directory")
     p_gen.add_argument("--run-dir", required=True, help="a run directory written by `sft-sharded train`")
     p_gen.add_argument("--prompt", action="append", required=True, help="a user message (repeatable)")
@@ -133,6 +177,8 @@ def _command(args: argparse.Namespace) -> int:
         from sft_sharded import plan
 
         return plan.main(args)
+    if args.command == "data":
+        return data(load_config(args.config, args.overrides), args.records, args.json)
     if args.command in ("generate", "export"):
         config_path = paths.path(args.run_dir, "run_dir") / "config.yaml"
         if not config_path.is_file():

@@ -26,7 +26,8 @@ from etils import epath
 from sft_sharded import hf, paths
 from sft_sharded.checkpoint import FINAL_PARAMS, Checkpointer, load_params, save_params
 from sft_sharded.config import DataConfig, TrainConfig, dump_config, load_config, to_dict
-from sft_sharded.data.pipeline import make_iterator, open_records, resume_iterator, scan_counts
+from sft_sharded.data import report
+from sft_sharded.data.pipeline import make_iterator, open_records, resume_iterator, scan
 from sft_sharded.data.tokenizers import load_tokenizer
 from sft_sharded.errors import TrainingDiverged, UserError
 from sft_sharded.models import Decoder, DecoderConfig, preset
@@ -109,20 +110,22 @@ def prepare_run_dir(run_dir: str | Path) -> epath.Path:
     return path
 
 
-def check_data(cfg: TrainConfig, tokenizer, model_cfg: DecoderConfig) -> dict:
+def check_data(cfg: TrainConfig, tokenizer, model_cfg: DecoderConfig | None) -> report.DataReport:
     """The start-of-training data report; refuses data that leaves nothing to train on."""
-    if model_cfg.vocab_size < tokenizer.vocab_size:
+    if model_cfg is not None and model_cfg.vocab_size < tokenizer.vocab_size:
         where = f"model.path={cfg.model.path!r}" if cfg.model.path else f"model.preset={cfg.model.preset!r}"
         raise UserError(f"{where} has vocab_size {model_cfg.vocab_size}, smaller than the tokenizer's "
                         f"{tokenizer.vocab_size} (tokenizer.path={tokenizer_path(cfg)!r})")
-    counts = scan_counts(cfg.data, tokenizer, cfg.seed)
+    counts, items = scan(cfg.data, tokenizer, cfg.seed)
+    data_report = report.build(cfg.data, counts, items)
     if counts["kept"] == 0:
         raise UserError(
             f"data.path: none of the {counts['scanned']:,} records scanned can be trained on: "
             f"{counts['too_long']:,} longer than data.max_length={cfg.data.max_length} with "
             f"data.truncation={cfg.data.truncation!r}, {counts['no_target']:,} with no trained token, "
-            f"{counts['template']:,} refused by the chat template")
-    return counts
+            f"{counts['template']:,} refused by the chat template"
+            + "".join(f"; {n:,} {cause}" for cause, (n, _) in data_report.refusals.items()))
+    return data_report
 
 
 def restore_or_init(trainer: SFTTrainer, cfg: TrainConfig, tokenizer, ckpt: Checkpointer, say: Say):
@@ -201,10 +204,8 @@ def prepare(cfg: TrainConfig, say: Say = print) -> Prepared:
     run_dir = prepare_run_dir(cfg.run_dir)
     model_cfg = model_config(cfg)
     tokenizer = load_tokenizer(tokenizer_path(cfg))
-    counts = check_data(cfg, tokenizer, model_cfg)
-    say(f"data: {counts['scanned']:,} records scanned{' (all)' if counts['complete'] else ''}: "
-        f"{counts['kept']:,} kept, {counts['truncated']:,} truncated, {counts['too_long']:,} dropped as too long, "
-        f"{counts['no_target']:,} dropped with no trained token, {counts['template']:,} dropped by the chat template")
+    for line in check_data(cfg, tokenizer, model_cfg).lines():
+        say(line)
     trainer = build_trainer(cfg, model_cfg)
     mesh = trainer.mesh
     say(f"model: {model_cfg.num_params() / 1e6:.2f}M params on {len(mesh.devices.flat)} "

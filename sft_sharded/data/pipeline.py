@@ -83,6 +83,8 @@ class Encoded:
     examples: tuple  # the record's Examples (several with multi_turn_reasoning=per_turn); () when skipped
     reason: str = ""  # why it was skipped: too_long, no_target, template
     truncated: bool = False
+    detail: str = ""  # the template's refusal, without the record's place (for counting by cause)
+    lengths: tuple = ()  # each example's input positions before max_length applied
 
 
 class Encode:
@@ -102,8 +104,10 @@ class Encode:
                 examples = [encode_record(record, self.tokenizer, fmt=cfg.format,
                                           train_on_prompt=cfg.train_on_prompt, where=where)]
         except RowSkipped as err:
-            log.warning("skipping %s", err)
-            return Encoded((), "template")
+            # Counted by cause in the data report (`sft-sharded data`), not one warning per record.
+            log.debug("skipping %s", err)
+            return Encoded((), "template", detail=err.reason)
+        lengths = tuple(len(e.tokens) - 1 for e in examples)
         kept, reason = [], "no_target"
         for example in examples:
             fitted = fit_length(example, cfg.max_length, cfg.truncation)
@@ -112,8 +116,8 @@ class Encode:
             elif len(example.tokens) - 1 > cfg.max_length and cfg.truncation == "drop":
                 reason = "too_long"
         if not kept:
-            return Encoded((), reason)
-        return Encoded(tuple(kept), truncated=any(e.truncated for e in kept))
+            return Encoded((), reason, lengths=lengths)
+        return Encoded(tuple(kept), truncated=any(e.truncated for e in kept), lengths=lengths)
 
 
 class PackChunk:
@@ -255,13 +259,22 @@ def resume_iterator(cfg: DataConfig, tokenizer, saved: SavedDataState, *, seed: 
 def scan_counts(cfg: DataConfig, tokenizer, seed: int, limit: int = 10_000) -> collections.Counter:
     """Kept, truncated and dropped counts over the first `limit` training records (all of a smaller
     dataset), for the report at the start of training. Malformed records raise here, before compiling."""
+    return scan(cfg, tokenizer, seed, limit)[0]
+
+
+def scan(cfg: DataConfig, tokenizer, seed: int, limit: int = 10_000
+         ) -> tuple[collections.Counter, list[tuple[str, Encoded]]]:
+    """`scan_counts`' counts and each scanned record's place and Encoded (for `data.report`)."""
     records = open_records(cfg, "train", seed)
     encode = Encode(cfg, tokenizer)
     scanned = min(len(records), limit)
     counts = collections.Counter({"kept": 0, "truncated": 0, "too_long": 0, "no_target": 0, "template": 0})
+    items = []
     for i in range(scanned):
-        item = encode(records[i])
+        record = records[i]
+        item = encode(record)
         counts[item.reason or "kept"] += 1
         counts["truncated"] += item.truncated
+        items.append((record[1], item))
     counts["scanned"], counts["complete"] = scanned, scanned == len(records)
-    return counts
+    return counts, items

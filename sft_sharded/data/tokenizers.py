@@ -63,6 +63,14 @@ class ByteTokenizer:
             pos += len(piece)
         return ids, offsets
 
+    def text_of(self, ids) -> str:
+        """Every id's text, special tokens by name (what `sft-sharded data` shows)."""
+        out = []
+        for i in map(int, ids):
+            out.append(self.SPECIALS[i] if i < self.offset else
+                       bytes([i - self.offset]).decode("latin-1") if i < self.vocab_size else "\ufffd")
+        return "".join(out).encode("latin-1", errors="replace").decode("utf-8", errors="replace")
+
     def decode(self, ids) -> str:
         """Text of the ids up to the first stop token; other special ids are dropped, and an id past the
         vocabulary (a model's vocab may be larger than 264) decodes as U+FFFD."""
@@ -142,6 +150,10 @@ class HFTokenizer:
     def encode(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
         enc = self._tok.encode(text, add_special_tokens=False)
         return list(enc.ids), [tuple(o) for o in enc.offsets]
+
+    def text_of(self, ids) -> str:
+        """Every id's text, special tokens included (what `sft-sharded data` shows)."""
+        return self._tok.decode(list(map(int, ids)), skip_special_tokens=False)
 
     def decode(self, ids) -> str:
         ids = list(map(int, ids))
