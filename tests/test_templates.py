@@ -240,3 +240,49 @@ def test_per_turn_reasoning_trains_each_turn_with_its_reasoning_as_the_last_turn
     assert _trained(last) == [*enc("<think>\nthe digits in order\n</think>\n\n1 2 3"), end]
     whole, = Encode(dataclasses.replace(DataConfig(), max_length=256), HFTokenizer(directory))((record, "rec")).examples
     assert whole.tokens.tolist() == last.tokens.tolist() and _trained(whole) == [*enc("hello there"), end, *_trained(last)]
+
+
+def test_the_template_environment_is_transformers(tmp_path):
+    """Loop controls, tojson's arguments, strftime_now, the reasoning aliases and the special-token
+    variables, each against transformers rendering the same template."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    from sft_sharded.data.templates import render
+
+    source = (
+        "{% for m in messages %}{% if loop.index > 2 %}{% break %}{% endif %}"
+        "{{ m.role }}:{{ m.reasoning_content or '' }}|{{ m.thinking or '' }}|{{ m.content }};{% endfor %}"
+        "{{ {'b': 'é', 'a': [1, 2]} | tojson(indent=1, separators=(',', '= '), sort_keys=True, ensure_ascii=True) }}"
+        "{{ strftime_now('%Y-%m-%d') }}{{ bos_token }}{{ eos_token }}{{ tools is none }}"
+    )
+    messages = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b", "reasoning": "r"},
+                {"role": "user", "content": "never rendered"}]
+    tok = HFTokenizer(write_hf_tokenizer(tmp_path, source))
+    ours = render(source, messages, tok)[0]
+    theirs = render_jinja_template([messages], chat_template=source, bos_token="<s>", eos_token="</s>")[0][0]
+    assert ours == theirs
+    assert "assistant:r|r|b;" in ours and "never rendered" not in ours and '"b"= "\\u00e9"' in ours
+
+
+@pytest.mark.parametrize("source, message", [
+    ("{% set ns = namespace(_x=1) %}", "underscore attribute '_x'"),
+    ("{{ messages.__class__ }}", "tried to access '__class__'"),
+])
+def test_the_sandbox_refuses_by_name(tmp_path, source, message):
+    from jinja2.sandbox import SecurityError
+
+    from sft_sharded.data.templates import render
+
+    with pytest.raises(SecurityError, match=message):
+        render(source, [{"role": "user", "content": "a"}], HFTokenizer(write_hf_tokenizer(tmp_path, source)))
+
+
+def test_a_template_that_does_not_parse_is_one_error_naming_its_line(tmp_path, capsys):
+    from sft_sharded.cli import main
+
+    directory = write_hf_tokenizer(tmp_path / "tok", "{% for m in messages %}\n{{ m.content }\n{% endfor %}")
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}))
+    assert main(["data", f"data.path={data}", f"tokenizer.path={directory}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"sft-sharded: error: the chat template of {directory}/tokenizer_config.json: line 2:")

@@ -1,23 +1,27 @@
-"""Which tokens of a rendered chat the assistant says: each turn located from the template's own rendering,
+"""Which tokens of a rendered chat the assistant says: each turn located from the template's own renderings,
 exactly, or the conversation is refused. Never a guess.
 
 A template with `{% generation %}` blocks says it itself (transformers' `return_assistant_tokens_mask`).
 Otherwise, for assistant turn i of the whole rendering W:
 
-- **start**: the rendering of `messages[:i]` with the generation prompt must be a prefix of W; the turn
-  starts where it ends (what the model is asked to continue from at inference). A template that renders
-  earlier messages differently once later ones follow (Mistral-Nemo moves the system prompt to the last
-  user turn) has no such prefix: refused.
-- **its own text**: W is rendered again with a mark after the last visible character of each of the turn's
-  text fields (content, reasoning, string arguments of its tool calls) and a mark before the first one of
-  the next message's fields. Without the marks that rendering must equal W character for character (else
-  the template rewrites the text in a way the marks cannot follow: refused). The turn must reach past its
-  own last mark and end before the next message's first.
-- **end**: if `messages[:i+1]` renders as a prefix of W, the turn ends where that rendering does, less
-  trailing whitespace (the separator before the next turn is not the assistant's to say). Otherwise (the
-  template writes a last turn differently: gpt-oss closes it with `<|return|>` and earlier ones with
-  `<|end|>`; Qwen3 keeps reasoning only after the last user message) the turn ends with the first stop or
-  special token after its own last mark, which is how the template closes a turn there.
+- **its own text**: W is rendered again with marks after the last visible character of the text fields
+  (content, reasoning, string tool-call arguments) of every message before i and of turn i, and before the
+  first of message i+1's. Without the marks that rendering must be W character for character, else the
+  template rewrites the text in a way the marks cannot follow: refused. The turn must start after every
+  earlier message's text, reach past its own and end before the next message's.
+- **start**: where `messages[:i]` rendered with the generation prompt ends, when that is how W begins (what
+  the model continues from at inference). A thinking template's generation prompt may open reasoning
+  (`<think>`) that W writes otherwise for a turn without any: then the turn starts right after the longest
+  start of the generation prompt that W has, in whole tokens, between the earlier messages' text and the
+  turn's own. Neither (Mistral-Nemo moves the system prompt to the last user message, so earlier turns
+  have no exact place; Command R7B always ends on an open assistant turn): refused.
+- **end**: where `messages[:i+1]` ends, less trailing whitespace, when that is how W begins (for the last
+  turn: when W begins a conversation with one more user message), taking a closing token the template
+  writes only when another message follows. Otherwise, where the template writes a last turn differently
+  (gpt-oss closes it with `<|return|>`, earlier ones with `<|end|>`; Qwen3 keeps reasoning only after the
+  last user message), the turn ends with the first stop or special token after its own text, unless the
+  token that opens an assistant turn comes first (the template never closed it: refused). A last turn
+  nothing closes ends with the conversation.
 
 A turn boundary inside a token is refused too: a token is the assistant's or the prompt's, never half.
 """
@@ -26,8 +30,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from sft_sharded.data.templates import (NEXT_START, OWN_END, OWN_START, PREV_END, REASONING_KEYS, RESERVED, TemplateError,
-                                        has_generation_markers, render, render_raw)
+from sft_sharded.data.templates import (NEXT_START, OWN_END, OWN_START, PREV_END, REASONING_KEYS, RESERVED,
+                                        TemplateError, has_generation_markers, render, render_raw)
 
 
 class NotLocatable(TemplateError):
