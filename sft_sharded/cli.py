@@ -113,7 +113,7 @@ def data(cfg: TrainConfig, n: int, json_path: str | None) -> int:
     from sft_sharded.run import tokenizer_path
 
     tokenizer = load_tokenizer(tokenizer_path(cfg))
-    counts, items = scan(cfg.data, tokenizer, cfg.seed)
+    counts, items = scan(cfg.data, tokenizer, cfg.seed, keep=n)
     lines = report.build(cfg.data, counts, items).lines()
     skipped = {"too_long": f"longer than data.max_length={cfg.data.max_length}", "no_target": "no trained token"}
     records = [view.as_json(where, tokenizer, list(item.examples), item.detail or skipped.get(item.reason, ""))

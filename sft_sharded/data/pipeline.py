@@ -85,6 +85,7 @@ class Encoded:
     truncated: bool = False
     detail: str = ""  # the template's refusal, without the record's place (for counting by cause)
     lengths: tuple = ()  # each example's input positions before max_length applied
+    positions: tuple = ()  # each kept example's input positions (after max_length)
 
 
 class Encode:
@@ -117,7 +118,8 @@ class Encode:
                 reason = "too_long"
         if not kept:
             return Encoded((), reason, lengths=lengths)
-        return Encoded(tuple(kept), truncated=any(e.truncated for e in kept), lengths=lengths)
+        return Encoded(tuple(kept), truncated=any(e.truncated for e in kept), lengths=lengths,
+                       positions=tuple(len(e.tokens) - 1 for e in kept))
 
 
 class PackChunk:
@@ -262,9 +264,10 @@ def scan_counts(cfg: DataConfig, tokenizer, seed: int, limit: int = 10_000) -> c
     return scan(cfg, tokenizer, seed, limit)[0]
 
 
-def scan(cfg: DataConfig, tokenizer, seed: int, limit: int = 10_000
+def scan(cfg: DataConfig, tokenizer, seed: int, limit: int = 10_000, keep: int = 0
          ) -> tuple[collections.Counter, list[tuple[str, Encoded]]]:
-    """`scan_counts`' counts and each scanned record's place and Encoded (for `data.report`)."""
+    """`scan_counts`' counts and each scanned record's place and Encoded (for `data.report`); the examples'
+    arrays are kept for the first `keep` records only (10,000 long records would not fit in memory)."""
     records = open_records(cfg, "train", seed)
     encode = Encode(cfg, tokenizer)
     scanned = min(len(records), limit)
@@ -275,6 +278,6 @@ def scan(cfg: DataConfig, tokenizer, seed: int, limit: int = 10_000
         item = encode(record)
         counts[item.reason or "kept"] += 1
         counts["truncated"] += item.truncated
-        items.append((record[1], item))
+        items.append((record[1], item if i < keep else dataclasses.replace(item, examples=())))
     counts["scanned"], counts["complete"] = scanned, scanned == len(records)
     return counts, items

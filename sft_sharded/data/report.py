@@ -67,12 +67,11 @@ def build(cfg: DataConfig, counts: collections.Counter, items: list) -> DataRepo
         if item.detail:
             n, places = refusals.get(item.detail, (0, []))
             refusals[item.detail] = (n + 1, places + [where] if len(places) < EXAMPLES_PER_CAUSE else places)
-    examples = [e for _, item in items for e in item.examples]
     lengths = np.array([n for _, item in items for n in item.lengths], dtype=np.int64)
-    if cfg.packing:
-        rows = packing.pack(examples, cfg.max_length) if examples else []
-        positions = sum(int((r["segment_ids"] > 0).sum()) for r in rows)
-        n_rows = len(rows)
+    kept = [n for _, item in items for n in item.positions]
+    if cfg.packing:  # as the pipeline packs: best fit within each chunk of data.pack_buffer examples
+        n_rows = sum(len(packing.best_fit_decreasing(kept[i : i + cfg.pack_buffer], cfg.max_length))
+                     for i in range(0, len(kept), cfg.pack_buffer))
     else:
-        n_rows, positions = len(examples), sum(len(e.tokens) - 1 for e in examples)
-    return DataReport(counts, refusals, lengths, n_rows, positions, cfg.max_length, cfg.truncation)
+        n_rows = len(kept)
+    return DataReport(counts, refusals, lengths, n_rows, sum(kept), cfg.max_length, cfg.truncation)
