@@ -290,6 +290,13 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     tree[leaf] = value
 
 
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """One line for a YAML error: where (line, column) and what (PyYAML's own message spans lines)."""
+    mark = getattr(err, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return f"{where}not valid YAML: {getattr(err, 'problem', None) or err}".replace("\n", " ")
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
     """TrainConfig from defaults, then a YAML file, then `KEY=VALUE` overrides (values parsed as YAML)."""
     values: dict[str, Any] = {}
@@ -299,7 +306,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         try:
             loaded = yaml.safe_load(paths.path(path).read_text())
         except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML: {err}") from err
+            raise ConfigError(f"{path}: {_yaml_problem(err)}") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of config keys")
         values = loaded or {}
@@ -307,7 +314,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r} must look like key=value (e.g. optim.lr=1e-3)")
-        _set_dotted(values, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{key.strip()}={raw!r}: the value {_yaml_problem(err)}") from None
+        _set_dotted(values, key.strip(), value)
     return _build(TrainConfig, values, "")
 
 

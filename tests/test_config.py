@@ -48,7 +48,7 @@ def test_bad_keys_and_values_name_the_key(overrides, message):
 def test_bad_yaml_names_the_file(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("steps: [1,\n")
-    with pytest.raises(ValueError, match="bad.yaml: not valid YAML"):
+    with pytest.raises(ValueError, match="bad.yaml: line 2, column 1: not valid YAML: expected the node content"):
         load_config(path)
     path.write_text("- 1\n- 2\n")
     with pytest.raises(ValueError, match="bad.yaml: the top level must be a mapping"):

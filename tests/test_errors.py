@@ -48,10 +48,12 @@ CHAT = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "c
     ([{"prompt": "a", "completion": 5}], "bad.jsonl:1: 'completion' must be a string, got int"),
     ([{"messages": [{"role": "robot", "content": "x"}]}], "bad.jsonl:1: messages[0] has unknown role 'robot'"),
     ([{"question": "x"}], "bad.jsonl:1: no known format in keys ['question']"),
+    ([CHAT, '{"text": "caf\xe9"}'], "bad.jsonl:2: not UTF-8 text: byte 14 of the line is b'\\xe9'"),
     ([{"text": "x" * 200}] * 3, "none of the 3 records scanned can be trained on: 3 longer than data.max_length=32"),
 ])
 def test_bad_data_records(tmp_path, capsys, records, expected):
-    data = jsonl(tmp_path / "bad.jsonl", *records)
+    data = tmp_path / "bad.jsonl"  # written as Latin-1, so a non-ASCII character is a byte that is not UTF-8
+    data.write_bytes("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records).encode("latin-1"))
     status, err = cli(capsys, "train", *FAST, f"run_dir={tmp_path / 'run'}", f"data.path={data}",
                       f"data.eval_path={data}", "data.truncation=drop")
     assert_one_line(status, err, expected)
@@ -192,3 +194,15 @@ def test_the_real_command_prints_one_line_for_a_data_mistake(tmp_path):
                                  f"data.eval_path={data}")
     assert status == 2 and "Traceback" not in err, err
     assert err.strip().splitlines()[-1].startswith(f"sft-sharded: error: {data}:2: malformed JSON"), err
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["data.columns={conversations: messages"], "data.columns='{conversations: messages': the value line 1, "
+                                                "column 25: not valid YAML: expected ',' or '}', but got '<stream end>'"),
+    (["--config", "CONFIG"], "config.yaml: line 2, column 14: not valid YAML: mapping values are not allowed here"),
+])
+def test_yaml_mistakes_are_one_line_naming_the_place(tmp_path, capsys, args, expected):
+    config = tmp_path / "config.yaml"
+    config.write_text("steps: 3\nmodel: preset: tiny\n")
+    status, err = cli(capsys, "train", *[str(config) if a == "CONFIG" else a for a in args])
+    assert_one_line(status, err, expected)

@@ -72,6 +72,9 @@ class JsonlSource(_Lazy):
             return json.loads(raw), where
         except json.JSONDecodeError as err:
             raise UserError(f"{where}: malformed JSON: {err.msg} (column {err.colno})") from None
+        except UnicodeDecodeError as err:
+            raise UserError(f"{where}: not UTF-8 text: byte {err.start + 1} of the line is "
+                            f"{raw[err.start:err.start + 1]!r} ({err.reason})") from None
 
 
 class ParquetSource(_Lazy):
