@@ -159,6 +159,13 @@ def check_reserved(messages: list[dict], tools) -> None:
         raise TemplateError("the conversation contains reserved characters U+E000..U+E005")
 
 
+def render_text(source: str, messages: list[dict], tokenizer, add_generation_prompt: bool = False,
+                tools: list[dict] | None = None) -> str:
+    """The rendered text alone, for messages `render` has already checked (turns.py renders one
+    conversation's prefixes many times)."""
+    return render_raw(source, messages, tokenizer, add_generation_prompt, tools).replace(START, "").replace(END, "")
+
+
 def render(source: str, messages: list[dict], tokenizer, add_generation_prompt: bool = False,
            tools: list[dict] | None = None) -> tuple[str, list[tuple[int, int]]]:
     """Rendered text and the character spans inside `{% generation %}` blocks (empty without markers)."""

@@ -28,10 +28,12 @@ A turn boundary inside a token is refused too: a token is the assistant's or the
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from sft_sharded.data.templates import (NEXT_START, OWN_END, OWN_START, PREV_END, REASONING_KEYS, RESERVED,
-                                        TemplateError, has_generation_markers, render, render_raw)
+                                        TemplateError, has_generation_markers, render, render_raw, render_text)
 
 
 class NotLocatable(TemplateError):
@@ -124,7 +126,7 @@ def _start_after_header(prompt: str, context: str, text: str, after: int, before
 
 def _end_by_prefix(source, messages, i, tokenizer, tools, text) -> int | None:
     try:
-        upto = render(source, messages[: i + 1], tokenizer, tools=tools)[0]
+        upto = render_text(source, messages[: i + 1], tokenizer, tools=tools)
     except TemplateError:
         return None
     return len(upto.rstrip()) if text.startswith(upto) else None
@@ -136,14 +138,14 @@ def _end_of_last(source, messages, tokenizer, tools, text, lo: int) -> int | Non
     as Command R's closing instruction, fails this; the turn then needs a closing token.)"""
     probe = [*messages, {"role": "user", "content": "?"}]
     try:
-        longer = render(source, probe, tokenizer, tools=tools)[0]
+        longer = render_text(source, probe, tokenizer, tools=tools)
     except TemplateError:
         return None
     end = len(text.rstrip())
     return end if longer.startswith(text[:end]) and end >= lo else None
 
 
-def _extend_to_closer(offsets, ids, text, end: int, hi: int, closers: set[int], opener: int | None) -> int:
+def _extend_to_closer(offsets, ids, text, end: int, hi: int, closers: set[int], opener) -> int:
     """A turn that ends without a closing token where it ends as the last message, but is followed in W by
     one (across whitespace only): the template writes the close only when another message follows (Apertus's
     `<|assistant_end|>`; GLM, whose turns end with the next `<|user|>`, a stop token of the model). The turn
@@ -152,10 +154,10 @@ def _extend_to_closer(offsets, ids, text, end: int, hi: int, closers: set[int], 
     if t == 0 or ids[t - 1] in closers:
         return end
     for (start, stop), token in zip(offsets[t:], ids[t:]):
-        if stop > hi or token == opener:
+        if stop > hi:
             return end
         if token in closers:
-            return stop
+            return end if token == opener() else stop
         if text[start:stop].strip():
             return end
     return end
@@ -166,15 +168,13 @@ def _first_at(offsets, lo: int) -> int:
     return next((t for t, (start, _) in enumerate(offsets) if start >= lo), len(offsets))
 
 
-def _end_by_token(offsets, ids, lo: int, hi: int, closers: set[int], opener: int | None) -> int | None:
-    """The end of the first stop or special token in [lo, hi), unless the token that opens an assistant turn
-    (the generation prompt's first) comes first: then the template did not close the turn before the next."""
+def _end_by_token(offsets, ids, lo: int, hi: int, closers: set[int], opener) -> int | None:
+    """The end of the first stop or special token in [lo, hi), unless it is the token that opens an assistant
+    turn (`opener()`, the generation prompt's first, itself special): then the template did not close the
+    turn before the next."""
     for (start, end), token in zip(offsets, ids):
-        if start >= lo and end <= hi:
-            if token == opener:
-                return None
-            if token in closers:
-                return end
+        if start >= lo and end <= hi and token in closers:
+            return None if token == opener() else end
     return None
 
 
@@ -210,14 +210,17 @@ def turn_char_spans(source: str, messages: list[dict], tokenizer, tools, text: s
             raise NotLocatable(i, "the template rewrites the message text, so the turn's own text cannot be "
                                   "followed into the rendering")
         earlier_end = max(found[PREV_END], default=0)
-        prompt = render(source, messages[:i], tokenizer, True, tools)[0]
-        context = render(source, messages[:i], tokenizer, False, tools)[0] if i else ""
+        prompt = render_text(source, messages[:i], tokenizer, True, tools)
+        # The prompt without the generation prompt, and the header's first token: needed only off the
+        # common path (no prefix, or a turn that ends without its closing token), so rendered then.
+        context = functools.cache(lambda: render_text(source, messages[:i], tokenizer, False, tools) if i else "")
+        opener = functools.cache(lambda: _opener(prompt, context(), tokenizer))
         if text.startswith(prompt):
             start = len(prompt)
         else:
             own = _marked_positions(source, messages, {i: (OWN_START, False)}, tokenizer, tools, text)
             own_start = min(own[OWN_START], default=len(text)) if own is not None else None
-            start = None if own_start is None else _start_after_header(prompt, context, text, earlier_end,
+            start = None if own_start is None else _start_after_header(prompt, context(), text, earlier_end,
                                                                        own_start, offsets)
             if start is None:
                 raise NotLocatable(i, "the conversation before it, with the generation prompt, does not render as "
@@ -227,7 +230,6 @@ def turn_char_spans(source: str, messages: list[dict], tokenizer, tools, text: s
             raise NotLocatable(i, "an earlier message's text is rendered after the turn's start (the template "
                                   "renders earlier messages differently once later ones follow)")
         lo, hi = max([start, *found[OWN_END]]), min([len(text), *found.get(NEXT_START, [])])
-        opener = _opener(prompt, context, tokenizer)
         if i == len(messages) - 1:
             end = _end_of_last(source, messages, tokenizer, tools, text, lo)
         else:
@@ -236,7 +238,7 @@ def turn_char_spans(source: str, messages: list[dict], tokenizer, tools, text: s
             end = _extend_to_closer(offsets, ids, text, end, hi, closers, opener)
         else:
             end = _end_by_token(offsets, ids, lo, hi, closers, opener)
-        if end is None and i == len(messages) - 1 and opener not in ids[_first_at(offsets, lo):]:
+        if end is None and i == len(messages) - 1 and opener() not in ids[_first_at(offsets, lo):]:
             end = len(text.rstrip())  # nothing closes the last turn but the conversation's end
         if end is None:
             raise NotLocatable(i, "neither the conversation up to it renders as the start of the whole "
