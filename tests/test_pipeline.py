@@ -8,7 +8,7 @@ import pytest
 
 from sft_sharded.config import DataConfig
 from sft_sharded.data.packing import unpack
-from sft_sharded.data.pipeline import SavedDataState, make_iterator, resume_iterator, scan_counts
+from sft_sharded.data.pipeline import SavedDataState, make_iterator, resume_iterator, scan
 from sft_sharded.data.sources import JsonlSource, ParquetSource
 from sft_sharded.data.tokenizers import ByteTokenizer
 
@@ -134,9 +134,9 @@ def test_mixture_weights_follow_the_ratio(tmp_path):
 def test_counts_report_truncated_and_dropped(tmp_path):
     path = write_jsonl(tmp_path / "c.jsonl", [{"text": "x" * 50}, {"prompt": "y" * 40, "completion": "z"},
                                               {"text": "ok"}])
-    counts = scan_counts(DataConfig(path=str(path), max_length=20), TOK, 0)
+    counts = scan(DataConfig(path=str(path), max_length=20), TOK, 0)[0]
     assert (counts["kept"], counts["truncated"], counts["no_target"], counts["complete"]) == (2, 1, 1, True)
-    dropped = scan_counts(DataConfig(path=str(path), max_length=20, truncation="drop"), TOK, 0)
+    dropped = scan(DataConfig(path=str(path), max_length=20, truncation="drop"), TOK, 0)[0]
     assert (dropped["kept"], dropped["too_long"]) == (1, 2)
 
 
@@ -144,7 +144,7 @@ def test_bad_files_name_file_and_line(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine"}\n{"text": oops}\n')
     with pytest.raises(ValueError, match=r"bad.jsonl:2: malformed JSON"):
-        scan_counts(DataConfig(path=str(bad)), TOK, 0)
+        scan(DataConfig(path=str(bad)), TOK, 0)
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")
     with pytest.raises(ValueError, match=r"empty.jsonl: the file has no records"):
@@ -153,7 +153,7 @@ def test_bad_files_name_file_and_line(tmp_path):
         make_iterator(DataConfig(path=str(tmp_path / "*.parquet")), TOK)
     unknown = write_jsonl(tmp_path / "u.jsonl", [{"text": "a"}, {"question": "?"}])
     with pytest.raises(ValueError, match=r"u.jsonl:2: no known format"):
-        scan_counts(DataConfig(path=str(unknown)), TOK, 0)
+        scan(DataConfig(path=str(unknown)), TOK, 0)
 
 
 def test_built_in_task_is_a_messages_source_with_a_disjoint_held_out_split():

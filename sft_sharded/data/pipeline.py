@@ -258,16 +258,12 @@ def resume_iterator(cfg: DataConfig, tokenizer, saved: SavedDataState, *, seed: 
     return make_iterator(cfg, tokenizer, seed=seed + step, **shard), note
 
 
-def scan_counts(cfg: DataConfig, tokenizer, seed: int, limit: int = 10_000) -> collections.Counter:
-    """Kept, truncated and dropped counts over the first `limit` training records (all of a smaller
-    dataset), for the report at the start of training. Malformed records raise here, before compiling."""
-    return scan(cfg, tokenizer, seed, limit)[0]
-
-
 def scan(cfg: DataConfig, tokenizer, seed: int, limit: int = 10_000, keep: int = 0
          ) -> tuple[collections.Counter, list[tuple[str, Encoded]]]:
-    """`scan_counts`' counts and each scanned record's place and Encoded (for `data.report`); the examples'
-    arrays are kept for the first `keep` records only (10,000 long records would not fit in memory)."""
+    """Kept, truncated and dropped counts over the first `limit` training records (all of a smaller
+    dataset), and each scanned record's place and Encoded, for the data report (`data.report`). Malformed
+    records raise here, before compiling. The examples' arrays are kept for the first `keep` records only
+    (10,000 long records would not fit in memory)."""
     records = open_records(cfg, "train", seed)
     encode = Encode(cfg, tokenizer)
     scanned = min(len(records), limit)
