@@ -8,14 +8,16 @@ from __future__ import annotations
 from sft_sharded.data.formats import Example
 
 
-def token_pieces(tokenizer, ids) -> list[str]:
-    """Each token's share of the text: the decoded prefix grows by it. A character split over byte tokens
-    is the last one's (the earlier ones show nothing)."""
-    pieces, shown = [], ""
+def token_pieces(tokenizer, ids, context: int = 8) -> list[str]:
+    """Each token's share of the text: what decoding it after the `context` tokens before it adds (a
+    tokenizer may decode a token differently at the start of a text, so never alone). A character split
+    over byte tokens is the last one's (the earlier ones show nothing). Linear in the record's length."""
+    pieces = []
     for i in range(len(ids)):
-        text = tokenizer.text_of(ids[: i + 1]).rstrip("\ufffd")
-        pieces.append(text[len(shown):] if text.startswith(shown) else text)
-        shown = text
+        window = list(ids[max(0, i - context) : i])
+        before = tokenizer.text_of(window).rstrip("\ufffd")
+        after = tokenizer.text_of([*window, ids[i]]).rstrip("\ufffd")
+        pieces.append(after[len(before):] if after.startswith(before) else after)
     return pieces
 
 
