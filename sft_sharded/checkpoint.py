@@ -10,8 +10,10 @@ the restoring trainer has, so a checkpoint moves between meshes.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
-import logging
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +23,11 @@ from etils import epath
 
 from sft_sharded import paths
 from sft_sharded.data.pipeline import SavedDataState
-from sft_sharded.errors import UserError
+from sft_sharded.errors import CheckpointNotSaved, UserError
 from sft_sharded.sharding import key_name
 
-log = logging.getLogger(__name__)
 FINAL_PARAMS = "final_params"
+CORRUPT_PREFIX = "corrupt-"  # a checkpoint that failed to restore, moved aside for inspection
 
 
 class DataStateHandler(ocp.CheckpointHandler):
@@ -67,12 +69,16 @@ class DataStateRestore(ocp.args.CheckpointArgs):
 
 
 class Checkpointer:
-    """Save every `every` steps, keep the newest `keep` (and every `keep_every`-th step, if set)."""
+    """Save every `every` steps, keep the newest `keep` (and every `keep_every`-th step, if set). `warn`
+    prints one line for what the user should know (a corrupt checkpoint moved aside)."""
 
     def __init__(self, directory: str | Path, *, every: int, keep: int, keep_every: int | None = None,
-                 async_save: bool = True):
+                 async_save: bool = True, warn: Callable[[str], None] = print):
         self.directory = paths.absolute(directory, "run_dir")
         self.every = every
+        self.warn = warn
+        self._in_flight: int | None = None  # the step an async save is writing
+        self._failed = False
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, keep_period=keep_every, enable_async_checkpointing=async_save, create=True,
         )
@@ -90,36 +96,95 @@ class Checkpointer:
         return self.every > 0 and step % self.every == 0
 
     def save(self, step: int, state: Any, data_state: dict, config: dict, force: bool = False) -> bool:
-        """Start an async save (returns once device buffers are copied, so the state may then be donated)."""
+        """Start an async save (returns once device buffers are copied, so the state may then be donated).
+        The previous save is confirmed first (orbax waits for it anyway); a save that fails, or would not
+        fit on a local disk, raises `CheckpointNotSaved`."""
         if not force and not self.due(step):
             return False
+        self.wait()
+        self._check_space(step, state)
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=DataStateSave(data_state),
                                   config=ocp.args.JsonSave(config))
-        return self._manager.save(step, args=args, force=force)
+        self._in_flight = step
+        try:
+            saved = self._manager.save(step, args=args, force=force)
+        except Exception as err:  # noqa: BLE001 - any failed write (disk full, permissions): one line
+            raise self._not_saved(step, err) from None
+        self._in_flight = step if saved else None
+        return saved
+
+    def _check_space(self, step: int, state: Any) -> None:
+        """Refuse a save that cannot fit before it starts: a disk that fills mid-save leaves orbax's
+        writer threads failing one by one (each logs its own traceback). Uncompressed size: an upper bound."""
+        if paths.is_remote(self.directory):
+            return
+        need = sum(getattr(leaf, "nbytes", 0) for leaf in jax.tree.leaves(state))
+        free = shutil.disk_usage(self.directory).free
+        if free < need:
+            self._failed = True
+            raise CheckpointNotSaved(f"checkpoint {self.directory}/{step} was not saved: it needs up to "
+                                     f"{need / 2**20:,.1f} MiB and its file system has {free / 2**20:,.1f} MiB "
+                                     f"free; {self._kept()}; the run stopped")
+
+    def _kept(self) -> str:
+        steps = self.all_steps()
+        return (f"the newest checkpoint, {self.directory}/{steps[-1]}, is intact" if steps
+                else "no checkpoint was saved before it")
+
+    def _not_saved(self, step: int | None, err: Exception | None) -> CheckpointNotSaved:
+        """The error for a failed save, after removing every temporary checkpoint directory (the lock
+        says no other run writes here; a half-written checkpoint of a full disk would keep the disk full,
+        and the next resume would fail the same way)."""
+        self._failed = True
+        for tmp in self.directory.glob("*.orbax-checkpoint-tmp*"):
+            tmp.rmtree()
+        text = "" if err is None else str(err)
+        full = getattr(err, "errno", None) == errno.ENOSPC or any(
+            s in text for s in ("No space left", "RESOURCE_EXHAUSTED", "ENOSPC"))
+        why = "the disk is full" if full else _first_line(err) if err is not None else "its write failed"
+        if not paths.is_remote(self.directory):
+            why += f" ({shutil.disk_usage(self.directory).free / 2**20:,.1f} MiB free on its file system)"
+        return CheckpointNotSaved(f"checkpoint {self.directory}/{step} was not saved: {why}; its temporary "
+                                  f"directory was removed and {self._kept()}; the run stopped")
 
     def restore_latest(self, abstract_state: Any) -> tuple[Any, SavedDataState, int] | None:
         """(state, data state, step) from the newest checkpoint that restores; None when there is none.
 
-        A checkpoint that fails to restore (truncated, corrupt) is reported and the previous one is tried;
-        when checkpoints exist but none restores, the error names the directory.
+        A checkpoint that fails to restore (truncated, corrupt) while an older one restores is moved aside
+        to `corrupt-<step>/` (kept for inspection, out of the step list, so the re-done steps save a good
+        one in its place) with one line saying so. When none restores, nothing is moved (a failure of
+        every checkpoint is more likely the storage or this version than the checkpoints) and the error
+        names the directory.
         """
         steps = self.all_steps()
         if steps:
             self._check_same_model(steps[-1], abstract_state)
-        failures = []
+        failed: list[tuple[int, Exception]] = []
         for step in reversed(steps):
             args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=DataStateRestore())
             try:
                 restored = self._manager.restore(step, args=args)
-            except Exception as err:  # noqa: BLE001 - reported, then the previous checkpoint is tried
-                log.warning("checkpoint %s/%d is unusable (%s: %s); trying the previous one",
-                            self.directory, step, type(err).__name__, err)
-                failures.append(f"step {step}: {type(err).__name__}: {err}")
+            except Exception as err:  # noqa: BLE001 - the previous checkpoint is tried; reported below
+                failed.append((step, err))
                 continue
+            for bad, err in failed:
+                self._move_aside(bad, err)
             return restored["state"], restored["data"], step
-        if failures:
-            raise RuntimeError(f"{self.directory}: no usable checkpoint among steps {steps}: " + "; ".join(failures))
+        if failed:
+            step, err = failed[0]
+            raise UserError(f"{self.directory}: none of the checkpoints {steps} can be restored (step {step}: "
+                            f"{_first_line(err)}); nothing was moved or changed")
         return None
+
+    def _move_aside(self, step: int, err: Exception) -> None:
+        target = self.directory / f"{CORRUPT_PREFIX}{step}"
+        n = 1
+        while target.exists():  # an earlier corrupt copy of the same step stays too
+            target, n = self.directory / f"{CORRUPT_PREFIX}{step}.{n}", n + 1
+        (self.directory / str(step)).rename(target)
+        self._manager.reload()
+        self.warn(f"warning: checkpoint {self.directory}/{step} cannot be restored ({_first_line(err)}); moved "
+                  f"to {target}, training resumes from the one before it")
 
     def saved_config(self, step: int) -> dict:
         """The config a checkpoint was saved with (the run's config and its base fingerprint); {} when its
@@ -127,17 +192,17 @@ class Checkpointer:
         try:
             return self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"] or {}
         except Exception as err:  # noqa: BLE001 - reported; the base check then has nothing to compare
-            log.warning("checkpoint %s/%d: config unreadable (%s: %s)", self.directory, step, type(err).__name__, err)
+            self.warn(f"warning: checkpoint {self.directory}/{step}: its config cannot be read "
+                      f"({_first_line(err)}); the LoRA base is not checked against it")
             return {}
 
     def _check_same_model(self, step: int, abstract_state: Any) -> None:
         """Refuse a checkpoint whose params have other names or shapes than the model's: it was made by
         another model, so neither it nor an older one can be resumed (and nothing may overwrite them).
-        A checkpoint whose metadata cannot be read is left to `restore_latest`'s fallback."""
+        A checkpoint whose metadata cannot be read is left to `restore_latest`, which moves it aside."""
         try:
             saved_tree = self._manager.item_metadata(step)["state"]
-        except Exception as err:  # noqa: BLE001 - a corrupt checkpoint: restore reports it and falls back
-            log.warning("checkpoint %s/%d: metadata unreadable (%s)", self.directory, step, err)
+        except Exception:  # noqa: BLE001 - a corrupt checkpoint: restore_latest reports it and moves it aside
             return
         saved, wanted = _param_shapes(saved_tree), _param_shapes(abstract_state)
         if not saved or saved == wanted:
@@ -151,11 +216,31 @@ class Checkpointer:
                         "run_dir or the model config that made it. Nothing was changed.")
 
     def wait(self) -> None:
-        self._manager.wait_until_finished()
+        """Block until the async save is written; `CheckpointNotSaved` when it failed."""
+        try:
+            self._manager.wait_until_finished()
+            self._manager.check_for_errors()
+        except Exception as err:  # noqa: BLE001 - any failed write: one line
+            raise self._not_saved(self._in_flight, err) from None
+        step, self._in_flight = self._in_flight, None
+        if step is not None and step not in self._manager.all_steps():
+            # orbax's finalizing thread logs a failed async write and leaves the step out, raising nothing
+            raise self._not_saved(step, None)
 
     def close(self) -> None:
-        self._manager.wait_until_finished()
-        self._manager.close()
+        """Wait for the last save, then release orbax's threads (after a failed save: release only, the
+        failure was raised already)."""
+        try:
+            if not self._failed:
+                self.wait()
+        finally:
+            self._manager.close()
+
+
+def _first_line(err: Exception) -> str:
+    """`Type: first line of the message` (TensorStore and orbax errors run to many lines)."""
+    text = str(err).split(" See full TensorStore details")[0].strip()  # the rest is a repr of the spec
+    return f"{type(err).__name__}: {text.splitlines()[0][:200]}" if text else type(err).__name__
 
 
 def _param_shapes(tree: Any) -> dict[str, tuple[int, ...]]:

@@ -19,25 +19,43 @@ from sft_sharded.devices import simulate_cpu_devices
 from sft_sharded.errors import UserError
 
 
-class PreemptionFlag:
-    """SIGTERM (and, on multi-host TPU, jax's preemption sync point) asks the loop to save and stop at the
-    next step boundary."""
+class StopSignals:
+    """SIGTERM (and, on multi-host TPU, jax's preemption sync point) and Ctrl-C ask the loop to save and stop
+    at the next step boundary; `reached(step)` is what the loop asks, and says why. A second Ctrl-C, or one
+    before the first step has run (nothing to save yet), stops at once. The previous handlers come back on
+    `restore`."""
 
-    def __init__(self):
-        self.flag = False
-        signal.signal(signal.SIGTERM, self._handle)
+    def __init__(self, say):
+        self.reason: str | None = None
+        self.training = False
+        self.stopped = False  # the loop was told to stop (a signal after its last step changes nothing)
+        self._say = say
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
 
     def _handle(self, signum, frame) -> None:
-        self.flag = True
+        if signum == signal.SIGINT:
+            if not self.training or self.reason == "interrupted":
+                raise KeyboardInterrupt
+            self.reason = "interrupted"
+            self._say("Ctrl-C: saving a checkpoint at the end of this step (Ctrl-C again stops at once)")
+        elif self.reason is None:
+            self.reason = "preempted"
 
-    def reached(self, step: int) -> bool:
+    def reached(self, step: int) -> str | None:
         import jax
         from jax.experimental import multihost_utils
 
+        self.training = True
         sync_point = getattr(multihost_utils, "reached_preemption_sync_point", None)
-        if not self.flag and sync_point is not None and jax.process_count() > 1 and jax.devices()[0].platform == "tpu":
-            self.flag = bool(sync_point(step))
-        return self.flag
+        if self.reason is None and sync_point is not None and jax.process_count() > 1 and (
+                jax.devices()[0].platform == "tpu") and sync_point(step):
+            self.reason = "preempted"
+        self.stopped = self.reason is not None
+        return self.reason
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 def _stats(cfg: TrainConfig, record: dict) -> str:
@@ -90,17 +108,24 @@ class Progress:
             self.bar.stop()
 
 
-def train(cfg: TrainConfig) -> list[dict]:
-    """`sft-sharded train`: `run.train` with its messages and progress printed by process 0."""
+INTERRUPTED = 128 + signal.SIGINT  # the shell's exit status for a process stopped by Ctrl-C
+
+
+def train(cfg: TrainConfig) -> int:
+    """`sft-sharded train`: `run.train` with its messages and progress printed by process 0; the exit status
+    (130 after Ctrl-C, whose checkpoint the same command resumes from)."""
     import jax
 
     from sft_sharded import run
 
     progress = Progress(cfg, enabled=jax.process_index() == 0, interactive=sys.stdout.isatty())
+    signals = StopSignals(progress.say)
     try:
-        return run.train(cfg, say=progress.say, on_record=progress.record, stop_requested=PreemptionFlag().reached)
+        run.train(cfg, say=progress.say, on_record=progress.record, stop_requested=signals.reached)
     finally:
+        signals.restore()
         progress.close()
+    return INTERRUPTED if signals.stopped and signals.reason == "interrupted" else 0
 
 
 def data(cfg: TrainConfig, n: int, json_path: str | None) -> int:
@@ -194,8 +219,8 @@ def _command(args: argparse.Namespace) -> int:
 
     distributed.initialize()
     if args.command == "train":
-        train(cfg)
-    elif args.command == "export":
+        return train(cfg)
+    if args.command == "export":
         print(f"wrote {run.export(args.run_dir, args.out_dir, args.dtype, args.to)}")
     else:
         for prompt, answer in zip(args.prompt, run.generate(args.run_dir, args.prompt, args.max_new_tokens, args.raw)):
@@ -226,6 +251,12 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"sft-sharded: error: {_describe_process()}{err}", file=sys.stderr, flush=True)
         return err.exit_code
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print(f"sft-sharded: {_describe_process()}interrupted: stopped at once (nothing saved since the last "
+              "checkpoint)", file=sys.stderr, flush=True)
+        return INTERRUPTED
     except BaseException as err:
         who = _describe_process()
         if who and not isinstance(err, (SystemExit, KeyboardInterrupt)):

@@ -152,7 +152,9 @@ class WandbConfig:
     project: str = "sft_sharded"
     entity: str | None = None
     name: str | None = None  # the run's display name (default: W&B's)
-    mode: Literal["online", "offline"] = "online"  # offline: written under run_dir/wandb for `wandb sync`
+    # offline: written under run_dir/wandb for `wandb sync`; disabled: no W&B run. null: W&B's own WANDB_MODE
+    # (offline and dryrun: offline; disabled: off), online when that is unset
+    mode: Literal["online", "offline", "disabled"] | None = None
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -28,3 +28,9 @@ class TrainingDiverged(UserError):
     def __init__(self, step: int, what: str):
         super().__init__(f"step {step}: {what}; training stopped before saving this state")
         self.step = step
+
+
+class CheckpointNotSaved(UserError):
+    """A checkpoint could not be written (a full disk, a lost bucket): the run stops with the last good
+    checkpoint intact and the failed one's temporary directory removed. Not a mistake in the input, but
+    the fix (space, permissions) is the user's, so it is one line too."""

@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -30,6 +29,7 @@ from sft_sharded.data import report
 from sft_sharded.data.pipeline import make_iterator, open_records, resume_iterator, scan
 from sft_sharded.data.tokenizers import load_tokenizer
 from sft_sharded.errors import TrainingDiverged, UserError
+from sft_sharded.lock import RunLock, check_free
 from sft_sharded.models import Decoder, DecoderConfig, preset
 from sft_sharded.models.presets import loss_chunk
 from sft_sharded.models.lora import LoraConfig
@@ -37,6 +37,7 @@ from sft_sharded.optim import make_optimizer
 from sft_sharded.sharding import context_size, data_parallel_size, make_mesh
 from sft_sharded.state import (abstract_state, base_fingerprint, base_weights, frozen_base, init_state,
                                with_frozen_base)
+from sft_sharded.tracking import check_trackers, make_trackers
 from sft_sharded.trainers import SFTTrainer, TrainState, partition
 
 Say = Callable[[str], None]
@@ -93,21 +94,33 @@ def build_trainer(cfg: TrainConfig, model_cfg: DecoderConfig | None = None) -> S
                       loss_chunk_size=loss_chunk(model_cfg, cfg.loss.chunk_size), z_loss=cfg.loss.z_loss, seed=cfg.seed)
 
 
-def prepare_run_dir(run_dir: str | Path) -> epath.Path:
-    """The run directory (local or in a bucket), created if needed; a clear error when it cannot be written."""
+def check_run_dir(run_dir: str | Path) -> epath.Path:
+    """The run directory, checked for writing without creating anything: a failed start leaves no empty or
+    half-written directory behind (`create_run_dir` makes it once every check has passed)."""
     path = paths.path(run_dir, "run_dir")
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        if paths.is_remote(path):  # one probe object per process: no race
+        if paths.is_remote(path):  # a bucket has no permissions to read: one probe object per process
             probe = path / f".write-test-{jax.process_index()}-{os.getpid()}"
             probe.write_text("")
             probe.unlink()
-        else:
-            with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
-                pass
+            return path
+        existing = Path(path).absolute()
+        while not existing.exists():
+            existing = existing.parent
+        if not existing.is_dir():
+            raise UserError(f"run_dir={str(run_dir)!r} cannot be written: {existing} is a file")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise UserError(f"run_dir={str(run_dir)!r} cannot be written: {existing} is not writable by this user")
     except OSError as err:
         raise UserError(f"run_dir={str(run_dir)!r} cannot be written: {err.strerror or err}") from None
     return path
+
+
+def create_run_dir(path: epath.Path) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"run_dir={str(path)!r} cannot be created: {err.strerror or err}") from None
 
 
 def check_data(cfg: TrainConfig, tokenizer, model_cfg: DecoderConfig | None) -> report.DataReport:
@@ -125,6 +138,12 @@ def check_data(cfg: TrainConfig, tokenizer, model_cfg: DecoderConfig | None) -> 
             f"data.truncation={cfg.data.truncation!r}, {counts['no_target']:,} with no trained token, "
             f"{counts['template']:,} refused by the chat template"
             + "".join(f"; {n:,} {cause}" for cause, (n, _) in data_report.refusals.items()))
+    if cfg.data.eval_path is not None:  # read to its end now: a broken line would otherwise stop the run at its
+        held_out, _ = scan(cfg.data, tokenizer, cfg.seed, limit=None, split="eval")  # first evaluation
+        if held_out["kept"] == 0:
+            raise UserError(f"data.eval_path: none of the {held_out['scanned']:,} held-out records can be evaluated "
+                            f"({held_out['too_long']:,} too long, {held_out['no_target']:,} with no trained token, "
+                            f"{held_out['template']:,} refused by the chat template)")
     return data_report
 
 
@@ -182,7 +201,8 @@ def generation_eval(trainer: SFTTrainer, cfg: TrainConfig, tokenizer, state: Tra
 
 @dataclasses.dataclass
 class Prepared:
-    """A run after its checks, restored or initialised: what `train` drives."""
+    """A run after its checks, restored or initialised: what `train` drives. It holds the run directory's
+    lock until `close`."""
 
     cfg: TrainConfig
     run_dir: epath.Path
@@ -192,37 +212,55 @@ class Prepared:
     batches: Any  # this process's BatchIterator
     resumed_step: int
     ckpt: Checkpointer
+    lock: RunLock | None  # process 0 only
 
     @property
     def has_eval(self) -> bool:
         return self.cfg.data.path is None or self.cfg.data.eval_path is not None
 
+    def close(self) -> None:
+        self.ckpt.close()
+        if self.lock is not None:
+            self.lock.release()
+
 
 def prepare(cfg: TrainConfig, say: Say = print) -> Prepared:
-    """Every check of the user's input (run dir, model, tokenizer, data, mesh, checkpoints) before any
-    compile, then the state and data position (restored or fresh); writes config.yaml only then."""
-    run_dir = prepare_run_dir(cfg.run_dir)
+    """Every check of the user's input (run dir and its lock, model, tokenizer, data, mesh, trackers,
+    checkpoints) before any compile; only then the run directory is created and locked, and the state and
+    data position restored or initialised; config.yaml is written last."""
+    first = jax.process_index() == 0
+    run_dir = check_run_dir(cfg.run_dir)
+    if first:
+        check_free(run_dir)  # at once: the checks below read the whole held-out set
     model_cfg = model_config(cfg)
     tokenizer = load_tokenizer(tokenizer_path(cfg))
     for line in check_data(cfg, tokenizer, model_cfg).lines():
         say(line)
     trainer = build_trainer(cfg, model_cfg)
+    if first:
+        for line in check_trackers(cfg):
+            say(line)
     mesh = trainer.mesh
     say(f"model: {model_cfg.num_params() / 1e6:.2f}M params on {len(mesh.devices.flat)} "
         f"{jax.devices()[0].platform} devices, mesh {dict(mesh.shape)}; {cfg.steps} steps of "
         f"{cfg.data.batch_size}x{cfg.data.max_length} tokens; run dir {run_dir}")
-    if cfg.data.eval_path is not None:
-        open_records(cfg.data, "eval", cfg.seed)  # a missing or malformed held-out file fails now, not at step N
+    create_run_dir(run_dir)
+    lock = RunLock(run_dir, warn=say).acquire() if first else None
     c = cfg.checkpoint
-    ckpt = Checkpointer(run_dir / "checkpoints", every=c.every, keep=c.keep, keep_every=c.keep_every,
-                        async_save=c.async_save)
     try:
-        state, batches, resumed_step = restore_or_init(trainer, cfg, tokenizer, ckpt, say)
+        ckpt = Checkpointer(run_dir / "checkpoints", every=c.every, keep=c.keep, keep_every=c.keep_every,
+                            async_save=c.async_save, warn=say)
+        try:
+            state, batches, resumed_step = restore_or_init(trainer, cfg, tokenizer, ckpt, say)
+        except BaseException:
+            ckpt.close()
+            raise
+        dump_config(cfg, run_dir / "config.yaml")
     except BaseException:
-        ckpt.close()
+        if lock is not None:
+            lock.release()
         raise
-    dump_config(cfg, run_dir / "config.yaml")
-    return Prepared(cfg, run_dir, trainer, tokenizer, state, batches, resumed_step, ckpt)
+    return Prepared(cfg, run_dir, trainer, tokenizer, state, batches, resumed_step, ckpt, lock)
 
 
 def _fit(run: Prepared, writer, say: Say, on_record, stop_requested) -> tuple[TrainState, list[dict], bool]:
@@ -250,8 +288,9 @@ def _fit(run: Prepared, writer, say: Say, on_record, stop_requested) -> tuple[Tr
     config_dict, stopped = {**to_dict(cfg), "base": base_fingerprint(cfg)}, []
 
     def save_due(step: int) -> bool:
-        if stop_requested(step):
-            stopped.append(step)
+        reason = stop_requested(step)
+        if reason and not stopped:
+            stopped.append(reason)
         return bool(stopped) or ckpt.due(step)
 
     def after_step(step: int, state) -> bool:
@@ -259,7 +298,7 @@ def _fit(run: Prepared, writer, say: Say, on_record, stop_requested) -> tuple[Tr
         ckpt.save(step, state.replace(frozen=None), run.batches.get_state(), config_dict, force=bool(stopped))
         if stopped:
             ckpt.wait()
-            say(f"preempted: saved {ckpt.directory}/{step}; exiting")
+            say(f"{stopped[0]}: saved {ckpt.directory}/{step}; the same command resumes from it")
         return bool(stopped)
 
     def record(r: dict) -> None:
@@ -280,36 +319,36 @@ def _fit(run: Prepared, writer, say: Say, on_record, stop_requested) -> tuple[Tr
                  else "no checkpoint was saved")
         err.args = (f"{err.args[0]}; {where}",)
         raise
-    finally:
-        ckpt.close()
     return state, records, bool(stopped)
 
 
 def train(cfg: TrainConfig, *, say: Say = print, on_record: Callable[[dict], None] = lambda r: None,
-          stop_requested: Callable[[int], bool] = lambda step: False) -> list[dict]:
+          stop_requested: Callable[[int], str | None] = lambda step: None) -> list[dict]:
     """Train `cfg` to `cfg.steps` (resuming from the run directory's checkpoints), then evaluate and save
-    the final params. `on_record` sees every metrics record; `stop_requested(step)` (preemption) makes the
-    loop save and return at that step."""
+    the final params. `on_record` sees every metrics record; `stop_requested(step)` returning a reason
+    ("preempted", "interrupted") makes the loop save and return at that step."""
     from sft_sharded.metrics import MetricsWriter
 
     run = prepare(cfg, say)
-    from sft_sharded.tracking import make_trackers
-
-    first = jax.process_index() == 0
-    writer = MetricsWriter(run.run_dir, enabled=first, resumed_step=run.resumed_step)
-    if first:
-        writer.trackers = make_trackers(cfg, run.run_dir, writer.local_dir)
-    t0 = time.perf_counter()
     try:
-        state, records, stopped = _fit(run, writer, say, on_record, stop_requested)
-        if stopped:
-            return records
-        say(f"trained {cfg.steps} steps in {time.perf_counter() - t0:.1f}s; "
-            f"packing efficiency {run.batches.efficiency:.1%}")
+        first = jax.process_index() == 0
+        writer = MetricsWriter(run.run_dir, enabled=first, resumed_step=run.resumed_step)
+        t0 = time.perf_counter()
+        try:
+            if first:
+                writer.trackers = make_trackers(cfg, run.run_dir, writer.local_dir)
+            state, records, stopped = _fit(run, writer, say, on_record, stop_requested)
+            if stopped:
+                return records
+            ran = cfg.steps - run.resumed_step  # this process's steps, not the run's
+            say(f"trained {ran} steps ({run.resumed_step + 1}-{cfg.steps}) in {time.perf_counter() - t0:.1f}s; "
+                f"packing efficiency {run.batches.efficiency:.1%}")
+        finally:
+            writer.close()
+        save_params(run.run_dir, state.params)
+        return records
     finally:
-        writer.close()
-    save_params(run.run_dir, state.params)
-    return records
+        run.close()
 
 
 def _load_run(run_dir: str | Path) -> tuple[TrainConfig, SFTTrainer, Any]:

@@ -6,6 +6,7 @@ instead of starting a second one. Both libraries are optional extras, imported o
 from __future__ import annotations
 
 import math
+import os
 import uuid
 from pathlib import Path
 from typing import Any
@@ -46,12 +47,42 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, str]:
     return out
 
 
+_WANDB_MODES = {"online": "online", "run": "online", "offline": "offline", "dryrun": "offline",
+                "disabled": "disabled"}
+
+
+def wandb_mode(cfg: WandbConfig) -> str:
+    """online, offline or disabled: `track.wandb.mode` when set, else W&B's own `WANDB_MODE` (whose `dryrun`
+    is offline), else online."""
+    if cfg.mode is not None:
+        return cfg.mode
+    env = os.environ.get("WANDB_MODE", "").strip().lower()
+    if env and env not in _WANDB_MODES:
+        raise UserError(f"WANDB_MODE={env!r} (environment) is not one of {sorted(_WANDB_MODES)}")
+    return _WANDB_MODES.get(env, "online")
+
+
+def check_trackers(cfg: TrainConfig) -> list[str]:
+    """The start-up check of `track.*` (packages installed, modes known), before the run directory is
+    written; lines for the user about what is off."""
+    lines = []
+    if cfg.track.wandb.enabled:
+        if wandb_mode(cfg.track.wandb) == "disabled":
+            source = "track.wandb.mode" if cfg.track.wandb.mode else "WANDB_MODE"
+            lines.append(f"W&B is off: {source}=disabled (track.wandb.enabled=true)")
+        else:
+            _require("wandb", "wandb")
+    if cfg.track.mlflow.enabled:
+        _require("mlflow", "mlflow")
+    return lines
+
+
 class WandbTracker:
     def __init__(self, cfg: WandbConfig, run_dir: epath.Path, config: dict[str, Any], local_dir: Path):
         wandb = _require("wandb", "wandb")
         run_id = _run_id(run_dir, "wandb_run_id") or uuid.uuid4().hex[:8]
         self.run = wandb.init(project=cfg.project, entity=cfg.entity, name=cfg.name, id=run_id, resume="allow",
-                              mode=cfg.mode, dir=str(local_dir), config=config)
+                              mode=wandb_mode(cfg), dir=str(local_dir), config=config)
         (run_dir / "wandb_run_id").write_text(run_id)
         self._wandb = wandb
 
@@ -90,12 +121,12 @@ class MlflowTracker:
 
 
 def make_trackers(cfg: TrainConfig, run_dir: epath.Path, local_dir: Path) -> list:
-    """The trackers `track.*` enables (call on process 0 only). Their run ids are kept in `run_dir` (a
-    resume continues the same runs); W&B's own files go to `local_dir`, which is the run directory unless
-    that is in a bucket (`MetricsWriter.local_dir`)."""
+    """The trackers `track.*` enables (call on process 0 only, after `check_trackers`). Their run ids are
+    kept in `run_dir` (a resume continues the same runs); W&B's own files go to `local_dir`, which is the
+    run directory unless that is in a bucket (`MetricsWriter.local_dir`)."""
     config = to_dict(cfg)
     trackers = []
-    if cfg.track.wandb.enabled:
+    if cfg.track.wandb.enabled and wandb_mode(cfg.track.wandb) != "disabled":
         trackers.append(WandbTracker(cfg.track.wandb, run_dir, config, local_dir))
     if cfg.track.mlflow.enabled:
         trackers.append(MlflowTracker(cfg.track.mlflow, run_dir, config))

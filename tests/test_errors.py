@@ -162,17 +162,26 @@ def test_checkpoints_of_another_model_are_refused_and_kept(tmp_path, capsys):
     assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.isdigit()) == ["2"]
 
 
-def test_corrupt_newest_checkpoint_falls_back_and_says_so(tmp_path, capsys, caplog):
+def test_a_corrupt_newest_checkpoint_is_moved_aside_and_replaced(tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["train", *FAST, f"run_dir={run}", "steps=4", "checkpoint.every=2",
                  "checkpoint.async_save=false"]) == 0
-    for path in (run / "checkpoints" / "4" / "state").rglob("*"):
-        if path.is_file():
-            path.write_bytes(b"")
+    arrays = sorted((p for p in (run / "checkpoints" / "4" / "state").rglob("*") if p.is_file()),
+                    key=lambda p: p.stat().st_size)
+    arrays[-1].write_bytes(arrays[-1].read_bytes()[: arrays[-1].stat().st_size // 2])  # a truncated array file
     capsys.readouterr()
-    assert main(["train", *FAST, f"run_dir={run}", "steps=5"]) == 0
-    assert "checkpoint" in caplog.text and "/4 is unusable" in caplog.text
-    assert f"resumed from {run / 'checkpoints'}/2" in capsys.readouterr().out
+    assert main(["train", *FAST, f"run_dir={run}", "steps=5", "checkpoint.every=2"]) == 0
+    out = capsys.readouterr().out
+    warnings = [line for line in out.splitlines() if "cannot be restored" in line]
+    assert len(warnings) == 1 and warnings[0].startswith(f"warning: checkpoint {run / 'checkpoints'}/4 cannot be "
+                                                         "restored ("), out
+    assert f"moved to {run / 'checkpoints' / 'corrupt-4'}, training resumes from the one before it" in warnings[0]
+    assert f"resumed from {run / 'checkpoints'}/2" in out
+    assert (run / "checkpoints" / "corrupt-4" / "state").is_dir()  # kept for inspection
+    # the re-done step 4 saved a good checkpoint in its place: the next resume starts there, without a warning
+    assert main(["train", *FAST, f"run_dir={run}", "steps=6"]) == 0
+    out = capsys.readouterr().out
+    assert f"resumed from {run / 'checkpoints'}/4" in out and "cannot be restored" not in out
 
 
 def test_a_bug_keeps_its_traceback_and_debug_shows_user_errors_too(tmp_path):
