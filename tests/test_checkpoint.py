@@ -1,4 +1,4 @@
-"""Exact resume after SIGKILL and SIGTERM, reshard on restore, corrupt checkpoints."""
+"""Exact resume after SIGKILL and SIGTERM, reshard on restore, corrupt checkpoints moved aside."""
 
 import json
 import os
@@ -17,6 +17,7 @@ import pytest
 
 from sft_sharded import Decoder, SFTTrainer, make_mesh
 from sft_sharded.checkpoint import Checkpointer
+from sft_sharded.errors import UserError
 
 ARGS = ["steps=16", "log_every=1", "checkpoint.every=5", "eval.every=0", "eval.num_generate=8", "data.num_eval=16",
         "data.batch_size=8", "data.max_length=64"]
@@ -147,7 +148,7 @@ def test_restore_onto_other_meshes_gives_equal_values(tiny_config, tmp_path):
         assert wq.sharding == _abstract(target_trainer).params["layer_0"]["attn"]["wq"].sharding
 
 
-def test_corrupt_newest_checkpoint_falls_back_then_errors(tiny_config, tmp_path, caplog):
+def test_corrupt_newest_checkpoint_is_moved_aside_then_errors(tiny_config, tmp_path):
     trainer, state = _trainer(tiny_config, make_mesh(1, 8, 1))
     ckpt = Checkpointer(tmp_path, every=1, keep=3)
     for step in (1, 2):
@@ -163,12 +164,15 @@ def test_corrupt_newest_checkpoint_falls_back_then_errors(tiny_config, tmp_path,
         shutil.rmtree(tmp_path / str(step) / "state" / "d", ignore_errors=True)
 
     corrupt(2)
-    _, data, step = Checkpointer(tmp_path, every=1, keep=3).restore_latest(_abstract(trainer))
+    lines = []
+    _, data, step = Checkpointer(tmp_path, every=1, keep=3, warn=lines.append).restore_latest(_abstract(trainer))
     assert step == 1 and data.own == {"step": 1}
-    assert "checkpoint" in caplog.text and "unusable" in caplog.text
-    corrupt(1)
-    with pytest.raises(RuntimeError, match=f"{tmp_path}: no usable checkpoint among steps \\[1, 2\\]"):
-        Checkpointer(tmp_path, every=1, keep=3).restore_latest(_abstract(trainer))
+    assert len(lines) == 1 and lines[0].startswith(f"warning: checkpoint {tmp_path}/2 cannot be restored ("), lines
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["1", "corrupt-2"]
+    corrupt(1)  # the only one left: when none restores, nothing is moved
+    with pytest.raises(UserError, match=f"{tmp_path}: none of the checkpoints \\[1\\] can be restored \\(step 1: "):
+        Checkpointer(tmp_path, every=1, keep=3, warn=lines.append).restore_latest(_abstract(trainer))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["1", "corrupt-2"] and len(lines) == 1
 
 
 def test_no_checkpoint_returns_none(tiny_config, tmp_path):

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 from test_errors import FAST, assert_one_line, cli
 
+from sft_sharded.cli import main
+
 wandb = pytest.importorskip("wandb")
 mlflow = pytest.importorskip("mlflow")
 
@@ -47,8 +49,9 @@ def wandb_history(run_dir: Path) -> tuple[dict[int, dict], list[str], dict]:
 def test_wandb_and_mlflow_log_what_metrics_jsonl_has_and_resume_the_same_runs(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow's local file store, for this test
     monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_MODE", "offline")  # W&B's own setting, honoured (track.wandb.mode is unset)
     run_dir = tmp_path / "run"
-    track = ["track.wandb.enabled=true", "track.wandb.mode=offline", "track.wandb.project=test",
+    track = ["track.wandb.enabled=true", "track.wandb.project=test",
              "track.mlflow.enabled=true", f"track.mlflow.tracking_uri=file://{tmp_path / 'mlruns'}"]
     for steps in (2, 3):  # the second run resumes from the step-2 checkpoint
         status, err = cli(capsys, "train", *FAST, f"run_dir={run_dir}", f"steps={steps}", "checkpoint.every=2",
@@ -78,3 +81,11 @@ def test_a_tracker_whose_package_is_missing_is_one_line(tmp_path, capsys, monkey
     monkeypatch.setitem(sys.modules, "wandb", None)  # what `import wandb` does when it is not installed
     status, err = cli(capsys, "train", *FAST, f"run_dir={tmp_path / 'run'}", "track.wandb.enabled=true")
     assert_one_line(status, err, "track.wandb.enabled=true needs the wandb package: pip install 'sft_sharded[wandb]'")
+    assert not (tmp_path / "run").exists()  # refused before the run directory was made
+
+
+def test_wandb_mode_disabled_in_the_environment_turns_the_tracker_off(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert main(["train", *FAST, "steps=1", f"run_dir={tmp_path / 'run'}", "track.wandb.enabled=true"]) == 0
+    assert "W&B is off: WANDB_MODE=disabled (track.wandb.enabled=true)" in capsys.readouterr().out
+    assert not (tmp_path / "run" / "wandb").exists() and not (tmp_path / "run" / "wandb_run_id").exists()
