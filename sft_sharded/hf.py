@@ -5,8 +5,10 @@ Import reads one tensor at a time (memory-mapped) and places it straight into it
 `make_array_from_callback`, so the host never holds a second copy of the model. Export gathers one tensor
 at a time (`process_allgather` on many hosts) and writes safetensors shards. HF stores linear weights as
 [out, in]; ours are [in, out] with heads split out, so each tensor has a fixed transpose/reshape.
-The safetensors format (8-byte header size, JSON header, raw little-endian data) is read and written here
-with numpy, which also handles bfloat16 without torch.
+The `safetensors` package writes the files and checks each local file on opening (header, dtypes, offsets
+that cover the file: a truncated download is refused by name). Reading stays a numpy memory map of each
+tensor's bytes: a device's shard of a transposed tensor then touches only its pages, where the package's
+`get_tensor` would copy the whole tensor once per device; the byte offsets that needs are in the header.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from typing import Any
 import jax
 import ml_dtypes
 import numpy as np
+import safetensors.numpy
+from safetensors import SafetensorError, safe_open
 
 from sft_sharded import paths
 from sft_sharded.errors import MissingFileError, UserError
@@ -31,7 +35,6 @@ from sft_sharded.sharding import global_to_host
 __all__ = ["TOKEN_ID_FIELDS", "config_from_hf", "config_to_hf", "hf_model_type", "load_params", "read_hf_config",
            "save_pretrained", "tokenizer_token_ids"]
 _DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16, "F64": np.float64}
-_NAMES = {np.dtype(v): k for k, v in _DTYPES.items()}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
 
@@ -57,6 +60,13 @@ class SafetensorsDir:
             path = directory / name
             if not path.is_file():
                 raise MissingFileError(f"{index}: lists {name}, which is not in {directory}")
+            if not paths.is_remote(path):
+                try:
+                    with safe_open(str(path), framework="numpy"):
+                        pass  # opening is the check
+                except SafetensorError as err:
+                    raise UserError(f"{path}: not a complete safetensors file ({err}; a truncated download?)"
+                                    ) from None
             with path.open("rb") as f:
                 try:
                     size = int.from_bytes(f.read(8), "little")
@@ -82,18 +92,10 @@ class SafetensorsDir:
 
 
 def write_safetensors(path: Path, tensors: dict[str, np.ndarray]) -> None:
-    header, offset = {}, 0
-    for name, array in tensors.items():
-        header[name] = {"dtype": _NAMES[array.dtype], "shape": list(array.shape),
-                        "data_offsets": [offset, offset + array.nbytes]}
-        offset += array.nbytes
-    blob = json.dumps(header).encode()
-    blob += b" " * (-len(blob) % 8)
-    with path.open("wb") as f:
-        f.write(len(blob).to_bytes(8, "little"))
-        f.write(blob)
-        for array in tensors.values():
-            f.write(np.ascontiguousarray(array).tobytes())
+    if paths.is_remote(path):
+        path.write_bytes(safetensors.numpy.save(tensors))
+    else:
+        safetensors.numpy.save_file(tensors, str(path))
 
 
 def get_path(tree, path):

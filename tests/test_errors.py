@@ -120,6 +120,13 @@ def test_bad_model_directories(tmp_path, capsys):
     assert_one_line(*cli(capsys, "train", *FAST, run, f"model.path={model}"),
                     "the checkpoint lacks 4 tensor(s) this config needs: 'model.layers.0.self_attn.k_proj.bias'")
 
+    (model / "config.json").write_text(json.dumps(config))
+    weights = (model / "model.safetensors").read_bytes()
+    (model / "model.safetensors").write_bytes(weights[: len(weights) // 2])  # an interrupted download
+    assert_one_line(*cli(capsys, "train", *FAST, run, f"model.path={model}"),
+                    f"{model / 'model.safetensors'}: not a complete safetensors file (Error while deserializing "
+                    "header: incomplete metadata, file not fully covered; a truncated download?)")
+
     small = write_model_dir(tmp_path / "small", vocab=64)
     assert_one_line(*cli(capsys, "train", *FAST, run, f"model.path={small}"),
                     "has vocab_size 64, smaller than the tokenizer's 264")
