@@ -68,6 +68,17 @@ def lora_config(cfg: TrainConfig) -> LoraConfig | None:
         raise UserError(str(err)) from None
 
 
+def lora_off_note(cfg: TrainConfig) -> str | None:
+    """A line when `lora.*` keys are set but lora.rank is 0 (full fine-tuning: they do nothing)."""
+    if cfg.lora.rank:
+        return None
+    default = type(cfg.lora)()
+    unused = [f"lora.{f.name}" for f in dataclasses.fields(cfg.lora)
+              if getattr(cfg.lora, f.name) != getattr(default, f.name)]
+    return (f"LoRA is off (lora.rank=0: every weight trains); {', '.join(unused)} "
+            f"{'is' if len(unused) == 1 else 'are'} set and not used") if unused else None
+
+
 def tokenizer_path(cfg: TrainConfig) -> str | None:
     """tokenizer.path, else the model directory when it holds a tokenizer.json."""
     if cfg.tokenizer.path is None and cfg.model.path and (
@@ -241,7 +252,13 @@ def prepare(cfg: TrainConfig, say: Say = print) -> Prepared:
         for line in check_trackers(cfg):
             say(line)
     mesh = trainer.mesh
-    say(f"model: {model_cfg.num_params() / 1e6:.2f}M params on {len(mesh.devices.flat)} "
+    note = lora_off_note(cfg)
+    if note:
+        say(note)
+    adapters = model_cfg.num_adapter_params()
+    size = (f"{model_cfg.num_params() / 1e6:.2f}M frozen params + {adapters / 1e6:.2f}M trained LoRA params"
+            if adapters else f"{model_cfg.num_params() / 1e6:.2f}M params")
+    say(f"model: {size} on {len(mesh.devices.flat)} "
         f"{jax.devices()[0].platform} devices, mesh {dict(mesh.shape)}; {cfg.steps} steps of "
         f"{cfg.data.batch_size}x{cfg.data.max_length} tokens; run dir {run_dir}")
     create_run_dir(run_dir)
@@ -295,7 +312,11 @@ def _fit(run: Prepared, writer, say: Say, on_record, stop_requested) -> tuple[Tr
 
     def after_step(step: int, state) -> bool:
         # a LoRA run's checkpoint holds what training changes; the frozen base is read again on resume
-        ckpt.save(step, state.replace(frozen=None), run.batches.get_state(), config_dict, force=bool(stopped))
+        t0 = time.perf_counter()
+        saved = ckpt.save(step, state.replace(frozen=None), run.batches.get_state(), config_dict, force=bool(stopped))
+        if saved and not stopped:
+            say(f"step {step}: checkpoint {ckpt.directory}/{step} (training waited {time.perf_counter() - t0:.2f}s"
+                + ("; written in the background)" if cfg.checkpoint.async_save else ")"))
         if stopped:
             ckpt.wait()
             say(f"{stopped[0]}: saved {ckpt.directory}/{step}; the same command resumes from it")

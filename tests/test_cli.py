@@ -17,8 +17,12 @@ def run_cli(*args, timeout=600):
 def test_train_writes_run_dir_and_the_loss_falls(tmp_path):
     run_dir = tmp_path / "run"
     result = run_cli("train", f"run_dir={run_dir}", "steps=60", "log_every=10", "eval.every=30",
-                     "eval.num_generate=16", "data.num_eval=32")
+                     "eval.num_generate=16", "data.num_eval=32", "checkpoint.every=40", "lora.alpha=8")
     assert result.returncode == 0, result.stderr
+    assert "LoRA is off (lora.rank=0: every weight trains); lora.alpha is set and not used" in result.stdout
+    assert f"step 40: checkpoint {run_dir / 'checkpoints'}/40 (training waited " in result.stdout
+    assert "s; written in the background)" in result.stdout
+    assert "trained 60 steps (1-60) in " in result.stdout
     assert "8 cpu devices, mesh {'data': 2, 'fsdp': 2, 'expert': 1, 'context': 1, 'tensor': 2}" in result.stdout
     assert "10,000 records scanned: 10,000 kept, 0 truncated" in result.stdout
     assert "held-out exact match (greedy generation):" in result.stdout
@@ -29,7 +33,8 @@ def test_train_writes_run_dir_and_the_loss_falls(tmp_path):
     assert [r["step"] for r in train] == [10, 20, 30, 40, 50, 60]
     assert [r["step"] for r in evals] == [30, 60]
     assert all(r["tokens_per_sec"] > 0 and r["num_tokens"] > 0 for r in train)
-    assert all(r["model_tflops_per_sec_per_device"] > 0 for r in train)  # MFU itself: no peak for a CPU
+    assert all(r["model_tflops_per_sec_per_device"] > 0 for r in train)
+    assert not any("mfu" in r or "mfu_real_tokens" in r for r in records)  # no peak is known for a CPU: absent
     assert all(0.8 < r["packing_efficiency"] <= 1.0 for r in train)
     assert train[-1]["loss"] < 0.6 * train[0]["loss"]
     assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]
@@ -109,5 +114,10 @@ def test_a_lora_run_evaluates_generates_and_resumes_on_the_built_in_task(tmp_pat
     assert main(args) == 0  # resumes at step 2 on the re-initialised base
     out = capsys.readouterr().out
     assert f"resumed from {run / 'checkpoints'}/2" in out and "held-out exact match (greedy generation)" in out
+    # the tiny preset's adapter count, written out from its shape (d 128, 4 layers, heads 4 x 32,
+    # kv 2 x 32, mlp 384): rank 4 x sum of (in + out) over the 7 targets, per layer
+    adapters = 4 * 4 * ((128 + 128) + 2 * (128 + 64) + (128 + 128) + 2 * (128 + 384) + (384 + 128))
+    assert f"model: 0.89M frozen params + {adapters / 1e6:.2f}M trained LoRA params on 8 cpu devices" in out
+    assert "trained 2 steps (3-4) in " in out
     assert main(["generate", "--run-dir", str(run), "--prompt", "rev:123", "--max-new-tokens", "4"]) == 0
     assert capsys.readouterr().out.startswith("rev:123 -> ")

@@ -140,10 +140,20 @@ def test_chat_template_that_escapes_the_sandbox(tmp_path, capsys):
     assert_one_line(status, err, "chats.jsonl:1: the chat template was stopped by the sandbox")
 
 
+def test_chat_template_with_a_syntax_error(tmp_path, capsys):
+    tok = write_hf_tokenizer(tmp_path / "tok", chat_template="{% for m in messages %}\n{{ m.content }\n{% endfor %}")
+    data = jsonl(tmp_path / "chats.jsonl", CHAT)
+    status, err = cli(capsys, "train", *FAST, f"run_dir={tmp_path / 'run'}", f"data.path={data}",
+                      f"data.eval_path={data}", f"tokenizer.path={tok}")
+    assert_one_line(status, err, f"the chat template of {tok / 'tokenizer_config.json'}: line 2: unexpected '}}'")
+    assert not (tmp_path / "run").exists()
+
+
 def test_run_dir_that_cannot_be_written(tmp_path, capsys):
     (tmp_path / "a_file").write_text("")
     status, err = cli(capsys, "train", *FAST, f"run_dir={tmp_path / 'a_file' / 'run'}")
-    assert_one_line(status, err, f"run_dir='{tmp_path / 'a_file' / 'run'}' cannot be written")
+    assert_one_line(status, err, f"run_dir='{tmp_path / 'a_file' / 'run'}' cannot be written: {tmp_path / 'a_file'} "
+                                 "is a file")
 
 
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, capsys):

@@ -146,6 +146,8 @@ class _Recorder:
         devices = self.trainer.mesh.devices.size
         peak = peak_flops(self.trainer.mesh.devices.flat[0].device_kind)
         record["model_tflops_per_sec_per_device"] = record["tokens_per_sec"] * self.flops_per_token / devices / 1e12
+        if peak is None:  # a CPU, or a chip whose peak is not in metrics.PEAK_BF16_FLOPS: no MFU, not NaN
+            return
         record["mfu"] = mfu(record["tokens_per_sec"], self.flops_per_token, devices, peak)  # all positions
         record["mfu_real_tokens"] = mfu(record["real_tokens_per_sec"], self.flops_per_token, devices, peak)
 
