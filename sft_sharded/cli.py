@@ -15,7 +15,7 @@ import sys
 
 from sft_sharded import paths
 from sft_sharded.config import TrainConfig, load_config
-from sft_sharded.devices import simulate_cpu_devices
+from sft_sharded.devices import cpu_only_host, simulate_cpu_devices
 from sft_sharded.errors import UserError
 
 
@@ -202,6 +202,7 @@ def _command(args: argparse.Namespace) -> int:
         from sft_sharded import plan
 
         return plan.main(args)
+    cpu_only_host()  # every command but `plan`, which needs libtpu's compiler
     if args.command == "data":
         return data(load_config(args.config, args.overrides), args.records, args.json)
     if args.command in ("generate", "export"):
