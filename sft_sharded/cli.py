@@ -259,11 +259,15 @@ def main(argv: list[str] | None = None) -> int:
               "checkpoint)", file=sys.stderr, flush=True)
         return INTERRUPTED
     except BaseException as err:
+        from sft_sharded.memory import describe_xla_oom, is_xla_oom
+
         who = _describe_process()
+        if is_xla_oom(err) and not args.debug:  # XLA's RESOURCE_EXHAUSTED: the machine, not a bug
+            print(f"sft-sharded: error: {who}{describe_xla_oom(err)}", file=sys.stderr, flush=True)
+            return 2
         if who and not isinstance(err, (SystemExit, KeyboardInterrupt)):
             print(f"sft-sharded: {who}failed: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
         raise
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -92,10 +92,9 @@ class SafetensorsDir:
 
 
 def write_safetensors(path: Path, tensors: dict[str, np.ndarray]) -> None:
-    if paths.is_remote(path):
-        path.write_bytes(safetensors.numpy.save(tensors))
-    else:
-        safetensors.numpy.save_file(tensors, str(path))
+    # bytes, then one write: save_file would create the file with mode 0600 (unreadable to a serving group),
+    # and a bucket takes whole objects anyway; the shard is at most max_shard_bytes
+    path.write_bytes(safetensors.numpy.save(tensors))
 
 
 def get_path(tree, path):

@@ -13,6 +13,8 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from etils import epath
@@ -62,3 +64,52 @@ def glob(pattern: str, key: str = "path") -> list[epath.Path]:
     if "**" in pattern:  # epath refuses recursive patterns (one listing per folder of a bucket)
         raise UserError(f"{key}={pattern!r}: '**' is not supported; name each level (e.g. data/*/*.jsonl)")
     return sorted(path(base, key).glob("/".join(parts[first:])), key=str)
+
+
+def bounded(action: Callable[[], None], target: str, key: str, timeout_s: float = 30.0) -> None:
+    """Run a first access to a bucket (`action`) for at most `timeout_s`: without a network or credentials
+    fsspec's clients retry for minutes before a deep traceback. Past the time, or on an error, one line
+    names the bucket, what failed and which credentials were found."""
+    outcome: list[BaseException | None] = []
+
+    def run() -> None:
+        try:
+            action()
+        except BaseException as err:  # noqa: BLE001 - handed to the caller's thread, which reports it
+            outcome.append(err)
+        else:
+            outcome.append(None)
+
+    worker = threading.Thread(target=run, daemon=True)  # left behind on a timeout; it ends with the process
+    worker.start()
+    worker.join(timeout_s)
+    if outcome and outcome[0] is None:
+        return
+    what = (f"{type(outcome[0]).__name__}: {str(outcome[0]).strip().splitlines()[0][:200]}" if outcome and
+            str(outcome[0]).strip() else type(outcome[0]).__name__ if outcome else f"no answer in {timeout_s:.0f} s")
+    raise UserError(f"{key}={target!r}: the bucket cannot be reached ({what}); {_credentials(target)}") from None
+
+
+def require_gcs_credentials(target: str, key: str) -> None:
+    """Writing to gs:// needs credentials: refuse at once when there are none (before any retry)."""
+    if target.startswith("gs://") and _credentials(target).startswith("no Google Cloud credentials"):
+        raise UserError(f"{key}={target!r}: writing to a bucket needs credentials, and {_credentials(target)}")
+
+
+def _credentials(target: str) -> str:
+    """Which credentials a gs:// access would use, for the error line (others: the scheme's own rules)."""
+    if not target.startswith("gs://"):
+        return "check the network and the credentials of that storage"
+    if os.environ.get("GOOGLE_APPLICATION_CREDENTIALS"):
+        return f"credentials: GOOGLE_APPLICATION_CREDENTIALS={os.environ['GOOGLE_APPLICATION_CREDENTIALS']}"
+    try:
+        import google.auth
+        from google.auth.exceptions import DefaultCredentialsError
+
+        google.auth.default()
+    except DefaultCredentialsError:
+        return ("no Google Cloud credentials were found (set GOOGLE_APPLICATION_CREDENTIALS or run `gcloud auth "
+                "application-default login`)")
+    except ImportError:
+        return "google-auth is not installed"
+    return "credentials were found (application default): check the network and the bucket's permissions"

@@ -30,6 +30,7 @@ from sft_sharded.data.pipeline import make_iterator, open_records, resume_iterat
 from sft_sharded.data.tokenizers import load_tokenizer
 from sft_sharded.errors import TrainingDiverged, UserError
 from sft_sharded.lock import RunLock, check_free
+from sft_sharded.memory import advice, check_fits
 from sft_sharded.models import Decoder, DecoderConfig, preset
 from sft_sharded.models.presets import loss_chunk
 from sft_sharded.models.lora import LoraConfig
@@ -111,9 +112,9 @@ def check_run_dir(run_dir: str | Path) -> epath.Path:
     path = paths.path(run_dir, "run_dir")
     try:
         if paths.is_remote(path):  # a bucket has no permissions to read: one probe object per process
+            paths.require_gcs_credentials(str(run_dir), "run_dir")
             probe = path / f".write-test-{jax.process_index()}-{os.getpid()}"
-            probe.write_text("")
-            probe.unlink()
+            paths.bounded(lambda: (probe.write_text(""), probe.unlink()), str(run_dir), "run_dir")
             return path
         existing = Path(path).absolute()
         while not existing.exists():
@@ -322,6 +323,11 @@ def _fit(run: Prepared, writer, say: Say, on_record, stop_requested) -> tuple[Tr
             say(f"{stopped[0]}: saved {ckpt.directory}/{step}; the same command resumes from it")
         return bool(stopped)
 
+    def check_memory(state, batch) -> None:  # the compiled step is the one the first call then runs
+        compiled = trainer.lower("train", state, batch).compile()
+        local = jax.local_devices()
+        check_fits(compiled, local, advice(cfg, len(local), local[0].platform))
+
     def record(r: dict) -> None:
         if "loss" in r:
             r["packing_efficiency"] = run.batches.efficiency
@@ -331,8 +337,8 @@ def _fit(run: Prepared, writer, say: Say, on_record, stop_requested) -> tuple[Tr
     try:
         state, records = fit(trainer, run.state, run.batches, steps=cfg.steps, log_every=cfg.log_every,
                              eval_every=cfg.eval.every, eval_fn=eval_fn, on_record=record, after_step=after_step,
-                             save_due=save_due, flops_per_token=flops_per_token(trainer.model.config,
-                                                                                cfg.data.max_length))
+                             save_due=save_due, before_first_step=check_memory,
+                             flops_per_token=flops_per_token(trainer.model.config, cfg.data.max_length))
     except TrainingDiverged as err:
         ckpt.wait()  # the saves of earlier (good) steps complete
         steps = ckpt.all_steps()

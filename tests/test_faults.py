@@ -176,3 +176,59 @@ def test_a_held_out_file_broken_at_its_end_is_found_before_training(tmp_path, ca
                       f"data.eval_path={held_out}")
     assert_one_line(status, err, "held_out.jsonl:6: malformed JSON")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_step_that_cannot_fit_is_refused_before_it_runs(tmp_path, capsys, monkeypatch):
+    from sft_sharded import memory
+
+    monkeypatch.setattr(memory, "host_available_bytes", lambda: 2**20)  # a host with 1 MiB free
+    status, err = cli(capsys, "train", *FAST, f"run_dir={tmp_path / 'run'}")
+    assert_one_line(status, err, "the train step needs ")
+    assert " GiB per device x 8 simulated devices sharing this host's RAM), but the host has 0.00 GiB available; it " \
+           "would be killed: try fewer simulated devices (simulate_devices=1 with mesh.data=1 mesh.fsdp=1 " \
+           "mesh.tensor=1), LoRA (lora.rank=8), model.remat=full, a shorter data.max_length (now 32)" in err
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == ""  # no step ran
+
+
+def test_xla_running_out_of_memory_is_one_line(tmp_path, capsys, monkeypatch):
+    import jax
+
+    from sft_sharded import run
+
+    def oom(*args, **kwargs):
+        raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 25769803776 "
+                                         "bytes.\nBufferAssignment OOM Debugging.\n...")
+
+    monkeypatch.setattr(run, "train", oom)
+    status, err = cli(capsys, "train", *FAST, f"run_dir={tmp_path / 'run'}")
+    assert_one_line(status, err, "out of memory: RESOURCE_EXHAUSTED: Out of memory while trying to allocate "
+                                 "25769803776 bytes.")
+
+
+def test_a_bucket_without_credentials_is_refused_at_once(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("gcsfs")
+    for name in ("GOOGLE_APPLICATION_CREDENTIALS", "CLOUDSDK_CONFIG"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no gcloud login there
+    monkeypatch.setenv("NO_GCE_CHECK", "True")  # and not a Google Cloud VM (its metadata server is not asked)
+    t0 = time.monotonic()
+    status, err = cli(capsys, "train", *FAST, "run_dir=gs://no-such-bucket/run")
+    assert_one_line(status, err, "run_dir='gs://no-such-bucket/run': writing to a bucket needs credentials, and no "
+                                 "Google Cloud credentials were found (set GOOGLE_APPLICATION_CREDENTIALS or run "
+                                 "`gcloud auth application-default login`)")
+    assert time.monotonic() - t0 < 10
+
+
+def test_a_bucket_that_does_not_answer_is_one_line_after_a_bounded_wait(monkeypatch):
+    from sft_sharded import paths
+    from sft_sharded.errors import UserError
+
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", "/keys/sa.json")
+    t0 = time.monotonic()
+    with pytest.raises(UserError, match=r"^run_dir='gs://b/run': the bucket cannot be reached \(no answer in 1 s\); "
+                                        r"credentials: GOOGLE_APPLICATION_CREDENTIALS=/keys/sa.json$"):
+        paths.bounded(lambda: time.sleep(30), "gs://b/run", "run_dir", timeout_s=1)  # a network that drops packets
+    assert time.monotonic() - t0 < 5
+    with pytest.raises(UserError, match=r"the bucket cannot be reached \(ConnectionError: refused\)"):
+        paths.bounded(lambda: (_ for _ in ()).throw(ConnectionError("refused")), "gs://b/run", "run_dir")
+    paths.bounded(lambda: None, "gs://b/run", "run_dir")  # an answer: nothing raised

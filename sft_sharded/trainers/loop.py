@@ -172,18 +172,24 @@ def fit(
     after_step: Callable[[int, TrainState], bool] = lambda step, state: False,
     save_due: Callable[[int], bool] = lambda step: False,
     flops_per_token: float | None = None,
+    before_first_step: Callable[[TrainState, Mapping[str, Any]], None] = lambda state, batch: None,
 ) -> tuple[TrainState, list[Record]]:
     """Train from `state.step` to `steps`. `batches` yields this process's rows of each global batch.
 
     `after_step(step, state)` runs once each step is dispatched (checkpoints); True stops the loop there.
     On steps where `save_due(step)` is true the step's metrics are read first, so a state whose loss or
     gradient is not finite never reaches `after_step`. A non-finite loss raises `TrainingDiverged`.
+    `before_first_step(state, batch)` sees the first global batch before the step runs (a memory check).
     """
     recorder = _Recorder(trainer, steps, log_every, flops_per_token, on_record)
-    for step in range(int(state.step) + 1, steps + 1):
+    first = int(state.step) + 1
+    for step in range(first, steps + 1):
         local = next(batches)
         tokens = int(np.size(local["input_ids"])) * jax.process_count()
-        state, metrics = trainer.train_step(state, sharding.global_batch(local, trainer.mesh))
+        batch = sharding.global_batch(local, trainer.mesh)
+        if step == first:
+            before_first_step(state, batch)
+        state, metrics = trainer.train_step(state, batch)
         recorder.flush()  # step N-1's scalars, while step N runs
         recorder.pending = (step, metrics, tokens)
         if save_due(step):
