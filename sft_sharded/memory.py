@@ -38,27 +38,29 @@ def step_need(compiled: Any) -> tuple[int, int]:
     return m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes, m.argument_size_in_bytes
 
 
-def check_fits(compiled: Any, devices: list, advice: str) -> None:
-    """Refuse a step that needs more than there is; `advice` says what would fit (from the run's config)."""
+def check_fits(compiled: Any, devices: list, advice: str) -> str | None:
+    """Refuse a step that needs more than there is; `advice` says what would fit (from the run's config).
+    Returns a line with both numbers when it fits (None where the machine does not say what it has)."""
     extra, args = step_need(compiled)
     device = devices[0]
     if device.platform == "cpu":
         have = host_available_bytes()
         if have is None:
-            return
+            return None
         need, where = extra * len(devices), (f"{extra / GiB:.2f} GiB per device x {len(devices)} simulated devices "
                                              f"sharing this host's RAM")
         what = f"the host has {have / GiB:.2f} GiB available"
     else:
         stats = device.memory_stats() or {}
         if "bytes_limit" not in stats:
-            return
+            return None
         have = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
         need, where = extra, f"{extra / GiB:.2f} GiB per device beyond its {args / GiB:.2f} GiB of state and batch"
         what = f"{device.device_kind} has {have / GiB:.2f} GiB free"
     if need > have:
         raise OutOfMemory(f"the train step needs {need / GiB:.2f} GiB more memory ({where}), but {what}; "
                           f"it would be killed: {advice}")
+    return f"memory: the train step needs {need / GiB:.2f} GiB more ({where}); {what}"
 
 
 def advice(cfg: Any, num_devices: int, platform: str) -> str:

@@ -135,7 +135,8 @@ def plot_losses(records: list[dict], path: Path) -> None:
     ax.set_ylabel("loss (masked mean cross entropy)")
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
-    ax.legend()
+    if ax.get_legend_handles_labels()[0]:  # a run stopped before its first step has nothing to plot
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

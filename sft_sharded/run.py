@@ -297,7 +297,7 @@ def _fit(run: Prepared, writer, say: Say, on_record, stop_requested) -> tuple[Tr
                 name: make_iterator(data, run.tokenizer, split="eval", seed=cfg.seed, **shard)
                 for name, data in sources.items()})
             step = int(state.step)
-            if cfg.eval.generate == "each_eval" or step == cfg.steps:
+            if cfg.eval.num_generate and (cfg.eval.generate == "each_eval" or step == cfg.steps):
                 generated, line = generation_eval(trainer, cfg, run.tokenizer, state, run.run_dir, step)
                 say(line)
                 out.update(generated)
@@ -326,7 +326,9 @@ def _fit(run: Prepared, writer, say: Say, on_record, stop_requested) -> tuple[Tr
     def check_memory(state, batch) -> None:  # the compiled step is the one the first call then runs
         compiled = trainer.lower("train", state, batch).compile()
         local = jax.local_devices()
-        check_fits(compiled, local, advice(cfg, len(local), local[0].platform))
+        line = check_fits(compiled, local, advice(cfg, len(local), local[0].platform))
+        if line:
+            say(line)
 
     def record(r: dict) -> None:
         if "loss" in r:
