@@ -22,7 +22,7 @@ def _padded_batch(seed: int) -> dict[str, np.ndarray]:
     return {**batch, "segment_ids": segments}
 
 
-def test_fit_reports_real_token_throughput_and_both_mfus(tiny_config):
+def test_fit_reports_real_token_throughput_and_both_mfus(tiny_config, monkeypatch):
     trainer = SFTTrainer(Decoder(tiny_config), optax.sgd(0.1), mesh=make_mesh(1, 8, 1))
     state = trainer.create_train_state(jax.random.key(0), jnp.zeros((8, 16), jnp.int32))
     batch = _padded_batch(0)
@@ -30,12 +30,22 @@ def test_fit_reports_real_token_throughput_and_both_mfus(tiny_config):
     assert float(metrics["num_real_tokens"]) == np.count_nonzero(batch["segment_ids"]) == 96
 
     batches = (_padded_batch(seed) for seed in itertools.count(1))
-    _, records = fit(trainer, state, batches, steps=5, log_every=2, flops_per_token=flops_per_token(tiny_config, 16))
+    flops = flops_per_token(tiny_config, 16)
+    state, records = fit(trainer, state, batches, steps=5, log_every=2, flops_per_token=flops)
     timed = [r for r in records if "tokens_per_sec" in r]
     assert timed, records
     for record in timed:
         np.testing.assert_allclose(record["real_tokens_per_sec"] / record["tokens_per_sec"], 0.75, rtol=1e-9)
-        assert {"mfu", "mfu_real_tokens"} <= set(record)  # NaN on CPU: it has no published peak
+        assert not {"mfu", "mfu_real_tokens"} & set(record)  # a CPU has no published peak: absent, not NaN
+    from sft_sharded.trainers import loop
+
+    monkeypatch.setattr(loop, "peak_flops", lambda kind: 1e12)  # a chip whose peak is known
+    _, records = fit(trainer, state, batches, steps=9, log_every=2, flops_per_token=flops)
+    assert any("mfu" in r for r in records)
+    for record in (r for r in records if "tokens_per_sec" in r):
+        np.testing.assert_allclose(record["mfu"], record["tokens_per_sec"] * flops / 8 / 1e12, rtol=1e-9)
+        np.testing.assert_allclose(record["mfu_real_tokens"], record["real_tokens_per_sec"] * flops / 8 / 1e12,
+                                   rtol=1e-9)
 
 
 def test_the_compile_step_record_reports_no_throughput(tiny_config):
