@@ -8,7 +8,8 @@ at a time (`process_allgather` on many hosts) and writes safetensors shards. HF 
 The `safetensors` package writes the files and checks each local file on opening (header, dtypes, offsets
 that cover the file: a truncated download is refused by name). Reading stays a numpy memory map of each
 tensor's bytes: a device's shard of a transposed tensor then touches only its pages, where the package's
-`get_tensor` would copy the whole tensor once per device; the byte offsets that needs are in the header.
+`get_tensor` copies the whole tensor once per device (measured in benchmarks/README.md: 4x the time and
+2x the peak memory for a 525 MB tensor in 8 shards); the byte offsets that needs are in the header.
 """
 
 from __future__ import annotations
