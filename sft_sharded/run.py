@@ -231,9 +231,11 @@ class Prepared:
         return self.cfg.data.path is None or self.cfg.data.eval_path is not None
 
     def close(self) -> None:
-        self.ckpt.close()
-        if self.lock is not None:
-            self.lock.release()
+        try:
+            self.ckpt.close()  # raises when the last async save failed; the lock is released all the same
+        finally:
+            if self.lock is not None:
+                self.lock.release()
 
 
 def prepare(cfg: TrainConfig, say: Say = print) -> Prepared:
