@@ -48,7 +48,7 @@ def main() -> None:
     from sft_sharded import Decoder, DecoderConfig, SFTTrainer, make_mesh
     from sft_sharded.metrics import flops_per_token, memory_per_device, mfu, peak_flops
     from sft_sharded.models import preset
-    from sft_sharded.models.attention import resolve
+    from sft_sharded.models.attention_rules import resolve
     from sft_sharded.sharding import global_batch
 
     options = dict(dtype=args.dtype, param_dtype=args.param_dtype, remat=args.remat, scan_layers=args.scan,

@@ -23,7 +23,7 @@ from etils import epath
 
 from sft_sharded import paths
 from sft_sharded.data.pipeline import SavedDataState
-from sft_sharded.errors import CheckpointNotSaved, UserError
+from sft_sharded.errors import CheckpointNotSaved, UserError, first_line
 from sft_sharded.sharding import key_name
 
 FINAL_PARAMS = "final_params"
@@ -141,7 +141,7 @@ class Checkpointer:
         text = "" if err is None else str(err)
         full = getattr(err, "errno", None) == errno.ENOSPC or any(
             s in text for s in ("No space left", "RESOURCE_EXHAUSTED", "ENOSPC"))
-        why = "the disk is full" if full else _first_line(err) if err is not None else "its write failed"
+        why = "the disk is full" if full else first_line(err) if err is not None else "its write failed"
         if not paths.is_remote(self.directory):
             why += f" ({shutil.disk_usage(self.directory).free / 2**20:,.1f} MiB free on its file system)"
         return CheckpointNotSaved(f"checkpoint {self.directory}/{step} was not saved: {why}; its temporary "
@@ -173,7 +173,7 @@ class Checkpointer:
         if failed:
             step, err = failed[0]
             raise UserError(f"{self.directory}: none of the checkpoints {steps} can be restored (step {step}: "
-                            f"{_first_line(err)}); nothing was moved or changed")
+                            f"{first_line(err)}); nothing was moved or changed")
         return None
 
     def _move_aside(self, step: int, err: Exception) -> None:
@@ -183,7 +183,7 @@ class Checkpointer:
             target, n = self.directory / f"{CORRUPT_PREFIX}{step}.{n}", n + 1
         (self.directory / str(step)).rename(target)
         self._manager.reload()
-        self.warn(f"warning: checkpoint {self.directory}/{step} cannot be restored ({_first_line(err)}); moved "
+        self.warn(f"warning: checkpoint {self.directory}/{step} cannot be restored ({first_line(err)}); moved "
                   f"to {target}, training resumes from the one before it")
 
     def saved_config(self, step: int) -> dict:
@@ -193,7 +193,7 @@ class Checkpointer:
             return self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"] or {}
         except Exception as err:  # noqa: BLE001 - reported; the base check then has nothing to compare
             self.warn(f"warning: checkpoint {self.directory}/{step}: its config cannot be read "
-                      f"({_first_line(err)}); the LoRA base is not checked against it")
+                      f"({first_line(err)}); the LoRA base is not checked against it")
             return {}
 
     def _check_same_model(self, step: int, abstract_state: Any) -> None:
@@ -235,12 +235,6 @@ class Checkpointer:
                 self.wait()
         finally:
             self._manager.close()
-
-
-def _first_line(err: Exception) -> str:
-    """`Type: first line of the message` (TensorStore and orbax errors run to many lines)."""
-    text = str(err).split(" See full TensorStore details")[0].strip()  # the rest is a repr of the spec
-    return f"{type(err).__name__}: {text.splitlines()[0][:200]}" if text else type(err).__name__
 
 
 def _param_shapes(tree: Any) -> dict[str, tuple[int, ...]]:

@@ -216,15 +216,15 @@ def _command(args: argparse.Namespace) -> int:
         print(f"warning: simulate_devices={cfg.simulate_devices} ignored: jax was imported before the config was "
               "read", file=sys.stderr)
     simulate_cpu_devices(cfg.simulate_devices)
-    from sft_sharded import distributed, run
+    from sft_sharded import distributed, trained
 
     distributed.initialize()
     if args.command == "train":
         return train(cfg)
     if args.command == "export":
-        print(f"wrote {run.export(args.run_dir, args.out_dir, args.dtype, args.to)}")
+        print(f"wrote {trained.export(args.run_dir, args.out_dir, args.dtype, args.to)}")
     else:
-        for prompt, answer in zip(args.prompt, run.generate(args.run_dir, args.prompt, args.max_new_tokens, args.raw)):
+        for prompt, answer in zip(args.prompt, trained.generate(args.run_dir, args.prompt, args.max_new_tokens, args.raw)):
             print(f"{prompt} -> {answer}")
     return 0
 
@@ -259,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
               "checkpoint)", file=sys.stderr, flush=True)
         return INTERRUPTED
     except BaseException as err:
-        from sft_sharded.memory import describe_xla_oom, is_xla_oom
+        from sft_sharded.memory import describe_xla_oom, is_xla_oom  # imports jax: only once it has started
 
         who = _describe_process()
         if is_xla_oom(err) and not args.debug:  # XLA's RESOURCE_EXHAUSTED: the machine, not a bug

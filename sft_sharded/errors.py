@@ -10,6 +10,16 @@ traceback. Each class also derives from the builtin a Python caller would expect
 from __future__ import annotations
 
 
+def first_line(err: BaseException, limit: int = 200, with_type: bool = True) -> str:
+    """`Type: first line of the message`, for one error line about a library's failure (TensorStore,
+    orbax, fsspec and XLA messages run to many lines; TensorStore's end with a repr of its spec)."""
+    text = str(err).split(" See full TensorStore details")[0].strip()
+    line = text.splitlines()[0][:limit] if text else ""
+    if not with_type:
+        return line or type(err).__name__
+    return f"{type(err).__name__}: {line}" if line else type(err).__name__
+
+
 class UserError(ValueError):
     """Bad input from the user: config, data, tokenizer, model or run directory, batch."""
 

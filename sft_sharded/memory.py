@@ -11,7 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from sft_sharded.errors import UserError
+import jax
+
+from sft_sharded.errors import UserError, first_line
 
 GiB = 2**30
 
@@ -63,6 +65,13 @@ def check_fits(compiled: Any, devices: list, advice: str) -> str | None:
     return f"memory: the train step needs {need / GiB:.2f} GiB more ({where}); {what}"
 
 
+def check_first_step(trainer: Any, cfg: Any, state: Any, batch: Any) -> str | None:
+    """`check_fits` for a run's first step, compiled here: the jitted call then reuses the executable."""
+    compiled = trainer.lower("train", state, batch).compile()
+    local = jax.local_devices()
+    return check_fits(compiled, local, advice(cfg, len(local), local[0].platform))
+
+
 def advice(cfg: Any, num_devices: int, platform: str) -> str:
     """What would make a run's step smaller, from its config."""
     tips = []
@@ -84,5 +93,4 @@ def is_xla_oom(err: BaseException) -> bool:
 
 
 def describe_xla_oom(err: BaseException) -> str:
-    first = str(err).strip().splitlines()[0]
-    return f"out of memory: {first[:300]}"
+    return f"out of memory: {first_line(err, limit=300, with_type=False)}"

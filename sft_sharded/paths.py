@@ -19,7 +19,7 @@ from pathlib import Path
 
 from etils import epath
 
-from sft_sharded.errors import UserError
+from sft_sharded.errors import UserError, first_line
 
 # scheme -> (the fsspec implementation epath needs for it, how to install it)
 REMOTE = {"gs://": ("gcsfs", "pip install 'sft_sharded[gcs]'"), "s3://": ("s3fs", "pip install s3fs"),
@@ -85,8 +85,7 @@ def bounded(action: Callable[[], None], target: str, key: str, timeout_s: float 
     worker.join(timeout_s)
     if outcome and outcome[0] is None:
         return
-    what = (f"{type(outcome[0]).__name__}: {str(outcome[0]).strip().splitlines()[0][:200]}" if outcome and
-            str(outcome[0]).strip() else type(outcome[0]).__name__ if outcome else f"no answer in {timeout_s:.0f} s")
+    what = first_line(outcome[0]) if outcome else f"no answer in {timeout_s:.0f} s"
     raise UserError(f"{key}={target!r}: the bucket cannot be reached ({what}); {_credentials(target)}") from None
 
 
@@ -95,8 +94,9 @@ def require_gcs_credentials(target: str, key: str) -> None:
     emulator (`STORAGE_EMULATOR_HOST`, which gcsfs honours) takes writes without them."""
     if os.environ.get("STORAGE_EMULATOR_HOST"):
         return
-    if target.startswith("gs://") and _credentials(target).startswith("no Google Cloud credentials"):
-        raise UserError(f"{key}={target!r}: writing to a bucket needs credentials, and {_credentials(target)}")
+    found = _credentials(target) if target.startswith("gs://") else ""
+    if found.startswith("no Google Cloud credentials"):
+        raise UserError(f"{key}={target!r}: writing to a bucket needs credentials, and {found}")
 
 
 def _credentials(target: str) -> str:

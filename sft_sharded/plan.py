@@ -85,7 +85,7 @@ def plan(topology: str, model: str, seq: int, global_batch: int, mesh_spec: str,
 
     from sft_sharded.metrics import flops_per_token, peak_flops
     from sft_sharded.models import Decoder, preset
-    from sft_sharded.models.attention import resolve
+    from sft_sharded.models.attention_rules import resolve
     from sft_sharded.models.context import per_shard_kernel
     from sft_sharded.models.lora import LoraConfig
     from sft_sharded.models.presets import loss_chunk as chunk_for

@@ -2,15 +2,15 @@
 
 `build_trainer` (mesh, model, optimizer), `abstract_state` (shapes and shardings, nothing allocated),
 `init_state` (fresh or from a Hugging Face directory), `restore_or_init` (state and data iterator
-together), `train` (the loop with checkpoints and the final evaluation), `export` and `generate` (from a
-run directory, without an optimizer state or the base checkpoint). Every check of the user's input runs
-before the first compile and before anything in the run directory is written.
+together), `train` (the loop with checkpoints and the final evaluation; the evaluation itself is in
+`evaluation.py`, what is done with a trained run directory in `trained.py`). Every check of the user's
+input runs before the first compile and before anything in the run directory is written.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import json
 import os
 import time
 from collections.abc import Callable
@@ -18,28 +18,27 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 
 from etils import epath
 
 from sft_sharded import hf, paths
-from sft_sharded.checkpoint import FINAL_PARAMS, Checkpointer, load_params, save_params
-from sft_sharded.config import DataConfig, TrainConfig, dump_config, load_config, to_dict
+from sft_sharded.checkpoint import Checkpointer, save_params
+from sft_sharded.config import TrainConfig, dump_config, to_dict
 from sft_sharded.data import report
-from sft_sharded.data.pipeline import make_iterator, open_records, resume_iterator, scan
+from sft_sharded.data.pipeline import make_iterator, resume_iterator, scan
 from sft_sharded.data.tokenizers import load_tokenizer
 from sft_sharded.errors import TrainingDiverged, UserError
 from sft_sharded.lock import RunLock, check_free
-from sft_sharded.memory import advice, check_fits
+from sft_sharded.evaluation import make_eval_fn
+from sft_sharded.memory import check_first_step
 from sft_sharded.models import Decoder, DecoderConfig, preset
 from sft_sharded.models.presets import loss_chunk
 from sft_sharded.models.lora import LoraConfig
 from sft_sharded.optim import make_optimizer
 from sft_sharded.sharding import context_size, data_parallel_size, make_mesh
-from sft_sharded.state import (abstract_state, base_fingerprint, base_weights, frozen_base, init_state,
-                               with_frozen_base)
+from sft_sharded.state import abstract_state, base_fingerprint, init_state, with_frozen_base
 from sft_sharded.tracking import check_trackers, make_trackers
-from sft_sharded.trainers import SFTTrainer, TrainState, partition
+from sft_sharded.trainers import SFTTrainer, TrainState
 
 Say = Callable[[str], None]
 
@@ -179,38 +178,6 @@ def restore_or_init(trainer: SFTTrainer, cfg: TrainConfig, tokenizer, ckpt: Chec
     return state, batches, step
 
 
-def eval_sources(data: DataConfig) -> dict[str, DataConfig]:
-    """Each held-out source's data config by name: with several `data.eval_path` entries, one per entry
-    (named by its file stem), so the log has the loss and accuracy of each; else the whole set."""
-    files = data.eval_path
-    if not isinstance(files, list) or len(files) < 2:
-        return {"all": data}
-    stems = [Path(p).stem for p in files]
-    names = stems if len(set(stems)) == len(stems) else [str(p) for p in files]
-    return {name: dataclasses.replace(data, eval_path=p) for name, p in zip(names, files)}
-
-
-def generation_eval(trainer: SFTTrainer, cfg: TrainConfig, tokenizer, state: TrainState, run_dir: epath.Path,
-                    step: int) -> tuple[dict, str]:
-    """Greedy generation over the first `eval.num_generate` held-out records: (the exact match for the log,
-    a line for the user), and each prompt (as the model saw it) with its reference and generation in
-    `eval/step_N.jsonl`, which process 0 writes."""
-    from sft_sharded.generate import exact_match
-
-    records = open_records(cfg.data, "eval", cfg.seed)  # opened once (a JSONL source indexes its file)
-    held_out = [records[i][0] for i in range(min(len(records), cfg.eval.num_generate))]
-    params = partition.merge(state.params, state.frozen)
-    accuracy, scored = exact_match(trainer, params, held_out, tokenizer, cfg.eval.max_new_tokens)
-    if jax.process_index() == 0:
-        (run_dir / "eval").mkdir(parents=True, exist_ok=True)
-        (run_dir / "eval" / f"step_{step}.jsonl").write_text(
-            "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in scored))
-    wrong = [(r["reference"], r["generation"]) for r in scored if r["reference"] != r["generation"]][:1]
-    line = (f"step {step}: held-out exact match (greedy generation): {accuracy:.2%} of {len(scored)}"
-            + (f"; e.g. expected {wrong[0][0]!r}, got {wrong[0][1]!r}" if wrong else ""))
-    return {"eval_exact_match": accuracy, "eval_generated": len(scored)}, line
-
-
 @dataclasses.dataclass
 class Prepared:
     """A run after its checks, restored or initialised: what `train` drives. It holds the run directory's
@@ -265,46 +232,27 @@ def prepare(cfg: TrainConfig, say: Say = print) -> Prepared:
         f"{jax.devices()[0].platform} devices, mesh {dict(mesh.shape)}; {cfg.steps} steps of "
         f"{cfg.data.batch_size}x{cfg.data.max_length} tokens; run dir {run_dir}")
     create_run_dir(run_dir)
-    lock = RunLock(run_dir, warn=say).acquire() if first else None
-    c = cfg.checkpoint
-    try:
+    with contextlib.ExitStack() as undo:  # on an error: close what was opened, release the lock
+        lock = RunLock(run_dir, warn=say).acquire() if first else None
+        if lock is not None:
+            undo.callback(lock.release)
+        c = cfg.checkpoint
         ckpt = Checkpointer(run_dir / "checkpoints", every=c.every, keep=c.keep, keep_every=c.keep_every,
                             async_save=c.async_save, warn=say)
-        try:
-            state, batches, resumed_step = restore_or_init(trainer, cfg, tokenizer, ckpt, say)
-        except BaseException:
-            ckpt.close()
-            raise
+        undo.callback(ckpt.close)
+        state, batches, resumed_step = restore_or_init(trainer, cfg, tokenizer, ckpt, say)
         dump_config(cfg, run_dir / "config.yaml")
-    except BaseException:
-        if lock is not None:
-            lock.release()
-        raise
+        undo.pop_all()  # all went well: the Prepared run holds them now
     return Prepared(cfg, run_dir, trainer, tokenizer, state, batches, resumed_step, ckpt, lock)
 
 
 def _fit(run: Prepared, writer, say: Say, on_record, stop_requested) -> tuple[TrainState, list[dict], bool]:
     """The loop with checkpoints, preemption and evaluation; (state, records, stopped early)."""
     from sft_sharded.metrics import flops_per_token
-    from sft_sharded.trainers.loop import evaluate_sources, fit
+    from sft_sharded.trainers.loop import fit
 
     cfg, ckpt, trainer = run.cfg, run.ckpt, run.trainer
-    shard = dict(process_index=jax.process_index(), process_count=jax.process_count())
-    eval_fn = None
-    if run.has_eval:
-        sources = eval_sources(cfg.data)
-
-        def eval_fn(state):
-            out = evaluate_sources(trainer, state, {
-                name: make_iterator(data, run.tokenizer, split="eval", seed=cfg.seed, **shard)
-                for name, data in sources.items()})
-            step = int(state.step)
-            if cfg.eval.num_generate and (cfg.eval.generate == "each_eval" or step == cfg.steps):
-                generated, line = generation_eval(trainer, cfg, run.tokenizer, state, run.run_dir, step)
-                say(line)
-                out.update(generated)
-            return out
-
+    eval_fn = make_eval_fn(trainer, cfg, run.tokenizer, run.run_dir, say) if run.has_eval else None
     config_dict, stopped = {**to_dict(cfg), "base": base_fingerprint(cfg)}, []
 
     def save_due(step: int) -> bool:
@@ -325,10 +273,8 @@ def _fit(run: Prepared, writer, say: Say, on_record, stop_requested) -> tuple[Tr
             say(f"{stopped[0]}: saved {ckpt.directory}/{step}; the same command resumes from it")
         return bool(stopped)
 
-    def check_memory(state, batch) -> None:  # the compiled step is the one the first call then runs
-        compiled = trainer.lower("train", state, batch).compile()
-        local = jax.local_devices()
-        line = check_fits(compiled, local, advice(cfg, len(local), local[0].platform))
+    def check_memory(state, batch) -> None:
+        line = check_first_step(trainer, cfg, state, batch)
         if line:
             say(line)
 
@@ -380,71 +326,3 @@ def train(cfg: TrainConfig, *, say: Say = print, on_record: Callable[[dict], Non
         return records
     finally:
         run.close()
-
-
-def _load_run(run_dir: str | Path) -> tuple[TrainConfig, SFTTrainer, Any]:
-    """The config, a trainer and the params of a run: its final params, else its newest checkpoint's."""
-    path = paths.path(run_dir, "run_dir")
-    if not (path / "config.yaml").is_file():
-        raise UserError(f"{run_dir}: not a run directory (no config.yaml)")
-    cfg = load_config(path / "config.yaml")
-    trainer = build_trainer(cfg)
-    abstract = abstract_state(trainer, cfg)
-    if (path / FINAL_PARAMS).is_dir():
-        return cfg, trainer, load_params(path, abstract.params)
-    restored = Checkpointer(path / "checkpoints", every=0, keep=1).restore_latest(abstract.replace(frozen=None))
-    if restored is None:
-        raise UserError(f"{run_dir}: no {FINAL_PARAMS}/ and no checkpoint (train the run first)")
-    return cfg, trainer, restored[0].params
-
-
-def _model_params(trainer: SFTTrainer, cfg: TrainConfig, params: Any, base_dtype=None) -> Any:
-    """The model's full params from what a run saved (with LoRA: its adapters on the frozen base, here
-    in `base_dtype` if given, merged into the weights when `base_dtype` is set)."""
-    if trainer.lora is None:
-        return params
-    if base_dtype is None:
-        return partition.merge(params, frozen_base(trainer, cfg))
-    from sft_sharded.peft import merge
-
-    return merge(base_weights(trainer, cfg, base_dtype), params, trainer.model.config)
-
-
-def export(run_dir: str | Path, out_dir: str | Path, dtype: str = "float32", to: str = "hf") -> Path:
-    """A run's final params (else its newest checkpoint's) as a Hugging Face directory, with the token ids
-    and generation config of the checkpoint it was fine-tuned from (for a preset: of its tokenizer).
-    `to="peft"` writes a LoRA run's adapters as a PEFT adapter; `to="hf"` merges them into the base,
-    whose weights are read again from `model.path` in float32 (never from the stored base copy)."""
-    cfg, trainer, params = _load_run(run_dir)
-    if to == "peft":
-        from sft_sharded.peft import save_adapter
-
-        if trainer.lora is None:
-            raise UserError(f"{run_dir}: export --to peft needs a LoRA run (lora.rank > 0)")
-        return save_adapter(params, trainer.model.config, out_dir, cfg.model.path or f"preset:{cfg.model.preset}")
-    params = _model_params(trainer, cfg, params, jnp.float32)
-    tok_path = tokenizer_path(cfg)
-    if cfg.model.path:
-        source = hf.read_hf_config(cfg.model.path)
-        token_ids = {k: source[k] for k in hf.TOKEN_ID_FIELDS if k in source}
-        gen_path = paths.path(cfg.model.path, "model.path") / "generation_config.json"
-        generation = json.loads(gen_path.read_text()) if gen_path.is_file() else None
-        model_type = source["model_type"]
-    else:
-        token_ids, generation, model_type = hf.tokenizer_token_ids(load_tokenizer(tok_path)), None, None
-    return hf.save_pretrained(params, trainer.model.config, out_dir, model_type=model_type, dtype=dtype,
-                              tokenizer_dir=tok_path, token_ids=token_ids, generation_config=generation)
-
-
-def generate(run_dir: str | Path, prompts: list[str], max_new_tokens: int, raw: bool = False) -> list[str]:
-    """Greedy answers of a trained run to user messages (or raw text prompts with `raw`)."""
-    from sft_sharded.generate import greedy_generate, prompt_and_answer
-
-    cfg, trainer, params = _load_run(run_dir)
-    params = _model_params(trainer, cfg, params)
-    tokenizer = load_tokenizer(tokenizer_path(cfg))
-    records = [{"prompt": p, "completion": ""} if raw else
-               {"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": ""}]} for p in prompts]
-    ids = [prompt_and_answer(r, tokenizer)[0] for r in records]
-    outs = greedy_generate(trainer, params, ids, max_new_tokens, tokenizer.stop_ids)
-    return [tokenizer.decode(o) for o in outs]

@@ -16,6 +16,7 @@ import pytest
 from sft_sharded.errors import UserError
 from sft_sharded.generate import greedy_generate
 from sft_sharded.models import attention as attn
+from sft_sharded.models import attention_rules
 from sft_sharded.models import context
 from sft_sharded.models.attention import dot_product_attention
 from sft_sharded.models.config import DecoderConfig
@@ -93,7 +94,7 @@ def test_per_shard_kernel_picks_the_fused_kernel_where_it_runs_and_refuses_by_na
         context.per_shard_kernel("splash", "allgather", 512, 4, "zigzag", jnp.float32, 64)
     with pytest.raises(ValueError, match=r"attention='cudnn' needs a GPU"):
         context.per_shard_kernel("cudnn", "allgather", 1024, 4, "zigzag", jnp.bfloat16, 64)
-    monkeypatch.setattr(attn, "current_platform", lambda: "gpu")  # what the rule says on a GPU
+    monkeypatch.setattr(attention_rules, "current_platform", lambda: "gpu")  # what the rule says on a GPU
     assert context.per_shard_kernel("auto", "allgather", 1024, 4, "zigzag", jnp.bfloat16, 64) == "cudnn"
     assert context.per_shard_kernel("auto", "ring", 1024, 4, "zigzag", jnp.bfloat16, 64) == "jax"
     assert context.per_shard_kernel("auto", "allgather", 1024, 4, "zigzag", jnp.bfloat16, 64, softcap=30.0) == "jax"

@@ -229,7 +229,7 @@ def test_export_carries_token_ids_positions_and_generation_config(tmp_path):
     config.update(bos_token_id=5, eos_token_id=[6, 7], pad_token_id=0, max_position_embeddings=48)
     (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
     (tmp_path / "hf" / "generation_config.json").write_text(json.dumps({"eos_token_id": [6, 7], "temperature": 0.6}))
-    from sft_sharded.run import export
+    from sft_sharded.trained import export
 
     cfg = config_from_hf(tmp_path / "hf")
     trainer, _, params = import_model(tmp_path / "hf")

@@ -11,7 +11,7 @@ import pytest
 from data_fixtures import write_hf_tokenizer
 from test_hf import hf_logits, make_hf
 
-from sft_sharded import run
+from sft_sharded import run, state
 from sft_sharded.checkpoint import load_params
 from sft_sharded.cli import main
 from sft_sharded.config import load_config
@@ -32,9 +32,9 @@ def ours(run_dir, ids):
     """Our logits for a trained LoRA run (adapters on the base read again from model.path)."""
     cfg = load_config(run_dir / "config.yaml")
     trainer = run.build_trainer(cfg)
-    abstract = run.abstract_state(trainer, cfg)
+    abstract = state.abstract_state(trainer, cfg)
     adapters = load_params(run_dir, abstract.params)
-    params = partition.merge(adapters, run.frozen_base(trainer, cfg))
+    params = partition.merge(adapters, state.frozen_base(trainer, cfg))
     return np.asarray(jax.jit(trainer.model.apply)({"params": params}, ids.astype(np.int32)))
 
 

@@ -23,12 +23,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sft_sharded.choices import ATTENTION_IMPLEMENTATIONS, DEFAULT_CONTEXT_SCHEME
-from sft_sharded.errors import UserError
-from sft_sharded.sharding import current_platform, sequence_shards
+from sft_sharded.choices import DEFAULT_CONTEXT_SCHEME
+from sft_sharded.models import attention_kernels
+from sft_sharded.models import context as split_sequence
+from sft_sharded.models.attention_rules import MASKED, attention_mask, resolve
+from sft_sharded.sharding import sequence_shards
 
-IMPLEMENTATIONS = ATTENTION_IMPLEMENTATIONS
-_MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite, so a row never becomes NaN
 
 
 def _block_size(length: int) -> int:
@@ -36,26 +36,6 @@ def _block_size(length: int) -> int:
     the causal square), at least 64 rows (fewer, larger ops for short sequences) and at most 512 (the
     float32 scores of one block stay small). Measured on CPU at T=512: 64 beat 128 by 3-5%, 256 lost 8%."""
     return min(512, max(64, -(-length // 8)))
-
-
-def attention_mask(q_len: int, kv_len: int, q_offset, q_segment_ids, kv_segment_ids,
-                   window: int | None = None) -> jax.Array:
-    """Boolean [B or 1, 1, 1, Tq, Tk]: key s is visible to query t when s <= t + q_offset (causal by index,
-    which is right for packing because a segment is a contiguous run) and both are in the same segment.
-    Padding (segment 0) attends to padding only; every query sees itself, so no row is empty.
-    `q_offset` is the queries' start in the key sequence (a KV cache's fill level when decoding).
-    `window` (sliding-window attention, as Mistral's `sliding_window`): only the last `window` keys,
-    the query's own included, are visible."""
-    q_idx = jnp.arange(q_len)[:, None] + q_offset
-    k_idx = jnp.arange(kv_len)[None, :]
-    mask = k_idx <= q_idx
-    if window is not None:
-        mask = mask & (k_idx > q_idx - window)
-    mask = mask[None, None, None]
-    if q_segment_ids is not None:
-        same_BxTxS = q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]
-        mask = mask & same_BxTxS[:, None, None]
-    return mask
 
 
 def _scale(scale: float | None, head_dim: int) -> np.float32:
@@ -88,30 +68,10 @@ def dot_product_attention(
     ) * _scale(scale, head_dim), softcap)
     kv_segments = segment_ids_BxT if kv_segment_ids_BxS is None else kv_segment_ids_BxS
     mask = attention_mask(length, kv_len, q_offset, segment_ids_BxT, kv_segments, window)
-    scores_BxKxGxTxS = jnp.where(mask, scores_BxKxGxTxS, _MASKED)
+    scores_BxKxGxTxS = jnp.where(mask, scores_BxKxGxTxS, MASKED)
     probs_BxKxGxTxS = jax.nn.softmax(scores_BxKxGxTxS, axis=-1).astype(v_BxSxKxH.dtype)
     out_BxTxKxGxH = jnp.einsum("bkgts,bskd->btkgd", probs_BxKxGxTxS, v_BxSxKxH)
     return out_BxTxKxGxH.reshape(batch, length, num_heads, head_dim)
-
-
-def resolve(implementation: str, dtype, head_dim: int, length: int, softcap: float | None = None) -> str:
-    """The implementation "auto" stands for on this platform, or the one asked for (checked)."""
-    if implementation not in IMPLEMENTATIONS:
-        raise UserError(f"model.attention: {implementation!r} must be one of {IMPLEMENTATIONS}")
-    platform = current_platform()
-    cudnn_ok = (jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and head_dim % 8 == 0 and head_dim <= 128
-                and softcap is None)
-    if implementation == "auto":
-        if platform == "tpu" and length % 128 == 0:
-            return "splash"
-        return "cudnn" if platform == "gpu" and cudnn_ok else "xla"
-    if implementation == "cudnn" and (platform != "gpu" or not cudnn_ok):
-        raise UserError(
-            f"model.attention='cudnn' needs a GPU and bf16/fp16 inputs with head_dim a multiple of 8 up to 128, "
-            f"without soft-capping; got platform {platform!r}, dtype {jnp.dtype(dtype).name}, head_dim {head_dim}, "
-            f"softcap {softcap}"
-        )
-    return implementation
 
 
 def attention(
@@ -131,8 +91,6 @@ def attention(
     (scheme, layout) of `context`, with a fused kernel or its own per shard (`context.per_shard_kernel`)."""
     batch, length, num_heads, head_dim = q_BxTxNxH.shape
     if sequence_shards(length) > 1:
-        from sft_sharded.models import context as split_sequence
-
         return split_sequence.attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, window,
                                         float(_scale(scale, head_dim)), softcap, *context, implementation)
     impl = resolve(implementation, q_BxTxNxH.dtype, head_dim, length, softcap)
@@ -140,8 +98,6 @@ def attention(
         return dot_product_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, window=window, scale=scale,
                                      softcap=softcap)
     if impl in ("cudnn", "splash"):
-        from sft_sharded.models import attention_kernels
-
         return getattr(attention_kernels, impl)(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, window,
                                                 _scale(scale, head_dim), softcap)
     num_kv = k_BxTxKxH.shape[2]
@@ -165,7 +121,7 @@ def _block_scores(q_BxCxKxGxH, k_BxExKxH, segment_ids, start: int, first: int, w
     q_segments = None if segment_ids is None else segment_ids[:, start:start + q_BxCxKxGxH.shape[1]]
     kv_segments = None if segment_ids is None else segment_ids[:, first:end]
     mask = attention_mask(q_BxCxKxGxH.shape[1], end - first, start - first, q_segments, kv_segments, window)
-    return jnp.where(mask, scores, _MASKED), d_cap
+    return jnp.where(mask, scores, MASKED), d_cap
 
 
 def _spans(length: int, block: int, window: int | None):

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from sft_sharded.errors import UserError
-from sft_sharded.models.attention import attention_mask
+from sft_sharded.models.attention_rules import attention_mask
 from sft_sharded.sharding import activation_spec, current_platform
 
 Q_AXES = ("batch", "length", "act_heads", "head_dim")

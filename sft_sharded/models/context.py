@@ -28,19 +28,11 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from sft_sharded.errors import UserError
-from sft_sharded.models.attention import _MASKED
+from sft_sharded.models import context_fused
+from sft_sharded.models.attention_rules import MASKED, layout_order, resolve
 from sft_sharded.sharding import activation_spec, sequence_shards
 
 _BLOCK = 512  # query and key rows per block: [B, K, G, 512, 512] float32 scores at a time
-
-
-def layout_order(length: int, shards: int, layout: str = "zigzag") -> np.ndarray | None:
-    """The original position of each position of the split layout (None: the natural order). The zigzag
-    layout needs 2 x shards chunks; a length without them keeps the natural order (still correct)."""
-    if shards == 1 or layout == "contiguous" or length % (2 * shards):
-        return None
-    chunks = np.arange(length, dtype=np.int32).reshape(2 * shards, -1)
-    return np.concatenate([np.concatenate([chunks[i], chunks[2 * shards - 1 - i]]) for i in range(shards)])
 
 
 def zigzag_to_natural(x_BxTxD: jax.Array, logical_axes: tuple[str, ...]) -> jax.Array:
@@ -119,7 +111,7 @@ def _fold(carry, q, k, v, q_seg, k_seg, q_ord, k_ord, opts, qb, kb):
             def update(c):
                 a, mx, sm = c
                 s, mask, _ = _scores(q_i, k_j, qs_i, ks_j, qo_i, ko_j, opts)
-                m_new = jnp.maximum(mx, jnp.max(jnp.where(mask, s, _MASKED), axis=-1))
+                m_new = jnp.maximum(mx, jnp.max(jnp.where(mask, s, MASKED), axis=-1))
                 p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
                 fix = jnp.exp(mx - m_new)
                 pv = jnp.einsum("bkgts,bskd->bkgtd", p.astype(v_j.dtype), v_j, preferred_element_type=jnp.float32)
@@ -169,7 +161,7 @@ def _unfold(dq, q, k, v, q_seg, k_seg, q_ord, k_ord, lse, delta, d_out, opts, qb
 
 def _start(q):
     b, c, kh, g, h = q.shape
-    return (jnp.zeros((b, kh, g, c, h), jnp.float32), jnp.full((b, kh, g, c), _MASKED, jnp.float32),
+    return (jnp.zeros((b, kh, g, c, h), jnp.float32), jnp.full((b, kh, g, c), MASKED, jnp.float32),
             jnp.zeros((b, kh, g, c), jnp.float32))
 
 
@@ -300,16 +292,13 @@ _split_attention.defvjp(_split_fwd, _split_bwd)
 
 def per_shard_kernel(implementation: str, scheme: str, length: int, shards: int, layout: str, dtype, head_dim: int,
                      softcap: float | None = None) -> str:
-    """The fused kernel that `attention.resolve` picks, where it can run per shard (`models/context_fused.py`:
+    """The fused kernel that `attention_rules.resolve` picks, where it can run per shard (`models/context_fused.py`:
     the all-gather scheme, chunks splash's 128 or cuDNN's 2 divide), else "jax" (the kernels here). A fused
     kernel asked for by name that cannot run there is refused rather than replaced."""
-    from sft_sharded.models.attention import resolve
-    from sft_sharded.models.context_fused import chunk_length
-
     fused = resolve(implementation, dtype, head_dim, length, softcap)  # cudnn: GPU, dtype, head size checked
     if fused not in ("splash", "cudnn"):
         return "jax"
-    chunk, multiple = chunk_length(length, shards, layout), 128 if fused == "splash" else 2
+    chunk, multiple = context_fused.chunk_length(length, shards, layout), 128 if fused == "splash" else 2
     if scheme == "allgather" and length % multiple == 0 and chunk % multiple == 0:
         return fused
     if implementation == fused:
@@ -335,8 +324,6 @@ def attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, window: int | No
     if segment_ids_BxT is None:
         segment_ids_BxT = jnp.ones((batch, length), jnp.int32)
     if kernel != "jax":
-        from sft_sharded.models import context_fused
-
         return context_fused.attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, window, float(scale),
                                        softcap, layout, q_spec, kv_spec, shards, kernel)
     run = _pieces(layout_order(length, shards, layout), length, shards)

@@ -21,7 +21,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from sft_sharded.models.attention_kernels import _splash_local, cudnn_chunk
-from sft_sharded.models.context import layout_order
+from sft_sharded.models.attention_rules import layout_order
 from sft_sharded.sharding import current_platform
 
 

@@ -9,7 +9,8 @@ import jax
 import jax.numpy as jnp
 
 from sft_sharded.models.config import DecoderConfig
-from sft_sharded.models.context import layout_order, zigzag_to_natural
+from sft_sharded.models.attention_rules import layout_order
+from sft_sharded.models.context import zigzag_to_natural
 from sft_sharded.models.layers import MLP, Attention, RMSNorm, weight
 from sft_sharded.models.moe import MoE
 from sft_sharded.sharding import constrain, sequence_shards
