@@ -25,7 +25,7 @@ def cudnn(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT=None, window: int | N
           softcap=None) -> jax.Array:
     """cuDNN flash attention with its causal mask (and sliding window). Packed rows add a [B, 1, T, T]
     same-segment mask (cuDNN folds it into a bias: B·T² elements, not B·N·T² scores); rows without packing
-    need none. cuDNN has no soft-capping: `attention.resolve` never picks it then."""
+    need none. cuDNN has no soft-capping: `attention_rules.resolve` never picks it then."""
     assert softcap is None, "cuDNN attention has no soft-capping"
     mask = None
     if segment_ids_BxT is not None:
