@@ -181,15 +181,16 @@ def load_params(directory: str | Path, cfg: DecoderConfig, abstract_params: Any)
 def save_pretrained(params: Any, cfg: DecoderConfig, out_dir: str | Path, *, model_type: str | None = None,
                     dtype: str = "float32", tokenizer_dir: str | Path | None = None,
                     token_ids: dict[str, Any] | None = None, generation_config: dict[str, Any] | None = None,
-                    max_shard_bytes: int = 2 * 1024**3) -> Path:
+                    source_config: dict[str, Any] | None = None, max_shard_bytes: int = 2 * 1024**3) -> Path:
     """Write config.json, generation_config.json, safetensors (sharded above `max_shard_bytes`) and the
     tokenizer files. `model_type` defaults to the family that has exactly this model's tensors; `token_ids`
     (bos/eos/pad) go into config.json, and `generation_config` (default: built from `token_ids`) tells
-    transformers' `generate` where to stop. Every process must call it (gathers are collective); only
+    transformers' `generate` where to stop; `source_config` is the config.json the model was imported from
+    (`config_to_hf`). Every process must call it (gathers are collective); only
     process 0 writes."""
     out = paths.path(out_dir, "export target")
     model_type = hf_model_type(cfg, model_type)
-    config = config_to_hf(cfg, model_type, dtype, token_ids)
+    config = config_to_hf(cfg, model_type, dtype, token_ids, source_config)
     write = jax.process_index() == 0
     np_dtype = np.dtype(ml_dtypes.bfloat16 if dtype == "bfloat16" else dtype)
     shards: list[dict[str, np.ndarray]] = [{}]

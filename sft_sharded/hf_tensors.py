@@ -10,14 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from sft_sharded.families import FAMILIES
 from sft_sharded.models.config import DecoderConfig
-
-# The mixture-of-experts block of each family: its module, the router's name, and each expert weight's.
-MOE_NAMES = {
-    "mixtral": ("block_sparse_moe", "gate", {"w_gate": "w1", "w_up": "w3", "w_down": "w2"}),
-    "qwen2_moe": ("mlp", "gate", {"w_gate": "gate_proj", "w_up": "up_proj", "w_down": "down_proj"}),
-    "qwen3_moe": ("mlp", "gate", {"w_gate": "gate_proj", "w_up": "up_proj", "w_down": "down_proj"}),
-}
 
 
 def _t(w):
@@ -25,7 +19,7 @@ def _t(w):
 
 
 def _moe(cfg: DecoderConfig, model_type: str, layer: str) -> dict:
-    module, router, experts = MOE_NAMES[model_type]
+    module, router, experts = FAMILIES[model_type].moe_names
     prefix = f"{layer}{module}."
     m = {("layer_{i}", "moe", "router"): (prefix + f"{router}.weight", _t, _t)}
     for ours, theirs in experts.items():

@@ -70,8 +70,10 @@ def export(run_dir: str | Path, out_dir: str | Path, dtype: str = "float32", to:
         model_type = source["model_type"]
     else:
         token_ids, generation, model_type = hf.tokenizer_token_ids(load_tokenizer(tok_path)), None, None
+        source = None
     return hf.save_pretrained(params, trainer.model.config, out_dir, model_type=model_type, dtype=dtype,
-                              tokenizer_dir=tok_path, token_ids=token_ids, generation_config=generation)
+                              tokenizer_dir=tok_path, token_ids=token_ids, generation_config=generation,
+                              source_config=source)
 
 
 def generate(run_dir: str | Path, prompts: list[str], max_new_tokens: int, raw: bool = False) -> list[str]:

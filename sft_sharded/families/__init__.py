@@ -1,0 +1,14 @@
+"""One record per Hugging Face `model_type` (see `base.Family`). Adding a family whose layers the decoder
+already has is one new module here and its line below. The order is the order of preference when an
+export has to pick the family of a model (the first that fits)."""
+
+from __future__ import annotations
+
+from sft_sharded.families import gemma2, gemma3_text, llama, mistral, mixtral, qwen2, qwen2_moe, qwen3, qwen3_moe
+from sft_sharded.families.base import Family, HfFields
+
+FAMILIES: dict[str, Family] = {f.model_type: f for f in (
+    llama.FAMILY, qwen2.FAMILY, qwen3.FAMILY, mistral.FAMILY, gemma2.FAMILY, gemma3_text.FAMILY, qwen2_moe.FAMILY,
+    qwen3_moe.FAMILY, mixtral.FAMILY)}
+
+__all__ = ["FAMILIES", "Family", "HfFields"]

@@ -1,0 +1,102 @@
+"""What a family record is: the transformers `model_type` it stands for, the config.json fields its model
+reads (with transformers' defaults where a file leaves one out), how those become DecoderConfig fields and
+back, which DecoderConfig it can write exactly, its tensor names where they differ from Llama's, and its
+named shapes. `hf_config` and `hf_tensors` loop over the records; nothing else knows a family by name.
+
+Fields every family reads (`COMMON`) and the plain-Llama values of the options (`LLAMA_LIKE`) are here,
+so a record lists only where its family differs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sft_sharded.errors import UserError
+
+if TYPE_CHECKING:
+    from sft_sharded.models.config import DecoderConfig
+
+# Read by the transformers model of every supported type (modeling_<type>.py and its config class).
+COMMON = frozenset({
+    "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+    "intermediate_size", "head_dim", "rms_norm_eps", "tie_word_embeddings", "rope_theta",
+    "rope_scaling", "rope_parameters", "attention_dropout", "max_position_embeddings",
+})
+# The options of a plain Llama decoder: a family's `fits` starts from these and names what differs.
+LLAMA_LIKE = dict(norm_plus_one=False, sandwich_norms=False, embed_scale=False, activation="silu",
+                  query_pre_attn_scalar=None, attn_softcap=None, final_softcap=None, rope_local_theta=None)
+ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh"}  # transformers' name -> ours
+
+
+@dataclasses.dataclass(frozen=True)
+class HfFields:
+    """One config.json as its family reads it: a value the file leaves out is the family's default."""
+
+    path: Path
+    values: Mapping[str, Any]
+    defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    def get(self, key: str, fallback: Any = None) -> Any:
+        return self.values.get(key, self.defaults.get(key, fallback))
+
+    def __getitem__(self, key: str) -> Any:
+        return self.values[key]  # a KeyError names a required field that is missing
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.values
+
+    def refuse(self, field: str, value: Any, why: str) -> UserError:
+        return UserError(f"{self.path}: {field}={json.dumps(value)} is not supported: {why}")
+
+    def activation(self, field: str = "hidden_act") -> str:
+        act = self.get(field) or "silu"
+        if act not in ACTIVATIONS:
+            raise self.refuse(field, act, f"implemented: {sorted(ACTIVATIONS)}")
+        return ACTIVATIONS[act]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Family:
+    model_type: str
+    architecture: str  # the transformers class written to config.json's "architectures"
+    reads: frozenset[str]  # every config.json field transformers' model of this type reads
+    # DecoderConfig fields in which this family differs from Llama, from a config.json (refusing by name
+    # what is not implemented); windows and experts included.
+    from_hf: Callable[[HfFields], dict[str, Any]]
+    # The config.json fields in which this family differs from Llama, for a model it fits.
+    to_hf: Callable[[DecoderConfig], dict[str, Any]]
+    # Whether transformers' model of this type computes exactly this DecoderConfig (same tensors, same math).
+    fits: Callable[[DecoderConfig], bool]
+    # transformers' values for fields a config.json may leave out
+    defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    local_rope: bool = False  # sliding layers have a RoPE base of their own (Gemma 3)
+    # The mixture-of-experts block's tensor names: (module, router, {our expert weight: theirs}).
+    moe_names: tuple[str, str, Mapping[str, str]] | None = None
+    # Named shapes of this family (DecoderConfig fields), sizes from its published config.json files.
+    presets: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
+
+
+def same(cfg: DecoderConfig, **values: Any) -> bool:
+    return all(getattr(cfg, k) == v for k, v in values.items())
+
+
+def one_attention_bias(cfg: DecoderConfig) -> bool:
+    """transformers' `attention_bias` is one flag for q, k, v and o."""
+    return cfg.qkv_bias == cfg.o_bias
+
+
+def layer_types(cfg: DecoderConfig) -> list[str]:
+    """Each layer's attention as transformers' `layer_types` lists it."""
+    return list(cfg.layer_types or [
+        "sliding_attention" if cfg.is_sliding(i) else "full_attention" for i in range(cfg.num_layers)])
+
+
+def windows(sliding_window: int | None, types_: list[str]) -> dict[str, Any]:
+    """DecoderConfig's window fields for per-layer types (nothing when no layer slides)."""
+    if "sliding_attention" not in types_:
+        return {}
+    return {"sliding_window": sliding_window, "layer_types": tuple(types_)}

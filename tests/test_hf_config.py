@@ -1,0 +1,40 @@
+"""config.json <-> DecoderConfig through the family records (no torch needed: the parity with transformers'
+own models is in test_hf.py)."""
+
+import dataclasses
+import json
+
+import pytest
+
+from sft_sharded.families import FAMILIES
+from sft_sharded.families.base import COMMON
+from sft_sharded.hf_config import config_from_hf, config_to_hf, hf_model_type
+from sft_sharded.models import preset
+
+
+@pytest.mark.parametrize("model_type", sorted(FAMILIES))
+def test_every_preset_writes_and_reads_back_as_its_own_family(model_type, tmp_path):
+    family = FAMILIES[model_type]
+    assert COMMON <= family.reads
+    for name in family.presets:
+        cfg = preset(name)
+        cfg = dataclasses.replace(cfg, head_dim=cfg.head_size)  # None means hidden_size // heads; the file says which
+        assert family.fits(cfg) and hf_model_type(cfg, model_type) == model_type, name
+        hf = config_to_hf(cfg, model_type, "bfloat16")
+        assert set(hf) - {"torch_dtype", "architectures", "model_type"} <= family.reads, sorted(set(hf) - family.reads)
+        (tmp_path / "config.json").write_text(json.dumps(hf))
+        assert config_from_hf(tmp_path) == cfg, name
+
+
+def test_an_unused_router_aux_coefficient_is_exported_as_the_checkpoint_had_it(tmp_path):
+    source = dict(model_type="mixtral", vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, intermediate_size=48, max_position_embeddings=64, num_local_experts=4,
+                  num_experts_per_tok=2, output_router_logits=False, router_aux_loss_coef=0.02)
+    (tmp_path / "config.json").write_text(json.dumps(source))
+    cfg = config_from_hf(tmp_path)
+    assert cfg.router_aux_loss_coef == 0.0  # transformers trains without it, so do we
+    out = config_to_hf(cfg, "mixtral", "float32", source=source)
+    assert (out["output_router_logits"], out["router_aux_loss_coef"]) == (False, 0.02)
+    trained_with = config_to_hf(dataclasses.replace(cfg, router_aux_loss_coef=0.1), "mixtral", "float32",
+                                source=source)
+    assert (trained_with["output_router_logits"], trained_with["router_aux_loss_coef"]) == (True, 0.1)
