@@ -14,6 +14,7 @@ tensor's bytes: a device's shard of a transposed tensor then touches only its pa
 
 from __future__ import annotations
 
+import collections
 import itertools
 import json
 from pathlib import Path
@@ -196,10 +197,17 @@ def save_pretrained(params: Any, cfg: DecoderConfig, out_dir: str | Path, *, mod
     shards: list[dict[str, np.ndarray]] = [{}]
     size = 0
     gathered: tuple = (None, None)  # one stacked param on the host at a time
+    # A fused tensor (Phi-3's qkv_proj) is written once all of its parts, which come in its row order, are here.
+    count = collections.Counter(name for _, name, *_ in entries(cfg, model_type))
+    pending: dict[str, list[np.ndarray]] = collections.defaultdict(list)
     for path, name, index, _, to_hf in entries(cfg, model_type):
         if gathered[0] != path:
             gathered = (path, global_to_host(get_path(params, path)))
-        array = to_hf(gathered[1][index]).astype(np_dtype)
+        pending[name].append(to_hf(gathered[1][index]).astype(np_dtype))
+        if len(pending[name]) < count[name]:
+            continue
+        parts = pending.pop(name)
+        array = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
         if size and size + array.nbytes > max_shard_bytes:
             shards.append({})
             size = 0

@@ -18,6 +18,7 @@ from typing import Any
 from sft_sharded import paths
 from sft_sharded.errors import MissingFileError, UserError
 from sft_sharded.families import FAMILIES, Family, HfFields
+from sft_sharded.families.base import rope_scaling_to_hf
 from sft_sharded.models.config import DecoderConfig
 from sft_sharded.models.rope import check_scaling
 
@@ -86,18 +87,35 @@ def _rope(f: HfFields, family: Family) -> dict[str, Any]:
     full, local = params, None
     if "full_attention" in params or "sliding_attention" in params:
         full, local = params.get("full_attention") or {}, params.get("sliding_attention") or {}
-    if full.get("partial_rotary_factor", 1.0) != 1.0:
-        raise f.refuse("rope_parameters.partial_rotary_factor", full["partial_rotary_factor"],
-                       "partial rotary embeddings are not implemented")
+    elif params and family.local_rope:
+        raise f.refuse("rope_parameters", params, f"model_type {family.model_type!r} takes RoPE per layer type "
+                       "({'full_attention': {...}, 'sliding_attention': {...}}); transformers ignores a flat one "
+                       "and gives every layer plain RoPE with its default base")
     theta = float(full.get("rope_theta", f.get("rope_theta", 10_000.0)))
     field = "rope_scaling" if f.get("rope_scaling") else "rope_parameters"
-    out = {"rope_theta": theta, "rope_scaling": _scaling(f, field, f.get("rope_scaling") or full)}
+    out = {"rope_theta": theta, "rope_scaling": _scaling(f, field, f.get("rope_scaling") or full),
+           **_partial_rotary(f, family, full)}
     if family.local_rope:
         local = local or {}
         if _scaling(f, "rope_parameters.sliding_attention", local) is not None:
             raise f.refuse("rope_parameters.sliding_attention", local, "only plain RoPE on sliding layers")
-        out["rope_local_theta"] = float(local.get("rope_theta", f.get("rope_local_base_freq")))
+        out["rope_local_theta"] = float(local.get("rope_theta", f.get("rope_local_base_freq", theta)))
     return out
+
+
+def _partial_rotary(f: HfFields, family: Family, full: dict) -> dict[str, Any]:
+    """rotary_dim from partial_rotary_factor (in rope_parameters, or at the top as older configs have it),
+    as transformers rounds it: int(head_dim * factor)."""
+    where = "rope_parameters.partial_rotary_factor" if "partial_rotary_factor" in full else "partial_rotary_factor"
+    factor = full.get("partial_rotary_factor", f.get("partial_rotary_factor", 1.0))
+    if factor == 1.0:
+        return {}
+    if "partial_rotary_factor" not in family.reads:
+        raise f.refuse(where, factor, f"model_type {family.model_type!r} rotates every dimension of a head")
+    if not 0 < factor <= 1:
+        raise f.refuse(where, factor, "it must be in (0, 1]")
+    head_dim = f.get("head_dim") or f["hidden_size"] // f["num_attention_heads"]
+    return {"rotary_dim": int(head_dim * factor)}
 
 
 def config_from_hf(directory: str | Path, **overrides) -> DecoderConfig:
@@ -122,7 +140,7 @@ def config_from_hf(directory: str | Path, **overrides) -> DecoderConfig:
         return DecoderConfig(
             vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], num_layers=hf["num_hidden_layers"],
             num_heads=heads, num_kv_heads=hf.get("num_key_value_heads") or heads, mlp_dim=hf["intermediate_size"],
-            head_dim=f.get("head_dim"), rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            head_dim=f.get("head_dim"), rms_norm_eps=float(f.get("rms_norm_eps", 1e-6)),
             tie_embeddings=bool(f.get("tie_word_embeddings", False)),
             max_position_embeddings=hf.get("max_position_embeddings"),
             **family.from_hf(f), **_rope(f, family), **overrides,
@@ -170,16 +188,16 @@ def config_to_hf(cfg: DecoderConfig, model_type: str, dtype: str, token_ids: dic
         "num_key_value_heads": cfg.num_kv_heads, "intermediate_size": cfg.mlp_dim, "head_dim": cfg.head_size,
         "rope_theta": cfg.rope_theta, "rms_norm_eps": cfg.rms_norm_eps, "tie_word_embeddings": cfg.tie_embeddings,
         "attention_dropout": 0.0, "max_position_embeddings": cfg.max_position_embeddings,
-        "torch_dtype": dtype, **{k: v for k, v in (token_ids or {}).items() if k in TOKEN_ID_FIELDS},
+        # Every id written, None where unknown: transformers' family defaults (SmolLM3's pad 128004) would
+        # otherwise name tokens this vocabulary may not have.
+        "torch_dtype": dtype, **{k: (token_ids or {}).get(k) for k in TOKEN_ID_FIELDS},
         **FAMILIES[model_type].to_hf(cfg),
     }
     # transformers adds the load-balancing loss only with output_router_logits, so a model imported without
     # it trains with none; its coefficient is still the checkpoint's (Mixtral 0.02), not 0.
     if cfg.num_experts and not cfg.router_aux_loss_coef and "router_aux_loss_coef" in (source or {}):
         out["router_aux_loss_coef"] = source["router_aux_loss_coef"]
+    out |= {k: source[k] for k in FAMILIES[model_type].carried if k in (source or {})}
     if cfg.rope_scaling:
-        scaling = dict(cfg.rope_scaling)
-        if "original_max_position_embeddings" in scaling:  # transformers requires an integer (it warns on 8192.0)
-            scaling["original_max_position_embeddings"] = int(scaling["original_max_position_embeddings"])
-        out["rope_scaling"] = scaling
+        out["rope_scaling"] = rope_scaling_to_hf(cfg)
     return out

@@ -1,5 +1,6 @@
 """Which Hugging Face tensor fills which of our parameters, and how (HF stores linear weights [out, in];
-ours are [in, out] with heads split out, and experts stacked on a leading axis).
+ours are [in, out] with heads split out, and experts stacked on a leading axis). Where a family fuses
+projections into one tensor (Phi-3's qkv_proj), each of ours is a row slice of it.
 
 `entries(cfg, model_type)` yields every tensor as (our param path, HF name, index, hf->ours, ours->hf):
 `index` places the tensor inside a stacked param: () for a param of its own, (layer,) in a scanned stack,
@@ -31,6 +32,18 @@ def _moe(cfg: DecoderConfig, model_type: str, layer: str) -> dict:
     return m
 
 
+def _norms(cfg: DecoderConfig, layer: str) -> dict:
+    """The layer's norms. "post_attention_layernorm" is the norm before the MLP in Llama, after attention
+    in Gemma (which has four) and OLMo (which has no norm before attention or the MLP)."""
+    names = {"attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm"}
+    if cfg.sandwich_norms:
+        names = {"attn_norm": "input_layernorm", "post_attn_norm": "post_attention_layernorm",
+                 "mlp_norm": "pre_feedforward_layernorm", "post_mlp_norm": "post_feedforward_layernorm"}
+    elif cfg.post_norms:
+        names = {"post_attn_norm": "post_attention_layernorm", "post_mlp_norm": "post_feedforward_layernorm"}
+    return {("layer_{i}", ours, "scale"): (layer + f"{theirs}.weight", None, None) for ours, theirs in names.items()}
+
+
 def mapping(cfg: DecoderConfig, model_type: str) -> dict[tuple[str, ...], tuple[str, Any, Any]]:
     """Our param path (layer index as "{i}", expert as "{e}" in the HF name) -> (HF name, hf->ours, ours->hf)."""
     d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_size
@@ -50,16 +63,10 @@ def mapping(cfg: DecoderConfig, model_type: str) -> dict[tuple[str, ...], tuple[
         ("layer_{i}", "mlp", "w_gate"): (layer + "mlp.gate_proj.weight", _t, _t),
         ("layer_{i}", "mlp", "w_up"): (layer + "mlp.up_proj.weight", _t, _t),
         ("layer_{i}", "mlp", "w_down"): (layer + "mlp.down_proj.weight", _t, _t),
-        ("layer_{i}", "attn_norm", "scale"): (layer + "input_layernorm.weight", None, None),
     }
     if cfg.num_experts:
         m.update(_moe(cfg, model_type, layer))
-    if cfg.sandwich_norms:  # Gemma: "post_attention_layernorm" is the norm after attention, not before the MLP
-        m[("layer_{i}", "post_attn_norm", "scale")] = (layer + "post_attention_layernorm.weight", None, None)
-        m[("layer_{i}", "mlp_norm", "scale")] = (layer + "pre_feedforward_layernorm.weight", None, None)
-        m[("layer_{i}", "post_mlp_norm", "scale")] = (layer + "post_feedforward_layernorm.weight", None, None)
-    else:
-        m[("layer_{i}", "mlp_norm", "scale")] = (layer + "post_attention_layernorm.weight", None, None)
+    m.update(_norms(cfg, layer))
     if cfg.qk_norm:
         for name in ("q", "k"):
             m[("layer_{i}", "attn", f"{name}_norm", "scale")] = (layer + f"self_attn.{name}_norm.weight", None, None)
@@ -74,7 +81,27 @@ def mapping(cfg: DecoderConfig, model_type: str) -> dict[tuple[str, ...], tuple[
             m[("layer_{i}", "mlp", f"w_{name}_bias")] = (layer + f"mlp.{name}_proj.bias", None, None)
     if not cfg.tie_embeddings:
         m[("lm_head",)] = ("lm_head.weight", _t, _t)
-    return m
+    return _fuse(m, cfg, FAMILIES[model_type].fused, layer) if FAMILIES[model_type].fused else m
+
+
+def _fuse(m: dict, cfg: DecoderConfig, fused: dict[str, tuple[str, ...]], layer: str) -> dict:
+    """Parts of a fused HF tensor read as row slices of it (export concatenates them back, in this order)."""
+    h = cfg.head_size
+    rows = {"self_attn.q_proj": cfg.num_heads * h, "self_attn.k_proj": cfg.num_kv_heads * h,
+            "self_attn.v_proj": cfg.num_kv_heads * h, "mlp.gate_proj": cfg.mlp_dim, "mlp.up_proj": cfg.mlp_dim}
+    where = {}
+    for name, parts in fused.items():
+        start = 0
+        for part in parts:
+            where[layer + part + ".weight"] = (layer + name + ".weight", start, start + rows[part])
+            start += rows[part]
+    out = {}
+    for path, (hf_name, to_ours, to_hf) in m.items():
+        if hf_name in where:
+            hf_name, start, stop = where[hf_name]
+            to_ours = (lambda w, f=to_ours or (lambda w: w), a=start, b=stop: f(w[a:b]))
+        out[path] = (hf_name, to_ours, to_hf)
+    return out
 
 
 def entries(cfg: DecoderConfig, model_type: str):

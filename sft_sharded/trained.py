@@ -15,6 +15,7 @@ from sft_sharded.checkpoint import FINAL_PARAMS, Checkpointer, load_params
 from sft_sharded.config import TrainConfig, load_config
 from sft_sharded.data.tokenizers import load_tokenizer
 from sft_sharded.errors import UserError
+from sft_sharded.families import FAMILIES
 from sft_sharded.run import build_trainer, tokenizer_path
 from sft_sharded.state import abstract_state, base_weights, frozen_base
 from sft_sharded.trainers import SFTTrainer, partition
@@ -59,6 +60,10 @@ def export(run_dir: str | Path, out_dir: str | Path, dtype: str = "float32", to:
 
         if trainer.lora is None:
             raise UserError(f"{run_dir}: export --to peft needs a LoRA run (lora.rank > 0)")
+        if cfg.model.path and FAMILIES[hf.read_hf_config(cfg.model.path)["model_type"]].fused:
+            # PEFT adapts a fused tensor (Phi-3's qkv_proj) as one module, with one A for q, k and v.
+            raise UserError(f"{run_dir}: export --to peft is not implemented for a model that fuses its "
+                            "projections (qkv_proj, gate_up_proj); export --to hf writes the merged model")
         return save_adapter(params, trainer.model.config, out_dir, cfg.model.path or f"preset:{cfg.model.preset}")
     params = _model_params(trainer, cfg, params, jnp.float32)
     tok_path = tokenizer_path(cfg)

@@ -54,6 +54,24 @@ FAMILIES = {
         decoder_sparse_step=2, output_router_logits=True, router_aux_loss_coef=0.1)),
     "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(
         num_local_experts=4, num_experts_per_tok=2, output_router_logits=True, router_aux_loss_coef=0.1)),
+    # Late-2026 families: OLMo's norms after each block and q/k norm over all heads (with biases here, which
+    # its published configs leave off); OLMo 3's sliding layers with YaRN on the full layers only (the file
+    # transformers writes has rope_parameters per layer type; test_olmo3_published_rope_fields_read_as_transformers
+    # reads the older form its published config.json has); SmolLM3's layers without RoPE, with windows on those.
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", dict(tie_word_embeddings=False, attention_bias=True,
+                                                       rope_theta=5e5)),
+    "olmo3": ("Olmo3Config", "Olmo3ForCausalLM", dict(
+        num_hidden_layers=4, tie_word_embeddings=False, sliding_window=8, rope_theta=5e5,
+        rope_scaling={"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 8,
+                      "beta_fast": 32.0, "beta_slow": 1.0, "attention_factor": 1.2079441541679836})),
+    "smollm3": ("SmolLM3Config", "SmolLM3ForCausalLM", dict(
+        num_hidden_layers=4, no_rope_layer_interval=2, use_sliding_window=True, sliding_window=8, rope_theta=1e4,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2)),
+    # Phi-3/4: fused qkv_proj and gate_up_proj (split on import, fused again on export), partial rotary
+    # (Phi-4-mini's 0.75 of a 16-wide head: 12 dims), an 8-key window on every layer.
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(
+        tie_word_embeddings=False, partial_rotary_factor=0.75, sliding_window=8, pad_token_id=0, bos_token_id=1,
+        eos_token_id=2, original_max_position_embeddings=32)),
 }
 
 
@@ -275,3 +293,24 @@ def test_a_preset_export_stops_transformers_generate_at_the_turn_end(tmp_path):
         model.lm_head.weight[end] = 1.0
         out = model.generate(torch.tensor([[1, 50, 60]]), max_new_tokens=8, do_sample=False)
     assert out[0, 3:].tolist() == [end]
+
+
+def test_olmo3_published_rope_fields_read_as_transformers_reads_them(tmp_path):
+    """Olmo-3-7B's config.json has rope_theta and rope_scaling at the top: transformers scales the full
+    layers only and gives the sliding ones its default base. A flat rope_parameters is refused (transformers
+    would ignore it)."""
+    published = {**BASE, "model_type": "olmo3", "num_hidden_layers": 4, "sliding_window": 8, "rope_theta": 1e4,
+                 "rope_scaling": {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 8,
+                                  "beta_fast": 32.0, "beta_slow": 1.0, "attention_factor": 1.2079441541679836}}
+    (tmp_path / "config.json").write_text(json.dumps(published))
+    theirs = transformers.AutoConfig.from_pretrained(tmp_path).rope_parameters
+    cfg = config_from_hf(tmp_path)
+    assert dict(cfg.rope_scaling) == {k: v for k, v in theirs["full_attention"].items() if k != "rope_theta"}
+    assert (cfg.rope_theta, cfg.rope_local_theta) == (theirs["full_attention"]["rope_theta"],
+                                                       theirs["sliding_attention"]["rope_theta"])
+    assert cfg.rope_local_theta != cfg.rope_theta and theirs["sliding_attention"]["rope_type"] == "default"
+    flat = {k: v for k, v in published.items() if k not in ("rope_theta", "rope_scaling")}
+    (tmp_path / "config.json").write_text(json.dumps({**flat, "rope_parameters": {"rope_type": "default",
+                                                                                  "rope_theta": 1e4}}))
+    with pytest.raises(UserError, match=r"rope_parameters=.* takes RoPE per layer type"):
+        config_from_hf(tmp_path)

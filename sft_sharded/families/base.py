@@ -26,8 +26,10 @@ COMMON = frozenset({
     "intermediate_size", "head_dim", "rms_norm_eps", "tie_word_embeddings", "rope_theta",
     "rope_scaling", "rope_parameters", "attention_dropout", "max_position_embeddings",
 })
-# The options of a plain Llama decoder: a family's `fits` starts from these and names what differs.
-LLAMA_LIKE = dict(norm_plus_one=False, sandwich_norms=False, embed_scale=False, activation="silu",
+# Options only some families have: a family's `fits` starts from these and names what differs.
+PLAIN = dict(post_norms=False, norm_scale_float32=False, qk_norm_across_heads=False, rotary_dim=None, nope_layers=())
+# The options of a plain Llama decoder.
+LLAMA_LIKE = dict(PLAIN, norm_plus_one=False, sandwich_norms=False, embed_scale=False, activation="silu",
                   query_pre_attn_scalar=None, attn_softcap=None, final_softcap=None, rope_local_theta=None)
 ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh"}  # transformers' name -> ours
 
@@ -76,6 +78,11 @@ class Family:
     local_rope: bool = False  # sliding layers have a RoPE base of their own (Gemma 3)
     # The mixture-of-experts block's tensor names: (module, router, {our expert weight: theirs}).
     moe_names: tuple[str, str, Mapping[str, str]] | None = None
+    # Fields that do not change the math here but describe the checkpoint: written back as the source had them.
+    carried: frozenset[str] = frozenset()
+    # HF tensors that hold several projections one after another (rows of [out, in]): {fused name: parts},
+    # names relative to the layer ("self_attn.qkv_proj": ("self_attn.q_proj", ...)).
+    fused: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
     # Named shapes of this family (DecoderConfig fields), sizes from its published config.json files.
     presets: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
 
@@ -100,3 +107,13 @@ def windows(sliding_window: int | None, types_: list[str]) -> dict[str, Any]:
     if "sliding_attention" not in types_:
         return {}
     return {"sliding_window": sliding_window, "layer_types": tuple(types_)}
+
+
+def rope_scaling_to_hf(cfg: DecoderConfig) -> dict[str, Any] | None:
+    """DecoderConfig.rope_scaling as config.json writes it."""
+    if not cfg.rope_scaling:
+        return None
+    scaling = dict(cfg.rope_scaling)
+    if "original_max_position_embeddings" in scaling:  # transformers requires an integer (it warns on 8192.0)
+        scaling["original_max_position_embeddings"] = int(scaling["original_max_position_embeddings"])
+    return scaling

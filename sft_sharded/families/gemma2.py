@@ -3,7 +3,7 @@ scalar of its own, soft-capped scores and logits, alternating sliding and full l
 
 from __future__ import annotations
 
-from sft_sharded.families.base import COMMON, Family, HfFields, layer_types, one_attention_bias, same, windows
+from sft_sharded.families.base import COMMON, PLAIN, Family, HfFields, layer_types, one_attention_bias, same, windows
 
 GEMMA_READS = frozenset({
     "hidden_activation", "query_pre_attn_scalar", "sliding_window", "layer_types", "attention_bias",
@@ -12,7 +12,7 @@ GEMMA_READS = frozenset({
     "hidden_act"})
 GEMMA_DEFAULTS = {"head_dim": 256, "query_pre_attn_scalar": 256, "sliding_window": 4096,
                   "hidden_activation": "gelu_pytorch_tanh", "tie_word_embeddings": True}
-GEMMA_LIKE = dict(norm_plus_one=True, sandwich_norms=True, embed_scale=True, activation="gelu_tanh", mlp_bias=False)
+GEMMA_LIKE = dict(PLAIN, norm_plus_one=True, sandwich_norms=True, embed_scale=True, activation="gelu_tanh", mlp_bias=False)
 
 
 def every(period: int, layers: int) -> tuple[str, ...]:

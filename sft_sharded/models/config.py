@@ -30,10 +30,17 @@ class DecoderConfig:
     rope_scaling: tuple[tuple[str, Any], ...] | None = None
     # Gemma 3: sliding layers use this RoPE base, unscaled (global layers use rope_theta and rope_scaling).
     rope_local_theta: float | None = None
+    rotary_dim: int | None = None  # RoPE on the first rotary_dim of each head only (partial rotary); None: all
+    nope_layers: tuple[int, ...] = ()  # layers without RoPE (SmolLM3's no_rope_layers)
     rms_norm_eps: float = 1e-5
     norm_plus_one: bool = False  # Gemma: RMSNorm scales by (1 + weight), weights initialised at 0
     sandwich_norms: bool = False  # Gemma 2/3: a norm after attention and after the MLP too (4 per layer)
+    post_norms: bool = False  # OLMo 2/3: norms after attention and after the MLP only, none before
+    # RMSNorm multiplies by its weight in float32 and casts after (OLMo; Gemma's (1 + w) always does); Llama's
+    # casts the normalised x to the compute dtype first.
+    norm_scale_float32: bool = False
     qk_norm: bool = False  # Qwen3, Gemma 3: RMSNorm over head_dim on q and k before RoPE
+    qk_norm_across_heads: bool = False  # OLMo 2/3: the q/k norm is over all heads together, not each head
     activation: str = "silu"  # of the gated MLP: "silu" (SwiGLU) or "gelu_tanh" (Gemma's GeGLU)
     embed_scale: bool = False  # Gemma: embeddings times sqrt(hidden_size), rounded to the compute dtype
     # Scores are scaled by query_pre_attn_scalar**-0.5 (Gemma); None: head_dim**-0.5.
@@ -88,6 +95,20 @@ class DecoderConfig:
                              ("context_layout", CONTEXT_LAYOUTS)):
             if getattr(self, key) not in choices:
                 raise ValueError(f"DecoderConfig.{key}={getattr(self, key)!r} must be one of {choices}")
+        if self.sandwich_norms and self.post_norms:
+            raise ValueError("DecoderConfig.sandwich_norms and post_norms exclude each other (Gemma's four norms "
+                             "per layer or OLMo's two after)")
+        if self.qk_norm_across_heads and not self.qk_norm:
+            raise ValueError("DecoderConfig.qk_norm_across_heads needs qk_norm")
+        object.__setattr__(self, "nope_layers", tuple(self.nope_layers))
+        if any(not 0 <= i < self.num_layers for i in self.nope_layers):
+            raise ValueError(f"DecoderConfig.nope_layers={list(self.nope_layers)} must be layer indices "
+                             f"below {self.num_layers}")
+        if self.rotary_dim == self.head_size:
+            object.__setattr__(self, "rotary_dim", None)  # one way to say "all of each head"
+        if self.rotary_dim is not None and (self.rotary_dim % 2 or not 0 < self.rotary_dim <= self.head_size):
+            raise ValueError(f"DecoderConfig.rotary_dim={self.rotary_dim} must be even and in (0, head_dim="
+                             f"{self.head_size}]")
         for key in ("sliding_window", "max_position_embeddings", "head_dim"):
             if getattr(self, key) is not None:
                 _positive_int(self, key)
@@ -146,6 +167,10 @@ class DecoderConfig:
         """The attention window of layer `layer` (None: full causal attention)."""
         return self.sliding_window if self.is_sliding(layer) else None
 
+    def kind(self, layer: int) -> tuple[bool, bool]:
+        """(sliding, rotary) of layer `layer`: what makes one layer's attention differ from another's."""
+        return self.is_sliding(layer), layer not in self.nope_layers
+
     def rope_for(self, sliding: bool) -> tuple[float, tuple | None]:
         """(RoPE base, scaling) of a sliding or a full layer."""
         if self.rope_local_theta is not None and sliding:
@@ -154,8 +179,8 @@ class DecoderConfig:
 
     @property
     def uniform_layers(self) -> bool:
-        """Whether every layer has the same window (and so the same RoPE)."""
-        return len({self.is_sliding(i) for i in range(self.num_layers)}) == 1
+        """Whether every layer has the same window and RoPE (`kind`)."""
+        return len({self.kind(i) for i in range(self.num_layers)}) == 1
 
     def num_adapter_params(self) -> int:
         """LoRA's A and B over all layers (0 without LoRA)."""
@@ -170,7 +195,8 @@ class DecoderConfig:
         """The model's own parameters (the base, without LoRA adapters)."""
         d, h, k, f, v = self.hidden_size, self.head_size, self.num_kv_heads, self.mlp_dim, self.vocab_size
         attn = d * h * (2 * self.num_heads + 2 * k) + (h * (self.num_heads + 2 * k) if self.qkv_bias else 0)
-        attn += (d if self.o_bias else 0) + (2 * h if self.qk_norm else 0)
+        qk_norms = (self.num_heads + k) * h if self.qk_norm_across_heads else 2 * h
+        attn += (d if self.o_bias else 0) + (qk_norms if self.qk_norm else 0)
         norms = (4 if self.sandwich_norms else 2) * d
         dense = 3 * d * f + ((2 * f + d) if self.mlp_bias else 0)
         total = v * d * (1 if self.tie_embeddings else 2) + d

@@ -23,26 +23,31 @@ class DecoderLayer(nn.Module):
     moe: bool = False  # a mixture of experts in place of the dense MLP
 
     @nn.compact
-    def __call__(self, x_BxTxD, positions_BxT, segment_ids_BxT, decode=None, cache=None, sliding=None):
+    def __call__(self, x_BxTxD, positions_BxT, segment_ids_BxT, decode=None, cache=None, kind=None):
         """Returns (x, this layer's updated KV cache or None); the pair is also nn.scan's (carry, ys).
-        `sliding` (a bool, or traced in a scanned stack of mixed layers) is None when all layers are alike."""
+        `kind` is the layer's (sliding, rotary) (`DecoderConfig.kind`): Python bools, or traced in a scanned
+        stack of mixed layers; None when all layers are alike."""
         cfg = self.config
-        if sliding is None:
-            sliding = cfg.is_sliding(0)
+        sliding, rotary = cfg.kind(0) if kind is None else kind
+        pre_norms = not cfg.post_norms  # OLMo normalises each block's output only
+
+        def norm(name, x):
+            return RMSNorm(cfg, name=name)(x)
+
         attn_BxTxD, new_cache = Attention(cfg, name="attn")(
-            RMSNorm(cfg, name="attn_norm")(x_BxTxD), positions_BxT, segment_ids_BxT, sliding, decode, cache
-        )
-        if cfg.sandwich_norms:
-            attn_BxTxD = RMSNorm(cfg, name="post_attn_norm")(attn_BxTxD)
+            norm("attn_norm", x_BxTxD) if pre_norms else x_BxTxD, positions_BxT, segment_ids_BxT, sliding, rotary,
+            decode, cache)
+        if cfg.sandwich_norms or cfg.post_norms:
+            attn_BxTxD = norm("post_attn_norm", attn_BxTxD)
         x_BxTxD = x_BxTxD + attn_BxTxD
-        h_BxTxD = RMSNorm(cfg, name="mlp_norm")(x_BxTxD)
+        h_BxTxD = norm("mlp_norm", x_BxTxD) if pre_norms else x_BxTxD
         if self.moe:
             real_BxT = jnp.ones(h_BxTxD.shape[:2], bool) if segment_ids_BxT is None else segment_ids_BxT != 0
             mlp_BxTxD = MoE(cfg, name="moe")(h_BxTxD, real_BxT)
         else:
             mlp_BxTxD = MLP(cfg, name="mlp")(h_BxTxD)
-        if cfg.sandwich_norms:
-            mlp_BxTxD = RMSNorm(cfg, name="post_mlp_norm")(mlp_BxTxD)
+        if cfg.sandwich_norms or cfg.post_norms:
+            mlp_BxTxD = norm("post_mlp_norm", mlp_BxTxD)
         return constrain(x_BxTxD + mlp_BxTxD, RESIDUAL), new_cache
 
 
@@ -98,7 +103,7 @@ class Decoder(nn.Module):
         cfg = self.config
         layer_cls = DecoderLayer
         if cfg.remat != "none":
-            # An unrolled layer's `sliding` is a Python bool: static, so its window stays a compile-time fact.
+            # An unrolled layer's `kind` is Python bools: static, so its window stays a compile-time fact.
             layer_cls = nn.remat(DecoderLayer, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers,
                                  static_argnums=() if cfg.scan_layers else (6,))
         if not cfg.scan_layers:
@@ -106,7 +111,7 @@ class Decoder(nn.Module):
             for i in range(cfg.num_layers):
                 layer_cache = None if cache is None else cache["layers"][i]
                 x_BxTxD, new_layer = layer_cls(cfg, moe=cfg.is_moe(i), name=f"layer_{i}")(
-                    x_BxTxD, positions, segment_ids, decode, layer_cache, cfg.is_sliding(i))
+                    x_BxTxD, positions, segment_ids, decode, layer_cache, cfg.kind(i))
                 new_layers.append(new_layer)
             return x_BxTxD, new_layers
         stack = nn.scan(
@@ -117,11 +122,11 @@ class Decoder(nn.Module):
             length=cfg.num_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )
-        sliding_L = None
+        kind_L = None
         if not cfg.uniform_layers:
-            sliding_L = jnp.array([cfg.is_sliding(i) for i in range(cfg.num_layers)])
+            kind_L = tuple(jnp.array(flags) for flags in zip(*(cfg.kind(i) for i in range(cfg.num_layers))))
         layer_caches = None if cache is None else cache["layers"]
-        return stack(cfg, moe=cfg.is_moe(0), name="layers")(x_BxTxD, positions, segment_ids, decode, layer_caches, sliding_L)
+        return stack(cfg, moe=cfg.is_moe(0), name="layers")(x_BxTxD, positions, segment_ids, decode, layer_caches, kind_L)
 
     @nn.compact
     def _forward(self, input_ids_BxT, positions, segment_ids, cache):

@@ -3,10 +3,11 @@
 Weights of rank 3 are declared with `self.param` and used with einsum: flax `DenseGeneral` with logical
 partitioning of >2-D kernels fails under `jax.set_mesh` (flax#3676).
 
-A layer's window and RoPE may differ from its neighbours' (Gemma's local and global layers). `sliding`
-says which a layer is: a Python bool when known at trace time (unrolled layers, or a stack whose layers
-are all alike), else a traced bool (one scanned stack of mixed layers), and then both variants are
-compiled and `lax.cond` runs the layer's own: a scan needs one body for every layer.
+A layer's window and RoPE may differ from its neighbours' (Gemma's local and global layers, SmolLM3's
+layers without RoPE). `sliding` and `rotary` say which a layer is: Python bools when known at trace time
+(unrolled layers, or a stack whose layers are all alike), else traced bools (one scanned stack of mixed
+layers): then both windows are compiled and `lax.cond` runs the layer's own (a scan needs one body for
+every layer), and a layer without RoPE rotates by angle 0, which leaves q and k exactly as they are.
 """
 
 from __future__ import annotations
@@ -51,7 +52,8 @@ def _project(module: nn.Module, x: jax.Array, spec: str, name: str, target: str,
 
 class RMSNorm(nn.Module):
     """RMSNorm over the last axis. Llama's casts the normalised x to the compute dtype, then scales;
-    Gemma's (`norm_plus_one`) scales by (1 + weight) in float32, then casts, as transformers does."""
+    Gemma's (`norm_plus_one`) scales by (1 + weight) in float32, then casts, as transformers does, and
+    OLMo's (`norm_scale_float32`) by the weight in float32."""
 
     config: DecoderConfig
 
@@ -64,6 +66,8 @@ class RMSNorm(nn.Module):
         normed = normed * jax.lax.rsqrt(jnp.mean(normed * normed, axis=-1, keepdims=True) + cfg.rms_norm_eps)
         if cfg.norm_plus_one:
             return (normed * (1.0 + scale.astype(jnp.float32))).astype(cfg.dtype)
+        if cfg.norm_scale_float32:
+            return (normed * scale.astype(jnp.float32)).astype(cfg.dtype)
         return scale.astype(cfg.dtype) * normed.astype(cfg.dtype)
 
 
@@ -97,19 +101,36 @@ def _by_kind(sliding, on_sliding, on_full):
     return jax.lax.cond(sliding, on_sliding, on_full)
 
 
-def _rope_frequencies(cfg: DecoderConfig, sliding):
-    """(inverse frequencies, factor on cos/sin) of a layer: static per kind, selected when traced."""
-    full, local = frequencies(cfg.head_size, *cfg.rope_for(False)), frequencies(cfg.head_size, *cfg.rope_for(True))
+def _rope_frequencies(cfg: DecoderConfig, sliding, rotary):
+    """(inverse frequencies, factor on cos/sin) of a layer: static per kind, selected when traced. A layer
+    without RoPE has frequencies 0 when traced (angle 0: cos 1, sin 0) and None when static."""
+    dim = cfg.rotary_dim or cfg.head_size
+    full, local = frequencies(dim, *cfg.rope_for(False)), frequencies(dim, *cfg.rope_for(True))
     if isinstance(sliding, bool):
-        return local if sliding else full
-    return tuple(jnp.where(sliding, a, b) for a, b in zip(local, full))
+        inv_freq, factor = local if sliding else full
+    else:
+        inv_freq, factor = (jnp.where(sliding, a, b) for a, b in zip(local, full))
+    if isinstance(rotary, bool):
+        return (inv_freq, factor) if rotary else None
+    return inv_freq * rotary, jnp.where(rotary, factor, 1.0)
+
+
+def _rotate(cfg: DecoderConfig, x_BxTxNxH, positions_BxT, frequencies_):
+    """RoPE on the first `rotary_dim` of each head (all of it by default); the rest passes as it is."""
+    if frequencies_ is None:
+        return x_BxTxNxH
+    dim = cfg.rotary_dim or cfg.head_size
+    if dim == x_BxTxNxH.shape[-1]:
+        return rotate(x_BxTxNxH, positions_BxT, *frequencies_)
+    rotated = rotate(x_BxTxNxH[..., :dim], positions_BxT, *frequencies_)
+    return jnp.concatenate([rotated, x_BxTxNxH[..., dim:]], axis=-1)
 
 
 class Attention(nn.Module):
     config: DecoderConfig
 
     @nn.compact
-    def __call__(self, x_BxTxD, positions_BxT, segment_ids_BxT, sliding, decode=None, cache=None):
+    def __call__(self, x_BxTxD, positions_BxT, segment_ids_BxT, sliding, rotary=True, decode=None, cache=None):
         """`decode` (kv_segment_ids, q_offset) and `cache` (k, v of this layer) are given when decoding
         with a KV cache; the layer then returns its updated cache next to the output."""
         cfg = self.config
@@ -119,16 +140,20 @@ class Attention(nn.Module):
             y = _project(self, x_BxTxD, "btd,dnh->btnh", name, name[1], (d, heads, h), ("embed", head_axis, "head_dim"), 1)
             if cfg.qkv_bias:
                 y = y + _bias(self, name + "_bias", (heads, h), (head_axis, "head_dim"))
-            if cfg.qk_norm and name != "wv":
+            if cfg.qk_norm and name != "wv" and cfg.qk_norm_across_heads:
+                b, t = y.shape[:2]
+                y = RMSNorm(cfg, name=f"{name[1]}_norm")(y.reshape(b, t, heads * h)).reshape(y.shape)
+            elif cfg.qk_norm and name != "wv":
                 y = RMSNorm(cfg, name=f"{name[1]}_norm")(y)
             return y
 
         q_BxTxNxH = project("wq", cfg.num_heads, "heads")
         k_BxTxKxH = project("wk", cfg.num_kv_heads, "kv_heads")
         v_BxTxKxH = project("wv", cfg.num_kv_heads, "kv_heads")
-        inv_freq, factor = _rope_frequencies(cfg, sliding)
-        q_BxTxNxH = constrain(rotate(q_BxTxNxH, positions_BxT, inv_freq, factor), ("batch", "length", "act_heads", "head_dim"))
-        k_BxTxKxH = rotate(k_BxTxKxH, positions_BxT, inv_freq, factor)
+        frequencies_ = _rope_frequencies(cfg, sliding, rotary)
+        q_BxTxNxH = constrain(_rotate(cfg, q_BxTxNxH, positions_BxT, frequencies_),
+                              ("batch", "length", "act_heads", "head_dim"))
+        k_BxTxKxH = _rotate(cfg, k_BxTxKxH, positions_BxT, frequencies_)
         scale = None if cfg.query_pre_attn_scalar is None else cfg.query_pre_attn_scalar ** -0.5
         new_cache = None
         if cache is None:
