@@ -29,13 +29,14 @@ from safetensors import SafetensorError, safe_open
 from sft_sharded import paths
 from sft_sharded.errors import MissingFileError, UserError
 from sft_sharded.hf_tensors import entries
+from sft_sharded.families import MULTIMODAL
 from sft_sharded.hf_config import (TOKEN_ID_FIELDS, config_from_hf, config_to_hf, hf_model_type, read_hf_config,
-                                   tokenizer_token_ids)
+                                   text_part, tokenizer_token_ids)
 from sft_sharded.models.config import DecoderConfig
 from sft_sharded.sharding import global_to_host
 
 __all__ = ["TOKEN_ID_FIELDS", "config_from_hf", "config_to_hf", "hf_model_type", "load_params", "read_hf_config",
-           "save_pretrained", "tokenizer_token_ids"]
+           "save_pretrained", "text_part", "tokenizer_token_ids"]
 _DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16, "F64": np.float64}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
@@ -118,12 +119,38 @@ def _listing(names: list[str], limit: int = 6) -> str:
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
-def _check_coverage(directory: Path, cfg: DecoderConfig, model_type: str, tensors: SafetensorsDir) -> None:
-    """Every tensor the model needs is in the checkpoint, and every tensor in the checkpoint is used.
+class Source:
+    """A checkpoint directory as import and export see it: its config.json, the family of its language
+    model, where that model's tensors are (`naming`, for a multimodal checkpoint) and the towers beside it."""
+
+    def __init__(self, directory: str | Path):
+        self.directory = paths.path(directory, "model.path")
+        self.config = read_hf_config(self.directory)
+        self.model_type = text_part(self.config)["model_type"]
+        self.multimodal = MULTIMODAL.get(self.config["model_type"])
+        self.tensors = SafetensorsDir(self.directory)
+        self.naming, self.towers = None, []
+        if self.multimodal is not None:
+            found = [(prefix, head) for prefix, head in self.multimodal.text_prefixes.items()
+                     if f"{prefix}embed_tokens.weight" in self.tensors.entries]
+            if not found:
+                raise UserError(f"model.path={str(directory)!r}: no language model tensors under "
+                                f"{sorted(self.multimodal.text_prefixes)} (a {self.config['model_type']} checkpoint?)")
+            self.naming = found[0]
+            self.towers = sorted(n for n in self.tensors.entries if n.startswith(self.multimodal.towers))
+
+    def entries(self, cfg: DecoderConfig):
+        return entries(cfg, self.model_type, self.naming)
+
+
+def _check_coverage(source: Source, cfg: DecoderConfig) -> None:
+    """Every tensor the model needs is in the checkpoint, and every tensor in the checkpoint is used (a
+    multimodal checkpoint's towers pass through).
 
     Two kinds of extra tensor are known to carry nothing: RoPE's `inv_freq` buffers (older exports; they
     are recomputed from rope_theta) and an `lm_head.weight` that equals the embedding of a tied model."""
-    wanted = {name for _, name, _, _, _ in entries(cfg, model_type)}
+    directory, tensors = source.directory, source.tensors
+    wanted = {name for _, name, _, _, _ in source.entries(cfg)} | set(source.towers)
     missing = sorted(wanted - set(tensors.entries))
     if missing:
         raise UserError(f"model.path={str(directory)!r}: the checkpoint lacks {len(missing)} tensor(s) this "
@@ -146,12 +173,11 @@ def load_params(directory: str | Path, cfg: DecoderConfig, abstract_params: Any)
     param (all layers' or all experts' weights) nor the model is ever on the host at once.
 
     Refuses a checkpoint with a missing, extra or wrongly shaped tensor, naming it."""
-    directory = paths.path(directory, "model.path")
-    tensors = SafetensorsDir(directory)
-    model_type = read_hf_config(directory)["model_type"]
-    _check_coverage(directory, cfg, model_type, tensors)
+    source = Source(directory)
+    tensors = source.tensors
+    _check_coverage(source, cfg)
     grouped: dict[tuple, dict] = {}
-    for path, name, index, to_ours, _ in entries(cfg, model_type):
+    for path, name, index, to_ours, _ in source.entries(cfg):
         grouped.setdefault(path, {})[index] = (name, to_ours)
     params: dict = {}
     for path, parts in grouped.items():
@@ -182,37 +208,52 @@ def load_params(directory: str | Path, cfg: DecoderConfig, abstract_params: Any)
 def save_pretrained(params: Any, cfg: DecoderConfig, out_dir: str | Path, *, model_type: str | None = None,
                     dtype: str = "float32", tokenizer_dir: str | Path | None = None,
                     token_ids: dict[str, Any] | None = None, generation_config: dict[str, Any] | None = None,
-                    source_config: dict[str, Any] | None = None, max_shard_bytes: int = 2 * 1024**3) -> Path:
+                    source_dir: str | Path | None = None, max_shard_bytes: int = 2 * 1024**3) -> Path:
     """Write config.json, generation_config.json, safetensors (sharded above `max_shard_bytes`) and the
     tokenizer files. `model_type` defaults to the family that has exactly this model's tensors; `token_ids`
     (bos/eos/pad) go into config.json, and `generation_config` (default: built from `token_ids`) tells
-    transformers' `generate` where to stop; `source_config` is the config.json the model was imported from
-    (`config_to_hf`). Every process must call it (gathers are collective); only
-    process 0 writes."""
+    transformers' `generate` where to stop. `source_dir` is the checkpoint the model was imported from: what
+    its config.json holds that training did not use is written back (`config_to_hf`), and a multimodal
+    checkpoint is written whole, its towers copied byte for byte. Every process must call it (gathers are
+    collective); only process 0 writes."""
     out = paths.path(out_dir, "export target")
-    model_type = hf_model_type(cfg, model_type)
-    config = config_to_hf(cfg, model_type, dtype, token_ids, source_config)
+    source = Source(source_dir) if source_dir is not None else None
+    model_type = hf_model_type(cfg, source.model_type if source else model_type)
+    config = config_to_hf(cfg, model_type, dtype, token_ids, text_part(source.config) if source else None)
+    if source is not None and source.multimodal is not None:
+        # Token ids its text_config leaves to transformers' defaults stay left out; fields its class ignores
+        # are written back as they were.
+        source_text = source.config["text_config"]
+        text = {k: v for k, v in config.items()
+                if k != "architectures" and (k not in TOKEN_ID_FIELDS or k in source_text)}
+        text |= {k: source_text[k] for k in source.multimodal.ignored_text_fields if k in source_text}
+        config = {**source.config, "architectures": [source.multimodal.architecture], "text_config": text}
+    naming = source.naming if source else None
     write = jax.process_index() == 0
     np_dtype = np.dtype(ml_dtypes.bfloat16 if dtype == "bfloat16" else dtype)
     shards: list[dict[str, np.ndarray]] = [{}]
-    size = 0
+    sizes = [0]
+
+    def add(name: str, array: np.ndarray) -> None:
+        if sizes[-1] and sizes[-1] + array.nbytes > max_shard_bytes:
+            shards.append({})
+            sizes.append(0)
+        shards[-1][name] = np.ascontiguousarray(array)
+        sizes[-1] += array.nbytes
+
     gathered: tuple = (None, None)  # one stacked param on the host at a time
     # A fused tensor (Phi-3's qkv_proj) is written once all of its parts, which come in its row order, are here.
-    count = collections.Counter(name for _, name, *_ in entries(cfg, model_type))
+    count = collections.Counter(name for _, name, *_ in entries(cfg, model_type, naming))
     pending: dict[str, list[np.ndarray]] = collections.defaultdict(list)
-    for path, name, index, _, to_hf in entries(cfg, model_type):
+    for path, name, index, _, to_hf in entries(cfg, model_type, naming):
         if gathered[0] != path:
             gathered = (path, global_to_host(get_path(params, path)))
         pending[name].append(to_hf(gathered[1][index]).astype(np_dtype))
-        if len(pending[name]) < count[name]:
-            continue
-        parts = pending.pop(name)
-        array = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
-        if size and size + array.nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = np.ascontiguousarray(array)
-        size += array.nbytes
+        if len(pending[name]) == count[name]:
+            parts = pending.pop(name)
+            add(name, parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0))
+    for name in source.towers if source and write else ():
+        add(name, np.array(source.tensors.get(name)))  # as stored: same dtype, same bytes
     if not write:
         return out
     out.mkdir(parents=True, exist_ok=True)

@@ -17,7 +17,7 @@ from typing import Any
 
 from sft_sharded import paths
 from sft_sharded.errors import MissingFileError, UserError
-from sft_sharded.families import FAMILIES, Family, HfFields
+from sft_sharded.families import FAMILIES, MULTIMODAL, Family, HfFields
 from sft_sharded.families.base import rope_scaling_to_hf
 from sft_sharded.models.config import DecoderConfig
 from sft_sharded.models.rope import check_scaling
@@ -52,13 +52,21 @@ def read_hf_config(directory: str | Path) -> dict[str, Any]:
         hf = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise UserError(f"{path}: not valid JSON: {err.msg} (line {err.lineno})") from None
-    if hf.get("model_type") == "gemma3":
-        raise UserError(f"{path}: model_type 'gemma3' is the multimodal Gemma 3 (a vision tower beside the "
-                        "text decoder), which is not supported; a text-only Gemma 3 has model_type 'gemma3_text'")
-    if hf.get("model_type") not in FAMILIES:
+    if hf.get("model_type") not in FAMILIES and hf.get("model_type") not in MULTIMODAL:
         raise UserError(f"{path}: model_type {hf.get('model_type')!r} is not supported "
-                        f"(supported: {sorted(FAMILIES)})")
+                        f"(supported: {sorted(FAMILIES)}; multimodal, text only: {sorted(MULTIMODAL)})")
+    if hf["model_type"] in MULTIMODAL and not isinstance(hf.get("text_config"), dict):
+        raise UserError(f"{path}: model_type {hf['model_type']!r} needs a text_config (its language model)")
     return hf
+
+
+def text_part(hf: dict[str, Any]) -> dict[str, Any]:
+    """The language model's config.json: the file itself, or a multimodal checkpoint's text_config."""
+    if hf["model_type"] not in MULTIMODAL:
+        return hf
+    multimodal = MULTIMODAL[hf["model_type"]]
+    text = {k: v for k, v in hf["text_config"].items() if k not in multimodal.ignored_text_fields}
+    return {**text, "model_type": multimodal.text_model_type}
 
 
 def _scaling(f: HfFields, field: str, scaling: dict | None) -> tuple | None:
@@ -120,8 +128,11 @@ def _partial_rotary(f: HfFields, family: Family, full: dict) -> dict[str, Any]:
 
 def config_from_hf(directory: str | Path, **overrides) -> DecoderConfig:
     """DecoderConfig of a Hugging Face directory; refuses any field value the model does not implement."""
-    hf = read_hf_config(directory)
+    full = read_hf_config(directory)
+    hf = text_part(full)
     path = paths.path(directory, "model.path") / "config.json"
+    if hf is not full:  # errors name the field where it is
+        path = f"{path}: text_config"
     family = FAMILIES[hf["model_type"]]
     f = HfFields(path, hf, family.defaults)
     unknown = sorted(set(hf) - family.reads - HARMLESS_FIELDS - set(TOKEN_ID_FIELDS))
@@ -136,13 +147,13 @@ def config_from_hf(directory: str | Path, **overrides) -> DecoderConfig:
         raise f.refuse("attention_dropout", hf["attention_dropout"],
                        "dropout is not implemented (set it to 0.0 to train without dropout)")
     try:
-        heads = hf["num_attention_heads"]
+        heads = f["num_attention_heads"]
         return DecoderConfig(
-            vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], num_layers=hf["num_hidden_layers"],
-            num_heads=heads, num_kv_heads=hf.get("num_key_value_heads") or heads, mlp_dim=hf["intermediate_size"],
+            vocab_size=f["vocab_size"], hidden_size=f["hidden_size"], num_layers=f["num_hidden_layers"],
+            num_heads=heads, num_kv_heads=f.get("num_key_value_heads") or heads, mlp_dim=f["intermediate_size"],
             head_dim=f.get("head_dim"), rms_norm_eps=float(f.get("rms_norm_eps", 1e-6)),
             tie_embeddings=bool(f.get("tie_word_embeddings", False)),
-            max_position_embeddings=hf.get("max_position_embeddings"),
+            max_position_embeddings=f.get("max_position_embeddings"),
             **family.from_hf(f), **_rope(f, family), **overrides,
         )
     except KeyError as err:

@@ -104,10 +104,14 @@ def _fuse(m: dict, cfg: DecoderConfig, fused: dict[str, tuple[str, ...]], layer:
     return out
 
 
-def entries(cfg: DecoderConfig, model_type: str):
-    """(our path, HF name, index, hf->ours, ours->hf) for every tensor (see the module docstring)."""
+def entries(cfg: DecoderConfig, model_type: str, naming: tuple[str, str] | None = None):
+    """(our path, HF name, index, hf->ours, ours->hf) for every tensor (see the module docstring). `naming`
+    (prefix, head) places the language model inside a multimodal checkpoint: the prefix replaces "model."
+    and the head is the output head's name."""
     for path, (name, to_ours, to_hf) in mapping(cfg, model_type).items():
         to_ours, to_hf = to_ours or (lambda w: w), to_hf or (lambda w: w)
+        if naming is not None:
+            name = naming[1] if name == "lm_head.weight" else naming[0] + name.removeprefix("model.")
         if path[0] != "layer_{i}":
             yield path, name, (), to_ours, to_hf
             continue

@@ -15,7 +15,7 @@ from sft_sharded.checkpoint import FINAL_PARAMS, Checkpointer, load_params
 from sft_sharded.config import TrainConfig, load_config
 from sft_sharded.data.tokenizers import load_tokenizer
 from sft_sharded.errors import UserError
-from sft_sharded.families import FAMILIES
+from sft_sharded.families import FAMILIES, MULTIMODAL
 from sft_sharded.run import build_trainer, tokenizer_path
 from sft_sharded.state import abstract_state, base_weights, frozen_base
 from sft_sharded.trainers import SFTTrainer, partition
@@ -60,25 +60,27 @@ def export(run_dir: str | Path, out_dir: str | Path, dtype: str = "float32", to:
 
         if trainer.lora is None:
             raise UserError(f"{run_dir}: export --to peft needs a LoRA run (lora.rank > 0)")
-        if cfg.model.path and FAMILIES[hf.read_hf_config(cfg.model.path)["model_type"]].fused:
-            # PEFT adapts a fused tensor (Phi-3's qkv_proj) as one module, with one A for q, k and v.
-            raise UserError(f"{run_dir}: export --to peft is not implemented for a model that fuses its "
-                            "projections (qkv_proj, gate_up_proj); export --to hf writes the merged model")
+        source = hf.read_hf_config(cfg.model.path) if cfg.model.path else None
+        if source and (source["model_type"] in MULTIMODAL or FAMILIES[source["model_type"]].fused):
+            # PEFT adapts a fused tensor (Phi-3's qkv_proj) as one module, with one A for q, k and v; a
+            # multimodal base names its layers under its language model.
+            raise UserError(f"{run_dir}: export --to peft is not implemented for model_type "
+                            f"{source['model_type']!r} (fused projections or a multimodal checkpoint); "
+                            "export --to hf writes the merged model")
         return save_adapter(params, trainer.model.config, out_dir, cfg.model.path or f"preset:{cfg.model.preset}")
     params = _model_params(trainer, cfg, params, jnp.float32)
     tok_path = tokenizer_path(cfg)
     if cfg.model.path:
-        source = hf.read_hf_config(cfg.model.path)
+        source = hf.text_part(hf.read_hf_config(cfg.model.path))
         token_ids = {k: source[k] for k in hf.TOKEN_ID_FIELDS if k in source}
         gen_path = paths.path(cfg.model.path, "model.path") / "generation_config.json"
         generation = json.loads(gen_path.read_text()) if gen_path.is_file() else None
         model_type = source["model_type"]
     else:
         token_ids, generation, model_type = hf.tokenizer_token_ids(load_tokenizer(tok_path)), None, None
-        source = None
     return hf.save_pretrained(params, trainer.model.config, out_dir, model_type=model_type, dtype=dtype,
                               tokenizer_dir=tok_path, token_ids=token_ids, generation_config=generation,
-                              source_config=source)
+                              source_dir=cfg.model.path or None)
 
 
 def generate(run_dir: str | Path, prompts: list[str], max_new_tokens: int, raw: bool = False) -> list[str]:

@@ -213,7 +213,8 @@ def test_fields_that_change_the_math_are_refused_by_name(tmp_path):
         ("rope_scaling", {"rope_type": "dynamic", "factor": 2.0}, r"dynamic NTK scaling changes the frequencies"),
         ("rope_scaling", {"rope_type": "longrope", "factor": 2.0}, r"rope scaling type 'longrope' is not implemented"),
         ("rope_scaling", {"rope_type": "yarn", "factor": 2.0, "beta": 3}, r"unknown \['beta'\]"),
-        ("model_type", "gemma3", r"multimodal Gemma 3"),
+        ("model_type", "gemma3", r"model_type 'gemma3' needs a text_config"),
+        ("model_type", "gpt2", r"model_type 'gpt2' is not supported"),
         ("quantization_config", {"quant_method": "bitsandbytes"}, r"quantization_config=.* is not supported"),
     ):
         (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, field: value}))
@@ -314,3 +315,50 @@ def test_olmo3_published_rope_fields_read_as_transformers_reads_them(tmp_path):
                                                                                   "rope_theta": 1e4}}))
     with pytest.raises(UserError, match=r"rope_parameters=.* takes RoPE per layer type"):
         config_from_hf(tmp_path)
+
+
+def test_multimodal_gemma3_trains_its_text_and_exports_the_towers_untouched(tmp_path):
+    """Gemma3ForConditionalGeneration (a tiny SigLIP tower and projector beside the text decoder): text-only
+    logits equal transformers', the export loads as the same class with the towers byte-identical, and
+    transformers' greedy `generate` on a text prompt equals ours."""
+    from sft_sharded.generate import greedy_generate
+    from sft_sharded.hf import SafetensorsDir
+
+    text = {**BASE, "num_hidden_layers": 2, "head_dim": 24, "sliding_window": 8, "query_pre_attn_scalar": 20,
+            "layer_types": ["sliding_attention", "full_attention"], "pad_token_id": 0, "bos_token_id": 1,
+            "eos_token_id": 2, "final_logit_softcapping": 3.0}  # a cap this class never applies
+    vision = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                  patch_size=14)
+    config = transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                                       image_token_index=125, boi_token_index=126, eoi_token_index=127)
+    torch.manual_seed(0)
+    model = transformers.Gemma3ForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.add_(torch.randn_like(p) * (0.3 if "bias" in name or "norm" in name else 0.05))
+    model.save_pretrained(tmp_path / "hf")
+    trainer, cfg, params = import_model(tmp_path / "hf")
+    ids = np.random.default_rng(0).integers(3, 120, (2, 24))
+    ours = np.asarray(jax.jit(trainer.model.apply)({"params": params}, ids.astype(np.int32)))
+    assert np.abs(ours - hf_logits(model, ids)).max() <= 1e-4
+
+    save_pretrained(params, cfg, tmp_path / "out", source_dir=tmp_path / "hf")
+    reloaded, info = transformers.AutoModelForImageTextToText.from_pretrained(tmp_path / "out",
+                                                                             output_loading_info=True)
+    reloaded.eval()
+    assert type(reloaded).__name__ == "Gemma3ForConditionalGeneration"
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    assert np.abs(hf_logits(reloaded, ids) - ours).max() <= 1e-4
+    assert reloaded.config.text_config.final_logit_softcapping == 3.0
+    before, after = SafetensorsDir(tmp_path / "hf"), SafetensorsDir(tmp_path / "out")
+    towers = [n for n in before.entries if not n.startswith("language_model.")]
+    assert len(towers) > 20 and all(n.startswith(("vision_tower.", "multi_modal_projector.")) for n in towers)
+    for name in towers:
+        assert np.asarray(before.get(name)).tobytes() == np.asarray(after.get(name)).tobytes(), name
+
+    prompt = ids[0, :5]
+    reloaded.generation_config.eos_token_id = None
+    with torch.no_grad():
+        expected = reloaded.generate(torch.tensor(prompt[None]), max_new_tokens=8, do_sample=False,
+                                     attention_mask=torch.ones((1, 5), dtype=torch.long))[0, 5:].tolist()
+    assert greedy_generate(trainer, params, [prompt.tolist()], max_new_tokens=8)[0] == expected

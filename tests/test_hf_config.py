@@ -39,3 +39,22 @@ def test_an_unused_router_aux_coefficient_is_exported_as_the_checkpoint_had_it(t
     trained_with = config_to_hf(dataclasses.replace(cfg, router_aux_loss_coef=0.1), "mixtral", "float32",
                                 source=source)
     assert (trained_with["output_router_logits"], trained_with["router_aux_loss_coef"]) == (True, 0.1)
+
+
+def test_published_multimodal_gemma3_config_reads_as_the_gemma3_4b_preset(tmp_path):
+    """google/gemma-3-4b-it's config.json: its text_config gives only the sizes that differ from
+    transformers' defaults (not even vocab_size), and a final cap its class never applies."""
+    published = {
+        "architectures": ["Gemma3ForConditionalGeneration"], "boi_token_index": 255999, "eoi_token_index": 256000,
+        "eos_token_id": [1, 106], "image_token_index": 262144, "initializer_range": 0.02,
+        "mm_tokens_per_image": 256, "model_type": "gemma3", "torch_dtype": "bfloat16",
+        "text_config": {"hidden_size": 2560, "intermediate_size": 10240, "model_type": "gemma3_text",
+                        "num_hidden_layers": 34, "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
+                        "sliding_window": 1024, "final_logit_softcapping": 30.0},
+        "vision_config": {"hidden_size": 1152, "image_size": 896, "intermediate_size": 4304,
+                          "model_type": "siglip_vision_model", "num_attention_heads": 16, "num_hidden_layers": 27,
+                          "patch_size": 14, "vision_use_head": False}}
+    (tmp_path / "config.json").write_text(json.dumps(published))
+    expected = preset("gemma3-4b")
+    assert config_from_hf(tmp_path) == dataclasses.replace(expected, head_dim=256)
+    assert expected.final_softcap is None and expected.vocab_size == 262208

@@ -38,7 +38,7 @@ ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh"
 class HfFields:
     """One config.json as its family reads it: a value the file leaves out is the family's default."""
 
-    path: Path
+    path: Path | str  # where the values are, for messages
     values: Mapping[str, Any]
     defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
@@ -46,7 +46,10 @@ class HfFields:
         return self.values.get(key, self.defaults.get(key, fallback))
 
     def __getitem__(self, key: str) -> Any:
-        return self.values[key]  # a KeyError names a required field that is missing
+        """A required field: the file's value, else the family's default; a KeyError names it."""
+        if key in self.values:
+            return self.values[key]
+        return self.defaults[key]
 
     def __contains__(self, key: str) -> bool:
         return key in self.values
@@ -117,3 +120,20 @@ def rope_scaling_to_hf(cfg: DecoderConfig) -> dict[str, Any] | None:
     if "original_max_position_embeddings" in scaling:  # transformers requires an integer (it warns on 8192.0)
         scaling["original_max_position_embeddings"] = int(scaling["original_max_position_embeddings"])
     return scaling
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Multimodal:
+    """A checkpoint whose language model is one of our families, beside towers we leave untouched (vision,
+    audio): its text is fine-tuned, the towers are copied byte for byte on export."""
+
+    model_type: str
+    architecture: str
+    text_model_type: str  # the family of its `text_config`
+    # Where the language model's tensors live, in each naming transformers has saved: the prefix that replaces
+    # a text-only checkpoint's "model." and the name of its output head.
+    text_prefixes: Mapping[str, str]
+    towers: tuple[str, ...]  # prefixes of the tensors that are not the language model's
+    # text_config fields the multimodal class does not apply (Gemma 3's never soft-caps its logits): read as
+    # absent, written back as they were.
+    ignored_text_fields: tuple[str, ...] = ()

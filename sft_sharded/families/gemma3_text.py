@@ -27,8 +27,12 @@ _GEMMA3 = dict(GEMMA_SHAPE, qk_norm=True, rope_theta=1_000_000.0, rope_local_the
 FAMILY = Family(
     model_type="gemma3_text", architecture="Gemma3ForCausalLM",
     reads=COMMON | GEMMA_READS | {"rope_local_base_freq", "sliding_window_pattern"},
+    # Every default of transformers' Gemma3TextConfig: the text_config of a published multimodal checkpoint
+    # (Gemma 3 4B) gives only the sizes that differ from them, not even vocab_size.
     defaults={**GEMMA_DEFAULTS, "rope_theta": 1_000_000.0, "rope_local_base_freq": 10_000.0,
-              "sliding_window_pattern": 6},
+              "sliding_window_pattern": 6, "vocab_size": 262_208, "hidden_size": 2304, "intermediate_size": 9216,
+              "num_hidden_layers": 26, "num_attention_heads": 8, "num_key_value_heads": 4,
+              "max_position_embeddings": 131_072, "rms_norm_eps": 1e-6},
     from_hf=_from_hf, to_hf=_to_hf, fits=_fits, local_rope=True,
     presets={
         "gemma3-1b": dict(_GEMMA3, vocab_size=262144, hidden_size=1152, num_layers=26, num_heads=4, num_kv_heads=1,
