@@ -63,7 +63,8 @@ FAMILIES = {
     "olmo3": ("Olmo3Config", "Olmo3ForCausalLM", dict(
         num_hidden_layers=4, tie_word_embeddings=False, sliding_window=8, rope_theta=5e5,
         rope_scaling={"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 8,
-                      "beta_fast": 32.0, "beta_slow": 1.0, "attention_factor": 1.2079441541679836})),
+                      "beta_fast": 32.0, "beta_slow": 1.0, "attention_factor": 1.2079441541679836},
+        pad_token_id=0, bos_token_id=1, eos_token_id=2)),
     "smollm3": ("SmolLM3Config", "SmolLM3ForCausalLM", dict(
         num_hidden_layers=4, no_rope_layer_interval=2, use_sliding_window=True, sliding_window=8, rope_theta=1e4,
         pad_token_id=0, bos_token_id=1, eos_token_id=2)),

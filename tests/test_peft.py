@@ -1,4 +1,4 @@
-"""LoRA runs against Hugging Face PEFT: a tiny random Llama and Qwen2 LoRA-trained here, exported with
+"""LoRA runs against Hugging Face PEFT: tiny random Llama, Qwen2, OLMo 3, SmolLM3 and Phi-3 LoRA-trained here, exported with
 `--to peft` and loaded with `PeftModel.from_pretrained`, give our logits; `--to hf` gives them in plain
 transformers; `lora.init_from` continues from the exported adapter; resume checks the base."""
 
@@ -89,3 +89,29 @@ def test_resume_refuses_another_base_and_the_checkpoint_holds_no_base(tmp_path, 
     assert main(["train", *common, "steps=6", f"model.path={tmp_path / 'hf'}"]) == 2
     err = capsys.readouterr().err
     assert "trained LoRA adapters on the base" in err and "use the same model.path" in err
+
+
+@pytest.mark.parametrize("kind", ["olmo3", "smollm3", "phi3"])
+def test_lora_on_attention_of_the_late_2026_families(tmp_path, kind, capsys):
+    """LoRA on q, k, v and o: the PEFT adapter gives our logits in transformers (OLMo's q/k norm over all
+    heads comes after the adapted projection; SmolLM3 has layers without RoPE); Phi-3 fuses q, k and v into
+    one module, so its PEFT export is refused by name and the merged export carries the adapters."""
+    base = make_hf(kind, tmp_path / "hf", vocab_size=320)
+    write_hf_tokenizer(tmp_path / "hf")
+    data = chats(tmp_path / "d.jsonl")
+    run_dir = tmp_path / "run"
+    assert main(["train", *ARGS, "lora.targets=[q,k,v,o]", f"run_dir={run_dir}", f"model.path={tmp_path / 'hf'}",
+                 f"data.path={data}", f"data.eval_path={data}"]) == 0
+    ids = np.random.default_rng(0).integers(0, 320, (2, 12))
+    want = ours(run_dir, ids)
+    assert np.abs(want - hf_logits(base, ids)).max() > 1e-3  # the adapters did train
+    code = main(["export", "--to", "peft", str(run_dir), str(tmp_path / "adapter")])
+    if kind == "phi3":
+        assert code == 2 and "export --to peft is not implemented for model_type 'phi3'" in capsys.readouterr().err
+    else:
+        assert code == 0
+        tuned = peft.PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+        np.testing.assert_allclose(hf_logits(tuned, ids), want, atol=1e-4)
+    assert main(["export", "--to", "hf", str(run_dir), str(tmp_path / "merged")]) == 0
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    np.testing.assert_allclose(hf_logits(merged, ids), want, atol=1e-4)
