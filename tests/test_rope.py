@@ -7,6 +7,7 @@ import pytest
 from sft_sharded.models.rope import check_scaling, frequencies
 
 transformers = pytest.importorskip("transformers")
+pytest.importorskip("torch")  # transformers computes its RoPE tables with torch
 rope_utils = pytest.importorskip("transformers.modeling_rope_utils")
 
 SCALINGS = {
