@@ -1,5 +1,5 @@
-"""Hugging Face interop: safetensors <-> decoder params (Llama, Qwen2/3, Mistral, Gemma 2/3; config.json in
-`hf_config`).
+"""Hugging Face interop: safetensors <-> decoder params (the families of `sft_sharded/families/`; config.json
+in `hf_config`). A multimodal checkpoint's language model is read and written in place, its towers copied.
 
 Import reads one tensor at a time (memory-mapped) and places it straight into its sharding with
 `make_array_from_callback`, so the host never holds a second copy of the model. Export gathers one tensor
@@ -131,12 +131,12 @@ class Source:
         self.tensors = SafetensorsDir(self.directory)
         self.naming, self.towers = None, []
         if self.multimodal is not None:
-            found = [(prefix, head) for prefix, head in self.multimodal.text_prefixes.items()
-                     if f"{prefix}embed_tokens.weight" in self.tensors.entries]
+            found = [p for p in self.multimodal.text_prefixes if f"{p}embed_tokens.weight" in self.tensors.entries]
             if not found:
                 raise UserError(f"model.path={str(directory)!r}: no language model tensors under "
-                                f"{sorted(self.multimodal.text_prefixes)} (a {self.config['model_type']} checkpoint?)")
-            self.naming = found[0]
+                                f"{list(self.multimodal.text_prefixes)} (a {self.config['model_type']} checkpoint?)")
+            heads = [h for h in self.multimodal.heads if h in self.tensors.entries] or [self.multimodal.heads[0]]
+            self.naming = (found[0], heads[0])
             self.towers = sorted(n for n in self.tensors.entries if n.startswith(self.multimodal.towers))
 
     def entries(self, cfg: DecoderConfig):
@@ -227,7 +227,8 @@ def save_pretrained(params: Any, cfg: DecoderConfig, out_dir: str | Path, *, mod
         text = {k: v for k, v in config.items()
                 if k != "architectures" and (k not in TOKEN_ID_FIELDS or k in source_text)}
         text |= {k: source_text[k] for k in source.multimodal.ignored_text_fields if k in source_text}
-        config = {**source.config, "architectures": [source.multimodal.architecture], "text_config": text}
+        config = {**source.config, "architectures": [source.multimodal.architecture], "text_config": text,
+                  "tie_word_embeddings": cfg.tie_embeddings}
     naming = source.naming if source else None
     write = jax.process_index() == 0
     np_dtype = np.dtype(ml_dtypes.bfloat16 if dtype == "bfloat16" else dtype)

@@ -55,8 +55,13 @@ def read_hf_config(directory: str | Path) -> dict[str, Any]:
     if hf.get("model_type") not in FAMILIES and hf.get("model_type") not in MULTIMODAL:
         raise UserError(f"{path}: model_type {hf.get('model_type')!r} is not supported "
                         f"(supported: {sorted(FAMILIES)}; multimodal, text only: {sorted(MULTIMODAL)})")
-    if hf["model_type"] in MULTIMODAL and not isinstance(hf.get("text_config"), dict):
-        raise UserError(f"{path}: model_type {hf['model_type']!r} needs a text_config (its language model)")
+    if hf["model_type"] in MULTIMODAL:
+        if not isinstance(hf.get("text_config"), dict):
+            raise UserError(f"{path}: model_type {hf['model_type']!r} needs a text_config (its language model)")
+        allowed = MULTIMODAL[hf["model_type"]].text_model_types
+        if hf["text_config"].get("model_type", allowed[0]) not in allowed:
+            raise UserError(f"{path}: text_config.model_type={hf['text_config']['model_type']!r} is not supported "
+                            f"inside {hf['model_type']!r} (supported: {list(allowed)})")
     return hf
 
 
@@ -66,7 +71,9 @@ def text_part(hf: dict[str, Any]) -> dict[str, Any]:
         return hf
     multimodal = MULTIMODAL[hf["model_type"]]
     text = {k: v for k, v in hf["text_config"].items() if k not in multimodal.ignored_text_fields}
-    return {**text, "model_type": multimodal.text_model_type}
+    # The multimodal class ties its head by its own flag (transformers' default: tied), not text_config's.
+    return {**text, "model_type": text.get("model_type", multimodal.text_model_types[0]),
+            "tie_word_embeddings": hf.get("tie_word_embeddings", True)}
 
 
 def _scaling(f: HfFields, field: str, scaling: dict | None) -> tuple | None:
@@ -91,7 +98,10 @@ def _scaling(f: HfFields, field: str, scaling: dict | None) -> tuple | None:
 def _rope(f: HfFields, family: Family) -> dict[str, Any]:
     """rope_theta, rope_scaling and (Gemma 3) rope_local_theta. transformers >= 5 writes `rope_parameters`
     (per layer type for Gemma 3); older configs use `rope_theta`, `rope_scaling`, `rope_local_base_freq`."""
-    params = f.get("rope_parameters") or {}
+    def scaling_only(d: dict) -> dict:
+        return {k: v for k, v in d.items() if k not in family.rope_extras}
+
+    params = scaling_only(f.get("rope_parameters") or {})
     full, local = params, None
     if "full_attention" in params or "sliding_attention" in params:
         full, local = params.get("full_attention") or {}, params.get("sliding_attention") or {}
@@ -101,7 +111,7 @@ def _rope(f: HfFields, family: Family) -> dict[str, Any]:
                        "and gives every layer plain RoPE with its default base")
     theta = float(full.get("rope_theta", f.get("rope_theta", 10_000.0)))
     field = "rope_scaling" if f.get("rope_scaling") else "rope_parameters"
-    out = {"rope_theta": theta, "rope_scaling": _scaling(f, field, f.get("rope_scaling") or full),
+    out = {"rope_theta": theta, "rope_scaling": _scaling(f, field, scaling_only(f.get("rope_scaling") or full)),
            **_partial_rotary(f, family, full)}
     if family.local_rope:
         local = local or {}
@@ -209,6 +219,6 @@ def config_to_hf(cfg: DecoderConfig, model_type: str, dtype: str, token_ids: dic
     if cfg.num_experts and not cfg.router_aux_loss_coef and "router_aux_loss_coef" in (source or {}):
         out["router_aux_loss_coef"] = source["router_aux_loss_coef"]
     out |= {k: source[k] for k in FAMILIES[model_type].carried if k in (source or {})}
-    if cfg.rope_scaling:
+    if cfg.rope_scaling and "rope_parameters" not in out:  # a family writing rope_parameters says it all there
         out["rope_scaling"] = rope_scaling_to_hf(cfg)
     return out

@@ -73,6 +73,13 @@ FAMILIES = {
     "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(
         tie_word_embeddings=False, partial_rotary_factor=0.75, sliding_window=8, pad_token_id=0, bos_token_id=1,
         eos_token_id=2, original_max_position_embeddings=32)),
+    # Ministral 3: YaRN and queries scaled by position; an original length of 8 so that 24 positions reach
+    # floor(pos / 8) = 2, and a beta of 0.5 so the scale bites.
+    "ministral3": ("Ministral3Config", "Ministral3ForCausalLM", dict(
+        tie_word_embeddings=False, head_dim=16, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        rope_parameters={"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0, "original_max_position_embeddings": 8,
+                         "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0,
+                         "llama_4_scaling_beta": 0.5})),
 }
 
 
@@ -318,22 +325,35 @@ def test_olmo3_published_rope_fields_read_as_transformers_reads_them(tmp_path):
         config_from_hf(tmp_path)
 
 
-def test_multimodal_gemma3_trains_its_text_and_exports_the_towers_untouched(tmp_path):
-    """Gemma3ForConditionalGeneration (a tiny SigLIP tower and projector beside the text decoder): text-only
-    logits equal transformers', the export loads as the same class with the towers byte-identical, and
-    transformers' greedy `generate` on a text prompt equals ours."""
+def _multimodal(kind):
+    """A tiny multimodal transformers model: its text decoder (one of FAMILIES) beside a vision tower."""
+    if kind == "gemma3":
+        # A final cap the class never applies (Gemma3ForCausalLM would).
+        text = {**BASE, "head_dim": 24, "sliding_window": 8, "query_pre_attn_scalar": 20,
+                "layer_types": ["sliding_attention", "full_attention"], "final_logit_softcapping": 3.0}
+        vision = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
+                      image_size=28, patch_size=14)
+        return transformers.Gemma3Config(
+            text_config={**text, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}, vision_config=vision,
+            mm_tokens_per_image=4, image_token_index=125, boi_token_index=126, eoi_token_index=127)
+    text = {**BASE, **FAMILIES["ministral3"][2], "model_type": "ministral3"}
+    vision = dict(model_type="pixtral", hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                  num_attention_heads=2, head_dim=16, image_size=28, patch_size=14)
+    # Untied: the class ties by its own tie_word_embeddings (default true), whatever text_config says.
+    return transformers.Mistral3Config(text_config=text, vision_config=vision, image_token_index=125,
+                                       tie_word_embeddings=False)
+
+
+@pytest.mark.parametrize("kind", ["gemma3", "mistral3"])
+def test_multimodal_checkpoints_train_their_text_and_export_the_towers_untouched(kind, tmp_path):
+    """Gemma3ForConditionalGeneration (SigLIP tower) and Mistral3ForConditionalGeneration (Pixtral tower,
+    Ministral 3 text): text-only logits equal transformers', the export loads as the same class with the
+    towers byte-identical, and transformers' greedy `generate` on a text prompt equals ours."""
     from sft_sharded.generate import greedy_generate
     from sft_sharded.hf import SafetensorsDir
 
-    text = {**BASE, "num_hidden_layers": 2, "head_dim": 24, "sliding_window": 8, "query_pre_attn_scalar": 20,
-            "layer_types": ["sliding_attention", "full_attention"], "pad_token_id": 0, "bos_token_id": 1,
-            "eos_token_id": 2, "final_logit_softcapping": 3.0}  # a cap this class never applies
-    vision = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2, image_size=28,
-                  patch_size=14)
-    config = transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
-                                       image_token_index=125, boi_token_index=126, eoi_token_index=127)
     torch.manual_seed(0)
-    model = transformers.Gemma3ForConditionalGeneration(config).eval()
+    model = transformers.AutoModelForImageTextToText.from_config(_multimodal(kind)).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.add_(torch.randn_like(p) * (0.3 if "bias" in name or "norm" in name else 0.05))
@@ -347,13 +367,14 @@ def test_multimodal_gemma3_trains_its_text_and_exports_the_towers_untouched(tmp_
     reloaded, info = transformers.AutoModelForImageTextToText.from_pretrained(tmp_path / "out",
                                                                              output_loading_info=True)
     reloaded.eval()
-    assert type(reloaded).__name__ == "Gemma3ForConditionalGeneration"
+    assert type(reloaded) is type(model)
     assert not info["missing_keys"] and not info["unexpected_keys"], info
     assert np.abs(hf_logits(reloaded, ids) - ours).max() <= 1e-4
-    assert reloaded.config.text_config.final_logit_softcapping == 3.0
+    if kind == "gemma3":
+        assert reloaded.config.text_config.final_logit_softcapping == 3.0
     before, after = SafetensorsDir(tmp_path / "hf"), SafetensorsDir(tmp_path / "out")
     towers = [n for n in before.entries if not n.startswith("language_model.")]
-    assert len(towers) > 20 and all(n.startswith(("vision_tower.", "multi_modal_projector.")) for n in towers)
+    assert len(towers) > 10 and all(n.startswith(("vision_tower.", "multi_modal_projector.")) for n in towers)
     for name in towers:
         assert np.asarray(before.get(name)).tobytes() == np.asarray(after.get(name)).tobytes(), name
 

@@ -27,7 +27,8 @@ COMMON = frozenset({
     "rope_scaling", "rope_parameters", "attention_dropout", "max_position_embeddings",
 })
 # Options only some families have: a family's `fits` starts from these and names what differs.
-PLAIN = dict(post_norms=False, norm_scale_float32=False, qk_norm_across_heads=False, rotary_dim=None, nope_layers=())
+PLAIN = dict(post_norms=False, norm_scale_float32=False, qk_norm_across_heads=False, rotary_dim=None, nope_layers=(),
+             query_position_scale=None)
 # The options of a plain Llama decoder.
 LLAMA_LIKE = dict(PLAIN, norm_plus_one=False, sandwich_norms=False, embed_scale=False, activation="silu",
                   query_pre_attn_scalar=None, attn_softcap=None, final_softcap=None, rope_local_theta=None)
@@ -79,6 +80,8 @@ class Family:
     # transformers' values for fields a config.json may leave out
     defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     local_rope: bool = False  # sliding layers have a RoPE base of their own (Gemma 3)
+    # Keys of the RoPE parameters that are not the frequency scaling's: the family's from_hf reads them.
+    rope_extras: frozenset[str] = frozenset()
     # The mixture-of-experts block's tensor names: (module, router, {our expert weight: theirs}).
     moe_names: tuple[str, str, Mapping[str, str]] | None = None
     # Fields that do not change the math here but describe the checkpoint: written back as the source had them.
@@ -129,10 +132,11 @@ class Multimodal:
 
     model_type: str
     architecture: str
-    text_model_type: str  # the family of its `text_config`
+    text_model_types: tuple[str, ...]  # the families its `text_config` may be (the first when it names none)
     # Where the language model's tensors live, in each naming transformers has saved: the prefix that replaces
-    # a text-only checkpoint's "model." and the name of its output head.
-    text_prefixes: Mapping[str, str]
+    # a text-only checkpoint's "model.", and the names its output head has had (an untied one).
+    text_prefixes: tuple[str, ...] = ("language_model.model.", "model.language_model.")
+    heads: tuple[str, ...] = ("lm_head.weight", "language_model.lm_head.weight")
     towers: tuple[str, ...]  # prefixes of the tensors that are not the language model's
     # text_config fields the multimodal class does not apply (Gemma 3's never soft-caps its logits): read as
     # absent, written back as they were.

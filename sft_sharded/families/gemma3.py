@@ -6,10 +6,7 @@ from __future__ import annotations
 from sft_sharded.families.base import Multimodal
 
 MULTIMODAL = Multimodal(
-    model_type="gemma3", architecture="Gemma3ForConditionalGeneration", text_model_type="gemma3_text",
-    # Published checkpoints (transformers 4.50) and transformers 5's save use the first; 4.52-4.57 the second.
-    text_prefixes={"language_model.model.": "language_model.lm_head.weight",
-                   "model.language_model.": "lm_head.weight"},
+    model_type="gemma3", architecture="Gemma3ForConditionalGeneration", text_model_types=("gemma3_text",),
     towers=("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector."),
     # Gemma3ForConditionalGeneration's forward never applies it (Gemma3ForCausalLM does).
     ignored_text_fields=("final_logit_softcapping",),

@@ -1,6 +1,6 @@
-"""DecoderConfig: one decoder for every family we import (Llama, Qwen2/3, Mistral, Gemma 2/3). The families
-differ only in the fields below (norm placement, activation, scalings, soft-capping, q/k norms, the window
-of each layer), so a sharding rule or an attention change is made once, in `decoder.py`."""
+"""DecoderConfig: one decoder for every family we import (the records of `sft_sharded/families/`). The
+families differ only in the fields below (norm placement, activation, scalings, soft-capping, q/k norms, the
+window and RoPE of each layer), so a sharding rule or an attention change is made once, in `decoder.py`."""
 
 from __future__ import annotations
 
@@ -32,6 +32,9 @@ class DecoderConfig:
     rope_local_theta: float | None = None
     rotary_dim: int | None = None  # RoPE on the first rotary_dim of each head only (partial rotary); None: all
     nope_layers: tuple[int, ...] = ()  # layers without RoPE (SmolLM3's no_rope_layers)
+    # (beta, positions): queries times 1 + beta * log(1 + floor(position / positions)) after RoPE, so that
+    # attention stays sharp far past the trained length (Ministral 3's llama_4_scaling_beta). None: no scaling.
+    query_position_scale: tuple[float, int] | None = None
     rms_norm_eps: float = 1e-5
     norm_plus_one: bool = False  # Gemma: RMSNorm scales by (1 + weight), weights initialised at 0
     sandwich_norms: bool = False  # Gemma 2/3: a norm after attention and after the MLP too (4 per layer)

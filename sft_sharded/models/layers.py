@@ -154,6 +154,10 @@ class Attention(nn.Module):
         q_BxTxNxH = constrain(_rotate(cfg, q_BxTxNxH, positions_BxT, frequencies_),
                               ("batch", "length", "act_heads", "head_dim"))
         k_BxTxKxH = _rotate(cfg, k_BxTxKxH, positions_BxT, frequencies_)
+        if cfg.query_position_scale is not None:
+            beta, span = cfg.query_position_scale
+            scale_BxT = 1 + beta * jnp.log1p(jnp.floor(positions_BxT.astype(jnp.float32) / span))
+            q_BxTxNxH = q_BxTxNxH * scale_BxT[:, :, None, None].astype(q_BxTxNxH.dtype)
         scale = None if cfg.query_pre_attn_scalar is None else cfg.query_pre_attn_scalar ** -0.5
         new_cache = None
         if cache is None:
