@@ -93,7 +93,7 @@ def test_blocked_xla_scale_and_softcap_match_reference(length, block):
     def blocked(q, k, v, segments):
         batch, length, heads, dim = q.shape
         q5 = q.reshape(batch, length, k.shape[2], heads // k.shape[2], dim)
-        return attn.blocked_attention(q5, k, v, segments, block, *CAPPED.values()).reshape(q.shape)
+        return attn.blocked_attention(q5, k, v, segments, None, block, *CAPPED.values()).reshape(q.shape)
 
     expected = _value_and_grads(attn.dot_product_attention, q, k, v, segments, cotangent, **CAPPED)
     actual = _value_and_grads(jax.jit(blocked), q, k, v, segments, cotangent)
@@ -109,7 +109,7 @@ def test_blocked_xla_sliding_window_matches_reference(length, block, window):
     def blocked(q, k, v, segments):
         batch, length, heads, dim = q.shape
         q5 = q.reshape(batch, length, k.shape[2], heads // k.shape[2], dim)
-        return attn.blocked_attention(q5, k, v, segments, block, window).reshape(q.shape)
+        return attn.blocked_attention(q5, k, v, segments, None, block, window).reshape(q.shape)
 
     expected = _value_and_grads(attn.dot_product_attention, q, k, v, segments, cotangent, window=window)
     actual = _value_and_grads(jax.jit(blocked), q, k, v, segments, cotangent)
@@ -125,7 +125,7 @@ def test_blocked_xla_matches_reference_values_and_grads(length, block, packed):
     def blocked(q, k, v, segments):
         batch, length, heads, dim = q.shape
         q5 = q.reshape(batch, length, k.shape[2], heads // k.shape[2], dim)
-        return attn.blocked_attention(q5, k, v, segments, block).reshape(q.shape)
+        return attn.blocked_attention(q5, k, v, segments, None, block).reshape(q.shape)
 
     expected = _value_and_grads(attn.dot_product_attention, q, k, v, segments, cotangent)
     actual = _value_and_grads(jax.jit(blocked), q, k, v, segments, cotangent)
@@ -220,3 +220,42 @@ def test_splash_without_segment_ids_is_causal_attention(mesh_shape):
         with jax.set_mesh(make_mesh(*mesh_shape)), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
             actual = _value_and_grads(fn, q, k, v, None, cotangent)
     _assert_close(actual, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_sinks_join_the_denominator_in_the_reference_and_the_blocked_implementation():
+    """gpt-oss's sinks: forward of both against float64 numpy (the sink as an extra score column that is
+    dropped after the softmax), and the blocked implementation's hand-written gradients (q, k, v and the
+    sinks) against autodiff through the reference; with a window, packed segments and a block size that
+    does not divide the length."""
+    q, k, v, segments, cotangent = _inputs(length=200)
+    sinks = jnp.asarray(np.random.default_rng(5).standard_normal(4) * 2, jnp.float32)
+
+    def numpy_sinks(window):
+        qf, kf, vf = (np.repeat(np.asarray(x, np.float64), 1 if x is q else 2, axis=2) for x in (q, k, v))
+        scores = np.einsum("btnd,bsnd->bnts", qf, kf) * 16 ** -0.5
+        visible = np.tril(np.ones((200, 200), bool)) & ~np.tril(np.ones((200, 200), bool), -window)
+        seg = np.asarray(segments)
+        visible = visible[None, None] & (seg[:, None, :, None] == seg[:, None, None, :])
+        scores = np.where(visible, scores, -np.inf)
+        column = np.broadcast_to(np.asarray(sinks, np.float64)[None, :, None, None], scores.shape[:3] + (1,))
+        full = np.concatenate([scores, column], axis=-1)
+        probs = np.exp(full - full.max(-1, keepdims=True))
+        probs = (probs / probs.sum(-1, keepdims=True))[..., :-1]
+        return np.einsum("bnts,bsnd->btnd", probs, vf)
+
+    expected = numpy_sinks(48)
+    for implementation in ("reference", "xla"):
+        out = attn.attention(q, k, v, segments, implementation, window=48, sinks_N=sinks)
+        _assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+    def loss(implementation):
+        def f(q, k, v, sinks):
+            out = attn.attention(q, k, v, segments, implementation, window=48, sinks_N=sinks)
+            return jnp.sum(out * cotangent)
+        return jax.grad(f, argnums=(0, 1, 2, 3))(q, k, v, sinks)
+
+    for got, want in zip(loss("xla"), loss("reference")):
+        _assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert float(jnp.abs(loss("reference")[3]).max()) > 1e-2  # the sinks' gradient is not trivially zero
+    with pytest.raises(attn.UserError, match="attention sinks .* not by model.attention='splash'"):
+        attn.attention(q, k, v, segments, "splash", sinks_N=sinks)
