@@ -28,7 +28,7 @@ from safetensors import SafetensorError, safe_open
 
 from sft_sharded import paths
 from sft_sharded.errors import MissingFileError, UserError
-from sft_sharded.hf_tensors import entries
+from sft_sharded.hf_tensors import entries, join
 from sft_sharded.families import MULTIMODAL
 from sft_sharded.hf_config import (TOKEN_ID_FIELDS, config_from_hf, config_to_hf, hf_model_type, read_hf_config,
                                    text_part, tokenizer_token_ids)
@@ -243,7 +243,7 @@ def save_pretrained(params: Any, cfg: DecoderConfig, out_dir: str | Path, *, mod
         sizes[-1] += array.nbytes
 
     gathered: tuple = (None, None)  # one stacked param on the host at a time
-    # A fused tensor (Phi-3's qkv_proj) is written once all of its parts, which come in its row order, are here.
+    # A tensor made of several of ours (Phi-3's qkv_proj) is written once all of its parts are here.
     count = collections.Counter(name for _, name, *_ in entries(cfg, model_type, naming))
     pending: dict[str, list[np.ndarray]] = collections.defaultdict(list)
     for path, name, index, _, to_hf in entries(cfg, model_type, naming):
@@ -252,7 +252,7 @@ def save_pretrained(params: Any, cfg: DecoderConfig, out_dir: str | Path, *, mod
         pending[name].append(to_hf(gathered[1][index]).astype(np_dtype))
         if len(pending[name]) == count[name]:
             parts = pending.pop(name)
-            add(name, parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0))
+            add(name, join(model_type, name, parts))
     for name in source.towers if source and write else ():
         add(name, np.array(source.tensors.get(name)))  # as stored: same dtype, same bytes
     if not write:

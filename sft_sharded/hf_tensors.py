@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from sft_sharded.families import FAMILIES
 from sft_sharded.models.config import DecoderConfig
 
@@ -64,7 +66,8 @@ def mapping(cfg: DecoderConfig, model_type: str) -> dict[tuple[str, ...], tuple[
         ("layer_{i}", "mlp", "w_up"): (layer + "mlp.up_proj.weight", _t, _t),
         ("layer_{i}", "mlp", "w_down"): (layer + "mlp.down_proj.weight", _t, _t),
     }
-    if cfg.num_experts:
+    family = FAMILIES[model_type]
+    if cfg.num_experts and family.moe_names:
         m.update(_moe(cfg, model_type, layer))
     m.update(_norms(cfg, layer))
     if cfg.qk_norm:
@@ -81,7 +84,19 @@ def mapping(cfg: DecoderConfig, model_type: str) -> dict[tuple[str, ...], tuple[
             m[("layer_{i}", "mlp", f"w_{name}_bias")] = (layer + f"mlp.{name}_proj.bias", None, None)
     if not cfg.tie_embeddings:
         m[("lm_head",)] = ("lm_head.weight", _t, _t)
-    return _fuse(m, cfg, FAMILIES[model_type].fused, layer) if FAMILIES[model_type].fused else m
+    if family.tensors is not None:
+        m = family.tensors(cfg, m, layer)
+    return _fuse(m, cfg, family.fused, layer) if family.fused else m
+
+
+def join(model_type: str, name: str, parts: list):
+    """One HF tensor from the parts of ours that make it, in mapping order: rows one after another (a fused
+    qkv_proj), or interleaved on the last axis where the family says so (gpt-oss's gate_up_proj)."""
+    if len(parts) == 1:
+        return parts[0]
+    if name.endswith(FAMILIES[model_type].interleaved):
+        return np.stack(parts, axis=-1).reshape(*parts[0].shape[:-1], -1)
+    return np.concatenate(parts, axis=0)
 
 
 def _fuse(m: dict, cfg: DecoderConfig, fused: dict[str, tuple[str, ...]], layer: str) -> dict:

@@ -1,5 +1,5 @@
 """The 2026 families (Qwen3, Gemma 2, Gemma 3, Qwen2 with sliding layers, OLMo 3, SmolLM3, Phi-3,
-Ministral 3) against
+Ministral 3, gpt-oss) against
 transformers: packed rows, a scanned stack of mixed layers (windows, RoPE or none), KV-cache decoding
 against `generate`, and sharded steps against one device. Logits before and after export are in test_hf.py (`FAMILIES`)."""
 
@@ -17,7 +17,7 @@ from test_hf import assert_packed_rows_match, hf_logits, import_model, make_hf  
 from sft_sharded.generate import greedy_generate  # noqa: E402
 from sft_sharded.models.decoder import init_cache  # noqa: E402
 
-NEW_FAMILIES = ["qwen2-sliding-layers", "qwen3", "gemma2", "gemma3", "olmo3", "smollm3", "phi3", "ministral3"]
+NEW_FAMILIES = ["qwen2-sliding-layers", "qwen3", "gemma2", "gemma3", "olmo3", "smollm3", "phi3", "ministral3", "gpt-oss"]
 
 
 @pytest.mark.parametrize("kind", NEW_FAMILIES)

@@ -80,6 +80,12 @@ FAMILIES = {
         rope_parameters={"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0, "original_max_position_embeddings": 8,
                          "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0,
                          "llama_4_scaling_beta": 0.5})),
+    # gpt-oss: sinks, biases everywhere, sliding/full layers, the router's bias, interleaved gate/up and a
+    # SwiGLU clamp of 0.5 that bites on these small activations (the real one is 7).
+    "gpt-oss": ("GptOssConfig", "GptOssForCausalLM", dict(
+        tie_word_embeddings=False, head_dim=16, num_local_experts=4, num_experts_per_tok=2, sliding_window=8,
+        swiglu_limit=0.5, output_router_logits=True, router_aux_loss_coef=0.1, pad_token_id=0, bos_token_id=1,
+        eos_token_id=2)),
 }
 
 

@@ -12,6 +12,10 @@ from sft_sharded.models import moe
 E, K, D, F = 4, 2, 8, 6
 
 
+def SWIGLU(gate, up):  # noqa: N802 - the join the grouped MLP is given
+    return jax.nn.silu(gate) * up
+
+
 def _weights(seed=0):
     rng = np.random.default_rng(seed)
     return [rng.standard_normal(shape).astype(np.float32) * 0.5 for shape in ((E, D, F), (E, D, F), (E, F, D))]
@@ -46,7 +50,7 @@ def numpy_moe(x, logits, gate, up, down, k, normalize, keep=None):
 def _run(x, logits, weights, normalize, capacity=None):
     _, w, experts = moe.route(jnp.asarray(logits), K, normalize)
     keep = None if capacity is None else moe.keep_within_capacity(experts, E, capacity)
-    out = moe.grouped_mlp(jnp.asarray(x), experts, w, *map(jnp.asarray, weights), jax.nn.silu, keep)
+    out = moe.grouped_mlp(jnp.asarray(x), experts, w, *map(jnp.asarray, weights), SWIGLU, keep)
     return np.asarray(out), np.asarray(experts), None if keep is None else np.asarray(keep)
 
 
@@ -78,7 +82,7 @@ def test_gradients_match_a_dense_all_experts_computation():
 
     def sparse(x, router, gate, up, down):
         _, w, experts = moe.route(x @ router + bias, K, True)
-        return jnp.sum(moe.grouped_mlp(x, experts, w, gate, up, down, jax.nn.silu) * cotangent)
+        return jnp.sum(moe.grouped_mlp(x, experts, w, gate, up, down, SWIGLU) * cotangent)
 
     def dense(x, router, gate, up, down):
         probs = jax.nn.softmax(x @ router + bias)
@@ -118,7 +122,7 @@ def test_capacity_drops_exactly_the_pairs_a_numpy_reference_drops():
 
 
 # --- whole models against transformers ------------------------------------------------------------------
-MOE_FAMILIES = ["qwen3-moe", "qwen2-moe", "mixtral"]
+MOE_FAMILIES = ["qwen3-moe", "qwen2-moe", "mixtral", "gpt-oss"]
 
 
 @pytest.mark.parametrize("kind", MOE_FAMILIES)
@@ -172,6 +176,8 @@ def test_sharded_expert_parallel_and_accumulated_loss_aux_and_grads_equal_one_de
     meshes = [((1, 1, 1), 1, 1), ((2, 2, 2), 1, 2), ((1, 2, 2), 2, 1)]
     if kind == "mixtral":  # every case once (the suite's time): tensor=4, expert=4, expert with accumulation
         meshes += [((2, 2, 2), 1, 1), ((1, 2, 4), 1, 1), ((1, 2, 1), 4, 1), ((2, 1, 1), 4, 2)]
+    if kind == "gpt-oss":  # expert biases travel with their experts: data=2, fsdp=2, expert=2
+        meshes += [((2, 2, 1), 2, 1)]
     for mesh, expert, accum in meshes:
         trainer, _, params = import_model(tmp_path / "hf", mesh, expert=expert, grad_accum_steps=accum)
         loss, grads = trainer.loss_and_grad(params, batch)

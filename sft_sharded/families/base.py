@@ -28,7 +28,8 @@ COMMON = frozenset({
 })
 # Options only some families have: a family's `fits` starts from these and names what differs.
 PLAIN = dict(post_norms=False, norm_scale_float32=False, qk_norm_across_heads=False, rotary_dim=None, nope_layers=(),
-             query_position_scale=None)
+             query_position_scale=None, attention_sinks=False, router_bias=False, expert_bias=False,
+             swiglu_limit=None)
 # The options of a plain Llama decoder.
 LLAMA_LIKE = dict(PLAIN, norm_plus_one=False, sandwich_norms=False, embed_scale=False, activation="silu",
                   query_pre_attn_scalar=None, attn_softcap=None, final_softcap=None, rope_local_theta=None)
@@ -89,6 +90,11 @@ class Family:
     # HF tensors that hold several projections one after another (rows of [out, in]): {fused name: parts},
     # names relative to the layer ("self_attn.qkv_proj": ("self_attn.q_proj", ...)).
     fused: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
+    # The family's own tensor names where the shared rule has no place for them: (config, the shared
+    # mapping, the layer's name prefix) -> the mapping (hf_tensors.mapping's format).
+    tensors: Callable[[DecoderConfig, dict, str], dict] | None = None
+    # HF tensors (name suffixes) that hold two of ours interleaved on their last axis (gpt-oss's gate_up_proj).
+    interleaved: tuple[str, ...] = ()
     # Named shapes of this family (DecoderConfig fields), sizes from its published config.json files.
     presets: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
 

@@ -50,6 +50,7 @@ class DecoderConfig:
     query_pre_attn_scalar: float | None = None
     attn_softcap: float | None = None  # Gemma 2: scores -> cap * tanh(scores / cap) before the mask
     final_softcap: float | None = None  # Gemma 2: logits -> cap * tanh(logits / cap)
+    attention_sinks: bool = False  # gpt-oss: a learned logit per query head in each softmax denominator
     tie_embeddings: bool = False
     qkv_bias: bool = False  # q/k/v projections (Qwen2; Llama's attention_bias)
     o_bias: bool = False  # output projection (Llama's attention_bias)
@@ -78,6 +79,11 @@ class DecoderConfig:
     norm_topk_prob: bool = False  # the k router weights renormalised to sum to 1 (Qwen3-MoE; Mixtral)
     shared_expert_dim: int | None = None  # Qwen2-MoE: a gated dense expert beside the routed ones
     dense_layers: tuple[int, ...] = ()  # layers with the dense MLP (Qwen's mlp_only_layers, sparse step)
+    router_bias: bool = False  # gpt-oss: the router has a bias
+    expert_bias: bool = False  # gpt-oss: each expert's gate, up and down projections have biases
+    # gpt-oss's clamped SwiGLU: (clip(up, -limit, limit) + 1) * g * sigmoid(alpha * g), g = min(gate, limit).
+    swiglu_limit: float | None = None
+    swiglu_alpha: float = 1.702
     capacity_factor: float | None = None  # None: dropless; else an expert keeps at most its share x factor
     router_aux_loss_coef: float = 0.0  # the load-balancing loss (transformers' formula) in the objective
     router_z_loss_coef: float = 0.0  # mean squared log-sum-exp of router logits in the objective
@@ -199,7 +205,8 @@ class DecoderConfig:
         d, h, k, f, v = self.hidden_size, self.head_size, self.num_kv_heads, self.mlp_dim, self.vocab_size
         attn = d * h * (2 * self.num_heads + 2 * k) + (h * (self.num_heads + 2 * k) if self.qkv_bias else 0)
         qk_norms = (self.num_heads + k) * h if self.qk_norm_across_heads else 2 * h
-        attn += (d if self.o_bias else 0) + (qk_norms if self.qk_norm else 0)
+        attn += (d if self.o_bias else 0) + (qk_norms if self.qk_norm else 0) + (
+            self.num_heads if self.attention_sinks else 0)
         norms = (4 if self.sandwich_norms else 2) * d
         dense = 3 * d * f + ((2 * f + d) if self.mlp_bias else 0)
         total = v * d * (1 if self.tie_embeddings else 2) + d
@@ -208,8 +215,10 @@ class DecoderConfig:
         return total
 
     def _moe_params(self, experts: int) -> int:
-        d, shared = self.hidden_size, self.shared_expert_dim or 0
-        return d * self.num_experts + experts * 3 * d * self.moe_mlp_dim + (3 * d * shared + d if shared else 0)
+        d, shared, f = self.hidden_size, self.shared_expert_dim or 0, self.moe_mlp_dim
+        router = (d + 1 if self.router_bias else d) * self.num_experts
+        per_expert = 3 * d * f + ((2 * f + d) if self.expert_bias else 0)
+        return router + experts * per_expert + (3 * d * shared + d if shared else 0)
 
     def num_active_params(self) -> int:
         """Parameters a token passes through: with experts, only `experts_per_token` of them (for FLOPs)."""

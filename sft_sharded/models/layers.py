@@ -74,6 +74,21 @@ class RMSNorm(nn.Module):
 ACTIVATIONS = {"silu": nn.silu, "gelu_tanh": lambda x: nn.gelu(x, approximate=True)}
 
 
+def gated(cfg: DecoderConfig):
+    """The gated MLP's join of its gate and up halves: act(gate) * up, or gpt-oss's clamped SwiGLU
+    ((clip(up) + 1) * g * sigmoid(alpha * g), g = min(gate, limit)) when `swiglu_limit` is set."""
+    if cfg.swiglu_limit is None:
+        act = ACTIVATIONS[cfg.activation]
+        return lambda gate, up: act(gate) * up
+    alpha, limit = cfg.swiglu_alpha, cfg.swiglu_limit
+
+    def clamped(gate, up):
+        gate = jnp.minimum(gate, limit)
+        return (jnp.clip(up, -limit, limit) + 1) * gate * jax.nn.sigmoid(gate * alpha)
+
+    return clamped
+
+
 class MLP(nn.Module):
     """down(act(gate(x)) * up(x)): SwiGLU (silu) or GeGLU (tanh GELU)."""
 
@@ -89,7 +104,7 @@ class MLP(nn.Module):
         if cfg.mlp_bias:
             gate_BxTxF = gate_BxTxF + _bias(self, "w_gate_bias", (f,), ("mlp",))
             up_BxTxF = up_BxTxF + _bias(self, "w_up_bias", (f,), ("mlp",))
-        hidden_BxTxF = constrain(ACTIVATIONS[cfg.activation](gate_BxTxF) * up_BxTxF, ("batch", "length", "act_mlp"))
+        hidden_BxTxF = constrain(gated(cfg)(gate_BxTxF, up_BxTxF), ("batch", "length", "act_mlp"))
         out_BxTxD = _project(self, hidden_BxTxF, "btf,fd->btd", "w_down", "down", (f, d), ("mlp", "embed"), 1)
         return out_BxTxD + _bias(self, "w_down_bias", (d,), ("embed",)) if cfg.mlp_bias else out_BxTxD
 
@@ -159,11 +174,15 @@ class Attention(nn.Module):
             scale_BxT = 1 + beta * jnp.log1p(jnp.floor(positions_BxT.astype(jnp.float32) / span))
             q_BxTxNxH = q_BxTxNxH * scale_BxT[:, :, None, None].astype(q_BxTxNxH.dtype)
         scale = None if cfg.query_pre_attn_scalar is None else cfg.query_pre_attn_scalar ** -0.5
+        sinks_N = None
+        if cfg.attention_sinks:  # gpt-oss
+            sinks_N = param(self, "sinks", (cfg.num_heads,), ("heads",), nn.initializers.zeros).astype(jnp.float32)
         new_cache = None
         if cache is None:
             def attend(window):
                 return lambda: attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, cfg.attention, window,
-                                         scale, cfg.attn_softcap, (cfg.context_attention, cfg.context_layout))
+                                         scale, cfg.attn_softcap, (cfg.context_attention, cfg.context_layout),
+                                         sinks_N)
 
             out_BxTxNxH = _by_kind(sliding, attend(cfg.sliding_window), attend(None))
         else:
@@ -175,7 +194,7 @@ class Attention(nn.Module):
             window = None if cfg.sliding_window is None else jnp.where(sliding, cfg.sliding_window, k_BxSxKxH.shape[1])
             out_BxTxNxH = dot_product_attention(
                 q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, segment_ids_BxT, kv_segment_ids_BxS, q_offset=offset,
-                window=window, scale=scale, softcap=cfg.attn_softcap,
+                window=window, scale=scale, softcap=cfg.attn_softcap, sinks_N=sinks_N,
             )
         out_BxTxD = _project(self, out_BxTxNxH, "btnh,nhd->btd", "wo", "o", (cfg.num_heads, h, d),
                              ("heads", "head_dim", "embed"), 2)

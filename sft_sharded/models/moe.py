@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from sft_sharded.models.config import DecoderConfig
-from sft_sharded.models.layers import ACTIVATIONS, MLP, param, weight
+from sft_sharded.models.layers import MLP, gated, param, weight
 from sft_sharded.sharding import activation_spec, constrain, key_name
 
 
@@ -49,18 +49,24 @@ def keep_within_capacity(experts_NxK: jax.Array, num_experts: int, cap: int) -> 
     return (rank_P < cap).reshape(experts_NxK.shape)
 
 
-def _ragged_mlp(x_RxD, group_sizes_E, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD, activation):
-    """Rows sorted by expert, each group through its expert's gated MLP (one ragged matmul per weight).
-    Rows past the groups (dropped pairs, empty buffer rows) come out zero."""
-    gate_RxF = jax.lax.ragged_dot(x_RxD, w_gate_ExDxF, group_sizes_E)
-    up_RxF = jax.lax.ragged_dot(x_RxD, w_up_ExDxF, group_sizes_E)
-    y_RxD = jax.lax.ragged_dot(activation(gate_RxF) * up_RxF, w_down_ExFxD, group_sizes_E)
+def _ragged_mlp(x_RxD, group_sizes_E, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD, glu, biases=None, experts_R=None):
+    """Rows sorted by expert, each group through its expert's gated MLP (one ragged matmul per weight;
+    `glu(gate, up)` joins the two halves). With `biases` (gate [E, F], up [E, F], down [E, D]; gpt-oss) each
+    row adds its expert's (`experts_R`: the expert of each row, past the last for none). Rows past the
+    groups (dropped pairs, empty buffer rows) come out zero."""
+    def bias(b):
+        return 0 if biases is None else jnp.take(b, experts_R, axis=0, mode="fill", fill_value=0).astype(x_RxD.dtype)
+
+    b_gate, b_up, b_down = biases if biases is not None else (None, None, None)
+    gate_RxF = jax.lax.ragged_dot(x_RxD, w_gate_ExDxF, group_sizes_E) + bias(b_gate)
+    up_RxF = jax.lax.ragged_dot(x_RxD, w_up_ExDxF, group_sizes_E) + bias(b_up)
+    y_RxD = jax.lax.ragged_dot(glu(gate_RxF, up_RxF), w_down_ExFxD, group_sizes_E) + bias(b_down)
     # ragged_dot leaves rows past the groups undefined: zero them explicitly.
     return jnp.where((jnp.arange(y_RxD.shape[0]) < jnp.sum(group_sizes_E))[:, None], y_RxD, 0)
 
 
-def grouped_mlp(x_NxD, experts_NxK, weights_NxK, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD, activation,
-                keep_NxK=None):
+def grouped_mlp(x_NxD, experts_NxK, weights_NxK, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD, glu, keep_NxK=None,
+                biases=None):
     """sum_k weight[n, k] * expert_{e[n, k]}(x[n]) with one ragged matmul per weight: pairs sorted by expert."""
     num_tokens, k = experts_NxK.shape
     num_experts = w_gate_ExDxF.shape[0]
@@ -70,12 +76,12 @@ def grouped_mlp(x_NxD, experts_NxK, weights_NxK, w_gate_ExDxF, w_up_ExDxF, w_dow
     order_P = jnp.argsort(flat_P, stable=True)
     group_sizes_E = jnp.bincount(flat_P, length=num_experts + 1)[:num_experts].astype(jnp.int32)
     y_PxD = _ragged_mlp(jnp.take(x_NxD, order_P // k, axis=0), group_sizes_E, w_gate_ExDxF, w_up_ExDxF,
-                        w_down_ExFxD, activation)
+                        w_down_ExFxD, glu, biases, flat_P[order_P])
     y_NxKxD = jnp.zeros_like(y_PxD).at[order_P].set(y_PxD).reshape(num_tokens, k, -1)
     return jnp.einsum("nkd,nk->nd", y_NxKxD, weights_NxK.astype(y_NxKxD.dtype))
 
 
-def _exchange(x_NxD, experts_NxK, weights_NxK, w_gate, w_up, w_down, activation, keep_NxK, axis: str,
+def _exchange(x_NxD, experts_NxK, weights_NxK, w_gate, w_up, w_down, glu, keep_NxK, biases, axis: str,
               groups: int):
     """Expert parallelism on one device of `groups` along `axis`: each (token, expert) pair goes to the
     group that holds its expert (all-to-all), is multiplied there with one ragged matmul per weight, and
@@ -104,7 +110,8 @@ def _exchange(x_NxD, experts_NxK, weights_NxK, w_gate, w_up, w_down, activation,
     flat_R = local_GxP.reshape(-1)  # local_experts marks an empty row
     order_R = jnp.argsort(flat_R, stable=True)
     sizes_L = jnp.bincount(flat_R, length=local_experts + 1)[:local_experts].astype(jnp.int32)
-    y_RxD = _ragged_mlp(recv_GxPxD.reshape(groups * pairs, -1)[order_R], sizes_L, w_gate, w_up, w_down, activation)
+    y_RxD = _ragged_mlp(recv_GxPxD.reshape(groups * pairs, -1)[order_R], sizes_L, w_gate, w_up, w_down, glu,
+                        biases, flat_R[order_R])
     back_GxPxD = jax.lax.all_to_all(jnp.zeros_like(y_RxD).at[order_R].set(y_RxD).reshape(recv_GxPxD.shape),
                                     axis, 0, 0, tiled=True)
     y_sorted_PxD = back_GxPxD.at[group_P, slot_P].get(mode="fill", fill_value=0)
@@ -112,7 +119,7 @@ def _exchange(x_NxD, experts_NxK, weights_NxK, w_gate, w_up, w_down, activation,
     return jnp.einsum("nkd,nk->nd", y_NxKxD, weights_NxK.astype(y_NxKxD.dtype))
 
 
-def dispatch(x_BxTxD, experts_BxTxK, weights_BxTxK, w_gate, w_up, w_down, activation, keep_BxTxK=None):
+def dispatch(x_BxTxD, experts_BxTxK, weights_BxTxK, w_gate, w_up, w_down, glu, keep_BxTxK=None, biases=None):
     """The experts' outputs for each device's own rows, in `shard_map` under a mesh: every device sorts
     only its tokens by expert. Without expert parallelism it multiplies them with all experts' weights,
     gathered like a dense layer's under FSDP; with it (the mesh's `expert` axis), each group holds its
@@ -123,19 +130,20 @@ def dispatch(x_BxTxD, experts_BxTxK, weights_BxTxK, w_gate, w_up, w_down, activa
     groups = 1 if expert_spec is None or expert_spec[0] is None else jax.sharding.get_abstract_mesh().shape[
         expert_spec[0]]
 
-    def local(x, experts, weights, w_gate, w_up, w_down, keep):
+    def local(x, experts, weights, w_gate, w_up, w_down, keep, biases):
         n = x.shape[0] * x.shape[1]
         flat = lambda a: None if a is None else a.reshape(n, -1)  # noqa: E731
-        args = (flat(x), flat(experts), flat(weights), w_gate, w_up, w_down, activation, flat(keep))
+        args = (flat(x), flat(experts), flat(weights), w_gate, w_up, w_down, glu, flat(keep), biases)
         out = _exchange(*args, expert_spec[0], groups) if groups > 1 else grouped_mlp(*args)
         return out.reshape(x.shape)
 
-    args = (x_BxTxD, experts_BxTxK, weights_BxTxK, w_gate, w_up, w_down, keep_BxTxK)
+    args = (x_BxTxD, experts_BxTxK, weights_BxTxK, w_gate, w_up, w_down, keep_BxTxK, biases)
     if row_spec is None:  # no mesh: one device
         return local(*args)
     rows = P(row_spec[0], row_spec[1], None)
     weights = P(expert_spec[0] if groups > 1 else None, None, None)
-    specs = (rows, rows, rows, weights, weights, weights, None if keep_BxTxK is None else rows)
+    bias_specs = None if biases is None else (P(weights[0], None),) * 3
+    specs = (rows, rows, rows, weights, weights, weights, None if keep_BxTxK is None else rows, bias_specs)
     return jax.shard_map(local, in_specs=specs, out_specs=rows, check_vma=False)(*args)
 
 
@@ -151,6 +159,9 @@ class MoE(nn.Module):
         x_NxD = x_BxTxD.reshape(batch * length, d)
         router_DxE = param(self, "router", (d, e), ("embed", None), init).astype(cfg.dtype)
         logits_NxE = jnp.einsum("nd,de->ne", x_NxD, router_DxE, preferred_element_type=jnp.float32)
+        if cfg.router_bias:  # gpt-oss
+            logits_NxE = logits_NxE + param(self, "router_bias", (e,), (None,), nn.initializers.zeros).astype(
+                cfg.dtype).astype(jnp.float32)
         probs_NxE, weights_NxK, experts_NxK = route(logits_NxE, k, cfg.norm_topk_prob)
         keep_NxK = None
         if cfg.capacity_factor is not None:
@@ -161,7 +172,7 @@ class MoE(nn.Module):
             weight(self, "w_gate", (e, d, f), ("exp", "embed", "mlp"), init),
             weight(self, "w_up", (e, d, f), ("exp", "embed", "mlp"), init),
             weight(self, "w_down", (e, f, d), ("exp", "mlp", "embed"), init),
-            ACTIVATIONS[cfg.activation], rows(keep_NxK))
+            gated(cfg), rows(keep_NxK), self._biases(e, f, d))
         if cfg.shared_expert_dim:  # Qwen2-MoE: a dense expert every token uses, behind a sigmoid gate
             shared = MLP(cfg, mlp_dim=cfg.shared_expert_dim, name="shared_expert")(x_BxTxD)
             gate_D1 = param(self, "shared_gate", (d, 1), ("embed", None), init).astype(cfg.dtype)
@@ -175,6 +186,16 @@ class MoE(nn.Module):
             stats["dropped"] = jnp.sum((~keep_NxK).astype(jnp.float32) * real_N[:, None])
         self.sow("moe", "stats", stats)
         return constrain(out_BxTxD, ("batch", "length", "act_embed"))
+
+
+    def _biases(self, e: int, f: int, d: int):
+        """gpt-oss's per-expert biases of the gate, up and down projections (None without them)."""
+        if not self.config.expert_bias:
+            return None
+        zeros = nn.initializers.zeros
+        return (weight(self, "w_gate_bias", (e, f), ("exp", "mlp"), zeros),
+                weight(self, "w_up_bias", (e, f), ("exp", "mlp"), zeros),
+                weight(self, "w_down_bias", (e, d), ("exp", "embed"), zeros))
 
 
 def router_sums(stats: dict) -> dict[str, jax.Array]:
