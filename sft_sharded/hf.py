@@ -29,6 +29,7 @@ from safetensors import SafetensorError, safe_open
 from sft_sharded import paths
 from sft_sharded.errors import MissingFileError, UserError
 from sft_sharded.hf_tensors import entries, join
+from sft_sharded.mxfp4 import Mxfp4
 from sft_sharded.families import MULTIMODAL
 from sft_sharded.hf_config import (TOKEN_ID_FIELDS, config_from_hf, config_to_hf, hf_model_type, read_hf_config,
                                    text_part, tokenizer_token_ids)
@@ -37,7 +38,7 @@ from sft_sharded.sharding import global_to_host
 
 __all__ = ["TOKEN_ID_FIELDS", "config_from_hf", "config_to_hf", "hf_model_type", "load_params", "read_hf_config",
            "save_pretrained", "text_part", "tokenizer_token_ids"]
-_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16, "F64": np.float64}
+_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16, "F64": np.float64, "U8": np.uint8}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
 
@@ -59,6 +60,7 @@ class SafetensorsDir:
             raise MissingFileError(f"model.path={str(directory)!r}: no model.safetensors or "
                                    "model.safetensors.index.json (only safetensors are read, never pickles)")
         self.entries: dict[str, tuple[Path, dict, int]] = {}
+        self.packed: set[str] = set()  # tensors stored as MXFP4 blocks and scales (`unpack_mxfp4`)
         for name in files:
             path = directory / name
             if not path.is_file():
@@ -80,7 +82,10 @@ class SafetensorsDir:
                 if key != "__metadata__":
                     self.entries[key] = (path, meta, 8 + size)
 
-    def get(self, name: str) -> np.ndarray:
+    def get(self, name: str) -> np.ndarray | Mxfp4:
+        """The tensor, memory-mapped (or, for a name that `packed` lists, its lazy MXFP4 view)."""
+        if name in self.packed:
+            return Mxfp4(self.get(name + "_blocks"), self.get(name + "_scales"))
         path, meta, base = self.entries[name]
         if meta["dtype"] not in _DTYPES:
             raise UserError(f"{path}: tensor {name!r} has dtype {meta['dtype']}; readable: {sorted(_DTYPES)}")
@@ -129,6 +134,7 @@ class Source:
         self.model_type = text_part(self.config)["model_type"]
         self.multimodal = MULTIMODAL.get(self.config["model_type"])
         self.tensors = SafetensorsDir(self.directory)
+        self.unpack_mxfp4()
         self.naming, self.towers = None, []
         if self.multimodal is not None:
             found = [p for p in self.multimodal.text_prefixes if f"{p}embed_tokens.weight" in self.tensors.entries]
@@ -138,6 +144,16 @@ class Source:
             heads = [h for h in self.multimodal.heads if h in self.tensors.entries] or [self.multimodal.heads[0]]
             self.naming = (found[0], heads[0])
             self.towers = sorted(n for n in self.tensors.entries if n.startswith(self.multimodal.towers))
+
+    def unpack_mxfp4(self) -> None:
+        """A checkpoint quantized with MXFP4 (gpt-oss) stores some tensors as `<name>_blocks` and
+        `<name>_scales`: read each pair as the tensor `<name>`."""
+        quantization = self.config.get("quantization_config") or {}
+        if quantization.get("quant_method") != "mxfp4":
+            return
+        names = self.tensors.entries
+        self.tensors.packed = {n.removesuffix("_blocks") for n in names
+                               if n.endswith("_blocks") and n.removesuffix("_blocks") + "_scales" in names}
 
     def entries(self, cfg: DecoderConfig):
         return entries(cfg, self.model_type, self.naming)
@@ -151,11 +167,13 @@ def _check_coverage(source: Source, cfg: DecoderConfig) -> None:
     are recomputed from rope_theta) and an `lm_head.weight` that equals the embedding of a tied model."""
     directory, tensors = source.directory, source.tensors
     wanted = {name for _, name, _, _, _ in source.entries(cfg)} | set(source.towers)
-    missing = sorted(wanted - set(tensors.entries))
+    stored = set(tensors.entries) | tensors.packed
+    stored -= {n + suffix for n in tensors.packed for suffix in ("_blocks", "_scales")}
+    missing = sorted(wanted - stored)
     if missing:
         raise UserError(f"model.path={str(directory)!r}: the checkpoint lacks {len(missing)} tensor(s) this "
                         f"config needs: {_listing(missing)} (config.json and the safetensors disagree)")
-    extra = sorted(n for n in set(tensors.entries) - wanted if not n.endswith("rotary_emb.inv_freq"))
+    extra = sorted(n for n in stored - wanted if not n.endswith("rotary_emb.inv_freq"))
     if cfg.tie_embeddings and "lm_head.weight" in extra:
         if np.array_equal(tensors.get("lm_head.weight"), tensors.get("model.embed_tokens.weight")):
             extra.remove("lm_head.weight")

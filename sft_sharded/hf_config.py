@@ -146,9 +146,12 @@ def config_from_hf(directory: str | Path, **overrides) -> DecoderConfig:
     family = FAMILIES[hf["model_type"]]
     f = HfFields(path, hf, family.defaults)
     unknown = sorted(set(hf) - family.reads - HARMLESS_FIELDS - set(TOKEN_ID_FIELDS))
-    if "quantization_config" in unknown:
-        raise f.refuse("quantization_config", hf["quantization_config"],
-                       "quantized checkpoints are not read; use a float16/bfloat16/float32 checkpoint")
+    quantization = hf.get("quantization_config")
+    if quantization is not None and (quantization or {}).get("quant_method") in family.quantizations:
+        unknown.remove("quantization_config")  # read by hf.Source: the weights are dequantized on import
+    elif "quantization_config" in unknown:
+        raise f.refuse("quantization_config", quantization, "quantized checkpoints are not read (except "
+                       "gpt-oss's MXFP4 experts); use a float16/bfloat16/float32 checkpoint")
     if unknown:
         warnings.warn(f"{path}: fields {unknown} are not read by model_type {family.model_type!r} (neither here nor "
                       "in transformers' model of that type); check that the checkpoint is what you think it is",

@@ -93,6 +93,8 @@ class Family:
     # The family's own tensor names where the shared rule has no place for them: (config, the shared
     # mapping, the layer's name prefix) -> the mapping (hf_tensors.mapping's format).
     tensors: Callable[[DecoderConfig, dict, str], dict] | None = None
+    # Values of quantization_config.quant_method whose weights import dequantizes (gpt-oss: "mxfp4").
+    quantizations: tuple[str, ...] = ()
     # HF tensors (name suffixes) that hold two of ours interleaved on their last axis (gpt-oss's gate_up_proj).
     interleaved: tuple[str, ...] = ()
     # Named shapes of this family (DecoderConfig fields), sizes from its published config.json files.

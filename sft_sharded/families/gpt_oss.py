@@ -68,6 +68,9 @@ FAMILY = Family(
               "router_aux_loss_coef": 0.001, "sliding_window": 128, "rms_norm_eps": 1e-5, "head_dim": 64},
     from_hf=_from_hf, to_hf=_to_hf, fits=_fits, tensors=_tensors,
     interleaved=("experts.gate_up_proj", "experts.gate_up_proj_bias"),
+    # The published checkpoints store the experts' weights in MXFP4 (sft_sharded/mxfp4.py); export writes
+    # them unquantized in the export dtype.
+    quantizations=("mxfp4",),
     presets={
         # openai/gpt-oss-20b's config.json.
         "gpt-oss-20b": dict(vocab_size=201088, hidden_size=2880, num_layers=24, num_heads=64, num_kv_heads=8,
