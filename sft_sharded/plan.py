@@ -118,7 +118,7 @@ def plan(topology: str, model: str, seq: int, global_batch: int, mesh_spec: str,
     }
     lowered = trainer.lower("train", state, batch)
     with jax.set_mesh(mesh):  # what "auto" means on the target platform, and proof that a kernel is in
-        result["attention"] = resolve(attention, cfg.dtype, cfg.head_size, seq, cfg.attn_softcap)
+        result["attention"] = resolve(attention, cfg.dtype, cfg.head_size, seq, cfg.attn_softcap, cfg.attention_sinks)
         if context_size(mesh) > 1:  # a split sequence: models/context.py's scheme, with a kernel per shard
             kernel = per_shard_kernel(attention, cfg.context_attention, seq, context_size(mesh), cfg.context_layout,
                                       cfg.dtype, cfg.head_size, cfg.attn_softcap)

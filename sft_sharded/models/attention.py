@@ -100,17 +100,13 @@ def attention(
     in the inputs' dtype. When the mesh splits the sequence, `models/context.py` attends with the
     (scheme, layout) of `context`, with a fused kernel or its own per shard (`context.per_shard_kernel`)."""
     batch, length, num_heads, head_dim = q_BxTxNxH.shape
-    if sinks_N is not None:
-        if sequence_shards(length) > 1 or implementation in ("cudnn", "splash"):
-            where = "a sequence split over the mesh's context axis" if sequence_shards(length) > 1 else \
-                f"model.attention={implementation!r}"
-            raise UserError(f"attention sinks (gpt-oss) are implemented by model.attention='xla' and 'reference', "
-                            f"not by {where}")
-        implementation = "xla" if implementation == "auto" else implementation
+    if sinks_N is not None and sequence_shards(length) > 1:
+        raise UserError("attention sinks (gpt-oss) are not implemented for a sequence split over the mesh's "
+                        "context axis (mesh.context > 1)")
     if sequence_shards(length) > 1:
         return split_sequence.attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, window,
                                         float(_scale(scale, head_dim)), softcap, *context, implementation)
-    impl = resolve(implementation, q_BxTxNxH.dtype, head_dim, length, softcap)
+    impl = resolve(implementation, q_BxTxNxH.dtype, head_dim, length, softcap, sinks_N is not None)
     if impl == "reference":
         return dot_product_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, window=window, scale=scale,
                                      softcap=softcap, sinks_N=sinks_N)

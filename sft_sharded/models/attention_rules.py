@@ -41,10 +41,17 @@ def attention_mask(q_len: int, kv_len: int, q_offset, q_segment_ids, kv_segment_
     return mask
 
 
-def resolve(implementation: str, dtype, head_dim: int, length: int, softcap: float | None = None) -> str:
-    """The implementation "auto" stands for on this platform, or the one asked for (checked)."""
+def resolve(implementation: str, dtype, head_dim: int, length: int, softcap: float | None = None,
+            sinks: bool = False) -> str:
+    """The implementation "auto" stands for on this platform, or the one asked for (checked). Attention
+    sinks (gpt-oss) have "xla" and "reference" only."""
     if implementation not in IMPLEMENTATIONS:
         raise UserError(f"model.attention: {implementation!r} must be one of {IMPLEMENTATIONS}")
+    if sinks:
+        if implementation in ("cudnn", "splash"):
+            raise UserError(f"attention sinks (gpt-oss) are implemented by model.attention='xla' and 'reference', "
+                            f"not by model.attention={implementation!r}")
+        return "xla" if implementation == "auto" else implementation
     platform = current_platform()
     cudnn_ok = (jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and head_dim % 8 == 0 and head_dim <= 128
                 and softcap is None)
