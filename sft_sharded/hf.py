@@ -15,6 +15,7 @@ tensor's bytes: a device's shard of a transposed tensor then touches only its pa
 from __future__ import annotations
 
 import collections
+import functools
 import itertools
 import json
 from pathlib import Path
@@ -46,7 +47,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 class SafetensorsDir:
     """Every tensor of `model.safetensors` or of the shards a `model.safetensors.index.json` lists."""
 
-    def __init__(self, directory: str | Path, files: list[str] | None = None, key: str = "model.path"):
+    def __init__(self, directory: str | Path, files: list[str] | None = None, key: str = "model.path",
+                 mxfp4: bool = False):
         directory = paths.path(directory, key)
         index = directory / "model.safetensors.index.json"
         if files is not None:
@@ -60,7 +62,6 @@ class SafetensorsDir:
             raise MissingFileError(f"model.path={str(directory)!r}: no model.safetensors or "
                                    "model.safetensors.index.json (only safetensors are read, never pickles)")
         self.entries: dict[str, tuple[Path, dict, int]] = {}
-        self.packed: set[str] = set()  # tensors stored as MXFP4 blocks and scales (`unpack_mxfp4`)
         for name in files:
             path = directory / name
             if not path.is_file():
@@ -81,6 +82,10 @@ class SafetensorsDir:
             for key, meta in header.items():
                 if key != "__metadata__":
                     self.entries[key] = (path, meta, 8 + size)
+        # A checkpoint quantized with MXFP4 (gpt-oss, `mxfp4`) stores some tensors as `<name>_blocks` and
+        # `<name>_scales`: each pair is read as the tensor `<name>`.
+        self.packed = {n.removesuffix("_blocks") for n in self.entries if mxfp4 and n.endswith("_blocks")
+                       and n.removesuffix("_blocks") + "_scales" in self.entries}
 
     def get(self, name: str) -> np.ndarray | Mxfp4:
         """The tensor, memory-mapped (or, for a name that `packed` lists, its lazy MXFP4 view)."""
@@ -126,34 +131,39 @@ def _listing(names: list[str], limit: int = 6) -> str:
 
 class Source:
     """A checkpoint directory as import and export see it: its config.json, the family of its language
-    model, where that model's tensors are (`naming`, for a multimodal checkpoint) and the towers beside it."""
+    model, and (read only when asked for: export of a text-only model needs none of it) its tensors, where
+    the language model's are (`naming`, for a multimodal checkpoint) and the towers beside them."""
 
     def __init__(self, directory: str | Path):
         self.directory = paths.path(directory, "model.path")
         self.config = read_hf_config(self.directory)
         self.model_type = text_part(self.config)["model_type"]
         self.multimodal = MULTIMODAL.get(self.config["model_type"])
-        self.tensors = SafetensorsDir(self.directory)
-        self.unpack_mxfp4()
-        self.naming, self.towers = None, []
-        if self.multimodal is not None:
-            found = [p for p in self.multimodal.text_prefixes if f"{p}embed_tokens.weight" in self.tensors.entries]
-            if not found:
-                raise UserError(f"model.path={str(directory)!r}: no language model tensors under "
-                                f"{list(self.multimodal.text_prefixes)} (a {self.config['model_type']} checkpoint?)")
-            heads = [h for h in self.multimodal.heads if h in self.tensors.entries] or [self.multimodal.heads[0]]
-            self.naming = (found[0], heads[0])
-            self.towers = sorted(n for n in self.tensors.entries if n.startswith(self.multimodal.towers))
 
-    def unpack_mxfp4(self) -> None:
-        """A checkpoint quantized with MXFP4 (gpt-oss) stores some tensors as `<name>_blocks` and
-        `<name>_scales`: read each pair as the tensor `<name>`."""
+    @functools.cached_property
+    def tensors(self) -> SafetensorsDir:
         quantization = self.config.get("quantization_config") or {}
-        if quantization.get("quant_method") != "mxfp4":
-            return
+        return SafetensorsDir(self.directory, mxfp4=quantization.get("quant_method") == "mxfp4")
+
+    @functools.cached_property
+    def naming(self) -> tuple[str, str] | None:
+        """(prefix, head) of a multimodal checkpoint's language model (`hf_tensors.entries`); None otherwise."""
+        if self.multimodal is None:
+            return None
         names = self.tensors.entries
-        self.tensors.packed = {n.removesuffix("_blocks") for n in names
-                               if n.endswith("_blocks") and n.removesuffix("_blocks") + "_scales" in names}
+        found = [p for p in self.multimodal.text_prefixes if f"{p}embed_tokens.weight" in names]
+        if not found:
+            raise UserError(f"model.path={str(self.directory)!r}: no language model tensors under "
+                            f"{list(self.multimodal.text_prefixes)} (a {self.config['model_type']} checkpoint?)")
+        heads = [h for h in self.multimodal.heads if h in names] or [self.multimodal.heads[0]]
+        return found[0], heads[0]
+
+    @functools.cached_property
+    def towers(self) -> list[str]:
+        """The tensors beside a multimodal checkpoint's language model, passed through untouched."""
+        if self.multimodal is None:
+            return []
+        return sorted(n for n in self.tensors.entries if n.startswith(self.multimodal.towers))
 
     def entries(self, cfg: DecoderConfig):
         return entries(cfg, self.model_type, self.naming)
@@ -237,19 +247,31 @@ def save_pretrained(params: Any, cfg: DecoderConfig, out_dir: str | Path, *, mod
     out = paths.path(out_dir, "export target")
     source = Source(source_dir) if source_dir is not None else None
     model_type = hf_model_type(cfg, source.model_type if source else model_type)
-    config = config_to_hf(cfg, model_type, dtype, token_ids, text_part(source.config) if source else None)
-    if source is not None and source.multimodal is not None:
-        # Token ids its text_config leaves to transformers' defaults stay left out; fields its class ignores
-        # are written back as they were.
-        source_text = source.config["text_config"]
-        text = {k: v for k, v in config.items()
-                if k != "architectures" and (k not in TOKEN_ID_FIELDS or k in source_text)}
-        text |= {k: source_text[k] for k in source.multimodal.ignored_text_fields if k in source_text}
-        config = {**source.config, "architectures": [source.multimodal.architecture], "text_config": text,
-                  "tie_word_embeddings": cfg.tie_embeddings}
-    naming = source.naming if source else None
+    config = config_to_hf(cfg, model_type, dtype, token_ids, source.config if source else None)
     write = jax.process_index() == 0
-    np_dtype = np.dtype(ml_dtypes.bfloat16 if dtype == "bfloat16" else dtype)
+    shards = _shards(params, cfg, model_type, np.dtype(ml_dtypes.bfloat16 if dtype == "bfloat16" else dtype),
+                     max_shard_bytes, source, towers=write)
+    if not write:
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    if generation_config is None:
+        generation_config = {k: v for k, v in (token_ids or {}).items() if v is not None}
+    if generation_config:
+        (out / "generation_config.json").write_text(json.dumps(generation_config, indent=2))
+    _write_weights(out, shards)
+    if tokenizer_dir is not None:
+        for name in TOKENIZER_FILES:
+            tokenizer_file = paths.path(tokenizer_dir, "tokenizer.path") / name
+            if tokenizer_file.is_file():
+                (out / name).write_bytes(tokenizer_file.read_bytes())
+    return out
+
+
+def _shards(params: Any, cfg: DecoderConfig, model_type: str, np_dtype: np.dtype, max_shard_bytes: int,
+            source: Source | None, towers: bool) -> list[dict[str, np.ndarray]]:
+    """Every HF tensor of the export on this host, in shards of at most `max_shard_bytes` (gathered one
+    param at a time), then (with `towers`) `source`'s towers as stored (same dtype, same bytes)."""
     shards: list[dict[str, np.ndarray]] = [{}]
     sizes = [0]
 
@@ -260,41 +282,32 @@ def save_pretrained(params: Any, cfg: DecoderConfig, out_dir: str | Path, *, mod
         shards[-1][name] = np.ascontiguousarray(array)
         sizes[-1] += array.nbytes
 
+    items = list(entries(cfg, model_type, source.naming if source else None))
     gathered: tuple = (None, None)  # one stacked param on the host at a time
     # A tensor made of several of ours (Phi-3's qkv_proj) is written once all of its parts are here.
-    count = collections.Counter(name for _, name, *_ in entries(cfg, model_type, naming))
+    count = collections.Counter(name for _, name, *_ in items)
     pending: dict[str, list[np.ndarray]] = collections.defaultdict(list)
-    for path, name, index, _, to_hf in entries(cfg, model_type, naming):
+    for path, name, index, _, to_hf in items:
         if gathered[0] != path:
             gathered = (path, global_to_host(get_path(params, path)))
         pending[name].append(to_hf(gathered[1][index]).astype(np_dtype))
         if len(pending[name]) == count[name]:
-            parts = pending.pop(name)
-            add(name, join(model_type, name, parts))
-    for name in source.towers if source and write else ():
-        add(name, np.array(source.tensors.get(name)))  # as stored: same dtype, same bytes
-    if not write:
-        return out
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(config, indent=2))
-    if generation_config is None:
-        generation_config = {k: v for k, v in (token_ids or {}).items() if v is not None}
-    if generation_config:
-        (out / "generation_config.json").write_text(json.dumps(generation_config, indent=2))
+            add(name, join(model_type, name, pending.pop(name)))
+    for name in source.towers if source and towers else ():
+        add(name, np.array(source.tensors.get(name)))
+    return shards
+
+
+def _write_weights(out: Path, shards: list[dict[str, np.ndarray]]) -> None:
+    """model.safetensors, or numbered shards and their model.safetensors.index.json."""
     if len(shards) == 1:
         write_safetensors(out / "model.safetensors", shards[0])
-    else:
-        weight_map, total = {}, 0
-        for i, shard in enumerate(shards, start=1):
-            name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-            write_safetensors(out / name, shard)
-            weight_map.update({key: name for key in shard})
-            total += sum(a.nbytes for a in shard.values())
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    if tokenizer_dir is not None:
-        for name in TOKENIZER_FILES:
-            source = paths.path(tokenizer_dir, "tokenizer.path") / name
-            if source.is_file():
-                (out / name).write_bytes(source.read_bytes())
-    return out
+        return
+    weight_map, total = {}, 0
+    for i, shard in enumerate(shards, start=1):
+        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        write_safetensors(out / name, shard)
+        weight_map.update({key: name for key in shard})
+        total += sum(a.nbytes for a in shard.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))

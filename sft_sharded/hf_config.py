@@ -17,7 +17,7 @@ from typing import Any
 
 from sft_sharded import paths
 from sft_sharded.errors import MissingFileError, UserError
-from sft_sharded.families import FAMILIES, MULTIMODAL, Family, HfFields
+from sft_sharded.families import FAMILIES, MULTIMODAL, Family, HfFields, Multimodal
 from sft_sharded.families.base import rope_scaling_to_hf
 from sft_sharded.models.config import DecoderConfig
 from sft_sharded.models.rope import check_scaling
@@ -200,7 +200,9 @@ def config_to_hf(cfg: DecoderConfig, model_type: str, dtype: str, token_ids: dic
                  source: dict[str, Any] | None = None) -> dict:
     """config.json for `model_type` (which must fit the model: `hf_model_type`), with the checkpoint's
     token ids (bos/eos/pad, as given) and `max_position_embeddings`. `source` is the config.json the model
-    was imported from: what it holds that training did not use is written back as it was."""
+    was imported from: what it holds that training did not use is written back as it was, and a multimodal
+    one is written whole with this model as its text_config."""
+    text_source = text_part(source) if source is not None else {}
     if hf_model_type(cfg, model_type) != model_type:
         raise UserError(f"this model cannot be written as model_type {model_type!r}; "
                         f"it can as {hf_model_type(cfg)!r}")
@@ -219,9 +221,22 @@ def config_to_hf(cfg: DecoderConfig, model_type: str, dtype: str, token_ids: dic
     }
     # transformers adds the load-balancing loss only with output_router_logits, so a model imported without
     # it trains with none; its coefficient is still the checkpoint's (Mixtral 0.02), not 0.
-    if cfg.num_experts and not cfg.router_aux_loss_coef and "router_aux_loss_coef" in (source or {}):
-        out["router_aux_loss_coef"] = source["router_aux_loss_coef"]
-    out |= {k: source[k] for k in FAMILIES[model_type].carried if k in (source or {})}
+    if cfg.num_experts and not cfg.router_aux_loss_coef and "router_aux_loss_coef" in text_source:
+        out["router_aux_loss_coef"] = text_source["router_aux_loss_coef"]
+    out |= {k: text_source[k] for k in FAMILIES[model_type].carried if k in text_source}
     if cfg.rope_scaling and "rope_parameters" not in out:  # a family writing rope_parameters says it all there
         out["rope_scaling"] = rope_scaling_to_hf(cfg)
-    return out
+    multimodal = MULTIMODAL.get((source or {}).get("model_type"))
+    return out if multimodal is None else _multimodal_to_hf(out, cfg, source, multimodal)
+
+
+def _multimodal_to_hf(text: dict[str, Any], cfg: DecoderConfig, source: dict[str, Any],
+                      multimodal: Multimodal) -> dict:
+    """The source's multimodal config.json with `text` as its text_config. Token ids its text_config leaves to
+    transformers' defaults stay left out; fields its class ignores are written back as they were."""
+    source_text = source["text_config"]
+    text = {k: v for k, v in text.items()
+            if k != "architectures" and (k not in TOKEN_ID_FIELDS or k in source_text)}
+    text |= {k: source_text[k] for k in multimodal.ignored_text_fields if k in source_text}
+    return {**source, "architectures": [multimodal.architecture], "text_config": text,
+            "tie_word_embeddings": cfg.tie_embeddings}

@@ -14,23 +14,21 @@ from typing import Any
 import numpy as np
 
 from sft_sharded.families import FAMILIES
+from sft_sharded.families.base import transposed
 from sft_sharded.models.config import DecoderConfig
-
-
-def _t(w):
-    return w.T
 
 
 def _moe(cfg: DecoderConfig, model_type: str, layer: str) -> dict:
     module, router, experts = FAMILIES[model_type].moe_names
     prefix = f"{layer}{module}."
-    m = {("layer_{i}", "moe", "router"): (prefix + f"{router}.weight", _t, _t)}
+    m = {("layer_{i}", "moe", "router"): (prefix + f"{router}.weight", transposed, transposed)}
     for ours, theirs in experts.items():
-        m[("layer_{i}", "moe", ours)] = (prefix + "experts.{e}." + f"{theirs}.weight", _t, _t)
+        m[("layer_{i}", "moe", ours)] = (prefix + "experts.{e}." + f"{theirs}.weight", transposed, transposed)
     if cfg.shared_expert_dim:  # Qwen2-MoE
         for name in ("gate", "up", "down"):
-            m[("layer_{i}", "moe", "shared_expert", f"w_{name}")] = (prefix + f"shared_expert.{name}_proj.weight", _t, _t)
-        m[("layer_{i}", "moe", "shared_gate")] = (prefix + "shared_expert_gate.weight", _t, _t)
+            m[("layer_{i}", "moe", "shared_expert", f"w_{name}")] = (
+                prefix + f"shared_expert.{name}_proj.weight", transposed, transposed)
+        m[("layer_{i}", "moe", "shared_gate")] = (prefix + "shared_expert_gate.weight", transposed, transposed)
     return m
 
 
@@ -62,9 +60,9 @@ def mapping(cfg: DecoderConfig, model_type: str) -> dict[tuple[str, ...], tuple[
         ("layer_{i}", "attn", "wv"): (layer + "self_attn.v_proj.weight", *heads_in(k)),
         ("layer_{i}", "attn", "wo"): (layer + "self_attn.o_proj.weight", lambda w: w.T.reshape(n, h, d),
                                       lambda w: w.reshape(n * h, d).T),
-        ("layer_{i}", "mlp", "w_gate"): (layer + "mlp.gate_proj.weight", _t, _t),
-        ("layer_{i}", "mlp", "w_up"): (layer + "mlp.up_proj.weight", _t, _t),
-        ("layer_{i}", "mlp", "w_down"): (layer + "mlp.down_proj.weight", _t, _t),
+        ("layer_{i}", "mlp", "w_gate"): (layer + "mlp.gate_proj.weight", transposed, transposed),
+        ("layer_{i}", "mlp", "w_up"): (layer + "mlp.up_proj.weight", transposed, transposed),
+        ("layer_{i}", "mlp", "w_down"): (layer + "mlp.down_proj.weight", transposed, transposed),
     }
     family = FAMILIES[model_type]
     if cfg.num_experts and family.moe_names:
@@ -83,7 +81,7 @@ def mapping(cfg: DecoderConfig, model_type: str) -> dict[tuple[str, ...], tuple[
         for name in ("gate", "up", "down"):
             m[("layer_{i}", "mlp", f"w_{name}_bias")] = (layer + f"mlp.{name}_proj.bias", None, None)
     if not cfg.tie_embeddings:
-        m[("lm_head",)] = ("lm_head.weight", _t, _t)
+        m[("lm_head",)] = ("lm_head.weight", transposed, transposed)
     if family.tensors is not None:
         m = family.tensors(cfg, m, layer)
     return _fuse(m, cfg, family.fused, layer) if family.fused else m

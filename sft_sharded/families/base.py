@@ -53,9 +53,6 @@ class HfFields:
             return self.values[key]
         return self.defaults[key]
 
-    def __contains__(self, key: str) -> bool:
-        return key in self.values
-
     def refuse(self, field: str, value: Any, why: str) -> UserError:
         return UserError(f"{self.path}: {field}={json.dumps(value)} is not supported: {why}")
 
@@ -99,6 +96,11 @@ class Family:
     interleaved: tuple[str, ...] = ()
     # Named shapes of this family (DecoderConfig fields), sizes from its published config.json files.
     presets: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
+
+
+def transposed(w):
+    """HF's [out, in] linear weight as ours [in, out] (and back)."""
+    return w.T
 
 
 def same(cfg: DecoderConfig, **values: Any) -> bool:

@@ -23,8 +23,12 @@ def experts_from_hf(f: HfFields, *, experts_dim: int, norm_topk_prob: bool) -> d
                 experts_per_token=f.get("num_experts_per_tok"), moe_mlp_dim=experts_dim,
                 norm_topk_prob=norm_topk_prob,
                 dense_layers=tuple(i for i in range(f["num_hidden_layers"]) if i in only or (i + 1) % step),
-                # transformers adds the load-balancing loss only with output_router_logits; so do we.
-                router_aux_loss_coef=float(f.get("router_aux_loss_coef")) if f.get("output_router_logits") else 0.0)
+                router_aux_loss_coef=router_aux_coef(f))
+
+
+def router_aux_coef(f: HfFields) -> float:
+    """transformers adds the load-balancing loss only with output_router_logits; so do we."""
+    return float(f.get("router_aux_loss_coef")) if f.get("output_router_logits") else 0.0
 
 
 def qwen_experts_from_hf(f: HfFields) -> dict:

@@ -12,7 +12,8 @@ GEMMA_READS = frozenset({
     "hidden_act"})
 GEMMA_DEFAULTS = {"head_dim": 256, "query_pre_attn_scalar": 256, "sliding_window": 4096,
                   "hidden_activation": "gelu_pytorch_tanh", "tie_word_embeddings": True}
-GEMMA_LIKE = dict(PLAIN, norm_plus_one=True, sandwich_norms=True, embed_scale=True, activation="gelu_tanh", mlp_bias=False)
+GEMMA_LIKE = dict(PLAIN, norm_plus_one=True, sandwich_norms=True, embed_scale=True, activation="gelu_tanh",
+                  mlp_bias=False)
 
 
 def every(period: int, layers: int) -> tuple[str, ...]:

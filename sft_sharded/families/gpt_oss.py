@@ -4,8 +4,9 @@ interleaved in one tensor, and the experts join them with a clamped SwiGLU. Norm
 
 from __future__ import annotations
 
-from sft_sharded.families.base import COMMON, LLAMA_LIKE, Family, HfFields, layer_types, same, windows
-from sft_sharded.families.experts import ROUTER_READS, router_to_hf
+from sft_sharded.families.base import COMMON, LLAMA_LIKE, Family, HfFields, layer_types, same, transposed, \
+    windows
+from sft_sharded.families.experts import ROUTER_READS, router_aux_coef, router_to_hf
 
 _DEFAULT_ROPE = {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
                  "original_max_position_embeddings": 4096, "rope_theta": 150_000.0}
@@ -19,8 +20,7 @@ def _from_hf(f: HfFields) -> dict:
                 num_experts=f["num_local_experts"], experts_per_token=f["num_experts_per_tok"],
                 moe_mlp_dim=f["intermediate_size"], norm_topk_prob=True, router_bias=True, expert_bias=True,
                 swiglu_limit=float(f.get("swiglu_limit")), swiglu_alpha=float(f.get("swiglu_alpha")),
-                # transformers adds the load-balancing loss only with output_router_logits; so do we.
-                router_aux_loss_coef=float(f.get("router_aux_loss_coef")) if f.get("output_router_logits") else 0.0,
+                router_aux_loss_coef=router_aux_coef(f),
                 **windows(f.get("sliding_window"), list(types)))
 
 
@@ -39,17 +39,13 @@ def _fits(cfg) -> bool:
                      qk_norm=False, mlp_bias=False, shared_expert_dim=None, norm_topk_prob=True, dense_layers=()))
 
 
-def _t(w):
-    return w.T
-
-
 def _tensors(cfg, m: dict, layer: str) -> dict:
     """Sinks, the router's bias, and the experts stored whole per layer as [experts, in, out] (not one
     tensor per expert), gate and up interleaved in gate_up_proj."""
     moe, experts = layer + "mlp.", layer + "mlp.experts."
     return m | {
         ("layer_{i}", "attn", "sinks"): (layer + "self_attn.sinks", None, None),
-        ("layer_{i}", "moe", "router"): (moe + "router.weight", _t, _t),
+        ("layer_{i}", "moe", "router"): (moe + "router.weight", transposed, transposed),
         ("layer_{i}", "moe", "router_bias"): (moe + "router.bias", None, None),
         ("layer_{i}", "moe", "w_gate"): (experts + "gate_up_proj", lambda w: w[..., ::2], None),
         ("layer_{i}", "moe", "w_up"): (experts + "gate_up_proj", lambda w: w[..., 1::2], None),
