@@ -96,7 +96,9 @@ def plan(topology: str, model: str, seq: int, global_batch: int, mesh_spec: str,
     mesh = _topology_mesh(gen, grid, mesh_spec)
     devices, shape = mesh.devices.flat, tuple(mesh.shape.values())
     _check_split(mesh, global_batch, seq)
-    lora = LoraConfig(rank=lora_rank, base_dtype=base_dtype) if lora_rank else None
+    # LoRA on experts is not implemented: a mixture of experts gets adapters on its attention only.
+    targets = ("q", "k", "v", "o") if preset(model).num_experts else LoraConfig(rank=1).targets
+    lora = LoraConfig(rank=lora_rank, base_dtype=base_dtype, targets=targets) if lora_rank else None
     cfg = preset(model, dtype="bfloat16", remat=remat, scan_layers=scan, attention=attention, lora=lora,
                  context_attention=context_attention)
     loss_chunk = chunk_for(cfg, loss_chunk)
@@ -113,7 +115,8 @@ def plan(topology: str, model: str, seq: int, global_batch: int, mesh_spec: str,
     result = {
         "topology": f"{gen}:{grid}", "chips": len(devices), "mesh": dict(zip(MESH_AXES, shape)), "model": model,
         "params": cfg.num_params(), "seq": seq, "global_batch": global_batch, "remat": remat,
-        "scan": scan, "loss_chunk": loss_chunk, "lora_rank": lora_rank, "base_dtype": base_dtype, "hbm_bytes": chip["hbm_bytes"], "analytic_flops_per_chip": analytic,
+        "scan": scan, "loss_chunk": loss_chunk, "lora_rank": lora_rank, "lora_targets": lora and lora.targets,
+        "base_dtype": base_dtype, "hbm_bytes": chip["hbm_bytes"], "analytic_flops_per_chip": analytic,
         "step_s_at_peak": analytic / peak, "step_s_at_50pct_mfu": 2 * analytic / peak,
     }
     lowered = trainer.lower("train", state, batch)
@@ -170,7 +173,8 @@ def report(r: dict) -> str:
             f"mesh {r['mesh']}, {r['global_batch']} x {r['seq']} tokens per step, remat {r['remat']}, "
             f"loss chunk {r['loss_chunk'] or 'none (full logits)'}, attention {r['attention']}"
             f"{' (%d Pallas calls)' % r['pallas_calls'] if r.get('pallas_calls') else ''}, "
-            + (f"LoRA rank {r['lora_rank']} on a {r['base_dtype']} base" if r["lora_rank"] else "full fine-tuning"))
+            + (f"LoRA rank {r['lora_rank']} on {','.join(r['lora_targets'])} over a {r['base_dtype']} base"
+               if r["lora_rank"] else "full fine-tuning"))
     timing = (f"  analytic FLOPs per chip per step {r['analytic_flops_per_chip']:.3e}: {r['step_s_at_peak']:.3f} s at "
               f"peak, {r['step_s_at_50pct_mfu']:.3f} s at 50% MFU")
     if "compiler_error" in r:

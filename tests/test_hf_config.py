@@ -7,7 +7,7 @@ import json
 import pytest
 
 from sft_sharded.families import FAMILIES
-from sft_sharded.families.base import COMMON
+from sft_sharded.families.base import COMMON, ROPE_DERIVED
 from sft_sharded.hf_config import TOKEN_ID_FIELDS, config_from_hf, config_to_hf, hf_model_type
 from sft_sharded.models import preset
 
@@ -25,6 +25,32 @@ def test_every_preset_writes_and_reads_back_as_its_own_family(model_type, tmp_pa
         assert written <= family.reads, sorted(written - family.reads)
         (tmp_path / "config.json").write_text(json.dumps(hf))
         assert config_from_hf(tmp_path) == cfg, name
+
+
+# Families without a preset: a small config.json of each.
+_SMALL = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+              intermediate_size=48, max_position_embeddings=64)
+_WITHOUT_PRESET = {
+    "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+                      shared_expert_intermediate_size=24),
+    "ministral3": dict(rope_parameters={"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0,
+                                        "original_max_position_embeddings": 8, "llama_4_scaling_beta": 0.5}),
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(FAMILIES))
+def test_every_field_a_family_reads_is_written_on_export_or_says_where_it_goes(model_type, tmp_path):
+    family = FAMILIES[model_type]
+    if family.presets:
+        cfgs = [preset(name) for name in family.presets]
+    else:
+        (tmp_path / "config.json").write_text(json.dumps(dict(_SMALL, model_type=model_type,
+                                                              **_WITHOUT_PRESET[model_type])))
+        cfgs = [config_from_hf(tmp_path)]
+    written = set().union(*(config_to_hf(cfg, model_type, "bfloat16") for cfg in cfgs))
+    accounted = written | set(family.derived) | family.carried | set(ROPE_DERIVED)
+    assert family.reads <= accounted, sorted(family.reads - accounted)
+    assert set(family.derived) <= family.reads, sorted(set(family.derived) - family.reads)
 
 
 def test_an_unused_router_aux_coefficient_is_exported_as_the_checkpoint_had_it(tmp_path):

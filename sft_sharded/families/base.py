@@ -33,6 +33,10 @@ PLAIN = dict(post_norms=False, norm_scale_float32=False, qk_norm_across_heads=Fa
 # The options of a plain Llama decoder.
 LLAMA_LIKE = dict(PLAIN, norm_plus_one=False, sandwich_norms=False, embed_scale=False, activation="silu",
                   query_pre_attn_scalar=None, attn_softcap=None, final_softcap=None, rope_local_theta=None)
+# Read by every family, written on export only in the form the model has: the RoPE scaling as the family
+# writes it (rope_scaling, or rope_parameters with the base inside), nothing for plain RoPE.
+ROPE_DERIVED = {"rope_scaling": "written when the model scales RoPE, in the family's form",
+                "rope_parameters": "written when the model scales RoPE, in the family's form"}
 ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh"}  # transformers' name -> ours
 
 
@@ -84,6 +88,10 @@ class Family:
     moe_names: tuple[str, str, Mapping[str, str]] | None = None
     # Fields that do not change the math here but describe the checkpoint: written back as the source had them.
     carried: frozenset[str] = frozenset()
+    # Fields read but not written back as such, each with where its value goes instead (another field, a
+    # refusal of any value but the default): with `carried` and what to_hf writes, every field of `reads`
+    # is accounted for on export (tests/test_hf_config.py).
+    derived: Mapping[str, str] = dataclasses.field(default_factory=dict)
     # HF tensors that hold several projections one after another (rows of [out, in]): {fused name: parts},
     # names relative to the layer ("self_attn.qkv_proj": ("self_attn.q_proj", ...)).
     fused: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)

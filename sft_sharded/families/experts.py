@@ -8,6 +8,7 @@ from sft_sharded.families.base import HfFields
 ROUTER_READS = frozenset({"num_experts_per_tok", "output_router_logits", "router_aux_loss_coef"})
 QWEN_MOE_READS = ROUTER_READS | {"num_experts", "num_local_experts", "moe_intermediate_size",
                                  "decoder_sparse_step", "mlp_only_layers", "norm_topk_prob"}
+QWEN_MOE_DERIVED = {"num_local_experts": "written as num_experts (transformers 5 reads either name)"}
 QWEN_EXPERT_NAMES = ("mlp", "gate", {"w_gate": "gate_proj", "w_up": "up_proj", "w_down": "down_proj"})
 
 

@@ -10,6 +10,8 @@ GEMMA_READS = frozenset({
     "final_logit_softcapping", "attn_logit_softcapping", "use_bidirectional_attention",
     # Older Gemma configs carry hidden_act beside hidden_activation; transformers reads the latter.
     "hidden_act"})
+GEMMA_DERIVED = {"hidden_act": "not written: hidden_activation is the one transformers reads",
+                 "use_bidirectional_attention": "any value but causal attention is refused"}
 GEMMA_DEFAULTS = {"head_dim": 256, "query_pre_attn_scalar": 256, "sliding_window": 4096,
                   "hidden_activation": "gelu_pytorch_tanh", "tie_word_embeddings": True}
 GEMMA_LIKE = dict(PLAIN, norm_plus_one=True, sandwich_norms=True, embed_scale=True, activation="gelu_tanh",
@@ -54,7 +56,7 @@ GEMMA_SHAPE = dict(head_dim=256, norm_plus_one=True, sandwich_norms=True, activa
                    query_pre_attn_scalar=256, rms_norm_eps=1e-6, tie_embeddings=True)
 
 FAMILY = Family(
-    model_type="gemma2", architecture="Gemma2ForCausalLM", reads=COMMON | GEMMA_READS,
+    model_type="gemma2", architecture="Gemma2ForCausalLM", reads=COMMON | GEMMA_READS, derived=GEMMA_DERIVED,
     defaults={**GEMMA_DEFAULTS, "final_logit_softcapping": 30.0, "attn_logit_softcapping": 50.0},
     from_hf=gemma_from_hf, to_hf=gemma_to_hf, fits=_fits,
     presets={

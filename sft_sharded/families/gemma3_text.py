@@ -4,7 +4,7 @@ full one, and a RoPE base of their own (never scaled) on the sliding layers."""
 from __future__ import annotations
 
 from sft_sharded.families.base import COMMON, Family, HfFields, one_attention_bias, same
-from sft_sharded.families.gemma2 import GEMMA_DEFAULTS, GEMMA_LIKE, GEMMA_READS, GEMMA_SHAPE, every, gemma_from_hf, \
+from sft_sharded.families.gemma2 import GEMMA_DEFAULTS, GEMMA_DERIVED, GEMMA_LIKE, GEMMA_READS, GEMMA_SHAPE, every, gemma_from_hf, \
     gemma_to_hf
 
 
@@ -27,6 +27,7 @@ _GEMMA3 = dict(GEMMA_SHAPE, qk_norm=True, rope_theta=1_000_000.0, rope_local_the
 FAMILY = Family(
     model_type="gemma3_text", architecture="Gemma3ForCausalLM",
     reads=COMMON | GEMMA_READS | {"rope_local_base_freq", "sliding_window_pattern"},
+    derived={**GEMMA_DERIVED, "sliding_window_pattern": "not written: layer_types lists every layer"},
     # Every default of transformers' Gemma3TextConfig: the text_config of a published multimodal checkpoint
     # (Gemma 3 4B) gives only the sizes that differ from them, not even vocab_size.
     defaults={**GEMMA_DEFAULTS, "rope_theta": 1_000_000.0, "rope_local_base_freq": 10_000.0,

@@ -56,6 +56,16 @@ def _tensors(cfg, m: dict, layer: str) -> dict:
     }
 
 
+def _preset(layers: int, experts: int) -> dict:
+    return dict(vocab_size=201088, hidden_size=2880, num_layers=layers, num_heads=64, num_kv_heads=8, head_dim=64,
+                mlp_dim=2880, qkv_bias=True, o_bias=True, norm_scale_float32=True, attention_sinks=True,
+                num_experts=experts, experts_per_token=4, moe_mlp_dim=2880, norm_topk_prob=True, router_bias=True,
+                expert_bias=True, swiglu_limit=7.0, sliding_window=128,
+                layer_types=tuple("sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(layers)),
+                rope_theta=150_000.0, max_position_embeddings=131072,
+                rope_scaling=tuple(sorted((k, v) for k, v in _DEFAULT_ROPE.items() if k != "rope_theta")))
+
+
 FAMILY = Family(
     model_type="gpt_oss", architecture="GptOssForCausalLM",
     reads=COMMON | ROUTER_READS | {"hidden_act", "attention_bias", "sliding_window", "layer_types",
@@ -68,16 +78,8 @@ FAMILY = Family(
     # them unquantized in the export dtype.
     quantizations=("mxfp4",),
     presets={
-        # openai/gpt-oss-20b's config.json.
-        "gpt-oss-20b": dict(vocab_size=201088, hidden_size=2880, num_layers=24, num_heads=64, num_kv_heads=8,
-                            head_dim=64, mlp_dim=2880, qkv_bias=True, o_bias=True, norm_scale_float32=True,
-                            attention_sinks=True, num_experts=32, experts_per_token=4, moe_mlp_dim=2880,
-                            norm_topk_prob=True, router_bias=True, expert_bias=True, swiglu_limit=7.0,
-                            sliding_window=128, layer_types=tuple("sliding_attention" if (i + 1) % 2 else
-                                                                  "full_attention" for i in range(24)),
-                            rope_theta=150_000.0, max_position_embeddings=131072,
-                            rope_scaling=(("beta_fast", 32.0), ("beta_slow", 1.0), ("factor", 32.0),
-                                          ("original_max_position_embeddings", 4096), ("rope_type", "yarn"),
-                                          ("truncate", False))),
+        # openai/gpt-oss-20b's and gpt-oss-120b's config.json: alike but for depth and the number of experts.
+        "gpt-oss-20b": _preset(layers=24, experts=32),
+        "gpt-oss-120b": _preset(layers=36, experts=128),
     },
 )

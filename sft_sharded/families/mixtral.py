@@ -25,6 +25,7 @@ def _fits(cfg) -> bool:
 FAMILY = Family(
     model_type="mixtral", architecture="MixtralForCausalLM",
     reads=COMMON | ROUTER_READS | {"hidden_act", "sliding_window", "num_local_experts", "router_jitter_noise"},
+    derived={"router_jitter_noise": "any value but 0 is refused"},
     defaults={"num_local_experts": 8, "num_experts_per_tok": 2, "router_aux_loss_coef": 0.001},
     from_hf=_from_hf, to_hf=_to_hf, fits=_fits,
     moe_names=("block_sparse_moe", "gate", {"w_gate": "w1", "w_up": "w3", "w_down": "w2"}),

@@ -39,7 +39,15 @@ FAMILY = Family(
     reads=COMMON | {"hidden_act", "sliding_window", "resid_pdrop", "embd_pdrop", "partial_rotary_factor",
                     "original_max_position_embeddings"},
     carried=frozenset({"original_max_position_embeddings"}),
+    derived={"resid_pdrop": "any value but 0 is refused", "embd_pdrop": "any value but 0 is refused",
+             "partial_rotary_factor": "written when the model rotates part of each head (rotary_dim)"},
     fused={"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
            "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj")},
     from_hf=_from_hf, to_hf=_to_hf, fits=_fits,
+    presets={
+        # microsoft/phi-4's config.json (no rope scaling). Phi-4-mini has no preset: its longrope is refused,
+        # so a model of its shape would not be the checkpoint's model.
+        "phi-4": dict(vocab_size=100352, hidden_size=5120, num_layers=40, num_heads=40, num_kv_heads=10,
+                      mlp_dim=17920, rope_theta=250_000.0, max_position_embeddings=16384),
+    },
 )

@@ -6,6 +6,8 @@ from sft_sharded.families.base import COMMON, LLAMA_LIKE, Family, HfFields, laye
 
 # The window fields of every dense Qwen (and, for the refusal, the MoE ones).
 QWEN_WINDOWS = frozenset({"use_sliding_window", "sliding_window", "max_window_layers", "layer_types"})
+QWEN_WINDOWS_DERIVED = {"max_window_layers": "not written: layer_types, which transformers reads first, says "
+                                             "which layers slide"}
 WINDOW_DEFAULTS = {"sliding_window": 4096, "max_window_layers": 28}
 
 
@@ -39,6 +41,7 @@ _QWEN25 = dict(vocab_size=151936, rope_theta=1_000_000.0, rms_norm_eps=1e-6, qkv
 FAMILY = Family(
     model_type="qwen2", architecture="Qwen2ForCausalLM",
     reads=COMMON | QWEN_WINDOWS | {"hidden_act", "use_mrope"}, defaults=WINDOW_DEFAULTS,
+    derived={**QWEN_WINDOWS_DERIVED, "use_mrope": "true is refused (multimodal RoPE); false is the default"},
     from_hf=_from_hf, to_hf=qwen_windows_to_hf, fits=_fits,
     presets={
         "qwen2.5-0.5b": dict(_QWEN25, hidden_size=896, num_layers=24, num_heads=14, num_kv_heads=2, mlp_dim=4864,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from sft_sharded.families.base import COMMON, LLAMA_LIKE, Family, HfFields, one_attention_bias, same
-from sft_sharded.families.qwen2 import QWEN_WINDOWS, WINDOW_DEFAULTS, qwen_windows, qwen_windows_to_hf
+from sft_sharded.families.qwen2 import QWEN_WINDOWS, QWEN_WINDOWS_DERIVED, WINDOW_DEFAULTS, qwen_windows, qwen_windows_to_hf
 
 
 def _from_hf(f: HfFields) -> dict:
@@ -25,7 +25,8 @@ QWEN3_SHAPE = dict(vocab_size=151936, head_dim=128, qk_norm=True, rope_theta=1_0
 
 FAMILY = Family(
     model_type="qwen3", architecture="Qwen3ForCausalLM",
-    reads=COMMON | QWEN_WINDOWS | {"hidden_act", "attention_bias"}, defaults={"head_dim": 128, **WINDOW_DEFAULTS},
+    reads=COMMON | QWEN_WINDOWS | {"hidden_act", "attention_bias"}, derived=QWEN_WINDOWS_DERIVED,
+    defaults={"head_dim": 128, **WINDOW_DEFAULTS},
     from_hf=_from_hf, to_hf=_to_hf, fits=_fits,
     presets={
         "qwen3-0.6b": dict(QWEN3_SHAPE, hidden_size=1024, num_layers=28, num_heads=16, num_kv_heads=8, mlp_dim=3072,

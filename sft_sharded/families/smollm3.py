@@ -41,6 +41,7 @@ FAMILY = Family(
     reads=COMMON | {"hidden_act", "attention_bias", "mlp_bias", "use_sliding_window", "sliding_window",
                     "no_rope_layers", "no_rope_layer_interval", "layer_types"},
     defaults={"rope_theta": 2_000_000.0, "tie_word_embeddings": True, "no_rope_layer_interval": 4},
+    derived={"no_rope_layer_interval": "not written: no_rope_layers lists every layer"},
     from_hf=_from_hf, to_hf=_to_hf, fits=_fits,
     presets={
         # SmolLM3-3B's config.json.

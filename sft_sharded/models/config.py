@@ -51,6 +51,21 @@ class DecoderConfig:
     attn_softcap: float | None = None  # Gemma 2: scores -> cap * tanh(scores / cap) before the mask
     final_softcap: float | None = None  # Gemma 2: logits -> cap * tanh(logits / cap)
     attention_sinks: bool = False  # gpt-oss: a learned logit per query head in each softmax denominator
+    # Gemma 4 (`layer(i)` gives each layer's own config): full layers' heads have their own width and, where
+    # set, their own number of kv heads; with k_eq_v a full layer's values are its keys' projection.
+    global_head_dim: int | None = None
+    global_kv_heads: int | None = None
+    k_eq_v: bool = False
+    v_norm: bool = False  # Gemma 4: values RMS-normalised (no weight) before attention
+    layer_scale: bool = False  # Gemma 4: each layer's output times a scalar the checkpoint holds (not trained)
+    # Gemma 4's per-layer inputs: a second embedding table (per_layer_vocab_size rows of per_layer_input_dim
+    # values per layer), mixed with a projection of the embeddings and fed into each layer's output.
+    per_layer_input_dim: int | None = None
+    per_layer_vocab_size: int | None = None
+    # Gemma 4: the last kv_shared_layers layers compute no keys and values; each attends with those of the
+    # last earlier layer of its type (`kv_source`). With double_wide_mlp their MLPs are 2 x mlp_dim wide.
+    kv_shared_layers: int = 0
+    double_wide_mlp: bool = False
     tie_embeddings: bool = False
     qkv_bias: bool = False  # q/k/v projections (Qwen2; Llama's attention_bias)
     o_bias: bool = False  # output projection (Llama's attention_bias)
@@ -135,6 +150,7 @@ class DecoderConfig:
                 raise ValueError("DecoderConfig.layer_types has sliding_attention layers but sliding_window is None")
         if self.num_experts:
             self._check_experts()
+        self._check_layerwise()
         if self.rope_scaling is not None:
             object.__setattr__(self, "rope_scaling", check_scaling(dict(self.rope_scaling)))
         for key in ("dtype", "param_dtype"):
@@ -159,6 +175,49 @@ class DecoderConfig:
                              "projections: lora.targets=[q, k, v, o]")
         if self.capacity_factor is not None and not self.capacity_factor > 0:
             raise ValueError(f"DecoderConfig.capacity_factor={self.capacity_factor!r} must be > 0 or None")
+
+    def _check_layerwise(self) -> None:
+        for key in ("global_head_dim", "global_kv_heads", "per_layer_input_dim", "per_layer_vocab_size"):
+            if getattr(self, key) is not None:
+                _positive_int(self, key)
+        if (self.per_layer_input_dim is None) != (self.per_layer_vocab_size is None):
+            raise ValueError("DecoderConfig.per_layer_input_dim and per_layer_vocab_size go together")
+        if not 0 <= self.kv_shared_layers < self.num_layers:
+            raise ValueError(f"DecoderConfig.kv_shared_layers={self.kv_shared_layers} must be in [0, num_layers)")
+        for i in range(self.num_layers - self.kv_shared_layers, self.num_layers):
+            if self.kv_source(i) is None:
+                raise ValueError(f"DecoderConfig.kv_shared_layers={self.kv_shared_layers}: layer {i} shares the keys "
+                                 "and values of an earlier layer of its type, and there is none")
+        if self.scan_layers and self.layerwise:
+            raise ValueError("scan_layers needs every layer alike, but this model's layers differ in shape (Gemma 4's "
+                             "full layers, KV sharing or per-layer inputs); set model.scan_layers=false")
+
+    @property
+    def layerwise(self) -> bool:
+        """Whether layers differ in their parameters' shapes (Gemma 4), so that one scanned body cannot hold them."""
+        return bool(self.global_head_dim or self.global_kv_heads or self.k_eq_v or self.kv_shared_layers
+                    or self.per_layer_input_dim or self.layer_scale)
+
+    def layer(self, i: int) -> DecoderConfig:
+        """Layer i's own config: the full layers' head width and kv heads, the KV-sharing layers' wide MLP."""
+        changes = {}
+        if not self.is_sliding(i):
+            changes = {k: v for k, v in (("head_dim", self.global_head_dim), ("num_kv_heads", self.global_kv_heads))
+                       if v is not None}
+        if self.double_wide_mlp and self.kv_source(i) is not None:
+            changes["mlp_dim"] = 2 * self.mlp_dim
+        return dataclasses.replace(self, **changes) if changes else self
+
+    def kv_source(self, i: int) -> int | None:
+        """The layer whose keys and values layer i attends with, when it shares them (None: its own)."""
+        first = self.num_layers - self.kv_shared_layers
+        if i < first:
+            return None
+        same_kind = [j for j in range(first) if self.is_sliding(j) == self.is_sliding(i)]
+        return same_kind[-1] if same_kind else None
+
+    def values_are_keys(self, i: int) -> bool:
+        return self.k_eq_v and not self.is_sliding(i)
 
     def is_moe(self, layer: int) -> bool:
         return self.num_experts > 0 and layer not in self.dense_layers
@@ -191,28 +250,51 @@ class DecoderConfig:
         """Whether every layer has the same window and RoPE (`kind`)."""
         return len({self.kind(i) for i in range(self.num_layers)}) == 1
 
+    def projections(self, i: int) -> dict[str, tuple[int, int]]:
+        """Layer i's projections as (inputs, outputs): a KV-sharing layer has no k and v, a k_eq_v one no v."""
+        c = self.layer(i)
+        d, h, f = c.hidden_size, c.head_size, c.mlp_dim
+        q, kv = c.num_heads * h, c.num_kv_heads * h
+        out = {"q": (d, q), "k": (d, kv), "v": (d, kv), "o": (q, d), "gate": (d, f), "up": (d, f), "down": (f, d)}
+        if self.kv_source(i) is not None:
+            del out["k"], out["v"]
+        elif self.values_are_keys(i):
+            del out["v"]
+        return out
+
     def num_adapter_params(self) -> int:
         """LoRA's A and B over all layers (0 without LoRA)."""
         if self.lora is None:
             return 0
-        d, h, f = self.hidden_size, self.head_size, self.mlp_dim
-        q, kv = self.num_heads * h, self.num_kv_heads * h
-        sizes = {"q": (d, q), "k": (d, kv), "v": (d, kv), "o": (q, d), "gate": (d, f), "up": (d, f), "down": (f, d)}
-        return self.num_layers * self.lora.rank * sum(sum(sizes[t]) for t in self.lora.targets)
+        return self.lora.rank * sum(sum(shape) for i in range(self.num_layers)
+                                    for t, shape in self.projections(i).items() if t in self.lora.targets)
 
     def num_params(self) -> int:
         """The model's own parameters (the base, without LoRA adapters)."""
-        d, h, k, f, v = self.hidden_size, self.head_size, self.num_kv_heads, self.mlp_dim, self.vocab_size
-        attn = d * h * (2 * self.num_heads + 2 * k) + (h * (self.num_heads + 2 * k) if self.qkv_bias else 0)
-        qk_norms = (self.num_heads + k) * h if self.qk_norm_across_heads else 2 * h
-        attn += (d if self.o_bias else 0) + (qk_norms if self.qk_norm else 0) + (
-            self.num_heads if self.attention_sinks else 0)
-        norms = (4 if self.sandwich_norms else 2) * d
-        dense = 3 * d * f + ((2 * f + d) if self.mlp_bias else 0)
-        total = v * d * (1 if self.tie_embeddings else 2) + d
-        for i in range(self.num_layers):
-            total += attn + norms + (self._moe_params(self.num_experts) if self.is_moe(i) else dense)
-        return total
+        d = self.hidden_size
+        total = self.vocab_size * d * (1 if self.tie_embeddings else 2) + d
+        if self.per_layer_input_dim:  # the second table, the projection into it and its norm
+            p = self.per_layer_input_dim
+            total += (self.per_layer_vocab_size + d) * p * self.num_layers + p
+        return total + sum(self._layer_params(i) for i in range(self.num_layers))
+
+    def _layer_params(self, i: int) -> int:
+        c, sizes = self.layer(i), self.projections(i)
+        d, h, n = c.hidden_size, c.head_size, c.num_heads
+        total = sum(a * b for t, (a, b) in sizes.items() if t in ("q", "k", "v", "o"))
+        if self.qkv_bias:
+            total += sum(sizes[t][1] for t in ("q", "k", "v") if t in sizes)
+        if self.qk_norm:
+            k_heads = c.num_kv_heads if "k" in sizes else 0
+            total += (n + k_heads) * h if self.qk_norm_across_heads else h * (1 + bool(k_heads))
+        total += (d if self.o_bias else 0) + (n if self.attention_sinks else 0)
+        total += (4 if self.sandwich_norms else 2) * d + (1 if self.layer_scale else 0)
+        if self.per_layer_input_dim:  # gate, projection and norm of the layer's input
+            total += 2 * d * self.per_layer_input_dim + d
+        if self.is_moe(i):
+            return total + self._moe_params(self.num_experts)
+        f = c.mlp_dim
+        return total + 3 * d * f + ((2 * f + d) if self.mlp_bias else 0)
 
     def _moe_params(self, experts: int) -> int:
         d, shared, f = self.hidden_size, self.shared_expert_dim or 0, self.moe_mlp_dim

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from sft_sharded.models.config import DecoderConfig
 from sft_sharded.models.attention_rules import layout_order
 from sft_sharded.models.context import zigzag_to_natural
-from sft_sharded.models.layers import MLP, Attention, RMSNorm, weight
+from sft_sharded.models.layers import MLP, Attention, PerLayerInput, RMSNorm, param, weight
 from sft_sharded.models.moe import MoE
 from sft_sharded.sharding import constrain, sequence_shards
 
@@ -19,14 +19,18 @@ RESIDUAL = ("batch", "length", "act_embed")
 
 
 class DecoderLayer(nn.Module):
-    config: DecoderConfig
+    config: DecoderConfig  # this layer's (`DecoderConfig.layer`)
     moe: bool = False  # a mixture of experts in place of the dense MLP
+    values_are_keys: bool = False  # Gemma 4's k_eq_v full layers
 
     @nn.compact
-    def __call__(self, x_BxTxD, positions_BxT, segment_ids_BxT, decode=None, cache=None, kind=None):
-        """Returns (x, this layer's updated KV cache or None); the pair is also nn.scan's (carry, ys).
-        `kind` is the layer's (sliding, rotary) (`DecoderConfig.kind`): Python bools, or traced in a scanned
-        stack of mixed layers; None when all layers are alike."""
+    def __call__(self, x_BxTxD, positions_BxT, segment_ids_BxT, decode=None, cache=None, kind=None, shared_kv=None,
+                 per_layer_BxTxP=None):
+        """Returns (x, this layer's keys and values: its updated KV cache, or what a later layer shares, or
+        None); the pair is also nn.scan's (carry, ys). `kind` is the layer's (sliding, rotary)
+        (`DecoderConfig.kind`): Python bools, or traced in a scanned stack of mixed layers; None when all
+        layers are alike. `shared_kv` and `per_layer_BxTxP` are Gemma 4's (the keys and values of the layer
+        this one shares them with; this layer's per-layer input)."""
         cfg = self.config
         sliding, rotary = cfg.kind(0) if kind is None else kind
         pre_norms = not cfg.post_norms  # OLMo normalises each block's output only
@@ -34,9 +38,9 @@ class DecoderLayer(nn.Module):
         def norm(name, x):
             return RMSNorm(cfg, name=name)(x)
 
-        attn_BxTxD, new_cache = Attention(cfg, name="attn")(
+        attn_BxTxD, kv = Attention(cfg, self.values_are_keys, name="attn")(
             norm("attn_norm", x_BxTxD) if pre_norms else x_BxTxD, positions_BxT, segment_ids_BxT, sliding, rotary,
-            decode, cache)
+            decode, cache, shared_kv)
         if cfg.sandwich_norms or cfg.post_norms:
             attn_BxTxD = norm("post_attn_norm", attn_BxTxD)
         x_BxTxD = x_BxTxD + attn_BxTxD
@@ -48,7 +52,13 @@ class DecoderLayer(nn.Module):
             mlp_BxTxD = MLP(cfg, name="mlp")(h_BxTxD)
         if cfg.sandwich_norms or cfg.post_norms:
             mlp_BxTxD = norm("post_mlp_norm", mlp_BxTxD)
-        return constrain(x_BxTxD + mlp_BxTxD, RESIDUAL), new_cache
+        x_BxTxD = x_BxTxD + mlp_BxTxD
+        if cfg.per_layer_input_dim:
+            x_BxTxD = x_BxTxD + PerLayerInput(cfg, name="per_layer_input")(x_BxTxD, per_layer_BxTxP)
+        if cfg.layer_scale:  # a buffer in transformers: no gradient (and, named a scale, no weight decay)
+            scale = param(self, "layer_scale", (1,), ("norm",), nn.initializers.ones)
+            x_BxTxD = x_BxTxD * jax.lax.stop_gradient(scale).astype(x_BxTxD.dtype)
+        return constrain(x_BxTxD, RESIDUAL), kv
 
 
 _REMAT_POLICIES = {
@@ -99,7 +109,21 @@ class Decoder(nn.Module):
         rows_BxTxD = constrain(rows_BxTxD, ("replica_batch", "length", "lookup_embed"))
         return constrain(rows_BxTxD, RESIDUAL), embedding_VxD
 
-    def _layers(self, x_BxTxD, positions, segment_ids, decode, cache):
+    def _per_layer_inputs(self, input_ids_BxT, x_BxTxD):
+        """Gemma 4's per-layer inputs [B, T, layers, P]: each token's rows of the second table (scaled by
+        sqrt(P)) averaged with a normalised projection of its embedding, as transformers mixes them."""
+        cfg = self.config
+        layers, p, d = cfg.num_layers, cfg.per_layer_input_dim, cfg.hidden_size
+        init = nn.initializers.normal(cfg.init_std)
+        table = weight(self, "per_layer_embedding", (cfg.per_layer_vocab_size, layers * p), ("vocab", None), init)
+        rows_BxTxLP = jnp.take(table, input_ids_BxT, axis=0) * jnp.asarray(p ** 0.5, cfg.dtype)
+        projection_DxLP = weight(self, "per_layer_projection", (d, layers * p), ("embed", None), init)
+        mixed_BxTxLP = jnp.einsum("btd,dp->btp", x_BxTxD, projection_DxLP) * d ** -0.5
+        shape = (*input_ids_BxT.shape, layers, p)
+        mixed_BxTxLxP = RMSNorm(cfg, name="per_layer_norm")(mixed_BxTxLP.reshape(shape))
+        return (mixed_BxTxLxP + rows_BxTxLP.reshape(shape)) * 2 ** -0.5
+
+    def _layers(self, x_BxTxD, positions, segment_ids, decode, cache, per_layer_BxTxLxP):
         cfg = self.config
         layer_cls = DecoderLayer
         if cfg.remat != "none":
@@ -107,13 +131,16 @@ class Decoder(nn.Module):
             layer_cls = nn.remat(DecoderLayer, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers,
                                  static_argnums=() if cfg.scan_layers else (6,))
         if not cfg.scan_layers:
-            new_layers = []
+            kv_L = []  # each layer's keys and values (a KV-sharing layer's are its source's, and not its cache)
             for i in range(cfg.num_layers):
-                layer_cache = None if cache is None else cache["layers"][i]
-                x_BxTxD, new_layer = layer_cls(cfg, moe=cfg.is_moe(i), name=f"layer_{i}")(
-                    x_BxTxD, positions, segment_ids, decode, layer_cache, cfg.kind(i))
-                new_layers.append(new_layer)
-            return x_BxTxD, new_layers
+                source = cfg.kv_source(i)
+                x_BxTxD, kv = layer_cls(cfg.layer(i), moe=cfg.is_moe(i), values_are_keys=cfg.values_are_keys(i),
+                                        name=f"layer_{i}")(
+                    x_BxTxD, positions, segment_ids, decode, None if cache is None else cache["layers"][i],
+                    cfg.kind(i), None if source is None else kv_L[source],
+                    None if per_layer_BxTxLxP is None else per_layer_BxTxLxP[:, :, i])
+                kv_L.append(kv)
+            return x_BxTxD, [None if cfg.kv_source(i) is not None else kv for i, kv in enumerate(kv_L)]
         stack = nn.scan(
             layer_cls,
             variable_axes={"params": 0, "moe": 0},  # "moe": router statistics sown per layer
@@ -142,13 +169,14 @@ class Decoder(nn.Module):
             input_ids_BxT, positions, segment_ids = (None if a is None else a[:, order]
                                                      for a in (input_ids_BxT, positions, segment_ids))
         x_BxTxD, embedding_VxD = self._embed(input_ids_BxT)
+        per_layer_BxTxLxP = self._per_layer_inputs(input_ids_BxT, x_BxTxD) if cfg.per_layer_input_dim else None
         decode = None
         if cache is not None:
             if segment_ids is None:
                 segment_ids = jnp.ones((batch, length), jnp.int32)
             kv_segments = jax.lax.dynamic_update_slice(cache["segment_ids"], segment_ids, (0, cache["index"]))
             decode = (kv_segments, cache["index"])
-        x_BxTxD, new_layers = self._layers(x_BxTxD, positions, segment_ids, decode, cache)
+        x_BxTxD, new_layers = self._layers(x_BxTxD, positions, segment_ids, decode, cache, per_layer_BxTxLxP)
         x_BxTxD = RMSNorm(cfg, name="final_norm")(x_BxTxD)
         if order is not None:
             x_BxTxD = zigzag_to_natural(x_BxTxD, RESIDUAL)
@@ -174,11 +202,14 @@ def logits(x_BxTxD: jax.Array, head_DxV: jax.Array, cap: float | None = None) ->
 
 
 def init_cache(cfg: DecoderConfig, batch: int, max_length: int) -> dict:
-    """An empty KV cache for `max_length` positions: zeros, segment 0 (nothing visible), index 0."""
-    shape = (batch, max_length, cfg.num_kv_heads, cfg.head_size)
+    """An empty KV cache for `max_length` positions: zeros, segment 0 (nothing visible), index 0. Each layer's
+    is (keys, values); a layer that shares another's (Gemma 4) has none."""
+    def zeros(c: DecoderConfig, *layers: int):
+        shape = (*layers, batch, max_length, c.num_kv_heads, c.head_size)
+        return jnp.zeros(shape, cfg.dtype), jnp.zeros(shape, cfg.dtype)
+
     if cfg.scan_layers:
-        shape = (cfg.num_layers, *shape)
-        layers = {"k": jnp.zeros(shape, cfg.dtype), "v": jnp.zeros(shape, cfg.dtype)}
+        layers = zeros(cfg, cfg.num_layers)
     else:
-        layers = [{"k": jnp.zeros(shape, cfg.dtype), "v": jnp.zeros(shape, cfg.dtype)} for _ in range(cfg.num_layers)]
+        layers = [None if cfg.kv_source(i) is not None else zeros(cfg.layer(i)) for i in range(cfg.num_layers)]
     return {"layers": layers, "segment_ids": jnp.zeros((batch, max_length), jnp.int32), "index": jnp.int32(0)}

@@ -109,6 +109,22 @@ class MLP(nn.Module):
         return out_BxTxD + _bias(self, "w_down_bias", (d,), ("embed",)) if cfg.mlp_bias else out_BxTxD
 
 
+class PerLayerInput(nn.Module):
+    """Gemma 4: what a layer's per-layer input adds to its output, norm(out(act(gate(x)) * input))."""
+
+    config: DecoderConfig
+
+    @nn.compact
+    def __call__(self, x_BxTxD, input_BxTxP):
+        cfg = self.config
+        d, p = cfg.hidden_size, cfg.per_layer_input_dim
+        init = nn.initializers.normal(cfg.init_std)
+        gate_BxTxP = jnp.einsum("btd,dp->btp", x_BxTxD, weight(self, "w_gate", (d, p), ("embed", None), init))
+        out_BxTxD = jnp.einsum("btp,pd->btd", ACTIVATIONS[cfg.activation](gate_BxTxP) * input_BxTxP,
+                               weight(self, "w_out", (p, d), (None, "embed"), init))
+        return RMSNorm(cfg, name="norm")(out_BxTxD)
+
+
 def _by_kind(sliding, on_sliding, on_full):
     """on_sliding() or on_full(): chosen in Python when `sliding` is a bool, else by `lax.cond`."""
     if isinstance(sliding, bool):
@@ -141,63 +157,80 @@ def _rotate(cfg: DecoderConfig, x_BxTxNxH, positions_BxT, frequencies_):
     return jnp.concatenate([rotated, x_BxTxNxH[..., dim:]], axis=-1)
 
 
+def _unit_rms(x: jax.Array, eps: float) -> jax.Array:
+    """RMS normalisation without a weight (Gemma 4's values), in float32, cast back."""
+    x32 = x.astype(jnp.float32)
+    return (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)).astype(x.dtype)
+
+
 class Attention(nn.Module):
     config: DecoderConfig
+    values_are_keys: bool = False  # Gemma 4's k_eq_v full layers: no v projection
 
     @nn.compact
-    def __call__(self, x_BxTxD, positions_BxT, segment_ids_BxT, sliding, rotary=True, decode=None, cache=None):
+    def __call__(self, x_BxTxD, positions_BxT, segment_ids_BxT, sliding, rotary=True, decode=None, cache=None,
+                 shared_kv=None):
         """`decode` (kv_segment_ids, q_offset) and `cache` (k, v of this layer) are given when decoding
-        with a KV cache; the layer then returns its updated cache next to the output."""
+        with a KV cache. `shared_kv` (k, v) are another layer's keys and values, which a Gemma 4 KV-sharing
+        layer attends with instead of its own. Returns (output, keys and values): the updated cache when
+        decoding, this layer's k and v when a later layer shares them (kv_shared_layers), else None."""
         cfg = self.config
         d, h = cfg.hidden_size, cfg.head_size
 
         def project(name, heads, head_axis):
             y = _project(self, x_BxTxD, "btd,dnh->btnh", name, name[1], (d, heads, h), ("embed", head_axis, "head_dim"), 1)
-            if cfg.qkv_bias:
-                y = y + _bias(self, name + "_bias", (heads, h), (head_axis, "head_dim"))
-            if cfg.qk_norm and name != "wv" and cfg.qk_norm_across_heads:
-                b, t = y.shape[:2]
-                y = RMSNorm(cfg, name=f"{name[1]}_norm")(y.reshape(b, t, heads * h)).reshape(y.shape)
-            elif cfg.qk_norm and name != "wv":
-                y = RMSNorm(cfg, name=f"{name[1]}_norm")(y)
-            return y
+            return y + _bias(self, name + "_bias", (heads, h), (head_axis, "head_dim")) if cfg.qkv_bias else y
 
-        q_BxTxNxH = project("wq", cfg.num_heads, "heads")
-        k_BxTxKxH = project("wk", cfg.num_kv_heads, "kv_heads")
-        v_BxTxKxH = project("wv", cfg.num_kv_heads, "kv_heads")
+        def qk_norm(name, y):
+            if not cfg.qk_norm:
+                return y
+            if cfg.qk_norm_across_heads:
+                b, t, heads, _ = y.shape
+                return RMSNorm(cfg, name=name)(y.reshape(b, t, heads * h)).reshape(y.shape)
+            return RMSNorm(cfg, name=name)(y)
+
         frequencies_ = _rope_frequencies(cfg, sliding, rotary)
-        q_BxTxNxH = constrain(_rotate(cfg, q_BxTxNxH, positions_BxT, frequencies_),
-                              ("batch", "length", "act_heads", "head_dim"))
-        k_BxTxKxH = _rotate(cfg, k_BxTxKxH, positions_BxT, frequencies_)
+        q_BxTxNxH = constrain(_rotate(cfg, qk_norm("q_norm", project("wq", cfg.num_heads, "heads")), positions_BxT,
+                                      frequencies_), ("batch", "length", "act_heads", "head_dim"))
         if cfg.query_position_scale is not None:
             beta, span = cfg.query_position_scale
             scale_BxT = 1 + beta * jnp.log1p(jnp.floor(positions_BxT.astype(jnp.float32) / span))
             q_BxTxNxH = q_BxTxNxH * scale_BxT[:, :, None, None].astype(q_BxTxNxH.dtype)
-        scale = None if cfg.query_pre_attn_scalar is None else cfg.query_pre_attn_scalar ** -0.5
-        sinks_N = None
-        if cfg.attention_sinks:  # gpt-oss
-            sinks_N = param(self, "sinks", (cfg.num_heads,), ("heads",), nn.initializers.zeros).astype(jnp.float32)
-        new_cache = None
-        if cache is None:
-            def attend(window):
-                return lambda: attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, cfg.attention, window,
-                                         scale, cfg.attn_softcap, (cfg.context_attention, cfg.context_layout),
-                                         sinks_N)
-
-            out_BxTxNxH = _by_kind(sliding, attend(cfg.sliding_window), attend(None))
-        else:
-            kv_segment_ids_BxS, offset = decode
-            k_BxSxKxH = jax.lax.dynamic_update_slice(cache["k"], k_BxTxKxH.astype(cache["k"].dtype), (0, offset, 0, 0))
-            v_BxSxKxH = jax.lax.dynamic_update_slice(cache["v"], v_BxTxKxH.astype(cache["v"].dtype), (0, offset, 0, 0))
-            new_cache = {"k": k_BxSxKxH, "v": v_BxSxKxH}
-            # The reference takes a traced window: a full layer's is the cache's whole length.
-            window = None if cfg.sliding_window is None else jnp.where(sliding, cfg.sliding_window, k_BxSxKxH.shape[1])
-            out_BxTxNxH = dot_product_attention(
-                q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, segment_ids_BxT, kv_segment_ids_BxS, q_offset=offset,
-                window=window, scale=scale, softcap=cfg.attn_softcap, sinks_N=sinks_N,
-            )
+        if shared_kv is None:
+            k_BxTxKxH = project("wk", cfg.num_kv_heads, "kv_heads")
+            v_BxTxKxH = k_BxTxKxH if self.values_are_keys else project("wv", cfg.num_kv_heads, "kv_heads")
+            k_BxTxKxH = _rotate(cfg, qk_norm("k_norm", k_BxTxKxH), positions_BxT, frequencies_)
+            if cfg.v_norm:
+                v_BxTxKxH = _unit_rms(v_BxTxKxH, cfg.rms_norm_eps)
+        out_BxTxNxH, kv = self._attend(q_BxTxNxH, *(shared_kv or (k_BxTxKxH, v_BxTxKxH)), segment_ids_BxT, sliding,
+                                       decode, None if shared_kv else cache)
         out_BxTxD = _project(self, out_BxTxNxH, "btnh,nhd->btd", "wo", "o", (cfg.num_heads, h, d),
                              ("heads", "head_dim", "embed"), 2)
         if cfg.o_bias:
             out_BxTxD = out_BxTxD + _bias(self, "wo_bias", (d,), ("embed",))
-        return out_BxTxD, new_cache
+        return out_BxTxD, kv
+
+    def _attend(self, q_BxTxNxH, k, v, segment_ids_BxT, sliding, decode, cache):
+        """Attention of the queries over k and v (written into `cache` first when there is one, and read from
+        it; a KV-sharing layer's k and v are already another layer's cache). Returns (output, k and v seen)."""
+        cfg = self.config
+        scale = None if cfg.query_pre_attn_scalar is None else cfg.query_pre_attn_scalar ** -0.5
+        sinks_N = None
+        if cfg.attention_sinks:  # gpt-oss
+            sinks_N = param(self, "sinks", (cfg.num_heads,), ("heads",), nn.initializers.zeros).astype(jnp.float32)
+        if decode is None:
+            def attend(window):
+                return lambda: attention(q_BxTxNxH, k, v, segment_ids_BxT, cfg.attention, window, scale,
+                                         cfg.attn_softcap, (cfg.context_attention, cfg.context_layout), sinks_N)
+
+            kv = (k, v) if cfg.kv_shared_layers else None
+            return _by_kind(sliding, attend(cfg.sliding_window), attend(None)), kv
+        kv_segment_ids_BxS, offset = decode
+        if cache is not None:
+            k = jax.lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype), (0, offset, 0, 0))
+            v = jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), (0, offset, 0, 0))
+        # The reference takes a traced window: a full layer's is the cache's whole length.
+        window = None if cfg.sliding_window is None else jnp.where(sliding, cfg.sliding_window, k.shape[1])
+        out_BxTxNxH = dot_product_attention(q_BxTxNxH, k, v, segment_ids_BxT, kv_segment_ids_BxS, q_offset=offset,
+                                            window=window, scale=scale, softcap=cfg.attn_softcap, sinks_N=sinks_N)
+        return out_BxTxNxH, (k, v)

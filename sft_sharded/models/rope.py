@@ -1,7 +1,8 @@
 """Rotary position embeddings (the Hugging Face "rotate half" layout, so imported checkpoints need no
 permutation) and the frequency scalings transformers implements for long context, computed as its
 `modeling_rope_utils` does: "llama3" (Llama 3.x), "linear" (position interpolation; Gemma 3's global
-layers) and "yarn" (Qwen3's long-context configs). "dynamic" NTK scaling is not here on purpose: its
+layers), "yarn" (Qwen3's long-context configs) and "proportional" (Gemma 4's full layers: the first
+`partial_rotary_factor` of the frequencies, the rest 0, so those dimensions pass unrotated). "dynamic" NTK scaling is not here on purpose: its
 frequencies change with the length of the batch, so a model trained with it would not be the model
 transformers runs; `hf_config` refuses it by name."""
 
@@ -19,6 +20,7 @@ SCALING_TYPES = {
     "linear": ({"factor"}, set()),
     "yarn": ({"factor", "original_max_position_embeddings"},
              {"attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "truncate"}),
+    "proportional": (set(), {"factor", "partial_rotary_factor"}),
 }
 
 
@@ -80,6 +82,10 @@ def frequencies(head_dim: int, theta, scaling: tuple | None) -> tuple[jax.Array,
         return _llama3(inv_freq, s), 1.0
     if kind == "linear":
         return inv_freq / s["factor"], 1.0
+    if kind == "proportional":
+        rotated = int(s.get("partial_rotary_factor", 1.0) * head_dim // 2)
+        inv_freq = jnp.where(jnp.arange(head_dim // 2) < rotated, inv_freq, 0.0)
+        return inv_freq / s.get("factor", 1.0), 1.0
     return _yarn(inv_freq, s, theta, head_dim)
 
 
