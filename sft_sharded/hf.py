@@ -29,7 +29,7 @@ from safetensors import SafetensorError, safe_open
 
 from sft_sharded import paths
 from sft_sharded.errors import MissingFileError, UserError
-from sft_sharded.hf_tensors import entries, join
+from sft_sharded.hf_tensors import entries, join, unused
 from sft_sharded.mxfp4 import Mxfp4
 from sft_sharded.families import MULTIMODAL
 from sft_sharded.hf_config import (TOKEN_ID_FIELDS, config_from_hf, config_to_hf, hf_model_type, read_hf_config,
@@ -173,8 +173,9 @@ def _check_coverage(source: Source, cfg: DecoderConfig) -> None:
     """Every tensor the model needs is in the checkpoint, and every tensor in the checkpoint is used (a
     multimodal checkpoint's towers pass through).
 
-    Two kinds of extra tensor are known to carry nothing: RoPE's `inv_freq` buffers (older exports; they
-    are recomputed from rope_theta) and an `lm_head.weight` that equals the embedding of a tied model."""
+    Three kinds of extra tensor are known to carry nothing: RoPE's `inv_freq` buffers (older exports; they
+    are recomputed from rope_theta), an `lm_head.weight` that equals the embedding of a tied model, and the
+    k/v tensors of Gemma 4's KV-sharing layers, which transformers' model drops on load too."""
     directory, tensors = source.directory, source.tensors
     wanted = {name for _, name, _, _, _ in source.entries(cfg)} | set(source.towers)
     stored = set(tensors.entries) | tensors.packed
@@ -183,7 +184,10 @@ def _check_coverage(source: Source, cfg: DecoderConfig) -> None:
     if missing:
         raise UserError(f"model.path={str(directory)!r}: the checkpoint lacks {len(missing)} tensor(s) this "
                         f"config needs: {_listing(missing)} (config.json and the safetensors disagree)")
-    extra = sorted(n for n in stored - wanted if not n.endswith("rotary_emb.inv_freq"))
+    prefix = "model." if source.naming is None else source.naming[0]
+    dropped = {name for name in stored if name.endswith("rotary_emb.inv_freq")} | {
+        prefix + name.removeprefix("model.") for name in unused(cfg)}
+    extra = sorted(stored - wanted - dropped)
     if cfg.tie_embeddings and "lm_head.weight" in extra:
         if np.array_equal(tensors.get("lm_head.weight"), tensors.get("model.embed_tokens.weight")):
             extra.remove("lm_head.weight")
@@ -279,7 +283,7 @@ def _shards(params: Any, cfg: DecoderConfig, model_type: str, np_dtype: np.dtype
         if sizes[-1] and sizes[-1] + array.nbytes > max_shard_bytes:
             shards.append({})
             sizes.append(0)
-        shards[-1][name] = np.ascontiguousarray(array)
+        shards[-1][name] = np.require(array, requirements="C")  # ascontiguousarray would make a scalar [1]
         sizes[-1] += array.nbytes
 
     items = list(entries(cfg, model_type, source.naming if source else None))

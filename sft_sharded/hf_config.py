@@ -124,6 +124,8 @@ def _rope(f: HfFields, family: Family) -> dict[str, Any]:
 def _partial_rotary(f: HfFields, family: Family, full: dict) -> dict[str, Any]:
     """rotary_dim from partial_rotary_factor (in rope_parameters, or at the top as older configs have it),
     as transformers rounds it: int(head_dim * factor)."""
+    if full.get("rope_type") == "proportional":
+        return {}  # Gemma 4: the factor is the proportional scaling's own (models/rope.py)
     where = "rope_parameters.partial_rotary_factor" if "partial_rotary_factor" in full else "partial_rotary_factor"
     factor = full.get("partial_rotary_factor", f.get("partial_rotary_factor", 1.0))
     if factor == 1.0:
@@ -214,9 +216,9 @@ def config_to_hf(cfg: DecoderConfig, model_type: str, dtype: str, token_ids: dic
         "num_key_value_heads": cfg.num_kv_heads, "intermediate_size": cfg.mlp_dim, "head_dim": cfg.head_size,
         "rope_theta": cfg.rope_theta, "rms_norm_eps": cfg.rms_norm_eps, "tie_word_embeddings": cfg.tie_embeddings,
         "attention_dropout": 0.0, "max_position_embeddings": cfg.max_position_embeddings,
-        # Every id written, None where unknown: transformers' family defaults (SmolLM3's pad 128004) would
-        # otherwise name tokens this vocabulary may not have.
-        "torch_dtype": dtype, **{k: (token_ids or {}).get(k) for k in TOKEN_ID_FIELDS},
+        # Every id written (the source's where not given), None where unknown: transformers' family defaults
+        # (SmolLM3's pad 128004) would otherwise name tokens this vocabulary may not have.
+        "torch_dtype": dtype, **{k: (token_ids or {}).get(k, text_source.get(k)) for k in TOKEN_ID_FIELDS},
         **FAMILIES[model_type].to_hf(cfg),
     }
     # transformers adds the load-balancing loss only with output_router_logits, so a model imported without

@@ -117,20 +117,49 @@ def _fuse(m: dict, cfg: DecoderConfig, fused: dict[str, tuple[str, ...]], layer:
     return out
 
 
+# A layer's own keys' and values' tensors: a layer that shares another's keys and values has none of them.
+_KEYS = ("wk", "wk_bias", "k_norm")
+_VALUES = ("wv", "wv_bias")
+
+
+def _has(cfg: DecoderConfig, i: int, path: tuple[str, ...]) -> bool:
+    """Whether layer i has the layer parameter `path` ("layer_{i}", ...)."""
+    if path[1] in ("mlp", "moe") and (path[1] == "moe") != cfg.is_moe(i):
+        return False  # a dense layer has no experts, a sparse one no dense MLP
+    if path[1] == "attn" and path[2] in _KEYS + _VALUES and cfg.kv_source(i) is not None:
+        return False
+    return not (path[1] == "attn" and path[2] in _VALUES and cfg.values_are_keys(i))
+
+
+def unused(cfg: DecoderConfig) -> list[str]:
+    """Tensors a checkpoint may hold that transformers' model drops on load (its text-only names): Gemma 4
+    checkpoints keep the k/v projections and norms of the layers that share another layer's keys and values."""
+    return [f"model.layers.{i}.self_attn.{name}.{kind}" for i in range(cfg.num_layers) if cfg.kv_source(i) is not None
+            for name in ("k_proj", "v_proj", "k_norm", "v_norm") for kind in ("weight", "bias")]
+
+
 def entries(cfg: DecoderConfig, model_type: str, naming: tuple[str, str] | None = None):
     """(our path, HF name, index, hf->ours, ours->hf) for every tensor (see the module docstring). `naming`
     (prefix, head) places the language model inside a multimodal checkpoint: the prefix replaces "model."
     and the head is the output head's name."""
-    for path, (name, to_ours, to_hf) in mapping(cfg, model_type).items():
-        to_ours, to_hf = to_ours or (lambda w: w), to_hf or (lambda w: w)
-        if naming is not None:
-            name = naming[1] if name == "lm_head.weight" else naming[0] + name.removeprefix("model.")
+    shared = mapping(cfg, model_type)
+    per_layer = {}  # a layer whose shapes are its own (Gemma 4's full layers) has its own mapping
+
+    def named(name):
+        if naming is None:
+            return name
+        return naming[1] if name == "lm_head.weight" else naming[0] + name.removeprefix("model.")
+
+    for path, entry in shared.items():
         if path[0] != "layer_{i}":
-            yield path, name, (), to_ours, to_hf
+            yield path, named(entry[0]), (), entry[1] or (lambda w: w), entry[2] or (lambda w: w)
             continue
         for i in range(cfg.num_layers):
-            if path[1] in ("mlp", "moe") and (path[1] == "moe") != cfg.is_moe(i):
-                continue  # a dense layer has no experts, a sparse one no dense MLP
+            if not _has(cfg, i, path):
+                continue
+            layer_cfg = cfg.layer(i)
+            own = entry if layer_cfg is cfg else per_layer.setdefault(layer_cfg, mapping(layer_cfg, model_type))[path]
+            name, to_ours, to_hf = named(own[0]), own[1] or (lambda w: w), own[2] or (lambda w: w)
             ours = ("layers", *path[1:]) if cfg.scan_layers else (f"layer_{i}", *path[1:])
             layer = (i,) if cfg.scan_layers else ()
             if "{e}" not in name:

@@ -26,11 +26,14 @@ _PREFIX = "base_model.model.model.layers.{i}."
 
 
 def _entries(cfg: DecoderConfig):
-    """(our path, PEFT name, layer, which: "a" or "b", target) for every adapter tensor."""
+    """(our path, PEFT name, layer, which: "a" or "b", target) for every adapter tensor (a Gemma 4 layer
+    that shares another's keys and values has no k and v to adapt)."""
     for target in cfg.lora.targets:
         for which, peft in (("a", "lora_A"), ("b", "lora_B")):
             parent, _, module = PROJECTIONS[target]
             for i in range(cfg.num_layers):
+                if target not in cfg.projections(i):
+                    continue
                 layer = "layers" if cfg.scan_layers else f"layer_{i}"
                 name = _PREFIX.format(i=i) + f"{module}.{peft}.weight"
                 yield (layer, parent, f"{target}_lora_{which}"), name, i, which, target
@@ -106,6 +109,8 @@ def merge(base: Any, adapters: Any, cfg: DecoderConfig) -> Any:
     scale = cfg.lora.scale
     for target in cfg.lora.targets:
         for i in range(1 if cfg.scan_layers else cfg.num_layers):
+            if target not in cfg.projections(i):
+                continue
             module, weight, _ = PROJECTIONS[target]
             parent = ("layers" if cfg.scan_layers else f"layer_{i}", module)
             a = get_path(adapters, (*parent, f"{target}_lora_a")).astype(jnp.float32)

@@ -1,5 +1,5 @@
 """The 2026 families (Qwen3, Gemma 2, Gemma 3, Qwen2 with sliding layers, OLMo 3, SmolLM3, Phi-3,
-Ministral 3, gpt-oss) against
+Ministral 3, gpt-oss, Gemma 4) against
 transformers: packed rows, a scanned stack of mixed layers (windows, RoPE or none), KV-cache decoding
 against `generate`, and sharded steps against one device. Logits before and after export are in test_hf.py (`FAMILIES`)."""
 
@@ -17,15 +17,17 @@ from test_hf import assert_packed_rows_match, hf_logits, import_model, make_hf  
 from sft_sharded.generate import greedy_generate  # noqa: E402
 from sft_sharded.models.decoder import init_cache  # noqa: E402
 
-NEW_FAMILIES = ["qwen2-sliding-layers", "qwen3", "gemma2", "gemma3", "olmo3", "smollm3", "phi3", "ministral3", "gpt-oss"]
+NEW_FAMILIES = ["qwen2-sliding-layers", "qwen3", "gemma2", "gemma3", "olmo3", "smollm3", "phi3", "ministral3", "gpt-oss",
+                "gemma4"]
 
 
 @pytest.mark.parametrize("kind", NEW_FAMILIES)
 def test_packed_rows_and_cached_decoding_match_transformers(kind, tmp_path):
-    """Scanned layers (mixed windows go through one scan body), segments longer than the 8-key window, and
-    16 greedy tokens after a 5-token prompt (the window slides during decoding)."""
+    """Scanned layers (mixed windows go through one scan body; Gemma 4's layers differ in shape, so they
+    stay unrolled), segments longer than the 8-key window, and 16 greedy tokens after a 5-token prompt (the
+    window slides during decoding; Gemma 4's last layers attend with their source layers' caches)."""
     model = make_hf(kind, tmp_path / "hf")
-    trainer, _, params = import_model(tmp_path / "hf", (1, 1, 1), scan_layers=True)
+    trainer, _, params = import_model(tmp_path / "hf", (1, 1, 1), scan_layers=kind != "gemma4")
     rng = np.random.default_rng(1)
     assert_packed_rows_match(model, trainer, params, rng)
 
@@ -71,4 +73,7 @@ def test_sharded_loss_and_grads_equal_one_device(kind, tmp_path):
     (loss_one, grads_one), *sharded = results
     for loss, grads in sharded:
         np.testing.assert_allclose(loss, loss_one, rtol=1e-5)
-        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, **GRAD_TOL), grads, grads_one)
+        # float32 sums in another order: differences scale with each gradient's size (Gemma 4's reach 0.75 and
+        # differ by up to 1.4e-5 of a tensor's largest; in float64 matmuls the differences shrink tenfold)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(
+            a, b, rtol=GRAD_TOL["rtol"], atol=max(GRAD_TOL["atol"], 3e-5 * np.abs(b).max())), grads, grads_one)

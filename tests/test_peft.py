@@ -91,7 +91,7 @@ def test_resume_refuses_another_base_and_the_checkpoint_holds_no_base(tmp_path, 
     assert "trained LoRA adapters on the base" in err and "use the same model.path" in err
 
 
-@pytest.mark.parametrize("kind", ["olmo3", "smollm3", "phi3"])
+@pytest.mark.parametrize("kind", ["olmo3", "smollm3", "phi3", "gemma4"])
 def test_lora_on_attention_of_the_late_2026_families(tmp_path, kind, capsys):
     """LoRA on q, k, v and o: the PEFT adapter gives our logits in transformers (OLMo's q/k norm over all
     heads comes after the adapted projection; SmolLM3 has layers without RoPE); Phi-3 fuses q, k and v into
