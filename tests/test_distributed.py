@@ -135,7 +135,8 @@ def test_plan_compiles_for_a_tpu_topology_and_refuses_what_does_not_fit():
                  "--lora-rank", "4")
     assert lora.returncode == 0, lora.stderr[-3000:]
     full_line, lora_line = [line for line in lora.stdout.splitlines() if line.startswith("plan:")]
-    assert full_line.endswith("full fine-tuning") and lora_line.endswith("LoRA rank 4 on a bfloat16 base")
+    assert full_line.endswith("full fine-tuning") and lora_line.endswith(
+        "LoRA rank 4 on q,k,v,o,gate,up,down over a bfloat16 base")
     memory = [float(m) for m in re.findall(r"= ([0-9.]+) GiB of", lora.stdout)]
     assert len(memory) == 2 and memory[1] < memory[0]  # LoRA's step needs less than full fine-tuning's
     too_big = _plan("--topology", "v5e:2x2", "--model", "llama3.1-8b", "--seq", "8192", "--global-batch", "64",
