@@ -173,10 +173,10 @@ def test_sharded_expert_parallel_and_accumulated_loss_aux_and_grads_equal_one_de
     results = []
     # (data, fsdp, tensor), expert groups, micro-batches; accumulation's router-loss gradient needs the whole
     # batch's expert counts (a pre-pass); with expert groups the pairs travel by all-to-all.
-    meshes = [((1, 1, 1), 1, 1), ((2, 2, 2), 1, 2), ((1, 2, 2), 2, 1)]
+    meshes = [((1, 1, 1), 1, 1), ((2, 2, 2), 1, 2)] + ([((1, 2, 2), 2, 1)] if kind != "gpt-oss" else [])
     if kind == "mixtral":  # every case once (the suite's time): tensor=4, expert=4, expert with accumulation
         meshes += [((2, 2, 2), 1, 1), ((1, 2, 4), 1, 1), ((1, 2, 1), 4, 1), ((2, 1, 1), 4, 2)]
-    if kind == "gpt-oss":  # expert biases travel with their experts: data=2, fsdp=2, expert=2
+    if kind == "gpt-oss":  # expert biases travel with their experts: data=2, fsdp=2, expert=2 (in place of 1x2x2x2)
         meshes += [((2, 2, 1), 2, 1)]
     for mesh, expert, accum in meshes:
         trainer, _, params = import_model(tmp_path / "hf", mesh, expert=expert, grad_accum_steps=accum)
