@@ -24,6 +24,7 @@ train: $(VENV)/.installed-base
 	$(VENV)/bin/sft-sharded train $(ARGS)
 
 test: $(VENV)/.installed-test
+	$(VENV)/bin/ruff check sft_sharded tests benchmarks
 	$(VENV)/bin/python -m pytest -q -n 2 --dist worksteal --durations=25 tests
 
 test-fast: $(VENV)/.installed-test

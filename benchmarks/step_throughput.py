@@ -93,7 +93,8 @@ def main() -> None:
         # Synthetic rows have no padding, so real tokens are all tokens here; counted by the step all the same.
         "real_tokens_per_sec": real_tokens_per_sec, "mfu_real_tokens": mfu(real_tokens_per_sec, fpt, devices, peak),
         "compile_s": compile_s, "bytes_per_device": bytes_per_device, "params": cfg.num_params(),
-        "device": mesh.devices.flat[0].device_kind, "attention": resolve(args.attention, cfg.dtype, cfg.head_size, args.seq, cfg.attn_softcap),
+        "device": mesh.devices.flat[0].device_kind,
+        "attention": resolve(args.attention, cfg.dtype, cfg.head_size, args.seq, cfg.attn_softcap),
         "compiler_options": trainer.compiler_options, "devices": devices, "mesh": dict(mesh.shape),
         "final_loss": float(metrics["loss"]),
     }

@@ -224,7 +224,8 @@ def _command(args: argparse.Namespace) -> int:
     if args.command == "export":
         print(f"wrote {trained.export(args.run_dir, args.out_dir, args.dtype, args.to)}")
     else:
-        for prompt, answer in zip(args.prompt, trained.generate(args.run_dir, args.prompt, args.max_new_tokens, args.raw)):
+        answers = trained.generate(args.run_dir, args.prompt, args.max_new_tokens, args.raw)
+        for prompt, answer in zip(args.prompt, answers):
             print(f"{prompt} -> {answer}")
     return 0
 

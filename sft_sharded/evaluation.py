@@ -58,7 +58,8 @@ def make_eval_fn(trainer: SFTTrainer, cfg: TrainConfig, tokenizer, run_dir: epat
 
     def eval_fn(state: TrainState) -> dict:
         out = evaluate_sources(trainer, state, {
-            name: make_iterator(data, tokenizer, split="eval", seed=cfg.seed, **shard) for name, data in sources.items()})
+            name: make_iterator(data, tokenizer, split="eval", seed=cfg.seed, **shard)
+            for name, data in sources.items()})
         step = int(state.step)
         if cfg.eval.num_generate and (cfg.eval.generate == "each_eval" or step == cfg.steps):
             generated, line = generation_eval(trainer, cfg, tokenizer, state, run_dir, step)

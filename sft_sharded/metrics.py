@@ -65,7 +65,8 @@ class MetricsWriter:
         self.remote = paths.is_remote(self.run_dir)
         self.local_dir: Path | None = None  # where the files are written (process 0 only)
         if enabled:
-            self.local_dir = Path(tempfile.mkdtemp(prefix="sft-sharded-metrics-")) if self.remote else Path(self.run_dir)
+            self.local_dir = (Path(tempfile.mkdtemp(prefix="sft-sharded-metrics-")) if self.remote
+                              else Path(self.run_dir))
         self.enabled = enabled
         self.trackers: list = []  # tracking.WandbTracker / MlflowTracker: fed every record
         self.records: list[dict] = []

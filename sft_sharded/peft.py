@@ -76,7 +76,8 @@ def load_adapters(directory: str | Path, cfg: DecoderConfig, abstract_adapters: 
     targets = sorted(TARGETS[t] for t in lora.targets)
     want = {"peft_type": "LORA", "r": lora.rank, "lora_alpha": lora.alpha, "use_rslora": lora.rslora,
             "target_modules": targets}
-    got = {**saved, "target_modules": sorted(saved.get("target_modules") or []), "use_rslora": saved.get("use_rslora", False)}
+    got = {**saved, "target_modules": sorted(saved.get("target_modules") or []),
+           "use_rslora": saved.get("use_rslora", False)}
     differ = [f"{k}={got.get(k)!r} (this run: {v!r})" for k, v in want.items() if got.get(k) != v]
     if differ:
         raise UserError(f"{path}: the adapter does not match the lora settings: {', '.join(differ)}")

@@ -96,8 +96,11 @@ def plan(topology: str, model: str, seq: int, global_batch: int, mesh_spec: str,
     mesh = _topology_mesh(gen, grid, mesh_spec)
     devices, shape = mesh.devices.flat, tuple(mesh.shape.values())
     _check_split(mesh, global_batch, seq)
-    # LoRA on experts is not implemented: a mixture of experts gets adapters on its attention only.
-    targets = ("q", "k", "v", "o") if preset(model).num_experts else LoraConfig(rank=1).targets
+    named = preset(model)
+    # LoRA on experts is not implemented: a mixture of experts gets adapters on its attention only. Layers
+    # of different shapes (Gemma 4) cannot share one scanned body: they are planned unrolled.
+    targets = ("q", "k", "v", "o") if named.num_experts else LoraConfig(rank=1).targets
+    scan = scan and not named.layerwise
     lora = LoraConfig(rank=lora_rank, base_dtype=base_dtype, targets=targets) if lora_rank else None
     cfg = preset(model, dtype="bfloat16", remat=remat, scan_layers=scan, attention=attention, lora=lora,
                  context_attention=context_attention)
@@ -171,6 +174,7 @@ def report(r: dict) -> str:
     gib = 2**30
     head = (f"plan: {r['model']} ({r['params'] / 1e9:.3f}B params) on {r['topology']} ({r['chips']} chips), "
             f"mesh {r['mesh']}, {r['global_batch']} x {r['seq']} tokens per step, remat {r['remat']}, "
+            f"{'scanned' if r['scan'] else 'unrolled'} layers, "
             f"loss chunk {r['loss_chunk'] or 'none (full logits)'}, attention {r['attention']}"
             f"{' (%d Pallas calls)' % r['pallas_calls'] if r.get('pallas_calls') else ''}, "
             + (f"LoRA rank {r['lora_rank']} on {','.join(r['lora_targets'])} over a {r['base_dtype']} base"
@@ -181,7 +185,8 @@ def report(r: dict) -> str:
         return "\n".join([head, f"  DOES NOT FIT: the TPU compiler says: {r['compiler_error']}", timing])
     return "\n".join([
         head,
-        f"  per-chip memory: arguments {r['argument_bytes'] / gib:.2f} GiB + temporaries {r['temp_bytes'] / gib:.2f} GiB "
+        f"  per-chip memory: arguments {r['argument_bytes'] / gib:.2f} GiB + temporaries "
+        f"{r['temp_bytes'] / gib:.2f} GiB "
         f"+ outputs {r['output_bytes'] / gib:.2f} GiB - aliased {r['alias_bytes'] / gib:.2f} GiB = "
         f"{r['total_bytes_per_chip'] / gib:.2f} GiB of {r['hbm_bytes'] / gib:.0f} GiB HBM -> "
         f"{'fits' if r['fits'] else 'DOES NOT FIT'}",

@@ -85,6 +85,7 @@ def base_fingerprint(cfg: TrainConfig) -> str:
     """What identifies the base a run starts from: the model directory and a hash of its config.json,
     or the preset and the seed of its random init."""
     if cfg.model.path:
-        digest = hashlib.sha256((paths.path(cfg.model.path, "model.path") / "config.json").read_bytes()).hexdigest()[:16]
+        config_json = paths.path(cfg.model.path, "model.path") / "config.json"
+        digest = hashlib.sha256(config_json.read_bytes()).hexdigest()[:16]
         return f"{cfg.model.path} (config.json sha256 {digest})"
     return f"preset {cfg.model.preset} (seed {cfg.seed})"

@@ -15,7 +15,6 @@ import pytest
 
 from sft_sharded.errors import UserError
 from sft_sharded.generate import greedy_generate
-from sft_sharded.models import attention as attn
 from sft_sharded.models import attention_rules
 from sft_sharded.models import context
 from sft_sharded.models.attention import dot_product_attention

@@ -71,7 +71,8 @@ def dataset_files(directory: Path | epath.Path, split: str, key: str) -> list[ep
         files = [directory / item["filename"] for item in state.get("_data_files", [])]
         missing = [str(f) for f in files if not f.is_file()]
         if not files or missing:
-            raise MissingFileError(f"{key}: {directory}/state.json lists {missing or 'no'} data file(s) that are missing")
+            raise MissingFileError(f"{key}: {directory}/state.json lists {missing or 'no'} data file(s) that are "
+                                   "missing")
         return files
     found = [p for p in _files_under(directory) if p.suffix in SUFFIXES]
     chosen = [p for p in found if _in_split(p.relative_to(directory), split)]

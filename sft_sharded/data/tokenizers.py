@@ -132,7 +132,8 @@ class HFTokenizer:
             raise UserError(f"{path}: not valid JSON: {err.msg} (line {err.lineno})") from None
         ids = [eos] if isinstance(eos, int) else list(eos or [])
         if not all(isinstance(i, int) and 0 <= i < self.vocab_size for i in ids):
-            raise UserError(f"{path}: eos_token_id={json.dumps(eos)} must be ids of the tokenizer (< {self.vocab_size})")
+            raise UserError(f"{path}: eos_token_id={json.dumps(eos)} must be ids of the tokenizer "
+                            f"(< {self.vocab_size})")
         return ids
 
     def _id(self, token: str | None, where: Path) -> int | None:

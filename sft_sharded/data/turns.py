@@ -84,7 +84,8 @@ def _mark_message(message: dict, mark: str, at_end: bool) -> dict:
         for call in message["tool_calls"]:
             function = call.get("function") if isinstance(call.get("function"), dict) else None
             if function is not None and "arguments" in function:
-                call = {**call, "function": {**function, "arguments": _mark_leaves(function["arguments"], mark, at_end)}}
+                arguments = _mark_leaves(function["arguments"], mark, at_end)
+                call = {**call, "function": {**function, "arguments": arguments}}
             calls.append(call)
         out["tool_calls"] = calls
     return out

@@ -4,8 +4,8 @@ full one, and a RoPE base of their own (never scaled) on the sliding layers."""
 from __future__ import annotations
 
 from sft_sharded.families.base import COMMON, Family, HfFields, one_attention_bias, same
-from sft_sharded.families.gemma2 import GEMMA_DEFAULTS, GEMMA_DERIVED, GEMMA_LIKE, GEMMA_READS, GEMMA_SHAPE, every, gemma_from_hf, \
-    gemma_to_hf
+from sft_sharded.families.gemma2 import (GEMMA_DEFAULTS, GEMMA_DERIVED, GEMMA_LIKE, GEMMA_READS, GEMMA_SHAPE, every,
+                                         gemma_from_hf, gemma_to_hf)
 
 
 def _from_hf(f: HfFields) -> dict:

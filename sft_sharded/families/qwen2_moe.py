@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from sft_sharded.families.base import COMMON, LLAMA_LIKE, Family, HfFields, same
-from sft_sharded.families.experts import QWEN_EXPERT_NAMES, QWEN_MOE_DERIVED, QWEN_MOE_READS, qwen_experts_from_hf, qwen_experts_to_hf, \
-    sparse
+from sft_sharded.families.experts import (QWEN_EXPERT_NAMES, QWEN_MOE_DERIVED, QWEN_MOE_READS, qwen_experts_from_hf,
+                                          qwen_experts_to_hf, sparse)
 from sft_sharded.families.qwen2 import QWEN_WINDOWS, QWEN_WINDOWS_DERIVED, qwen_windows_to_hf
 
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from sft_sharded.families.base import COMMON, LLAMA_LIKE, Family, HfFields, one_attention_bias, same
-from sft_sharded.families.qwen2 import QWEN_WINDOWS, QWEN_WINDOWS_DERIVED, WINDOW_DEFAULTS, qwen_windows, qwen_windows_to_hf
+from sft_sharded.families.qwen2 import (QWEN_WINDOWS, QWEN_WINDOWS_DERIVED, WINDOW_DEFAULTS, qwen_windows,
+                                        qwen_windows_to_hf)
 
 
 def _from_hf(f: HfFields) -> dict:

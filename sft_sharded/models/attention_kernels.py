@@ -59,7 +59,8 @@ def _block(length: int) -> int:
     for size in (512, 256, 128):
         if length % size == 0:
             return size
-    raise UserError(f"model.attention='splash' needs sequence lengths divisible by 128 (data.max_length, data.pad_to_multiple_of), got {length}")
+    raise UserError("model.attention='splash' needs sequence lengths divisible by 128 (data.max_length, "
+                    f"data.pad_to_multiple_of), got {length}")
 
 
 def _splash_local(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, segment_ids_BxT, interpret: bool, window: int | None,

@@ -153,7 +153,8 @@ class Decoder(nn.Module):
         if not cfg.uniform_layers:
             kind_L = tuple(jnp.array(flags) for flags in zip(*(cfg.kind(i) for i in range(cfg.num_layers))))
         layer_caches = None if cache is None else cache["layers"]
-        return stack(cfg, moe=cfg.is_moe(0), name="layers")(x_BxTxD, positions, segment_ids, decode, layer_caches, kind_L)
+        return stack(cfg, moe=cfg.is_moe(0), name="layers")(x_BxTxD, positions, segment_ids, decode, layer_caches,
+                                                             kind_L)
 
     @nn.compact
     def _forward(self, input_ids_BxT, positions, segment_ids, cache):

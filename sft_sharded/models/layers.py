@@ -178,7 +178,8 @@ class Attention(nn.Module):
         d, h = cfg.hidden_size, cfg.head_size
 
         def project(name, heads, head_axis):
-            y = _project(self, x_BxTxD, "btd,dnh->btnh", name, name[1], (d, heads, h), ("embed", head_axis, "head_dim"), 1)
+            y = _project(self, x_BxTxD, "btd,dnh->btnh", name, name[1], (d, heads, h),
+                         ("embed", head_axis, "head_dim"), 1)
             return y + _bias(self, name + "_bias", (heads, h), (head_axis, "head_dim")) if cfg.qkv_bias else y
 
         def qk_norm(name, y):

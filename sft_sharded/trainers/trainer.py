@@ -93,7 +93,8 @@ class Trainer(abc.ABC):
         `abstract_sharded` with the init function `create_train_state` uses."""
         raise NotImplementedError(f"{type(self).__name__} does not provide abstract_train_state")
 
-    def loss_terms(self, params: Any, batch: Batch, rng: jax.Array | None = None) -> tuple[LossTerms, dict[str, jax.Array]]:
+    def loss_terms(self, params: Any, batch: Batch,
+                   rng: jax.Array | None = None) -> tuple[LossTerms, dict[str, jax.Array]]:
         """(loss sum, weight) and extra metric sums. Default: the mean with weight 1, so micro-batches
         count equally; SFTTrainer overrides it with per-token sums for exact token weighting. `rng` is
         given only in training steps of a trainer with `dropout_seed` set."""
