@@ -115,7 +115,8 @@ class Decoder(nn.Module):
         cfg = self.config
         layers, p, d = cfg.num_layers, cfg.per_layer_input_dim, cfg.hidden_size
         init = nn.initializers.normal(cfg.init_std)
-        table = weight(self, "per_layer_embedding", (cfg.per_layer_vocab_size, layers * p), ("vocab", None), init)
+        # sharded as the main table is (its columns over fsdp): at 262k rows x 35 layers x 256 it is half the model
+        table = weight(self, "per_layer_embedding", (cfg.per_layer_vocab_size, layers * p), ("vocab", "embed"), init)
         rows_BxTxLP = jnp.take(table, input_ids_BxT, axis=0) * jnp.asarray(p ** 0.5, cfg.dtype)
         projection_DxLP = weight(self, "per_layer_projection", (d, layers * p), ("embed", None), init)
         mixed_BxTxLP = jnp.einsum("btd,dp->btp", x_BxTxD, projection_DxLP) * d ** -0.5
