@@ -26,7 +26,7 @@ def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
     return x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + eps)
 
 
-def _runs(segment_ids_BxT: jax.Array | None, batch: int, length: int) -> jax.Array:
+def runs(segment_ids_BxT: jax.Array | None, batch: int, length: int) -> jax.Array:
     """Each token's run: a count of segment boundaries up to it, so that tokens share a run exactly when no
     boundary lies between them (a segment id that comes back later is a new run)."""
     if segment_ids_BxT is None:
@@ -50,7 +50,7 @@ def chunked(q_BxTxHxK, k_BxTxHxK, v_BxTxHxV, g_BxTxH, beta_BxTxH, segment_ids_Bx
     decay (<= 0), `beta` its update strength; heads of q and k already match v's (grouped heads repeated).
     A length that is not a multiple of `chunk` is padded with tokens that change nothing."""
     batch, length, heads, _ = k_BxTxHxK.shape
-    runs_BxT = _runs(segment_ids_BxT, batch, length)
+    runs_BxT = runs(segment_ids_BxT, batch, length)
     q, k, v, g, beta = _prepare(q_BxTxHxK, k_BxTxHxK, v_BxTxHxV, g_BxTxH, beta_BxTxH, l2norm)
     pad = -length % chunk
     if pad:  # zero keys and beta: no update; their outputs are dropped
