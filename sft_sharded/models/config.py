@@ -66,6 +66,13 @@ class DecoderConfig:
     # last earlier layer of its type (`kv_source`). With double_wide_mlp their MLPs are 2 x mlp_dim wide.
     kv_shared_layers: int = 0
     double_wide_mlp: bool = False
+    # Gated DeltaNet layers (Qwen3.5, Qwen3-Next; models/gated_deltanet.py): heads of queries/keys and of
+    # values (a multiple), their widths, and the short convolution's width. None: no linear-attention layers.
+    linear_key_heads: int | None = None
+    linear_value_heads: int | None = None
+    linear_key_dim: int | None = None
+    linear_value_dim: int | None = None
+    linear_conv_width: int = 4
     tie_embeddings: bool = False
     qkv_bias: bool = False  # q/k/v projections (Qwen2; Llama's attention_bias)
     o_bias: bool = False  # output projection (Llama's attention_bias)
@@ -177,9 +184,13 @@ class DecoderConfig:
             raise ValueError(f"DecoderConfig.capacity_factor={self.capacity_factor!r} must be > 0 or None")
 
     def _check_layerwise(self) -> None:
-        for key in ("global_head_dim", "global_kv_heads", "per_layer_input_dim", "per_layer_vocab_size"):
+        for key in ("global_head_dim", "global_kv_heads", "per_layer_input_dim", "per_layer_vocab_size",
+                    "linear_key_heads", "linear_value_heads", "linear_key_dim", "linear_value_dim"):
             if getattr(self, key) is not None:
                 _positive_int(self, key)
+        if self.linear_key_heads and (self.linear_value_heads or 0) % self.linear_key_heads:
+            raise ValueError(f"DecoderConfig.linear_value_heads={self.linear_value_heads} must be a multiple of "
+                             f"linear_key_heads={self.linear_key_heads}")
         if (self.per_layer_input_dim is None) != (self.per_layer_vocab_size is None):
             raise ValueError("DecoderConfig.per_layer_input_dim and per_layer_vocab_size go together")
         if not 0 <= self.kv_shared_layers < self.num_layers:
