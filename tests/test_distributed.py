@@ -146,16 +146,15 @@ def test_plan_compiles_for_a_tpu_topology_and_refuses_what_does_not_fit():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model", ["gemma3-4b"])
-def test_plan_fits_the_2026_families_on_v5p_16_at_seq_8192(model):
+def test_plan_fits_a_published_gemma3_shape_on_v5p_16():
     """A real shape compiles for the TPU: Gemma 3's mixed local/global scan (a lax.cond per layer, so
-    both splash kernels are in) and its 262k vocabulary (the chunked loss by default). A uniform stack's
-    plan is in the test above; each costs a minute of the suite."""
+    both splash kernels are in) and its 262k vocabulary (the chunked loss by default). gemma3-1b at 4096
+    positions has both and compiles in 34 s here (gemma3-4b at 8192: 83 s, benchmarks/README.md); a uniform
+    stack's plan is in the test above."""
     pytest.importorskip("libtpu") if os.environ.get("CI") != "true" else None
-    result = _plan("--topology", "v5p-16", "--model", model, "--seq", "8192", "--global-batch", "8")
+    result = _plan("--topology", "v5p-16", "--model", "gemma3-1b", "--seq", "4096", "--global-batch", "8")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "on v5p:2x2x2 (8 chips)" in result.stdout and "-> fits" in result.stdout
     gib = float(re.search(r"= ([0-9.]+) GiB of 95 GiB HBM", result.stdout).group(1))
-    assert 5 < gib < 95
-    if model == "gemma3-4b":
-        assert "loss chunk 1024" in result.stdout and "(8 Pallas calls)" in result.stdout
+    assert 2 < gib < 95
+    assert "loss chunk 1024" in result.stdout and "(8 Pallas calls)" in result.stdout
