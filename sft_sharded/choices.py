@@ -16,6 +16,7 @@ CONTEXT_LAYOUTS = ("zigzag", "contiguous")
 REMAT_POLICIES = ("none", "full", "save_dots")
 # models/lora.py: the projections LoRA may adapt, by our name (PEFT's "q_proj", ... are accepted too).
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+LORA_MLP_TARGETS = ("gate", "up", "down")  # a mixture of experts has no adapters on these (models/config.py)
 # How LoRA's frozen base is stored: int8 and nf4 (QLoRA) quantize its projection weights (models/quant.py).
 LORA_BASE_DTYPES = ("bfloat16", "float32", "int8", "nf4")
 # models/config.py: the gated MLP's activation (SwiGLU's silu; Gemma's GeGLU with the tanh GELU).

@@ -14,7 +14,7 @@ import re
 import sys
 
 from sft_sharded.choices import (ATTENTION_IMPLEMENTATIONS, CONTEXT_SCHEMES, DEFAULT_CONTEXT_SCHEME,
-                                 LORA_BASE_DTYPES as BASE_DTYPES, REMAT_POLICIES)
+                                 LORA_BASE_DTYPES as BASE_DTYPES, LORA_MLP_TARGETS, LORA_TARGETS, REMAT_POLICIES)
 from sft_sharded.errors import UserError
 
 # Per chip. HBM and peak dense bf16 FLOP/s from the Cloud TPU system-architecture pages
@@ -99,7 +99,7 @@ def plan(topology: str, model: str, seq: int, global_batch: int, mesh_spec: str,
     named = preset(model)
     # LoRA on experts is not implemented: a mixture of experts gets adapters on its attention only. Layers
     # of different shapes (Gemma 4) cannot share one scanned body: they are planned unrolled.
-    targets = ("q", "k", "v", "o") if named.num_experts else LoraConfig(rank=1).targets
+    targets = tuple(t for t in LORA_TARGETS if not (named.num_experts and t in LORA_MLP_TARGETS))
     scan = scan and not named.layerwise
     lora = LoraConfig(rank=lora_rank, base_dtype=base_dtype, targets=targets) if lora_rank else None
     cfg = preset(model, dtype="bfloat16", remat=remat, scan_layers=scan, attention=attention, lora=lora,

@@ -7,8 +7,8 @@ The mixture-of-experts block beside the MLP (26B-A4B) is refused by name."""
 
 from __future__ import annotations
 
-from sft_sharded.families.base import COMMON, PLAIN, Family, HfFields, layer_types, one_attention_bias, same, \
-    windows
+from sft_sharded.families.base import (COMMON, PLAIN, Family, HfFields, layer_types, one_attention_bias, same,
+                                       transposed, windows)
 
 _DEFAULT_ROPE = {"sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
                  "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25,
@@ -55,7 +55,8 @@ def _from_hf(f: HfFields) -> dict:
                        "only causal attention is implemented")
     bias, k_eq_v, per_layer = bool(f.get("attention_bias")), bool(f.get("attention_k_eq_v")), \
         f.get("hidden_size_per_layer_input")
-    head_dim, kv_heads = _full_layers(f, _types(f), k_eq_v)
+    types = _types(f)
+    head_dim, kv_heads = _full_layers(f, types, k_eq_v)
     if per_layer and f.get("vocab_size_per_layer_input") != f["vocab_size"]:
         raise f.refuse("vocab_size_per_layer_input", f.get("vocab_size_per_layer_input"), "only a per-layer table "
                        f"with a row for every token (vocab_size={f['vocab_size']}) is implemented, as published")
@@ -65,7 +66,7 @@ def _from_hf(f: HfFields) -> dict:
                 per_layer_input_dim=per_layer or None,
                 per_layer_vocab_size=f.get("vocab_size_per_layer_input") if per_layer else None,
                 kv_shared_layers=f.get("num_kv_shared_layers") or 0,
-                double_wide_mlp=bool(f.get("use_double_wide_mlp")), **windows(f.get("sliding_window"), _types(f)))
+                double_wide_mlp=bool(f.get("use_double_wide_mlp")), **windows(f.get("sliding_window"), types))
 
 
 def _to_hf(cfg) -> dict:
@@ -94,13 +95,14 @@ def _fits(cfg) -> bool:
 def _tensors(cfg, m: dict, layer: str) -> dict:
     """The per-layer inputs' tables, projections and norms, and each layer's output scalar."""
     out = dict(m)
-    transposed = (lambda w: w.T, lambda w: w.T)
     if cfg.per_layer_input_dim:
         out |= {("per_layer_embedding",): ("model.embed_tokens_per_layer.weight", None, None),
-                ("per_layer_projection",): ("model.per_layer_model_projection.weight", *transposed),
+                ("per_layer_projection",): ("model.per_layer_model_projection.weight", transposed, transposed),
                 ("per_layer_norm", "scale"): ("model.per_layer_projection_norm.weight", None, None),
-                ("layer_{i}", "per_layer_input", "w_gate"): (layer + "per_layer_input_gate.weight", *transposed),
-                ("layer_{i}", "per_layer_input", "w_out"): (layer + "per_layer_projection.weight", *transposed),
+                ("layer_{i}", "per_layer_input", "w_gate"): (layer + "per_layer_input_gate.weight", transposed,
+                                                             transposed),
+                ("layer_{i}", "per_layer_input", "w_out"): (layer + "per_layer_projection.weight", transposed,
+                                                            transposed),
                 ("layer_{i}", "per_layer_input", "norm", "scale"): (layer + "post_per_layer_input_norm.weight",
                                                                     None, None)}
     out[("layer_{i}", "layer_scale")] = (layer + "layer_scalar", None, None)

@@ -10,7 +10,7 @@ from typing import Any
 import jax.numpy as jnp
 
 from sft_sharded.choices import (ACTIVATIONS, ATTENTION_IMPLEMENTATIONS, CONTEXT_LAYOUTS, CONTEXT_SCHEMES,
-                                 DEFAULT_CONTEXT_SCHEME, LAYER_TYPES, REMAT_POLICIES)
+                                 DEFAULT_CONTEXT_SCHEME, LAYER_TYPES, LORA_MLP_TARGETS, REMAT_POLICIES)
 from sft_sharded.models.lora import LoraConfig
 from sft_sharded.models.rope import check_scaling
 
@@ -175,7 +175,7 @@ class DecoderConfig:
         if self.scan_layers and 0 < len(set(self.dense_layers)) < self.num_layers:
             raise ValueError(f"scan_layers needs every layer alike, but layers {sorted(self.dense_layers)} are dense "
                              "and the others mixtures of experts; set model.scan_layers=false")
-        mlp_targets = [t for t in (self.lora.targets if self.lora else ()) if t in ("gate", "up", "down")]
+        mlp_targets = [t for t in (self.lora.targets if self.lora else ()) if t in LORA_MLP_TARGETS]
         if mlp_targets and len(self.dense_layers) < self.num_layers:
             raise ValueError(f"lora.targets includes {mlp_targets}, but LoRA on experts is not implemented (an "
                              "adapter per expert would be a second set of experts); target the attention "

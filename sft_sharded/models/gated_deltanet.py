@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from sft_sharded.models import delta_rule
 from sft_sharded.models.causal_conv import causal_conv
 from sft_sharded.models.config import DecoderConfig
-from sft_sharded.models.layers import param, weight
+from sft_sharded.models.layers import param, rms_normalize, weight
 
 
 class GatedDeltaNet(nn.Module):
@@ -60,6 +60,5 @@ class GatedDeltaNet(nn.Module):
 def _gated_norm(x, gate, scale, eps):
     """RMSNorm over each head (in float32, weight applied in x's dtype), times SiLU(gate): transformers'
     Qwen3_5RMSNormGated."""
-    x32 = x.astype(jnp.float32)
-    normed = (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)).astype(x.dtype)
+    normed = rms_normalize(x, eps).astype(x.dtype)
     return (scale.astype(x.dtype) * normed * nn.silu(gate.astype(jnp.float32))).astype(x.dtype)

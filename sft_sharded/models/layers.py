@@ -50,6 +50,12 @@ def _project(module: nn.Module, x: jax.Array, spec: str, name: str, target: str,
     return y if extra is None else y + extra
 
 
+def rms_normalize(x: jax.Array, eps: float) -> jax.Array:
+    """x / sqrt(mean(x^2) + eps) over the last axis, in float32 (every RMSNorm here, before its weight)."""
+    x32 = x.astype(jnp.float32)
+    return x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+
+
 class RMSNorm(nn.Module):
     """RMSNorm over the last axis. Llama's casts the normalised x to the compute dtype, then scales;
     Gemma's (`norm_plus_one`) scales by (1 + weight) in float32, then casts, as transformers does, and
@@ -62,8 +68,7 @@ class RMSNorm(nn.Module):
         cfg = self.config
         init = nn.initializers.zeros if cfg.norm_plus_one else nn.initializers.ones
         scale = param(self, "scale", (x.shape[-1],), ("norm",), init)
-        normed = x.astype(jnp.float32)
-        normed = normed * jax.lax.rsqrt(jnp.mean(normed * normed, axis=-1, keepdims=True) + cfg.rms_norm_eps)
+        normed = rms_normalize(x, cfg.rms_norm_eps)
         if cfg.norm_plus_one:
             return (normed * (1.0 + scale.astype(jnp.float32))).astype(cfg.dtype)
         if cfg.norm_scale_float32:
@@ -157,12 +162,6 @@ def _rotate(cfg: DecoderConfig, x_BxTxNxH, positions_BxT, frequencies_):
     return jnp.concatenate([rotated, x_BxTxNxH[..., dim:]], axis=-1)
 
 
-def _unit_rms(x: jax.Array, eps: float) -> jax.Array:
-    """RMS normalisation without a weight (Gemma 4's values), in float32, cast back."""
-    x32 = x.astype(jnp.float32)
-    return (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)).astype(x.dtype)
-
-
 class Attention(nn.Module):
     config: DecoderConfig
     values_are_keys: bool = False  # Gemma 4's k_eq_v full layers: no v projection
@@ -202,7 +201,7 @@ class Attention(nn.Module):
             v_BxTxKxH = k_BxTxKxH if self.values_are_keys else project("wv", cfg.num_kv_heads, "kv_heads")
             k_BxTxKxH = _rotate(cfg, qk_norm("k_norm", k_BxTxKxH), positions_BxT, frequencies_)
             if cfg.v_norm:
-                v_BxTxKxH = _unit_rms(v_BxTxKxH, cfg.rms_norm_eps)
+                v_BxTxKxH = rms_normalize(v_BxTxKxH, cfg.rms_norm_eps).astype(v_BxTxKxH.dtype)  # no weight
         out_BxTxNxH, kv = self._attend(q_BxTxNxH, *(shared_kv or (k_BxTxKxH, v_BxTxKxH)), segment_ids_BxT, sliding,
                                        decode, None if shared_kv else cache)
         out_BxTxD = _project(self, out_BxTxNxH, "btnh,nhd->btd", "wo", "o", (cfg.num_heads, h, d),
