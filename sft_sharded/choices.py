@@ -21,5 +21,6 @@ LORA_MLP_TARGETS = ("gate", "up", "down")  # a mixture of experts has no adapter
 LORA_BASE_DTYPES = ("bfloat16", "float32", "int8", "nf4")
 # models/config.py: the gated MLP's activation (SwiGLU's silu; Gemma's GeGLU with the tanh GELU).
 ACTIVATIONS = ("silu", "gelu_tanh")
-# models/config.py: a layer's attention, as transformers' `layer_types` names it.
-LAYER_TYPES = ("full_attention", "sliding_attention")
+# models/config.py: a layer's attention, as transformers' `layer_types` names it ("linear_attention": a Gated
+# DeltaNet layer, models/gated_deltanet.py).
+LAYER_TYPES = ("full_attention", "sliding_attention", "linear_attention")

@@ -73,7 +73,7 @@ def text_part(hf: dict[str, Any]) -> dict[str, Any]:
     text = {k: v for k, v in hf["text_config"].items() if k not in multimodal.ignored_text_fields}
     # The multimodal class ties its head by its own flag (transformers' default: tied), not text_config's.
     return {**text, "model_type": text.get("model_type", multimodal.text_model_types[0]),
-            "tie_word_embeddings": hf.get("tie_word_embeddings", True)}
+            "tie_word_embeddings": hf.get("tie_word_embeddings", multimodal.tie_default)}
 
 
 def _scaling(f: HfFields, field: str, scaling: dict | None) -> tuple | None:
@@ -163,13 +163,15 @@ def config_from_hf(directory: str | Path, **overrides) -> DecoderConfig:
                        "dropout is not implemented (set it to 0.0 to train without dropout)")
     try:
         heads = f["num_attention_heads"]
+        fields = family.from_hf(f)  # a family without a dense MLP (Qwen3.5-MoE) gives its own mlp_dim
         return DecoderConfig(
             vocab_size=f["vocab_size"], hidden_size=f["hidden_size"], num_layers=f["num_hidden_layers"],
-            num_heads=heads, num_kv_heads=f.get("num_key_value_heads") or heads, mlp_dim=f["intermediate_size"],
+            num_heads=heads, num_kv_heads=f.get("num_key_value_heads") or heads,
+            mlp_dim=fields.pop("mlp_dim", None) or f["intermediate_size"],
             head_dim=f.get("head_dim"), rms_norm_eps=float(f.get("rms_norm_eps", 1e-6)),
             tie_embeddings=bool(f.get("tie_word_embeddings", False)),
             max_position_embeddings=f.get("max_position_embeddings"),
-            **family.from_hf(f), **_rope(f, family), **overrides,
+            **fields, **_rope(f, family), **overrides,
         )
     except KeyError as err:
         raise UserError(f"{path}: required field {err.args[0]!r} is missing") from None
@@ -226,6 +228,11 @@ def config_to_hf(cfg: DecoderConfig, model_type: str, dtype: str, token_ids: dic
     if cfg.num_experts and not cfg.router_aux_loss_coef and "router_aux_loss_coef" in text_source:
         out["router_aux_loss_coef"] = text_source["router_aux_loss_coef"]
     out |= {k: text_source[k] for k in FAMILIES[model_type].carried if k in text_source}
+    # RoPE parameters the text math does not use (Qwen3.5's multimodal position sections) go back as they were
+    source_rope = text_source.get("rope_parameters") or {}
+    if isinstance(out.get("rope_parameters"), dict) and "full_attention" not in source_rope:
+        out["rope_parameters"] |= {k: source_rope[k] for k in FAMILIES[model_type].rope_extras
+                                   if k in source_rope and k not in out["rope_parameters"]}
     if cfg.rope_scaling and "rope_parameters" not in out:  # a family writing rope_parameters says it all there
         out["rope_scaling"] = rope_scaling_to_hf(cfg)
     multimodal = MULTIMODAL.get((source or {}).get("model_type"))

@@ -48,14 +48,16 @@ def mapping(cfg: DecoderConfig, model_type: str) -> dict[tuple[str, ...], tuple[
     """Our param path (layer index as "{i}", expert as "{e}" in the HF name) -> (HF name, hf->ours, ours->hf)."""
     d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_size
 
-    def heads_in(count):
-        return lambda w: w.T.reshape(d, count, h), lambda w: w.reshape(d, count * h).T
+    def heads_in(count, width=h):
+        return lambda w: w.T.reshape(d, count, width), lambda w: w.reshape(d, count * width).T
 
     layer = "model.layers.{i}."
     m = {
         ("embedding",): ("model.embed_tokens.weight", None, None),
         ("final_norm", "scale"): ("model.norm.weight", None, None),
-        ("layer_{i}", "attn", "wq"): (layer + "self_attn.q_proj.weight", *heads_in(n)),
+        # with an output gate each head's rows are [query, gate] (Qwen3.5): one head of twice the width
+        ("layer_{i}", "attn", "wq"): (layer + "self_attn.q_proj.weight",
+                                      *heads_in(n, 2 * h if cfg.attention_output_gate else h)),
         ("layer_{i}", "attn", "wk"): (layer + "self_attn.k_proj.weight", *heads_in(k)),
         ("layer_{i}", "attn", "wv"): (layer + "self_attn.v_proj.weight", *heads_in(k)),
         ("layer_{i}", "attn", "wo"): (layer + "self_attn.o_proj.weight", lambda w: w.T.reshape(n, h, d),
@@ -126,6 +128,8 @@ def _has(cfg: DecoderConfig, i: int, path: tuple[str, ...]) -> bool:
     """Whether layer i has the layer parameter `path` ("layer_{i}", ...)."""
     if path[1] in ("mlp", "moe") and (path[1] == "moe") != cfg.is_moe(i):
         return False  # a dense layer has no experts, a sparse one no dense MLP
+    if path[1] in ("attn", "linear_attn") and (path[1] == "linear_attn") != cfg.is_linear(i):
+        return False  # a linear-attention layer has no softmax attention, and the other way round
     if path[1] == "attn" and path[2] in _KEYS + _VALUES and cfg.kv_source(i) is not None:
         return False
     return not (path[1] == "attn" and path[2] in _VALUES and cfg.values_are_keys(i))

@@ -48,10 +48,10 @@ def test_outputs_equal_transformers_and_a_packed_row_its_segments():
     x = np.random.default_rng(0).normal(size=(2, 70, D)).astype(np.float32)
     with torch.no_grad():
         want = theirs(torch.tensor(x)).numpy()
-    got = jax.jit(ours.apply)(variables, x)
+    got, _ = jax.jit(ours.apply)(variables, x)
     np.testing.assert_allclose(got, want, atol=1e-4)
     segments = np.array([[1] * 30 + [2] * 35 + [0] * 5] * 2, np.int32)
-    packed = jax.jit(ours.apply)(variables, x, segments)
+    packed, _ = jax.jit(ours.apply)(variables, x, segments)
     for start, stop in ((0, 30), (30, 65)):
         with torch.no_grad():
             alone = theirs(torch.tensor(x[:, start:stop])).numpy()

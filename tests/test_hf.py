@@ -22,6 +22,10 @@ transformers = pytest.importorskip("transformers")
 
 BASE = dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             intermediate_size=96, max_position_embeddings=64, rms_norm_eps=1e-5)
+QWEN3_5 = dict(num_hidden_layers=3, layer_types=["linear_attention", "full_attention", "linear_attention"],
+               head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8,
+               linear_value_head_dim=8, rms_norm_eps=1e-6, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+               rope_parameters={"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.25})
 FAMILIES = {
     "llama-gqa-untied": ("LlamaConfig", "LlamaForCausalLM", dict(tie_word_embeddings=False, rope_theta=5e5)),
     "llama-tied-rope-scaling": ("LlamaConfig", "LlamaForCausalLM", dict(
@@ -99,6 +103,12 @@ FAMILIES = {
         rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
                          "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25,
                                             "rope_theta": 1e4}})),
+    # Qwen3.5: Gated DeltaNet layers (2 q/k heads of 8 for 4 value heads of 8) beside gated full attention with
+    # RoPE on a quarter of each 16-wide head; the MoE one with a gated shared expert in every layer.
+    "qwen3_5": ("Qwen3_5TextConfig", "Qwen3_5ForCausalLM", dict(QWEN3_5, tie_word_embeddings=False)),
+    "qwen3_5-moe": ("Qwen3_5MoeTextConfig", "Qwen3_5MoeForCausalLM", dict(
+        QWEN3_5, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=40, shared_expert_intermediate_size=56,
+        output_router_logits=True, router_aux_loss_coef=0.1)),
 }
 
 

@@ -31,7 +31,7 @@ PLAIN = dict(post_norms=False, norm_scale_float32=False, qk_norm_across_heads=Fa
              query_position_scale=None, attention_sinks=False, router_bias=False, expert_bias=False,
              swiglu_limit=None, global_head_dim=None, global_kv_heads=None, k_eq_v=False, v_norm=False,
              layer_scale=False, per_layer_input_dim=None, per_layer_vocab_size=None, kv_shared_layers=0,
-             double_wide_mlp=False, linear_key_heads=None)
+             double_wide_mlp=False, linear_key_heads=None, attention_output_gate=False)
 # The options of a plain Llama decoder.
 LLAMA_LIKE = dict(PLAIN, norm_plus_one=False, sandwich_norms=False, embed_scale=False, activation="silu",
                   query_pre_attn_scalar=None, attn_softcap=None, final_softcap=None, rope_local_theta=None)
@@ -161,3 +161,5 @@ class Multimodal:
     # text_config fields the multimodal class does not apply (Gemma 3's never soft-caps its logits): read as
     # absent, written back as they were.
     ignored_text_fields: tuple[str, ...] = ()
+    # The class's own tie_word_embeddings default (it ties by its flag, not text_config's): Gemma's ties.
+    tie_default: bool = True

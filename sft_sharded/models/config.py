@@ -73,6 +73,9 @@ class DecoderConfig:
     linear_key_dim: int | None = None
     linear_value_dim: int | None = None
     linear_conv_width: int = 4
+    # Qwen3.5, Qwen3-Next: each query head's projection is twice as wide, its second half a gate on the
+    # head's attention output (times sigmoid(gate), before the output projection).
+    attention_output_gate: bool = False
     tie_embeddings: bool = False
     qkv_bias: bool = False  # q/k/v projections (Qwen2; Llama's attention_bias)
     o_bias: bool = False  # output projection (Llama's attention_bias)
@@ -155,6 +158,10 @@ class DecoderConfig:
                                  f"({self.num_layers}); got {len(self.layer_types)} entries, unknown {bad}")
             if "sliding_attention" in self.layer_types and self.sliding_window is None:
                 raise ValueError("DecoderConfig.layer_types has sliding_attention layers but sliding_window is None")
+            if self.has_linear_layers and None in (self.linear_key_heads, self.linear_value_heads,
+                                                   self.linear_key_dim, self.linear_value_dim):
+                raise ValueError("DecoderConfig.layer_types has linear_attention layers: set linear_key_heads, "
+                                 "linear_value_heads, linear_key_dim and linear_value_dim")
         if self.num_experts:
             self._check_experts()
         self._check_layerwise()
@@ -201,13 +208,22 @@ class DecoderConfig:
                                  "and values of an earlier layer of its type, and there is none")
         if self.scan_layers and self.layerwise:
             raise ValueError("scan_layers needs every layer alike, but this model's layers differ in shape (Gemma 4's "
-                             "full layers, KV sharing or per-layer inputs); set model.scan_layers=false")
+                             "full layers, KV sharing or per-layer inputs; linear-attention layers beside "
+                             "full ones); set model.scan_layers=false")
 
     @property
     def layerwise(self) -> bool:
         """Whether layers differ in their parameters' shapes (Gemma 4), so that one scanned body cannot hold them."""
         return bool(self.global_head_dim or self.global_kv_heads or self.k_eq_v or self.kv_shared_layers
-                    or self.per_layer_input_dim or self.layer_scale)
+                    or self.per_layer_input_dim or self.layer_scale or self.has_linear_layers)
+
+    @property
+    def has_linear_layers(self) -> bool:
+        return self.layer_types is not None and "linear_attention" in self.layer_types
+
+    def is_linear(self, i: int) -> bool:
+        """Whether layer i is a Gated DeltaNet layer (linear attention) instead of softmax attention."""
+        return self.layer_types is not None and self.layer_types[i] == "linear_attention"
 
     def layer(self, i: int) -> DecoderConfig:
         """Layer i's own config: the full layers' head width and kv heads, the KV-sharing layers' wide MLP."""
@@ -266,7 +282,10 @@ class DecoderConfig:
         c = self.layer(i)
         d, h, f = c.hidden_size, c.head_size, c.mlp_dim
         q, kv = c.num_heads * h, c.num_kv_heads * h
-        out = {"q": (d, q), "k": (d, kv), "v": (d, kv), "o": (q, d), "gate": (d, f), "up": (d, f), "down": (f, d)}
+        mlp = {"gate": (d, f), "up": (d, f), "down": (f, d)}
+        if self.is_linear(i):  # a Gated DeltaNet layer: no LoRA target among its projections
+            return mlp
+        out = {"q": (d, 2 * q if self.attention_output_gate else q), "k": (d, kv), "v": (d, kv), "o": (q, d), **mlp}
         if self.kv_source(i) is not None:
             del out["k"], out["v"]
         elif self.values_are_keys(i):
@@ -289,7 +308,28 @@ class DecoderConfig:
             total += (self.per_layer_vocab_size + d) * p * self.num_layers + p
         return total + sum(self._layer_params(i) for i in range(self.num_layers))
 
+    def _linear_params(self) -> int:
+        """A Gated DeltaNet layer's token mixer: q, k, v, z, the a/b gates and their per-head constants, the
+        convolution over q, k and v, the gated norm and the output projection."""
+        d, width = self.hidden_size, self.linear_conv_width
+        keys, values = self.linear_key_heads * self.linear_key_dim, self.linear_value_heads * self.linear_value_dim
+        hv = self.linear_value_heads
+        return (d * (2 * keys + 2 * values + 2 * hv) + (2 * keys + values) * width + 2 * hv
+                + self.linear_value_dim + values * d)
+
     def _layer_params(self, i: int) -> int:
+        c = self.layer(i)
+        d = c.hidden_size
+        total = self._linear_params() if self.is_linear(i) else self._attention_params(i)
+        total += (4 if self.sandwich_norms else 2) * d + (1 if self.layer_scale else 0)
+        if self.per_layer_input_dim:  # gate, projection and norm of the layer's input
+            total += 2 * d * self.per_layer_input_dim + d
+        if self.is_moe(i):
+            return total + self._moe_params(self.num_experts)
+        f = c.mlp_dim
+        return total + 3 * d * f + ((2 * f + d) if self.mlp_bias else 0)
+
+    def _attention_params(self, i: int) -> int:
         c, sizes = self.layer(i), self.projections(i)
         d, h, n = c.hidden_size, c.head_size, c.num_heads
         total = sum(a * b for t, (a, b) in sizes.items() if t in ("q", "k", "v", "o"))
@@ -298,14 +338,7 @@ class DecoderConfig:
         if self.qk_norm:
             k_heads = c.num_kv_heads if "k" in sizes else 0
             total += (n + k_heads) * h if self.qk_norm_across_heads else h * (1 + bool(k_heads))
-        total += (d if self.o_bias else 0) + (n if self.attention_sinks else 0)
-        total += (4 if self.sandwich_norms else 2) * d + (1 if self.layer_scale else 0)
-        if self.per_layer_input_dim:  # gate, projection and norm of the layer's input
-            total += 2 * d * self.per_layer_input_dim + d
-        if self.is_moe(i):
-            return total + self._moe_params(self.num_experts)
-        f = c.mlp_dim
-        return total + 3 * d * f + ((2 * f + d) if self.mlp_bias else 0)
+        return total + (d if self.o_bias else 0) + (n if self.attention_sinks else 0)
 
     def _moe_params(self, experts: int) -> int:
         d, shared, f = self.hidden_size, self.shared_expert_dim or 0, self.moe_mlp_dim

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from sft_sharded.models.config import DecoderConfig
 from sft_sharded.models.attention_rules import layout_order
 from sft_sharded.models.context import zigzag_to_natural
+from sft_sharded.models.gated_deltanet import GatedDeltaNet, init_state
 from sft_sharded.models.layers import MLP, Attention, PerLayerInput, RMSNorm, param, weight
 from sft_sharded.models.moe import MoE
 from sft_sharded.sharding import constrain, sequence_shards
@@ -22,6 +23,7 @@ class DecoderLayer(nn.Module):
     config: DecoderConfig  # this layer's (`DecoderConfig.layer`)
     moe: bool = False  # a mixture of experts in place of the dense MLP
     values_are_keys: bool = False  # Gemma 4's k_eq_v full layers
+    linear: bool = False  # a Gated DeltaNet layer (linear attention) in place of softmax attention
 
     @nn.compact
     def __call__(self, x_BxTxD, positions_BxT, segment_ids_BxT, decode=None, cache=None, kind=None, shared_kv=None,
@@ -38,9 +40,13 @@ class DecoderLayer(nn.Module):
         def norm(name, x):
             return RMSNorm(cfg, name=name)(x)
 
-        attn_BxTxD, kv = Attention(cfg, self.values_are_keys, name="attn")(
-            norm("attn_norm", x_BxTxD) if pre_norms else x_BxTxD, positions_BxT, segment_ids_BxT, sliding, rotary,
-            decode, cache, shared_kv)
+        mixer_in_BxTxD = norm("attn_norm", x_BxTxD) if pre_norms else x_BxTxD
+        if self.linear:  # its "kv" is its decoding state
+            attn_BxTxD, kv = GatedDeltaNet(cfg, name="linear_attn")(mixer_in_BxTxD, segment_ids_BxT,
+                                                                    None if decode is None else cache)
+        else:
+            attn_BxTxD, kv = Attention(cfg, self.values_are_keys, name="attn")(
+                mixer_in_BxTxD, positions_BxT, segment_ids_BxT, sliding, rotary, decode, cache, shared_kv)
         if cfg.sandwich_norms or cfg.post_norms:
             attn_BxTxD = norm("post_attn_norm", attn_BxTxD)
         x_BxTxD = x_BxTxD + attn_BxTxD
@@ -136,7 +142,7 @@ class Decoder(nn.Module):
             for i in range(cfg.num_layers):
                 source = cfg.kv_source(i)
                 x_BxTxD, kv = layer_cls(cfg.layer(i), moe=cfg.is_moe(i), values_are_keys=cfg.values_are_keys(i),
-                                        name=f"layer_{i}")(
+                                        linear=cfg.is_linear(i), name=f"layer_{i}")(
                     x_BxTxD, positions, segment_ids, decode, None if cache is None else cache["layers"][i],
                     cfg.kind(i), None if source is None else kv_L[source],
                     None if per_layer_BxTxLxP is None else per_layer_BxTxLxP[:, :, i])
@@ -205,7 +211,8 @@ def logits(x_BxTxD: jax.Array, head_DxV: jax.Array, cap: float | None = None) ->
 
 def init_cache(cfg: DecoderConfig, batch: int, max_length: int) -> dict:
     """An empty KV cache for `max_length` positions: zeros, segment 0 (nothing visible), index 0. Each layer's
-    is (keys, values); a layer that shares another's (Gemma 4) has none."""
+    is (keys, values); a layer that shares another's (Gemma 4) has none, a linear-attention layer has its
+    recurrent state instead (`gated_deltanet.init_state`)."""
     def zeros(c: DecoderConfig, *layers: int):
         shape = (*layers, batch, max_length, c.num_kv_heads, c.head_size)
         return jnp.zeros(shape, cfg.dtype), jnp.zeros(shape, cfg.dtype)
@@ -213,5 +220,6 @@ def init_cache(cfg: DecoderConfig, batch: int, max_length: int) -> dict:
     if cfg.scan_layers:
         layers = zeros(cfg, cfg.num_layers)
     else:
-        layers = [None if cfg.kv_source(i) is not None else zeros(cfg.layer(i)) for i in range(cfg.num_layers)]
+        layers = [init_state(cfg, batch) if cfg.is_linear(i) else None if cfg.kv_source(i) is not None
+                  else zeros(cfg.layer(i)) for i in range(cfg.num_layers)]
     return {"layers": layers, "segment_ids": jnp.zeros((batch, max_length), jnp.int32), "index": jnp.int32(0)}

@@ -176,10 +176,10 @@ class Attention(nn.Module):
         cfg = self.config
         d, h = cfg.hidden_size, cfg.head_size
 
-        def project(name, heads, head_axis):
-            y = _project(self, x_BxTxD, "btd,dnh->btnh", name, name[1], (d, heads, h),
+        def project(name, heads, head_axis, width=h):
+            y = _project(self, x_BxTxD, "btd,dnh->btnh", name, name[1], (d, heads, width),
                          ("embed", head_axis, "head_dim"), 1)
-            return y + _bias(self, name + "_bias", (heads, h), (head_axis, "head_dim")) if cfg.qkv_bias else y
+            return y + _bias(self, name + "_bias", (heads, width), (head_axis, "head_dim")) if cfg.qkv_bias else y
 
         def qk_norm(name, y):
             if not cfg.qk_norm:
@@ -190,8 +190,12 @@ class Attention(nn.Module):
             return RMSNorm(cfg, name=name)(y)
 
         frequencies_ = _rope_frequencies(cfg, sliding, rotary)
-        q_BxTxNxH = constrain(_rotate(cfg, qk_norm("q_norm", project("wq", cfg.num_heads, "heads")), positions_BxT,
-                                      frequencies_), ("batch", "length", "act_heads", "head_dim"))
+        q_BxTxNxH = project("wq", cfg.num_heads, "heads", 2 * h if cfg.attention_output_gate else h)
+        gate_BxTxNxH = None
+        if cfg.attention_output_gate:  # each head's projection is [query, gate] (transformers' layout)
+            q_BxTxNxH, gate_BxTxNxH = q_BxTxNxH[..., :h], q_BxTxNxH[..., h:]
+        q_BxTxNxH = constrain(_rotate(cfg, qk_norm("q_norm", q_BxTxNxH), positions_BxT, frequencies_),
+                              ("batch", "length", "act_heads", "head_dim"))
         if cfg.query_position_scale is not None:
             beta, span = cfg.query_position_scale
             scale_BxT = 1 + beta * jnp.log1p(jnp.floor(positions_BxT.astype(jnp.float32) / span))
@@ -204,6 +208,8 @@ class Attention(nn.Module):
                 v_BxTxKxH = rms_normalize(v_BxTxKxH, cfg.rms_norm_eps).astype(v_BxTxKxH.dtype)  # no weight
         out_BxTxNxH, kv = self._attend(q_BxTxNxH, *(shared_kv or (k_BxTxKxH, v_BxTxKxH)), segment_ids_BxT, sliding,
                                        decode, None if shared_kv else cache)
+        if gate_BxTxNxH is not None:
+            out_BxTxNxH = out_BxTxNxH * jax.nn.sigmoid(gate_BxTxNxH.astype(jnp.float32)).astype(out_BxTxNxH.dtype)
         out_BxTxD = _project(self, out_BxTxNxH, "btnh,nhd->btd", "wo", "o", (cfg.num_heads, h, d),
                              ("heads", "head_dim", "embed"), 2)
         if cfg.o_bias:
