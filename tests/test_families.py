@@ -18,16 +18,18 @@ from sft_sharded.generate import greedy_generate  # noqa: E402
 from sft_sharded.models.decoder import init_cache  # noqa: E402
 
 NEW_FAMILIES = ["qwen2-sliding-layers", "qwen3", "gemma2", "gemma3", "olmo3", "smollm3", "phi3", "ministral3", "gpt-oss",
-                "gemma4"]
+                "gemma4", "qwen3_5", "qwen3_5-moe"]
+LAYERWISE = ("gemma4", "qwen3_5", "qwen3_5-moe")  # layers of different shapes: unrolled, not scanned
 
 
 @pytest.mark.parametrize("kind", NEW_FAMILIES)
 def test_packed_rows_and_cached_decoding_match_transformers(kind, tmp_path):
-    """Scanned layers (mixed windows go through one scan body; Gemma 4's layers differ in shape, so they
-    stay unrolled), segments longer than the 8-key window, and 16 greedy tokens after a 5-token prompt (the
-    window slides during decoding; Gemma 4's last layers attend with their source layers' caches)."""
+    """Scanned layers (mixed windows go through one scan body; Gemma 4's and Qwen3.5's layers differ in
+    shape, so they stay unrolled), segments longer than the 8-key window, and 16 greedy tokens after a 5-token
+    prompt (the window slides during decoding; Gemma 4's last layers attend with their source layers' caches;
+    Qwen3.5's linear layers prefill with the chunked delta rule, then step with the recurrent one)."""
     model = make_hf(kind, tmp_path / "hf")
-    trainer, _, params = import_model(tmp_path / "hf", (1, 1, 1), scan_layers=kind != "gemma4")
+    trainer, _, params = import_model(tmp_path / "hf", (1, 1, 1), scan_layers=kind not in LAYERWISE)
     rng = np.random.default_rng(1)
     assert_packed_rows_match(model, trainer, params, rng)
 
@@ -60,12 +62,13 @@ def cached_logits(trainer, params, ids_1xT, prompt_len):
 
 @pytest.mark.parametrize("kind", NEW_FAMILIES)
 def test_sharded_loss_and_grads_equal_one_device(kind, tmp_path):
-    """2x2x2 (tensor=2 splits the heads, OLMo's norm over all heads included), and for the first four kinds
-    tensor=4 with 2 kv heads it cannot divide (kv projections replicated there)."""
+    """2x2x2 (tensor=2 splits the heads, OLMo's norm over all heads included; Qwen3.5's linear-attention
+    heads too), and for the first four kinds and Qwen3.5 tensor=4 with 2 kv heads (and 2 q/k heads of the
+    linear layers) it cannot divide (replicated there)."""
     make_hf(kind, tmp_path / "hf")
     batch = random_batch(0, rows=8, length=24, vocab=128)
     results = []
-    meshes = ((1, 1, 1), (2, 2, 2)) + (((1, 2, 4),) if kind in NEW_FAMILIES[:4] else ())
+    meshes = ((1, 1, 1), (2, 2, 2)) + (((1, 2, 4),) if kind in NEW_FAMILIES[:4] + ["qwen3_5", "qwen3_5-moe"] else ())
     for mesh in meshes:
         trainer, _, params = import_model(tmp_path / "hf", mesh)
         loss, grads = trainer.loss_and_grad(params, batch)
