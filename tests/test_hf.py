@@ -381,6 +381,11 @@ def _multimodal(kind):
         return transformers.Gemma4Config(text_config=text, vision_config=vision, audio_config=audio,
                                          image_token_id=130, audio_token_id=131, video_token_id=132,
                                          boi_token_id=133, eoi_token_id=134, boa_token_id=135, eoa_token_index=136)
+    if kind == "qwen3_5":  # untied by the class's own default; image placeholders past the vocabulary
+        text = {**BASE, **QWEN3_5, "model_type": "qwen3_5_text"}
+        vision = dict(depth=1, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=64, patch_size=4,
+                      spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=16)
+        return transformers.Qwen3_5Config(text_config=text, vision_config=vision)
     text = {**BASE, **FAMILIES["ministral3"][2], "model_type": "ministral3"}
     vision = dict(model_type="pixtral", hidden_size=32, intermediate_size=48, num_hidden_layers=1,
                   num_attention_heads=2, head_dim=16, image_size=28, patch_size=14)
@@ -389,11 +394,13 @@ def _multimodal(kind):
                                        tie_word_embeddings=False)
 
 
-@pytest.mark.parametrize("kind", ["gemma3", "mistral3", "gemma4"])
+@pytest.mark.parametrize("kind", ["gemma3", "mistral3", "gemma4", "qwen3_5"])
 def test_multimodal_checkpoints_train_their_text_and_export_the_towers_untouched(kind, tmp_path):
     """Gemma3ForConditionalGeneration (SigLIP tower), Mistral3ForConditionalGeneration (Pixtral tower,
-    Ministral 3 text) and Gemma4ForConditionalGeneration (vision and audio towers): text-only logits equal transformers', the export loads as the same class with the
-    towers byte-identical, and transformers' greedy `generate` on a text prompt equals ours."""
+    Ministral 3 text), Gemma4ForConditionalGeneration (vision and audio towers) and
+    Qwen3_5ForConditionalGeneration (vision tower, an mtp.* tensor): text-only logits equal transformers', the
+    export loads as the same class with the towers byte-identical, and transformers' greedy `generate` on a
+    text prompt equals ours."""
     from sft_sharded.generate import greedy_generate
     from sft_sharded.hf import SafetensorsDir
 
@@ -403,6 +410,11 @@ def test_multimodal_checkpoints_train_their_text_and_export_the_towers_untouched
         for name, p in model.named_parameters():
             p.add_(torch.randn_like(p) * (0.3 if "bias" in name or "norm" in name else 0.05))
     model.save_pretrained(tmp_path / "hf")
+    if kind == "qwen3_5":  # published checkpoints hold a multi-token-prediction head transformers does not load
+        from safetensors.numpy import load_file, save_file
+        stored = load_file(tmp_path / "hf" / "model.safetensors")
+        stored["mtp.fc.weight"] = np.random.default_rng(0).normal(size=(64, 128)).astype(np.float32)
+        save_file(stored, tmp_path / "hf" / "model.safetensors", metadata={"format": "pt"})
     trainer, cfg, params = import_model(tmp_path / "hf")
     ids = np.random.default_rng(0).integers(3, 120, (2, 24))
     ours = np.asarray(jax.jit(trainer.model.apply)({"params": params}, ids.astype(np.int32)))
@@ -417,9 +429,13 @@ def test_multimodal_checkpoints_train_their_text_and_export_the_towers_untouched
     assert np.abs(hf_logits(reloaded, ids) - ours).max() <= 1e-4
     if kind == "gemma3":
         assert reloaded.config.text_config.final_logit_softcapping == 3.0
+    if kind == "qwen3_5":  # the image position sections go back as they were (text never uses them)
+        assert reloaded.config.text_config.rope_parameters == model.config.text_config.rope_parameters
     before, after = SafetensorsDir(tmp_path / "hf"), SafetensorsDir(tmp_path / "out")
-    towers = [n for n in before.entries if "language_model." not in n]
-    assert len(towers) > 10 and all(n.startswith(MULTIMODAL[model.config.model_type].towers) for n in towers)
+    multimodal = MULTIMODAL[model.config.model_type]
+    towers = [n for n in before.entries if "language_model." not in n and n not in multimodal.heads]
+    assert len(towers) > 10 and all(n.startswith(multimodal.towers) for n in towers)
+    assert kind != "qwen3_5" or "mtp.fc.weight" in towers
     for name in towers:
         assert np.asarray(before.get(name)).tobytes() == np.asarray(after.get(name)).tobytes(), name
 
