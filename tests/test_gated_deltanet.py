@@ -56,3 +56,20 @@ def test_outputs_equal_transformers_and_a_packed_row_its_segments():
         with torch.no_grad():
             alone = theirs(torch.tensor(x[:, start:stop])).numpy()
         np.testing.assert_allclose(packed[:, start:stop], alone, atol=1e-4)
+
+
+def test_a_sequence_split_over_the_context_axis_is_refused_by_name():
+    """The delta rule's state would have to pass from one sequence shard to the next: not implemented, so a
+    mesh with context > 1 stops with the setting to change, before anything runs."""
+    import jax.numpy as jnp
+    import optax
+
+    from sft_sharded import Decoder, SFTTrainer, make_mesh
+    from sft_sharded.errors import UserError
+
+    cfg = DecoderConfig(vocab_size=16, hidden_size=D, num_layers=2, num_heads=4, num_kv_heads=4, mlp_dim=16,
+                        layer_types=("linear_attention", "full_attention"), linear_key_heads=HK, linear_value_heads=HV,
+                        linear_key_dim=DK, linear_value_dim=DV)
+    trainer = SFTTrainer(Decoder(cfg), optax.sgd(0.1), mesh=make_mesh(fsdp=1, context=2, devices=jax.devices()[:2]))
+    with pytest.raises(UserError, match=r"Gated DeltaNet.*set mesh.context=1"):
+        trainer.abstract_train_state(jax.random.key(0), jnp.zeros((2, 16), jnp.int32))

@@ -91,10 +91,11 @@ def test_resume_refuses_another_base_and_the_checkpoint_holds_no_base(tmp_path, 
     assert "trained LoRA adapters on the base" in err and "use the same model.path" in err
 
 
-@pytest.mark.parametrize("kind", ["olmo3", "smollm3", "phi3", "gemma4"])
+@pytest.mark.parametrize("kind", ["olmo3", "smollm3", "phi3", "gemma4", "qwen3_5"])
 def test_lora_on_attention_of_the_late_2026_families(tmp_path, kind, capsys):
     """LoRA on q, k, v and o: the PEFT adapter gives our logits in transformers (OLMo's q/k norm over all
-    heads comes after the adapted projection; SmolLM3 has layers without RoPE); Phi-3 fuses q, k and v into
+    heads comes after the adapted projection; SmolLM3 has layers without RoPE; Qwen3.5 adapts its gated
+    q_proj, query and gate rows alike, and leaves its linear-attention layers alone); Phi-3 fuses q, k and v into
     one module, so its PEFT export is refused by name and the merged export carries the adapters."""
     base = make_hf(kind, tmp_path / "hf", vocab_size=320)
     write_hf_tokenizer(tmp_path / "hf")
