@@ -31,13 +31,21 @@ def flops_per_token(cfg, seq: int, causal: bool = True) -> float:
     """Training FLOPs per token: 6 x matmul params (forward + backward; the embedding lookup is not a
     matmul, a tied head is) plus attention, 12 x layers x seq x (heads x head_dim), halved when causal.
     With LoRA the frozen base needs no weight gradient (4 x its matmul params) and the adapters 6 x theirs;
-    with experts only the parameters a token passes through count (the router's k experts, not all)."""
+    with experts only the parameters a token passes through count (the router's k experts, not all).
+    A linear-attention layer (Gated DeltaNet) has no [T, T] term: per token and value head, the chunked
+    delta rule's within-chunk products (about 2 x chunk x (2 dk + 2 dv)) and its state reads and updates
+    (6 dk dv), times 3 for training."""
     lookup = cfg.vocab_size * cfg.hidden_size if not cfg.tie_embeddings else 0
-    attention = 12 * cfg.num_layers * seq * cfg.num_heads * cfg.head_size
+    linear = sum(map(cfg.is_linear, range(cfg.num_layers))) if hasattr(cfg, "is_linear") else 0
+    attention = 12 * (cfg.num_layers - linear) * seq * cfg.num_heads * cfg.head_size
+    attention = attention / 2 if causal else attention
+    if linear:
+        dk, dv, chunk = cfg.linear_key_dim, cfg.linear_value_dim, cfg.linear_chunk
+        attention += 3 * linear * cfg.linear_value_heads * (2 * chunk * (2 * dk + 2 * dv) + 6 * dk * dv)
     adapters = getattr(cfg, "num_adapter_params", lambda: 0)()
     active = cfg.num_active_params() if hasattr(cfg, "num_active_params") else cfg.num_params()
     base = (4 if adapters else 6) * (active - lookup)
-    return base + 6 * adapters + (attention / 2 if causal else attention)
+    return base + 6 * adapters + attention
 
 
 def memory_per_device(compiled) -> int:

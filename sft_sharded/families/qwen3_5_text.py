@@ -121,6 +121,9 @@ FAMILY = Family(
         "qwen3.5-0.8b": dict(QWEN3_5_SHAPE, hidden_size=1024, num_layers=24, num_heads=8, num_kv_heads=2,
                              mlp_dim=3584, tie_embeddings=True, layer_types=qwen3_5_layers(24), linear_key_heads=16,
                              linear_value_heads=16),
+        # Qwen/Qwen3.5-9B's text_config (transformers' Qwen3_5TextConfig defaults are this shape)
+        "qwen3.5-9b": dict(QWEN3_5_SHAPE, hidden_size=4096, num_layers=32, num_heads=16, num_kv_heads=4,
+                           mlp_dim=12_288, layer_types=qwen3_5_layers(32), linear_key_heads=16, linear_value_heads=32),
         # Qwen/Qwen3.5-27B's text_config (64 layers, 24 heads over 4 kv heads, 48 linear value heads)
         "qwen3.5-27b": dict(QWEN3_5_SHAPE, hidden_size=5120, num_layers=64, num_heads=24, num_kv_heads=4,
                             mlp_dim=17_408, layer_types=qwen3_5_layers(64), linear_key_heads=16,

@@ -73,6 +73,7 @@ class DecoderConfig:
     linear_key_dim: int | None = None
     linear_value_dim: int | None = None
     linear_conv_width: int = 4
+    linear_chunk: int = 64  # tokens per chunk of the delta rule (transformers' and FLA's kernels take 64)
     # Qwen3.5, Qwen3-Next: each query head's projection is twice as wide, its second half a gate on the
     # head's attention output (times sigmoid(gate), before the output projection).
     attention_output_gate: bool = False
@@ -191,6 +192,7 @@ class DecoderConfig:
             raise ValueError(f"DecoderConfig.capacity_factor={self.capacity_factor!r} must be > 0 or None")
 
     def _check_layerwise(self) -> None:
+        _positive_int(self, "linear_chunk")
         for key in ("global_head_dim", "global_kv_heads", "per_layer_input_dim", "per_layer_vocab_size",
                     "linear_key_heads", "linear_value_heads", "linear_key_dim", "linear_value_dim"):
             if getattr(self, key) is not None:

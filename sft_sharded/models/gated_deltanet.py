@@ -64,6 +64,7 @@ class GatedDeltaNet(nn.Module):
             out_BxTxHvxDv, state = delta_rule.recurrent(q, k, v_BxTxHvxDv, g_BxTxHv, beta_BxTxHv, cache[3])
         else:
             out_BxTxHvxDv, state = delta_rule.chunked(q, k, v_BxTxHvxDv, g_BxTxHv, beta_BxTxHv, segment_ids_BxT,
+                                                      chunk=cfg.linear_chunk,
                                                       initial_state_BxHxKxV=None if cache is None else cache[3])
         normed = _gated_norm(out_BxTxHvxDv, z_BxTxHvxDv, param(self, "norm", (dv,), ("norm",), nn.initializers.ones),
                              cfg.rms_norm_eps)
