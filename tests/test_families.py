@@ -64,15 +64,15 @@ def cached_logits(trainer, params, ids_1xT, prompt_len):
 def test_sharded_loss_and_grads_equal_one_device(kind, tmp_path):
     """2x2x2 (tensor=2 splits the heads, OLMo's norm over all heads included; Qwen3.5's linear-attention
     heads too), and for the first four kinds and Qwen3.5 tensor=4 with 2 kv heads (and 2 q/k heads of the
-    linear layers) it cannot divide (replicated there); for Qwen3.5, 2x2x2 with two accumulated micro-batches."""
+    linear layers) it cannot divide (replicated there)."""
     make_hf(kind, tmp_path / "hf")
     batch = random_batch(0, rows=8, length=24, vocab=128)
     results = []
-    runs = [((1, 1, 1), 1), ((2, 2, 2), 1)]
+    # Qwen3.5 accumulates two micro-batches of 4 rows on 2x2x2: exact only if both the split over the mesh
+    # and the token-weighted accumulation are (one compile for both)
+    runs = [((1, 1, 1), 1), ((2, 2, 2), 2 if kind in ("qwen3_5", "qwen3_5-moe") else 1)]
     if kind in NEW_FAMILIES[:4] + ["qwen3_5", "qwen3_5-moe"]:
         runs.append(((1, 2, 4), 1))
-    if kind in ("qwen3_5", "qwen3_5-moe"):  # two micro-batches of 4 rows: the same token-weighted loss and grads
-        runs.append(((2, 2, 2), 2))
     for mesh, accumulate in runs:
         trainer, _, params = import_model(tmp_path / "hf", mesh, grad_accum_steps=accumulate)
         loss, grads = trainer.loss_and_grad(params, batch)

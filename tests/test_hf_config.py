@@ -84,3 +84,37 @@ def test_published_multimodal_gemma3_config_reads_as_the_gemma3_4b_preset(tmp_pa
     expected = preset("gemma3-4b")
     assert config_from_hf(tmp_path) == dataclasses.replace(expected, head_dim=256)
     assert expected.final_softcap is None and expected.vocab_size == 262208
+
+
+def test_published_qwen3_5_config_reads_as_the_preset_without_warnings(tmp_path):
+    """Qwen/Qwen3.5-0.8B's config.json (its text fields; the vision tower's abridged): the multimodal
+    class's own tie flag, image position sections beside the RoPE base, and the fields transformers' model
+    does not read (attn_output_gate, the mtp head's sizes, mamba_ssm_dtype) carried, not warned about."""
+    import warnings
+
+    layer_types = ["linear_attention"] * 3 + ["full_attention"]
+    published = {
+        "architectures": ["Qwen3_5ForConditionalGeneration"], "model_type": "qwen3_5", "image_token_id": 248056,
+        "video_token_id": 248057, "vision_start_token_id": 248053, "vision_end_token_id": 248054,
+        "tie_word_embeddings": True,
+        "text_config": {
+            "model_type": "qwen3_5_text", "vocab_size": 248320, "hidden_size": 1024, "intermediate_size": 3584,
+            "num_hidden_layers": 24, "num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 256,
+            "attention_bias": False, "attn_output_gate": True, "hidden_act": "silu", "linear_num_key_heads": 16,
+            "linear_num_value_heads": 16, "linear_key_head_dim": 128, "linear_value_head_dim": 128,
+            "linear_conv_kernel_dim": 4, "rms_norm_eps": 1e-6, "full_attention_interval": 4,
+            "max_position_embeddings": 262144, "tie_word_embeddings": True, "mtp_num_hidden_layers": 1,
+            "mtp_use_dedicated_embeddings": False, "mamba_ssm_dtype": "float32", "mlp_only_layers": [],
+            "eos_token_id": 248044, "layer_types": layer_types * 6, "dtype": "bfloat16",
+            "rope_parameters": {"mrope_interleaved": True, "mrope_section": [11, 11, 10], "rope_theta": 10000000,
+                                "partial_rotary_factor": 0.25, "rope_type": "default"}},
+        "vision_config": {"depth": 12, "hidden_size": 768, "num_heads": 12, "intermediate_size": 3072,
+                          "out_hidden_size": 1024, "model_type": "qwen3_5"}}
+    (tmp_path / "config.json").write_text(json.dumps(published))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cfg = config_from_hf(tmp_path)
+    assert cfg == preset("qwen3.5-0.8b") and cfg.rotary_dim == 64 and cfg.tie_embeddings
+    written = config_to_hf(cfg, "qwen3_5_text", "bfloat16", source=published)
+    assert written["text_config"]["rope_parameters"]["mrope_section"] == [11, 11, 10]
+    assert written["text_config"]["mtp_num_hidden_layers"] == 1 and written["tie_word_embeddings"] is True
