@@ -1,5 +1,5 @@
 """The 2026 families (Qwen3, Gemma 2, Gemma 3, Qwen2 with sliding layers, OLMo 3, SmolLM3, Phi-3,
-Ministral 3, gpt-oss, Gemma 4) against
+Ministral 3, gpt-oss, Gemma 4, Qwen3.5 dense and MoE) against
 transformers: packed rows, a scanned stack of mixed layers (windows, RoPE or none), KV-cache decoding
 against `generate`, and sharded steps against one device. Logits before and after export are in test_hf.py (`FAMILIES`)."""
 
