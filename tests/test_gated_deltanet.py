@@ -9,14 +9,14 @@ import pytest
 from sft_sharded.models.config import DecoderConfig
 from sft_sharded.models.gated_deltanet import GatedDeltaNet
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-from transformers.models.qwen3_5.modeling_qwen3_5 import Qwen3_5GatedDeltaNet  # noqa: E402
-
 D, HK, HV, DK, DV, WIDTH = 32, 2, 4, 8, 6, 4
 
 
 def layers():
+    transformers = pytest.importorskip("transformers")
+    torch = pytest.importorskip("torch")
+    from transformers.models.qwen3_5.modeling_qwen3_5 import Qwen3_5GatedDeltaNet
+
     config = transformers.Qwen3_5TextConfig(
         hidden_size=D, linear_num_key_heads=HK, linear_num_value_heads=HV, linear_key_head_dim=DK,
         linear_value_head_dim=DV, linear_conv_kernel_dim=WIDTH, rms_norm_eps=1e-6, num_hidden_layers=1,
@@ -45,6 +45,8 @@ def layers():
 
 def test_outputs_equal_transformers_and_a_packed_row_its_segments():
     theirs, ours, variables = layers()
+    import torch
+
     x = np.random.default_rng(0).normal(size=(2, 70, D)).astype(np.float32)
     with torch.no_grad():
         want = theirs(torch.tensor(x)).numpy()
