@@ -7,11 +7,13 @@ from __future__ import annotations
 
 from sft_sharded.families.base import Multimodal
 
+_TOWERS = ("model.visual.", "mtp.")
+
 MULTIMODAL = Multimodal(
     model_type="qwen3_5", architecture="Qwen3_5ForConditionalGeneration", text_model_types=("qwen3_5_text",),
-    towers=("model.visual.", "mtp."), tie_default=False,
+    towers=_TOWERS, tie_default=False,
 )
 MOE_MULTIMODAL = Multimodal(
     model_type="qwen3_5_moe", architecture="Qwen3_5MoeForConditionalGeneration",
-    text_model_types=("qwen3_5_moe_text",), towers=("model.visual.", "mtp."), tie_default=False,
+    text_model_types=("qwen3_5_moe_text",), towers=_TOWERS, tie_default=False,
 )

@@ -8,8 +8,8 @@ from __future__ import annotations
 from sft_sharded.families.base import Family, HfFields
 from sft_sharded.families.experts import QWEN_EXPERT_NAMES, ROUTER_READS, router_aux_coef, router_to_hf, sparse
 from sft_sharded.families.qwen3_5_text import (QWEN3_5_CARRIED, QWEN3_5_DEFAULTS, QWEN3_5_DERIVED, QWEN3_5_READS,
-                                               QWEN3_5_SHAPE, linear_tensors, qwen3_5_fits, qwen3_5_from_hf,
-                                               qwen3_5_layers, qwen3_5_to_hf)
+                                               QWEN3_5_ROPE_EXTRAS, QWEN3_5_SHAPE, linear_tensors, qwen3_5_fits,
+                                               qwen3_5_from_hf, qwen3_5_layers, qwen3_5_to_hf)
 
 
 def _from_hf(f: HfFields) -> dict:
@@ -42,7 +42,7 @@ FAMILY = Family(
               "moe_intermediate_size": 512, "shared_expert_intermediate_size": 512, "num_experts_per_tok": 8,
               "num_experts": 256, "router_aux_loss_coef": 0.001},
     from_hf=_from_hf, to_hf=_to_hf, fits=_fits, tensors=linear_tensors, moe_names=QWEN_EXPERT_NAMES,
-    rope_extras=frozenset({"mrope_section", "mrope_interleaved"}),
+    rope_extras=QWEN3_5_ROPE_EXTRAS,
     presets={
         # Qwen/Qwen3.5-35B-A3B's text_config: 256 experts of 512, 8 per token, a 512-wide shared expert
         "qwen3.5-35b-a3b": dict(QWEN3_5_SHAPE, hidden_size=2048, num_layers=40, num_heads=16, num_kv_heads=2,

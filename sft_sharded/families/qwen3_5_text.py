@@ -23,6 +23,9 @@ QWEN3_5_READS = COMMON | set(_LINEAR.values()) | {
 QWEN3_5_DERIVED = {
     "full_attention_interval": "written as layer_types", "partial_rotary_factor": "written in rope_parameters",
     "attn_output_gate": "transformers' model always gates; a config saying false is refused"}
+# rope_parameters keys of the multimodal position sections: text positions are the same in every section, so
+# they change nothing here (read past, written back as the source had them).
+QWEN3_5_ROPE_EXTRAS = frozenset({"mrope_section", "mrope_interleaved"})
 # Written back as the source had them; transformers' model reads none of them. The multi-token-prediction
 # head's sizes (a multimodal checkpoint's mtp.* tensors pass through on export), the DeltaNet state's dtype
 # (float32 here whatever it says, as in transformers), and an mlp_only_layers the published configs leave empty.
@@ -114,8 +117,8 @@ FAMILY = Family(
     model_type="qwen3_5_text", architecture="Qwen3_5ForCausalLM",
     reads=QWEN3_5_READS | {"intermediate_size"}, derived=QWEN3_5_DERIVED, carried=QWEN3_5_CARRIED,
     defaults={**QWEN3_5_DEFAULTS, "intermediate_size": 12_288},
-    from_hf=qwen3_5_from_hf, to_hf=qwen3_5_to_hf, fits=_fits, tensors=linear_tensors, rope_extras=frozenset(
-        {"mrope_section", "mrope_interleaved"}),
+    from_hf=qwen3_5_from_hf, to_hf=qwen3_5_to_hf, fits=_fits, tensors=linear_tensors,
+    rope_extras=QWEN3_5_ROPE_EXTRAS,
     presets={
         # Qwen/Qwen3.5-0.8B's text_config (tied head, 16 q/k and 16 value heads in the linear layers)
         "qwen3.5-0.8b": dict(QWEN3_5_SHAPE, hidden_size=1024, num_layers=24, num_heads=8, num_kv_heads=2,
