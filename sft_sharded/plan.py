@@ -13,6 +13,7 @@ import os
 import re
 import sys
 
+from sft_sharded import hlo_collectives
 from sft_sharded.choices import (ATTENTION_IMPLEMENTATIONS, CONTEXT_SCHEMES, DEFAULT_CONTEXT_SCHEME,
                                  LORA_BASE_DTYPES as BASE_DTYPES, LORA_MLP_TARGETS, LORA_TARGETS, REMAT_POLICIES)
 from sft_sharded.errors import UserError
@@ -76,7 +77,8 @@ def _topology_mesh(gen: str, grid: str, mesh_spec: str):
 
 def plan(topology: str, model: str, seq: int, global_batch: int, mesh_spec: str, remat: str = "full",
          scan: bool = True, loss_chunk: int | None = None, attention: str = "auto", lora_rank: int = 0,
-         base_dtype: str = "bfloat16", context_attention: str = DEFAULT_CONTEXT_SCHEME) -> dict:
+         base_dtype: str = "bfloat16", context_attention: str = DEFAULT_CONTEXT_SCHEME,
+         hlo_file: str | None = None) -> dict:
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
     import jax
@@ -130,7 +132,7 @@ def plan(topology: str, model: str, seq: int, global_batch: int, mesh_spec: str,
                                       cfg.dtype, cfg.head_size, cfg.attn_softcap)
             result["attention"] = f"split sequence ({cfg.context_attention}, {cfg.context_layout}, {kernel} per shard)"
     result["pallas_calls"] = lowered.as_text().count("tpu_custom_call")
-    return {**result, **_compile(lowered, chip["hbm_bytes"])}
+    return {**result, **_compile(lowered, chip["hbm_bytes"], hlo_file)}
 
 
 def _check_split(mesh, global_batch: int, seq: int) -> None:
@@ -145,11 +147,9 @@ def _check_split(mesh, global_batch: int, seq: int) -> None:
         raise UserError(f"--seq {seq} is not divisible by the context axis ({context_size(mesh)} devices)")
 
 
-def _compile(lowered, hbm_bytes: int) -> dict:
-    """Per-chip memory and FLOPs of the compiled step, or the TPU compiler's refusal."""
+def _compile(lowered, hbm_bytes: int, hlo_file: str | None = None) -> dict:
+    """`step_stats` of the compiled step, or the TPU compiler's refusal."""
     import jax
-
-    from sft_sharded.metrics import memory_per_device
 
     try:
         compiled = lowered.compile()
@@ -158,15 +158,28 @@ def _compile(lowered, hbm_bytes: int) -> dict:
             raise
         # The TPU compiler itself refuses a program that cannot fit in HBM: that is the answer.
         return {"fits": False, "compiler_error": str(err).splitlines()[0]}
+    return step_stats(compiled, hbm_bytes, hlo_file)
+
+
+def step_stats(compiled, hbm_bytes: int, hlo_file: str | None = None) -> dict:
+    """Per-chip memory, FLOPs and collectives of a compiled step (any system's: benchmarks/tpu_side_by_side.py
+    reads MaxText's with it); with `hlo_file`, the optimized HLO module is written there too."""
+    from sft_sharded.metrics import memory_per_device
+
     memory = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     per_chip = memory_per_device(compiled)
+    hlo = compiled.as_text()
+    if hlo_file:
+        with open(hlo_file, "w") as f:
+            f.write(hlo)
     return {
         "argument_bytes": memory.argument_size_in_bytes, "temp_bytes": memory.temp_size_in_bytes,
         "output_bytes": memory.output_size_in_bytes, "alias_bytes": memory.alias_size_in_bytes,
         "total_bytes_per_chip": per_chip, "fits": per_chip <= hbm_bytes,
         "compiled_flops_per_chip": float(cost.get("flops", float("nan"))),
+        "collectives": hlo_collectives.collectives(hlo),
     }
 
 
@@ -193,6 +206,7 @@ def report(r: dict) -> str:
         f"  FLOPs per chip per step: compiler {r['compiled_flops_per_chip']:.3e}"
         f"{' (a scanned layer body counted once: XLA does not multiply loop trip counts)' if r['scan'] else ''}, "
         f"analytic 6*N*tokens + attention {r['analytic_flops_per_chip']:.3e}",
+        f"  {hlo_collectives.report(r['collectives'])}",
         f"  predicted step time: {r['step_s_at_peak']:.3f} s at peak, {r['step_s_at_50pct_mfu']:.3f} s at 50% MFU",
     ])
 
@@ -204,7 +218,7 @@ def main(args) -> int:
               args.loss_chunk, args.attention)
     if args.lora_rank:
         print(report(plan(*common, context_attention=args.context_attention)))
-    result = plan(*common, args.lora_rank, args.base_dtype, args.context_attention)
+    result = plan(*common, args.lora_rank, args.base_dtype, args.context_attention, args.hlo_file)
     print(report(result))
     if not result["fits"]:
         need = result.get("compiler_error") or f"{result['total_bytes_per_chip'] / 2**30:.2f} GiB per chip"
@@ -228,6 +242,7 @@ def add_arguments(parser) -> None:
                         help="attention over a sequence split on the mesh's context axis (models/context.py)")
     parser.add_argument("--lora-rank", type=int, default=0, help="plan LoRA of this rank (and print full FT too)")
     parser.add_argument("--base-dtype", default="bfloat16", choices=BASE_DTYPES, help="storage of the LoRA base")
+    parser.add_argument("--hlo-file", default=None, help="write the compiled step's optimized HLO text here")
     parser.add_argument("--loss-chunk", type=int, default=None,
                         help="chunked cross entropy with this many positions per chunk (default: 1024 for "
                              "vocabularies of 200k and more, else full logits)")

@@ -125,6 +125,7 @@ def test_plan_compiles_for_a_tpu_topology_and_refuses_what_does_not_fit():
     assert ok.returncode == 0, ok.stderr[-3000:]
     assert "on v5p:2x2x1 (4 chips), mesh {'data': 1, 'fsdp': 4, 'expert': 1, 'context': 1, 'tensor': 1}" in ok.stdout
     assert "-> fits" in ok.stdout and "FLOPs per chip per step: compiler" in ok.stdout
+    assert re.search(r"collectives per chip per step: all-gather \d+ x", ok.stdout)  # fsdp=4 gathers weights
     assert "attention splash (" in ok.stdout and "Pallas calls)" in ok.stdout  # "auto" on TPU: the kernel
     split = _plan("--topology", "v5p:2x2x1", "--model", "tiny", "--seq", "1024", "--global-batch", "2", "--mesh",
                   "fsdp=1,context=4", "--context-attention", "allgather")
