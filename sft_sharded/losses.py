@@ -1,10 +1,10 @@
 """Masked token losses that return (sum, count), so any split of the batch divides exactly once.
 
-Everything here is float32 and NaN-free on fully masked input: masked positions are removed with
-`jnp.where` (not multiplied by 0), and their labels are replaced by 0 before the gather, because
-`take_along_axis` wraps a negative index (-100 would read the logit of token V - 100) and clamps one past
-the vocabulary. Labels out of range at a *trained* position are refused on the host before the step runs
-(`Trainer` checks every batch), and -100 is never a target whatever the mask says.
+Everything here reduces in float32 and is NaN-free on fully masked input: masked positions are removed
+with `jnp.where` (not multiplied by 0), and their labels are replaced by 0 first, so no -100 ever indexes
+the vocabulary (`take_along_axis`, in the accuracy check, would wrap it to the logit of token V - 100).
+Labels out of range at a *trained* position are refused on the host before the step runs (`Trainer`
+checks every batch), and -100 is never a target whatever the mask says.
 """
 
 from __future__ import annotations
@@ -59,21 +59,26 @@ def target_weights(batch: Mapping[str, jax.Array], pad_label_id: int | None = 0)
 
 
 def cross_entropy_with_hits(
-    logits_BxTxV: jax.Array, labels_BxT: jax.Array, mask_BxT: jax.Array, z_loss: float = 0.0
+    logits_BxTxV: jax.Array, labels_BxT: jax.Array, mask_BxT: jax.Array, z_loss: float = 0.0,
+    final_softcap: float | None = None,
 ) -> tuple[LossTerms, jax.Array]:
     """Token cross entropy (plus optional z-loss, z·logsumexp²) summed over masked-in targets, and the
     number of those targets the model ranks first, from one max over the vocabulary (no separate argmax
     pass over the [B, T, V] logits). A target counts as a hit when its logit equals the maximum, so an
     exact tie counts for every tied token, where argmax would pick the first. A float mask weighs each
-    target: sum of weight x loss, sum of weights, and weighted hits, so the mean stays exact."""
-    logits = logits_BxTxV.astype(jnp.float32)
+    target: sum of weight x loss, sum of weights, and weighted hits, so the mean stays exact. Logits of
+    any dtype are soft-capped (`final_softcap`) and reduced in float32."""
+    logits = softcap(logits_BxTxV.astype(jnp.float32), final_softcap)
     weights_BxT = jnp.asarray(mask_BxT, jnp.float32)
     mask_BxT = weights_BxT != 0
     safe_labels = jnp.where(mask_BxT, labels_BxT, 0)
     # The max only shifts for stability; stopping its gradient leaves d lse / d logits = softmax exactly.
     max_BxT = jax.lax.stop_gradient(jnp.max(logits, axis=-1))
     lse_BxT = max_BxT + jnp.log(jnp.sum(jnp.exp(logits - max_BxT[..., None]), axis=-1))
-    label_logit_BxT = jnp.take_along_axis(logits, safe_labels[..., None], axis=-1)[..., 0]
+    # The label's logit by a select-and-sum over the vocabulary, not a gather: it fuses with the other
+    # reductions over the converted logits, where a gather needs its operand materialised in float32.
+    vocab_BxTxV = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
+    label_logit_BxT = jnp.sum(jnp.where(vocab_BxTxV == safe_labels[..., None], logits, 0.0), axis=-1)
     per_token_BxT = lse_BxT - label_logit_BxT
     if z_loss:
         per_token_BxT = per_token_BxT + z_loss * jnp.square(lse_BxT)
@@ -96,6 +101,21 @@ def token_accuracy(logits_BxTxV: jax.Array, labels_BxT: jax.Array, mask_BxT: jax
     return LossTerms(jnp.sum(correct_BxT, dtype=jnp.float32), jnp.sum(mask_BxT, dtype=jnp.float32))
 
 
+def projected_cross_entropy(
+    hidden_BxTxD: jax.Array, head_DxV: jax.Array, labels_BxT: jax.Array, mask_BxT: jax.Array,
+    z_loss: float = 0.0, final_softcap: float | None = None,
+) -> tuple[LossTerms, jax.Array]:
+    """`cross_entropy_with_hits` of the whole [B, T, V] logits, projected here from the final hidden states.
+
+    The projection's output stays in the activations' dtype (its products still accumulate in float32)
+    and the loss upcasts it, as transformers and MaxText do: the backward pass keeps these logits, and a
+    float32 copy would double the step's largest buffer (16 GiB more per chip for Llama 3.1 8B at 8 x 8192
+    rows per chip, benchmarks/README.md). `chunked_cross_entropy` keeps float32 logits, one chunk at a time.
+    """
+    logits_BxTxV = constrain(jnp.einsum("btd,dv->btv", hidden_BxTxD, head_DxV), ("batch", "length", "act_vocab"))
+    return cross_entropy_with_hits(logits_BxTxV, labels_BxT, mask_BxT, z_loss, final_softcap)
+
+
 def chunked_cross_entropy(
     hidden_BxTxD: jax.Array, head_DxV: jax.Array, labels_BxT: jax.Array, mask_BxT: jax.Array,
     chunk: int, z_loss: float = 0.0, final_softcap: float | None = None,
@@ -109,6 +129,7 @@ def chunked_cross_entropy(
     scan never crosses devices.
     """
     batch, length, dim = hidden_BxTxD.shape
+    head_DxV = constrain(head_DxV, (None, "act_vocab"))
     parts = sequence_shards(length)
     pad = -(length // parts) % chunk
 

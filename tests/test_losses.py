@@ -98,3 +98,24 @@ def test_chunked_cross_entropy_matches_the_plain_path_with_gradients():
     assert float(hits_c) == float(hits_p)
     for gc, gp in zip(grads_c, grads_p):
         np.testing.assert_allclose(gc, gp, rtol=1e-5, atol=1e-6)
+
+
+def test_projected_cross_entropy_rounds_logits_to_the_activation_dtype_and_soft_caps_in_float32():
+    """bfloat16 hidden states and head: the loss is numpy's float64 cross entropy of the bfloat16-rounded
+    logits (soft-capped after rounding), hits included; float32 inputs keep float32 logits."""
+    from sft_sharded.losses import projected_cross_entropy
+
+    rng = np.random.default_rng(8)
+    hidden = rng.normal(size=(2, 6, 8)).astype(np.float32)
+    head = rng.normal(size=(8, 40)).astype(np.float32)
+    labels = rng.integers(0, 40, (2, 6)).astype(np.int32)
+    mask = rng.random((2, 6)) < 0.7
+    for dtype, cap in ((jnp.bfloat16, None), (jnp.bfloat16, 5.0), (jnp.float32, None)):
+        h, w = jnp.asarray(hidden, dtype), jnp.asarray(head, dtype)
+        rounded = np.asarray(jnp.einsum("btd,dv->btv", h, w).astype(jnp.float32), np.float64)
+        expected = rounded if cap is None else cap * np.tanh(rounded / cap)
+        terms, hits = projected_cross_entropy(h, w, jnp.asarray(labels), jnp.asarray(mask), final_softcap=cap)
+        np.testing.assert_allclose(float(terms.loss_sum), masked_ce(expected, labels, mask)[0] * mask.sum(), rtol=1e-5)
+        assert float(hits) == ((expected.argmax(-1) == labels) & mask).sum()
+    exact = np.einsum("btd,dv->btv", hidden.astype(np.float64), head)
+    np.testing.assert_allclose(float(terms.loss_sum), masked_ce(exact, labels, mask)[0] * mask.sum(), rtol=1e-5)

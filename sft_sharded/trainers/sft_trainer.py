@@ -5,7 +5,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from sft_sharded.losses import LossTerms, chunked_cross_entropy, cross_entropy_with_hits, target_weights
+from sft_sharded.losses import (LossTerms, chunked_cross_entropy, cross_entropy_with_hits, projected_cross_entropy,
+                                target_weights)
 from sft_sharded.models import moe, quant
 from sft_sharded.models.lora import is_adapter
 from sft_sharded.trainers import partition
@@ -20,7 +21,9 @@ class SFTTrainer(Trainer):
     Loss options: `pad_label_id` (a label treated as padding when a batch has no `loss_mask`; None: off),
     `z_loss` (coefficient of z·logsumexp²), `loss_chunk_size` (sequence positions per chunk of a cross
     entropy that never materialises the [B, T, V] logits; the model must have a `hidden_and_head` method,
-    as `Decoder` does). Everything else (`mesh`, `grad_accum_steps`, `rules`, `compiler_options`) goes to
+    as `Decoder` does). Without chunks, a model with `hidden_and_head` has its logits projected by the loss
+    (`losses.projected_cross_entropy`: held in the activations' dtype); any other model's `__call__` gives
+    them. Everything else (`mesh`, `grad_accum_steps`, `rules`, `compiler_options`) goes to
     `Trainer`."""
 
     def __init__(self, model, optimizer, *, pad_label_id: int | None = 0, z_loss: float = 0.0,
@@ -120,11 +123,16 @@ class SFTTrainer(Trainer):
         if experts:
             kwargs["mutable"] = ["moe"]
         mask_BxT = target_weights(batch, self.pad_label_id)  # per-target weights (0: not trained)
-        if self.loss_chunk_size:  # the model hands over hidden states and head; logits per chunk only
+        softcap = getattr(cfg, "final_softcap", None)
+        if self.loss_chunk_size or hasattr(self.model, "hidden_and_head"):  # the model hands over its head
             out = self.model.apply({"params": params}, batch["input_ids"], **kwargs, method="hidden_and_head")
             (hidden_BxTxD, head_DxV), state = out if experts else (out, None)
-            terms, hits = chunked_cross_entropy(hidden_BxTxD, head_DxV, batch["labels"], mask_BxT,
-                                                self.loss_chunk_size, self.z_loss, getattr(cfg, "final_softcap", None))
+            if self.loss_chunk_size:  # logits per chunk only
+                terms, hits = chunked_cross_entropy(hidden_BxTxD, head_DxV, batch["labels"], mask_BxT,
+                                                    self.loss_chunk_size, self.z_loss, softcap)
+            else:
+                terms, hits = projected_cross_entropy(hidden_BxTxD, head_DxV, batch["labels"], mask_BxT,
+                                                      self.z_loss, softcap)
         else:
             out = self.model.apply({"params": params}, batch["input_ids"], **kwargs)
             logits_BxTxV, state = out if experts else (out, None)
