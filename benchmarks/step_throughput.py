@@ -35,6 +35,7 @@ def main() -> None:
     p.add_argument("--loss-chunk", type=int, default=None)
     p.add_argument("--xla-defaults", action="store_true",
                    help="compile with XLA's default options (no Trainer.compiler_options, e.g. YNN fusion back on CPU)")
+    p.add_argument("--hlo-file", default=None, help="write the compiled step's optimized HLO text here")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=10)
     args = p.parse_args()
@@ -73,6 +74,9 @@ def main() -> None:
     compiled = trainer.lower("train", state, batch).compile()
     compile_s = time.perf_counter() - start
     bytes_per_device = memory_per_device(compiled)
+    if args.hlo_file:
+        with open(args.hlo_file, "w") as f:
+            f.write(compiled.as_text())
     times = []
     for i in range(args.warmup + args.steps):
         start = time.perf_counter()

@@ -91,7 +91,8 @@ def run_one(system: str, row: str, loss: str, global_batch: int, hlo_dir: str | 
     start = time.time()
     cmd = [sys.executable, __file__, row, "--system", system, "--loss", loss, "--global-batch", str(global_batch),
            "--child"] + (["--hlo-dir", hlo_dir] if hlo_dir else [])
-    env = dict(os.environ, JAX_PLATFORMS="cpu", TPU_SKIP_MDS_QUERY="1", DECOUPLE_GCLOUD="TRUE")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", TPU_SKIP_MDS_QUERY="1", DECOUPLE_GCLOUD="TRUE",
+               ALLOW_MULTIPLE_LIBTPU_LOAD="1")  # no lockfile fight with another compile on this host
     done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if done.returncode:
         raise SystemExit(f"{system} {row} {loss}: exit {done.returncode}\n{done.stderr[-4000:]}")

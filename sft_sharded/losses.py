@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from sft_sharded.batch import IGNORE_INDEX
 from sft_sharded.models.decoder import softcap
-from sft_sharded.sharding import constrain, sequence_shards
+from sft_sharded.sharding import constrain, logical_shards, sequence_shards
 
 
 def safe_mean(total: jax.Array, count: jax.Array) -> jax.Array:
@@ -129,7 +129,12 @@ def chunked_cross_entropy(
     scan never crosses devices.
     """
     batch, length, dim = hidden_BxTxD.shape
-    head_DxV = constrain(head_DxV, (None, "act_vocab"))
+    if dim <= batch // logical_shards("batch", batch) * chunk:
+        # The head is no larger than one chunk's logits: gather it once, not in every chunk of the forward
+        # and backward passes, and let each chunk add to a local gradient reduced once after the scan.
+        # (Llama 3.1 8B, 8 rows per chip: 125 -> 72 GiB of collectives per step; with few rows per chip
+        # and a wide model the gathered head and its gradient would outweigh the logits they save.)
+        head_DxV = constrain(head_DxV, (None, "act_vocab"))
     parts = sequence_shards(length)
     pad = -(length // parts) % chunk
 

@@ -190,12 +190,18 @@ def whole_sequence(rules: Sequence[tuple[str, Any]]) -> tuple[tuple[str, Any], .
     return tuple((name, None if name == "length" else axes) for name, axes in rules)
 
 
+def logical_shards(name: str, size: int) -> int:
+    """Into how many parts the current mesh splits a dimension of `size` named `name` (1 outside a mesh,
+    or where the parts do not divide it)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    spec = None if mesh.empty else nn.logical_to_mesh_axes((name,))
+    parts = 1 if spec is None else _axis_size(spec[0], mesh)
+    return parts if size % parts == 0 else 1
+
+
 def sequence_shards(length: int) -> int:
     """Into how many parts the current mesh splits a sequence of `length` positions (1 outside a mesh)."""
-    mesh = jax.sharding.get_abstract_mesh()
-    spec = None if mesh.empty else nn.logical_to_mesh_axes(("length",))
-    size = 1 if spec is None else _axis_size(spec[0], mesh)
-    return size if length % size == 0 else 1
+    return logical_shards("length", length)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
