@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from reference import masked_ce
 
 from sft_sharded.losses import cross_entropy_with_hits, masked_cross_entropy, target_mask, token_accuracy
@@ -119,3 +120,29 @@ def test_projected_cross_entropy_rounds_logits_to_the_activation_dtype_and_soft_
         assert float(hits) == ((expected.argmax(-1) == labels) & mask).sum()
     exact = np.einsum("btd,dv->btv", hidden.astype(np.float64), head)
     np.testing.assert_allclose(float(terms.loss_sum), masked_ce(exact, labels, mask)[0] * mask.sum(), rtol=1e-5)
+
+
+@pytest.mark.parametrize("chunk", [8, 4])
+def test_chunked_loss_gathers_the_head_once_only_where_it_is_no_larger_than_a_chunk(chunk):
+    """8 rows over fsdp=8 (one per device), width 8, 16 positions, the head sharded on its width: chunks
+    of 8 positions (8 <= 1 x 8) gather it once for the whole loss and its gradient; chunks of 4 (8 > 1 x 4)
+    gather it per chunk. Counted in the compiled program."""
+    import flax.linen as nn
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from sft_sharded.hlo_collectives import collectives
+    from sft_sharded.losses import chunked_cross_entropy
+    from sft_sharded.sharding import LOGICAL_AXIS_RULES, batch_sharding, make_mesh
+
+    mesh = make_mesh(1, 8, 1)
+    hidden = jax.ShapeDtypeStruct((8, 16, 8), jnp.float32, sharding=batch_sharding(mesh, 3))
+    head = jax.ShapeDtypeStruct((8, 64), jnp.float32, sharding=NamedSharding(mesh, P("fsdp", None)))
+    labels, mask = jnp.zeros((8, 16), jnp.int32), jnp.ones((8, 16), bool)
+
+    def loss(h, w):
+        return chunked_cross_entropy(h, w, labels, mask, chunk)[0].loss_sum
+
+    with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+        hlo = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(hidden, head).compile().as_text()
+    gathers = collectives(hlo)["all-gather"]["count"]
+    assert gathers == 1 if chunk == 8 else gathers >= 16 // chunk
