@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -46,16 +47,14 @@ def ours(row: str, loss: str, global_batch: int, hlo_file: str | None) -> dict:
 
 
 def maxtext(row: str, loss: str, global_batch: int, hlo_file: str | None) -> dict:
-    import jax
     import maxtext
     from maxtext.trainers.pre_train import train_compile
 
-    from sft_sharded.plan import CHIPS, step_stats
+    from sft_sharded.plan import CHIPS, parse_topology, step_stats
 
     _, model, topology, seq, _ = ROWS[row]
-    chips = jax.experimental.topologies.get_topology_desc(  # v5p-64 names cores; MaxText counts chips
-        platform="tpu", topology_name=_topology_name(topology), chips_per_host_bounds=(2, 2, 1), num_slices=1)
-    per_chip = global_batch / len(chips.devices)
+    gen, grid = parse_topology(topology)  # v5p-64 names cores; MaxText's batch is per chip
+    per_chip = global_batch / math.prod(int(n) for n in grid.split("x"))
     config = os.path.join(os.path.dirname(maxtext.__file__), "configs", "base.yml")
     argv = [None, config, f"model_name={model}", f"compile_topology={topology}", "compile_topology_num_slices=1",
             f"per_device_batch_size={per_chip:g}", f"max_target_length={seq}", "remat_policy=full",
@@ -76,14 +75,7 @@ def maxtext(row: str, loss: str, global_batch: int, hlo_file: str | None) -> dic
         if "RESOURCE_EXHAUSTED" not in str(err):
             raise
         return {"compiler_error": str(err).splitlines()[0]}
-    return step_stats(captured["compiled"], CHIPS["v5p"]["hbm_bytes"], hlo_file)
-
-
-def _topology_name(topology: str) -> str:
-    from sft_sharded.plan import parse_topology
-
-    gen, grid = parse_topology(topology)
-    return f"{gen}:{grid}"
+    return step_stats(captured["compiled"], CHIPS[gen]["hbm_bytes"], hlo_file)
 
 
 def run_one(system: str, row: str, loss: str, global_batch: int, hlo_dir: str | None) -> dict:

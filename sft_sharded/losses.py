@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from sft_sharded.batch import IGNORE_INDEX
-from sft_sharded.models.decoder import softcap
+from sft_sharded.models.decoder import logits as head_logits, softcap
 from sft_sharded.sharding import constrain, logical_shards, sequence_shards
 
 
@@ -112,7 +112,7 @@ def projected_cross_entropy(
     float32 copy would double the step's largest buffer (16 GiB more per chip for Llama 3.1 8B at 8 x 8192
     rows per chip, benchmarks/README.md). `chunked_cross_entropy` keeps float32 logits, one chunk at a time.
     """
-    logits_BxTxV = constrain(jnp.einsum("btd,dv->btv", hidden_BxTxD, head_DxV), ("batch", "length", "act_vocab"))
+    logits_BxTxV = head_logits(hidden_BxTxD, head_DxV, dtype=hidden_BxTxD.dtype)  # soft-capped below, in float32
     return cross_entropy_with_hits(logits_BxTxV, labels_BxT, mask_BxT, z_loss, final_softcap)
 
 

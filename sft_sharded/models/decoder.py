@@ -203,9 +203,10 @@ def softcap(logits_BxTxV: jax.Array, cap: float | None) -> jax.Array:
     return logits_BxTxV if cap is None else cap * jnp.tanh(logits_BxTxV / cap)
 
 
-def logits(x_BxTxD: jax.Array, head_DxV: jax.Array, cap: float | None = None) -> jax.Array:
-    """float32 logits (soft-capped when the config caps them, Gemma 2)."""
-    logits_BxTxV = jnp.einsum("btd,dv->btv", x_BxTxD, head_DxV, preferred_element_type=jnp.float32)
+def logits(x_BxTxD: jax.Array, head_DxV: jax.Array, cap: float | None = None, dtype=jnp.float32) -> jax.Array:
+    """Logits in `dtype` (float32; the training loss asks for the activations' dtype), soft-capped when
+    the config caps them (Gemma 2)."""
+    logits_BxTxV = jnp.einsum("btd,dv->btv", x_BxTxD, head_DxV, preferred_element_type=dtype)
     return constrain(softcap(logits_BxTxV, cap), ("batch", "length", "act_vocab"))
 
 
