@@ -20,7 +20,7 @@ def measure(name: str, cfg, saves: int) -> dict:
     import optax
 
     from sft_sharded import Decoder, SFTTrainer, make_mesh
-    from sft_sharded.checkpoint import Checkpointer
+    from sft_sharded.rundir.checkpoint import Checkpointer
 
     trainer = SFTTrainer(Decoder(cfg), optax.adamw(1e-4), mesh=make_mesh(2, 2, 2))
     state = trainer.create_train_state(jax.random.key(0), jnp.zeros((8, 64), jnp.int32))
@@ -43,7 +43,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--saves", type=int, default=3)
     args = parser.parse_args()
-    from sft_sharded.devices import simulate_cpu_devices
+    from sft_sharded.parallel.devices import simulate_cpu_devices
 
     simulate_cpu_devices(8)
     from sft_sharded.models import DecoderConfig, preset

@@ -19,7 +19,7 @@ def measure(vocab: int, seq: int, batch: int, chunk: int | None) -> dict:
 
     from sft_sharded import Decoder, DecoderConfig, SFTTrainer, make_mesh
     from sft_sharded.metrics import memory_per_device
-    from sft_sharded.sharding import batch_sharding
+    from sft_sharded.parallel.sharding import batch_sharding
 
     cfg = DecoderConfig(vocab_size=vocab, hidden_size=256, num_layers=2, num_heads=4, num_kv_heads=4, mlp_dim=1024,
                       dtype="bfloat16")
@@ -41,7 +41,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--chunk", type=int, default=256)
     args = parser.parse_args()
-    from sft_sharded.devices import simulate_cpu_devices
+    from sft_sharded.parallel.devices import simulate_cpu_devices
 
     simulate_cpu_devices(8)
     plain = measure(args.vocab, args.seq, args.batch, None)

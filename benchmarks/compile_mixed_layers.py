@@ -5,7 +5,7 @@ Usage: python benchmarks/compile_mixed_layers.py"""
 import dataclasses
 import time
 
-from sft_sharded.devices import simulate_cpu_devices
+from sft_sharded.parallel.devices import simulate_cpu_devices
 
 simulate_cpu_devices(8)
 
@@ -16,7 +16,7 @@ import optax  # noqa: E402
 
 from sft_sharded import Decoder, SFTTrainer, make_mesh  # noqa: E402
 from sft_sharded.models import preset  # noqa: E402
-from sft_sharded.sharding import global_batch  # noqa: E402
+from sft_sharded.parallel.sharding import global_batch  # noqa: E402
 
 
 def main():

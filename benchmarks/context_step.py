@@ -7,7 +7,7 @@ Usage: python benchmarks/context_step.py [--seq 8192] [--steps 3]"""
 import argparse
 import dataclasses
 
-from sft_sharded.devices import simulate_cpu_devices
+from sft_sharded.parallel.devices import simulate_cpu_devices
 from timing import median_step_s  # a sibling: python puts benchmarks/ on the path
 
 
@@ -24,7 +24,7 @@ def main():
 
     from sft_sharded import Decoder, DecoderConfig, SFTTrainer, make_mesh
     from sft_sharded.metrics import memory_per_device
-    from sft_sharded.sharding import global_batch
+    from sft_sharded.parallel.sharding import global_batch
 
     rows, seq = 4, args.seq
     base = DecoderConfig(vocab_size=1024, hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2, mlp_dim=1024,

@@ -49,7 +49,7 @@ def time_trainer(cfg, steps: int) -> float:
     from sft_sharded.run import build_trainer, init_state
     from sft_sharded.data.pipeline import make_iterator
     from sft_sharded.data.tokenizers import ByteTokenizer
-    from sft_sharded.sharding import global_batch
+    from sft_sharded.parallel.sharding import global_batch
 
     trainer = build_trainer(cfg)
     state = init_state(trainer, cfg)
@@ -76,7 +76,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, help="pipeline rows per batch")
     args = parser.parse_args()
 
-    from sft_sharded.devices import simulate_cpu_devices
+    from sft_sharded.parallel.devices import simulate_cpu_devices
 
     simulate_cpu_devices(8)
     from absl import flags

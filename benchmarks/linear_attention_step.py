@@ -21,7 +21,7 @@ def main():
 
     from sft_sharded import Decoder, DecoderConfig, SFTTrainer, make_mesh
     from sft_sharded.metrics import memory_per_device
-    from sft_sharded.sharding import global_batch
+    from sft_sharded.parallel.sharding import global_batch
 
     hybrid = DecoderConfig(vocab_size=4096, hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=64,
                            mlp_dim=768, qk_norm=True, norm_plus_one=True, attention_output_gate=True, rotary_dim=16,

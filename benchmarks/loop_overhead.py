@@ -19,7 +19,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("override", nargs="*", help="config overrides, e.g. data.worker_count=1")
     args = parser.parse_args()
-    from sft_sharded.devices import simulate_cpu_devices
+    from sft_sharded.parallel.devices import simulate_cpu_devices
 
     simulate_cpu_devices(8)
     import jax
@@ -29,7 +29,7 @@ def main() -> None:
     from sft_sharded.data.pipeline import make_iterator
     from sft_sharded.data.tokenizers import ByteTokenizer
     from sft_sharded.metrics import MetricsWriter
-    from sft_sharded.sharding import global_batch
+    from sft_sharded.parallel.sharding import global_batch
     from sft_sharded.trainers.loop import fit
 
     cfg = load_config(None, [f"steps={args.steps}", *args.override])

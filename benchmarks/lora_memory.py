@@ -14,7 +14,7 @@ import json
 import statistics
 import time
 
-from sft_sharded.devices import simulate_cpu_devices
+from sft_sharded.parallel.devices import simulate_cpu_devices
 
 
 def state_bytes(tree) -> int:
@@ -37,7 +37,7 @@ def measure(cfg, mesh, batch: int, seq: int, steps: int) -> dict:
 
     from sft_sharded import Decoder, SFTTrainer
     from sft_sharded.metrics import memory_per_device
-    from sft_sharded.sharding import batch_sharding, global_batch
+    from sft_sharded.parallel.sharding import batch_sharding, global_batch
 
     trainer = SFTTrainer(Decoder(cfg), optax.adamw(1e-4), mesh=mesh)
     abstract = trainer.abstract_train_state(jax.random.key(0), jax.ShapeDtypeStruct((batch, seq), jnp.int32))

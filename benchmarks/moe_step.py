@@ -4,7 +4,7 @@ Usage: python benchmarks/moe_step.py [--devices 8] [--mesh 1,8,1] [--expert 1] [
 
 import argparse
 
-from sft_sharded.devices import simulate_cpu_devices
+from sft_sharded.parallel.devices import simulate_cpu_devices
 from timing import median_step_s  # a sibling: python puts benchmarks/ on the path
 
 
@@ -23,7 +23,7 @@ def main():
     import optax
 
     from sft_sharded import Decoder, DecoderConfig, SFTTrainer, make_mesh
-    from sft_sharded.sharding import global_batch
+    from sft_sharded.parallel.sharding import global_batch
 
     mesh = make_mesh(*(int(x) for x in args.mesh.split(",")), expert=args.expert)
     shape = dict(vocab_size=1024, hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2, mlp_dim=1024,

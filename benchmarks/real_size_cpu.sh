@@ -16,9 +16,9 @@ import jax
 import jax.numpy as jnp
 
 from sft_sharded import Decoder
-from sft_sharded.hf import save_pretrained
+from sft_sharded.hf.weights import save_pretrained
 from sft_sharded.models import preset
-from sft_sharded.sharding import unbox
+from sft_sharded.parallel.sharding import unbox
 
 cfg = preset("llama3.2-1b", param_dtype="bfloat16")
 params = jax.jit(lambda k: unbox(Decoder(cfg).init(k, jnp.zeros((1, 8), jnp.int32))["params"]))(jax.random.key(0))

@@ -15,7 +15,7 @@ import sys
 import time
 
 from sft_sharded.choices import ATTENTION_IMPLEMENTATIONS, REMAT_POLICIES
-from sft_sharded.devices import simulate_cpu_devices
+from sft_sharded.parallel.devices import simulate_cpu_devices
 
 
 def main() -> None:
@@ -50,7 +50,7 @@ def main() -> None:
     from sft_sharded.metrics import flops_per_token, memory_per_device, mfu, peak_flops
     from sft_sharded.models import preset
     from sft_sharded.models.attention_rules import resolve
-    from sft_sharded.sharding import global_batch
+    from sft_sharded.parallel.sharding import global_batch
 
     options = dict(dtype=args.dtype, param_dtype=args.param_dtype, remat=args.remat, scan_layers=args.scan,
                    attention=args.attention)

@@ -10,7 +10,7 @@ flags). Both use their defaults otherwise: scanned layers, full remat, bf16 acti
 weights and AdamW state, fully sharded data parallel over every chip (ours: fsdp=-1; MaxText:
 ici_fsdp_parallelism=-1), splash attention. The loss: "full" materialises the [rows, seq, vocab] logits in
 both; "tiled" splits them into seq/1024 pieces in both (ours: --loss-chunk 1024; MaxText:
-num_vocab_tiling=seq/1024). Collectives are counted by sft_sharded.hlo_collectives for both.
+num_vocab_tiling=seq/1024). Collectives are counted by sft_sharded.parallel.hlo_collectives for both.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import sys
 import tempfile
 import time
 
-from sft_sharded.hlo_collectives import KINDS
+from sft_sharded.parallel.hlo_collectives import KINDS
 
 # row -> (sft_sharded preset, MaxText model_name, topology, seq, global batch)
 ROWS = {

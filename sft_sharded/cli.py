@@ -13,9 +13,9 @@ import math
 import signal
 import sys
 
-from sft_sharded import paths
+from sft_sharded.rundir import paths
 from sft_sharded.config import TrainConfig, load_config
-from sft_sharded.devices import cpu_only_host, simulate_cpu_devices
+from sft_sharded.parallel.devices import cpu_only_host, simulate_cpu_devices
 from sft_sharded.errors import UserError
 
 
@@ -216,7 +216,8 @@ def _command(args: argparse.Namespace) -> int:
         print(f"warning: simulate_devices={cfg.simulate_devices} ignored: jax was imported before the config was "
               "read", file=sys.stderr)
     simulate_cpu_devices(cfg.simulate_devices)
-    from sft_sharded import distributed, trained
+    from sft_sharded.rundir import trained
+    from sft_sharded.parallel import distributed
 
     distributed.initialize()
     if args.command == "train":
@@ -236,7 +237,7 @@ def _describe_process() -> str:
         return ""
     import jax
 
-    from sft_sharded import distributed
+    from sft_sharded.parallel import distributed
 
     try:
         return f"{distributed.describe()}: " if jax.process_count() > 1 else ""
@@ -260,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
               "checkpoint)", file=sys.stderr, flush=True)
         return INTERRUPTED
     except BaseException as err:
-        from sft_sharded.memory import describe_xla_oom, is_xla_oom  # imports jax: only once it has started
+        from sft_sharded.parallel.memory import describe_xla_oom, is_xla_oom  # imports jax: only once it has started
 
         who = _describe_process()
         if is_xla_oom(err) and not args.debug:  # XLA's RESOURCE_EXHAUSTED: the machine, not a bug

@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 import yaml
 
-from sft_sharded import paths
+from sft_sharded.rundir import paths
 from sft_sharded.choices import (ATTENTION_IMPLEMENTATIONS, CONTEXT_SCHEMES, DEFAULT_CONTEXT_SCHEME, LORA_BASE_DTYPES,
                                  LORA_TARGETS, REMAT_POLICIES)
 from sft_sharded.errors import MissingFileError, UserError

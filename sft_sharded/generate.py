@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sft_sharded import sharding
+from sft_sharded.parallel import sharding
 from sft_sharded.models.decoder import Decoder, init_cache
 
 

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from sft_sharded.batch import IGNORE_INDEX
 from sft_sharded.models.decoder import logits as head_logits, softcap
-from sft_sharded.sharding import constrain, logical_shards, sequence_shards
+from sft_sharded.parallel.sharding import constrain, logical_shards, sequence_shards
 
 
 def safe_mean(total: jax.Array, count: jax.Array) -> jax.Array:

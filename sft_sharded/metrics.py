@@ -9,7 +9,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from sft_sharded import paths
+from sft_sharded.rundir import paths
 
 # Peak dense bf16 FLOP/s per device, by jax `device_kind` prefix (vendor data sheets; TPU from the Cloud
 # TPU system-architecture pages). CPUs have no meaningful peak: MFU is reported only where one is known.

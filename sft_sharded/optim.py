@@ -9,7 +9,7 @@ import jax
 import optax
 
 from sft_sharded.config import OptimConfig
-from sft_sharded.sharding import key_name
+from sft_sharded.parallel.sharding import key_name
 
 _NO_DECAY_NAMES = ("bias", "scale", "norm")
 

@@ -13,7 +13,7 @@ import os
 import re
 import sys
 
-from sft_sharded import hlo_collectives
+from sft_sharded.parallel import hlo_collectives
 from sft_sharded.choices import (ATTENTION_IMPLEMENTATIONS, CONTEXT_SCHEMES, DEFAULT_CONTEXT_SCHEME,
                                  LORA_BASE_DTYPES as BASE_DTYPES, LORA_MLP_TARGETS, LORA_TARGETS, REMAT_POLICIES)
 from sft_sharded.errors import UserError
@@ -62,7 +62,7 @@ def _topology_mesh(gen: str, grid: str, mesh_spec: str):
     import jax
     from jax.experimental import topologies
 
-    from sft_sharded.sharding import MESH_AXES, mesh_shape
+    from sft_sharded.parallel.sharding import MESH_AXES, mesh_shape
 
     topo = topologies.get_topology_desc(platform="tpu", topology_name=f"{gen}:{grid}",
                                         chips_per_host_bounds=(2, 2, 1), num_slices=1)
@@ -91,7 +91,7 @@ def plan(topology: str, model: str, seq: int, global_batch: int, mesh_spec: str,
     from sft_sharded.models.context import per_shard_kernel
     from sft_sharded.models.lora import LoraConfig
     from sft_sharded.models.presets import loss_chunk as chunk_for
-    from sft_sharded.sharding import MESH_AXES, batch_sharding, context_size
+    from sft_sharded.parallel.sharding import MESH_AXES, batch_sharding, context_size
     from sft_sharded.trainers import SFTTrainer
 
     gen, grid = parse_topology(topology)
@@ -137,7 +137,7 @@ def plan(topology: str, model: str, seq: int, global_batch: int, mesh_spec: str,
 
 def _check_split(mesh, global_batch: int, seq: int) -> None:
     """Rows that the row-splitting axes divide and positions that the context axis divides."""
-    from sft_sharded.sharding import context_size, data_parallel_size
+    from sft_sharded.parallel.sharding import context_size, data_parallel_size
 
     if global_batch % data_parallel_size(mesh):
         raise UserError(f"--global-batch {global_batch} does not split over data x fsdp x expert = "

@@ -3,7 +3,7 @@
 `build_trainer` (mesh, model, optimizer), `abstract_state` (shapes and shardings, nothing allocated),
 `init_state` (fresh or from a Hugging Face directory), `restore_or_init` (state and data iterator
 together), `train` (the loop with checkpoints and the final evaluation; the evaluation itself is in
-`evaluation.py`, what is done with a trained run directory in `trained.py`). Every check of the user's
+`evaluation.py`, what is done with a trained run directory in `rundir/trained.py`). Every check of the user's
 input runs before the first compile and before anything in the run directory is written.
 """
 
@@ -21,23 +21,24 @@ import jax
 
 from etils import epath
 
-from sft_sharded import hf, paths
-from sft_sharded.checkpoint import Checkpointer, save_params
+from sft_sharded.rundir import paths
+from sft_sharded.hf import weights as hf
+from sft_sharded.rundir.checkpoint import Checkpointer, save_params
 from sft_sharded.config import TrainConfig, dump_config, to_dict
 from sft_sharded.data import report
 from sft_sharded.data.pipeline import make_iterator, resume_iterator, scan
 from sft_sharded.data.tokenizers import load_tokenizer
 from sft_sharded.errors import TrainingDiverged, UserError
-from sft_sharded.lock import RunLock, check_free
+from sft_sharded.rundir.lock import RunLock, check_free
 from sft_sharded.evaluation import make_eval_fn
-from sft_sharded.memory import check_first_step
+from sft_sharded.parallel.memory import check_first_step
 from sft_sharded.models import Decoder, DecoderConfig, preset
 from sft_sharded.models.presets import loss_chunk
 from sft_sharded.models.lora import LoraConfig
 from sft_sharded.optim import make_optimizer
-from sft_sharded.sharding import context_size, data_parallel_size, make_mesh
+from sft_sharded.parallel.sharding import context_size, data_parallel_size, make_mesh
 from sft_sharded.state import abstract_state, base_fingerprint, init_state, with_frozen_base
-from sft_sharded.tracking import check_trackers, make_trackers
+from sft_sharded.rundir.tracking import check_trackers, make_trackers
 from sft_sharded.trainers import SFTTrainer, TrainState
 
 Say = Callable[[str], None]

@@ -10,7 +10,9 @@ import hashlib
 import jax
 import jax.numpy as jnp
 
-from sft_sharded import hf, paths, sharding
+from sft_sharded.rundir import paths
+from sft_sharded.parallel import sharding
+from sft_sharded.hf import weights as hf
 from sft_sharded.config import TrainConfig
 from sft_sharded.trainers import SFTTrainer, TrainState
 
@@ -65,7 +67,7 @@ def init_state(trainer: SFTTrainer, cfg: TrainConfig) -> TrainState:
     else:
         frozen = frozen_base(trainer, cfg)
         if cfg.lora.init_from:
-            from sft_sharded.peft import load_adapters
+            from sft_sharded.hf.peft import load_adapters
 
             params = load_adapters(cfg.lora.init_from, trainer.model.config, abstract.params)
         else:

@@ -13,7 +13,7 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 # need one (the cuDNN attention tests); everything else assumes the 8 simulated CPU devices.
 ON_CPU = os.environ.get("SFT_SHARDED_TEST_PLATFORM", "cpu") == "cpu"
 if ON_CPU:
-    from sft_sharded.devices import simulate_cpu_devices
+    from sft_sharded.parallel.devices import simulate_cpu_devices
 
     simulate_cpu_devices(8)
     os.environ["JAX_PLATFORMS"] = "cpu"

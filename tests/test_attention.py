@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from sft_sharded.models import attention as attn
-from sft_sharded.sharding import LOGICAL_AXIS_RULES, make_mesh
+from sft_sharded.parallel.sharding import LOGICAL_AXIS_RULES, make_mesh
 
 
 def _inputs(batch=2, length=256, heads=4, kv_heads=2, dim=16, dtype=jnp.float32, packed=True, seed=0):

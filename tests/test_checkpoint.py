@@ -16,7 +16,7 @@ import optax
 import pytest
 
 from sft_sharded import Decoder, SFTTrainer, make_mesh
-from sft_sharded.checkpoint import Checkpointer
+from sft_sharded.rundir.checkpoint import Checkpointer
 from sft_sharded.errors import UserError
 
 ARGS = ["steps=16", "log_every=1", "checkpoint.every=5", "eval.every=0", "eval.num_generate=8", "data.num_eval=16",

@@ -20,7 +20,7 @@ from sft_sharded.models import context
 from sft_sharded.models.attention import dot_product_attention
 from sft_sharded.models.config import DecoderConfig
 from sft_sharded.models.decoder import Decoder
-from sft_sharded.sharding import LOGICAL_AXIS_RULES, make_mesh
+from sft_sharded.parallel.sharding import LOGICAL_AXIS_RULES, make_mesh
 from sft_sharded.trainers.sft_trainer import SFTTrainer
 
 B, T = 4, 64

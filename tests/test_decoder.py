@@ -12,7 +12,7 @@ from reference import GRAD_TOL, llama_logits
 
 from sft_sharded import Decoder, DecoderConfig, SFTTrainer, make_mesh
 from sft_sharded.models import preset
-from sft_sharded.sharding import unbox
+from sft_sharded.parallel.sharding import unbox
 
 
 def _init(cfg, ids):

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sft_sharded.distributed import cluster_kind
+from sft_sharded.parallel.distributed import cluster_kind
 
 ROOT = Path(__file__).resolve().parents[1]
 SFT = [sys.executable, "-m", "sft_sharded.cli"]

@@ -16,7 +16,7 @@ from data_fixtures import write_hf_tokenizer
 from sft_sharded import Decoder, DecoderConfig, SFTTrainer, make_mesh
 from sft_sharded.cli import main
 from sft_sharded.errors import UserError
-from sft_sharded.hf import save_pretrained
+from sft_sharded.hf.weights import save_pretrained
 
 FAST = ["simulate_devices=0", "steps=2", "log_every=1", "eval.every=0", "eval.num_generate=2", "data.num_eval=4",
         "data.batch_size=8", "data.max_length=32"]

@@ -17,9 +17,10 @@ import time
 import pytest
 from test_errors import FAST, assert_one_line, cli, jsonl, CHAT
 
-from sft_sharded import checkpoint, cli as cli_module
+from sft_sharded import cli as cli_module
+from sft_sharded.rundir import checkpoint
 from sft_sharded.cli import main
-from sft_sharded.lock import RunDirInUse, RunLock
+from sft_sharded.rundir.lock import RunDirInUse, RunLock
 
 
 def checkpoints(run):
@@ -179,7 +180,7 @@ def test_a_held_out_file_broken_at_its_end_is_found_before_training(tmp_path, ca
 
 
 def test_a_step_that_cannot_fit_is_refused_before_it_runs(tmp_path, capsys, monkeypatch):
-    from sft_sharded import memory
+    from sft_sharded.parallel import memory
 
     monkeypatch.setattr(memory, "host_available_bytes", lambda: 2**20)  # a host with 1 MiB free
     status, err = cli(capsys, "train", *FAST, f"run_dir={tmp_path / 'run'}")
@@ -220,7 +221,7 @@ def test_a_bucket_without_credentials_is_refused_at_once(tmp_path, capsys, monke
 
 
 def test_a_bucket_that_does_not_answer_is_one_line_after_a_bounded_wait(monkeypatch):
-    from sft_sharded import paths
+    from sft_sharded.rundir import paths
     from sft_sharded.errors import UserError
 
     monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", "/keys/sa.json")

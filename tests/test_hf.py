@@ -12,7 +12,7 @@ import pytest
 from sft_sharded import Decoder, SFTTrainer, make_mesh
 from sft_sharded.errors import UserError
 from sft_sharded.families import MULTIMODAL
-from sft_sharded.hf import config_from_hf, load_params, save_pretrained
+from sft_sharded.hf.weights import config_from_hf, load_params, save_pretrained
 
 if os.environ.get("CI") == "true":  # CI must run these: a missing torch is a failure there, not a skip
     import torch  # noqa: F401
@@ -237,7 +237,7 @@ def test_fine_tune_a_local_hf_directory_and_export_it(tmp_path):
     original = transformers.AutoModelForCausalLM.from_pretrained(hf_dir).eval()
     ids = np.random.default_rng(3).integers(0, 320, (1, 12))
     assert np.abs(hf_logits(tuned, ids) - hf_logits(original, ids)).max() > 1e-3  # it did train
-    from sft_sharded.checkpoint import load_params as load_final
+    from sft_sharded.rundir.checkpoint import load_params as load_final
 
     trainer, _, imported = import_model(hf_dir, (2, 2, 2))
     params = load_final(run, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
@@ -268,7 +268,7 @@ def test_fields_that_change_the_math_are_refused_by_name(tmp_path):
 
 
 def test_every_checkpoint_tensor_is_used_and_every_param_filled(tmp_path):
-    from sft_sharded.hf import SafetensorsDir, write_safetensors
+    from sft_sharded.hf.weights import SafetensorsDir, write_safetensors
 
     make_hf("llama-gqa-untied", tmp_path / "hf")
     tensors = SafetensorsDir(tmp_path / "hf")
@@ -290,11 +290,11 @@ def test_export_carries_token_ids_positions_and_generation_config(tmp_path):
     config.update(bos_token_id=5, eos_token_id=[6, 7], pad_token_id=0, max_position_embeddings=48)
     (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
     (tmp_path / "hf" / "generation_config.json").write_text(json.dumps({"eos_token_id": [6, 7], "temperature": 0.6}))
-    from sft_sharded.trained import export
+    from sft_sharded.rundir.trained import export
 
     cfg = config_from_hf(tmp_path / "hf")
     trainer, _, params = import_model(tmp_path / "hf")
-    from sft_sharded.checkpoint import save_params
+    from sft_sharded.rundir.checkpoint import save_params
 
     run = tmp_path / "run"
     run.mkdir()
@@ -313,7 +313,7 @@ def test_export_carries_token_ids_positions_and_generation_config(tmp_path):
 
 def test_a_preset_export_stops_transformers_generate_at_the_turn_end(tmp_path):
     from sft_sharded.data.tokenizers import ByteTokenizer
-    from sft_sharded.hf import tokenizer_token_ids
+    from sft_sharded.hf.weights import tokenizer_token_ids
     from sft_sharded.models import preset
 
     cfg = preset("tiny", num_layers=1)
@@ -402,7 +402,7 @@ def test_multimodal_checkpoints_train_their_text_and_export_the_towers_untouched
     export loads as the same class with the towers byte-identical, and transformers' greedy `generate` on a
     text prompt equals ours."""
     from sft_sharded.generate import greedy_generate
-    from sft_sharded.hf import SafetensorsDir
+    from sft_sharded.hf.weights import SafetensorsDir
 
     torch.manual_seed(0)
     model = transformers.AutoModelForImageTextToText.from_config(_multimodal(kind)).eval()
@@ -453,8 +453,8 @@ def test_gpt_oss_mxfp4_experts_dequantize_as_transformers_does_shard_by_shard(tm
     import of the quantized checkpoint gives the logits of transformers' model holding those weights."""
     from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
-    from sft_sharded.hf import SafetensorsDir, write_safetensors
-    from sft_sharded.mxfp4 import Mxfp4
+    from sft_sharded.hf.weights import SafetensorsDir, write_safetensors
+    from sft_sharded.hf.mxfp4 import Mxfp4
 
     model = make_hf("gpt-oss", tmp_path / "hf")
     tensors = SafetensorsDir(tmp_path / "hf")

@@ -8,7 +8,7 @@ import pytest
 
 from sft_sharded.families import FAMILIES
 from sft_sharded.families.base import COMMON, ROPE_DERIVED
-from sft_sharded.hf_config import TOKEN_ID_FIELDS, config_from_hf, config_to_hf, hf_model_type
+from sft_sharded.hf.config import TOKEN_ID_FIELDS, config_from_hf, config_to_hf, hf_model_type
 from sft_sharded.models import preset
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from jax.sharding import AxisType, PartitionSpec as P
 
-from sft_sharded.hlo_collectives import collectives, report, type_bytes
+from sft_sharded.parallel.hlo_collectives import collectives, report, type_bytes
 
 # A hand-written module in the form the compilers print: asynchronous pairs, a combined (tuple) all-gather,
 # an op in an async wrapper's callee and a loop body run 4 times.

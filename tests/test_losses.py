@@ -130,9 +130,9 @@ def test_chunked_loss_gathers_the_head_once_only_where_it_is_no_larger_than_a_ch
     import flax.linen as nn
     from jax.sharding import NamedSharding, PartitionSpec as P
 
-    from sft_sharded.hlo_collectives import collectives
+    from sft_sharded.parallel.hlo_collectives import collectives
     from sft_sharded.losses import chunked_cross_entropy
-    from sft_sharded.sharding import LOGICAL_AXIS_RULES, batch_sharding, make_mesh
+    from sft_sharded.parallel.sharding import LOGICAL_AXIS_RULES, batch_sharding, make_mesh
 
     mesh = make_mesh(1, 8, 1)
     hidden = jax.ShapeDtypeStruct((8, 16, 8), jnp.float32, sharding=batch_sharding(mesh, 3))

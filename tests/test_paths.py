@@ -13,7 +13,7 @@ import pytest
 from etils import epath
 from test_errors import FAST, assert_one_line, cli, write_model_dir
 
-from sft_sharded import paths
+from sft_sharded.rundir import paths
 from sft_sharded.cli import main
 from sft_sharded.data.sources import expand_paths, open_source
 from sft_sharded.errors import UserError

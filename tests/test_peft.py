@@ -12,7 +12,7 @@ from data_fixtures import write_hf_tokenizer
 from test_hf import hf_logits, make_hf
 
 from sft_sharded import run, state
-from sft_sharded.checkpoint import load_params
+from sft_sharded.rundir.checkpoint import load_params
 from sft_sharded.cli import main
 from sft_sharded.config import load_config
 from sft_sharded.trainers import partition

@@ -12,7 +12,7 @@ from reference import GRAD_TOL, llama_logits, masked_ce, random_batch, to_numpy
 
 from sft_sharded import Decoder, SFTTrainer, make_mesh
 from sft_sharded.errors import UserError
-from sft_sharded.sharding import unbox
+from sft_sharded.parallel.sharding import unbox
 
 MESHES = [(8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 2, 4)]
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from jax.sharding import AxisType, PartitionSpec as P
 
-from sft_sharded.sharding import global_batch, logical_to_sharding, make_mesh, split_microbatches
+from sft_sharded.parallel.sharding import global_batch, logical_to_sharding, make_mesh, split_microbatches
 
 
 def test_make_mesh_shapes_axis_types_and_minus_one():

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from etils import epath
 
-from sft_sharded import paths
+from sft_sharded.rundir import paths
 from sft_sharded.errors import MissingFileError, UserError
 
 HF_PREFIX = "hf://datasets/"

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import numpy as np
 from etils import epath
 
-from sft_sharded import paths
+from sft_sharded.rundir import paths
 from sft_sharded.data import hub
 from sft_sharded.errors import MissingFileError, UserError
 

@@ -11,7 +11,7 @@ import json
 import re
 from pathlib import Path
 
-from sft_sharded import paths
+from sft_sharded.rundir import paths
 from sft_sharded.errors import MissingFileError, UserError
 
 # The built-in chat template: roles as special tokens, each turn closed by <|end|>, which is trained on

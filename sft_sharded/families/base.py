@@ -1,7 +1,7 @@
 """What a family record is: the transformers `model_type` it stands for, the config.json fields its model
 reads (with transformers' defaults where a file leaves one out), how those become DecoderConfig fields and
 back, which DecoderConfig it can write exactly, its tensor names where they differ from Llama's, and its
-named shapes. `hf_config` and `hf_tensors` loop over the records; nothing else knows a family by name.
+named shapes. `hf.config` and `hf.tensor_map` loop over the records; nothing else knows a family by name.
 
 Fields every family reads (`COMMON`) and the plain-Llama values of the options (`LLAMA_LIKE`) are here,
 so a record lists only where its family differs.
@@ -98,7 +98,7 @@ class Family:
     # names relative to the layer ("self_attn.qkv_proj": ("self_attn.q_proj", ...)).
     fused: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
     # The family's own tensor names where the shared rule has no place for them: (config, the shared
-    # mapping, the layer's name prefix) -> the mapping (hf_tensors.mapping's format).
+    # mapping, the layer's name prefix) -> the mapping (hf.tensor_map.mapping's format).
     tensors: Callable[[DecoderConfig, dict, str], dict] | None = None
     # Values of quantization_config.quant_method whose weights import dequantizes (gpt-oss: "mxfp4").
     quantizations: tuple[str, ...] = ()

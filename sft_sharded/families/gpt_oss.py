@@ -74,7 +74,7 @@ FAMILY = Family(
               "router_aux_loss_coef": 0.001, "sliding_window": 128, "rms_norm_eps": 1e-5, "head_dim": 64},
     from_hf=_from_hf, to_hf=_to_hf, fits=_fits, tensors=_tensors,
     interleaved=("experts.gate_up_proj", "experts.gate_up_proj_bias"),
-    # The published checkpoints store the experts' weights in MXFP4 (sft_sharded/mxfp4.py); export writes
+    # The published checkpoints store the experts' weights in MXFP4 (sft_sharded/hf/mxfp4.py); export writes
     # them unquantized in the export dtype.
     quantizations=("mxfp4",),
     presets={

@@ -30,7 +30,7 @@ from sft_sharded.errors import UserError
 from sft_sharded.models import attention_kernels
 from sft_sharded.models import context as split_sequence
 from sft_sharded.models.attention_rules import MASKED, attention_mask, resolve
-from sft_sharded.sharding import sequence_shards
+from sft_sharded.parallel.sharding import sequence_shards
 
 
 

@@ -15,7 +15,7 @@ from jax.sharding import PartitionSpec as P
 
 from sft_sharded.errors import UserError
 from sft_sharded.models.attention_rules import attention_mask
-from sft_sharded.sharding import activation_spec, current_platform
+from sft_sharded.parallel.sharding import activation_spec, current_platform
 
 Q_AXES = ("batch", "length", "act_heads", "head_dim")
 KV_AXES = ("batch", "length", "act_kv_heads", "head_dim")

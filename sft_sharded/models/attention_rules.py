@@ -15,7 +15,7 @@ import numpy as np
 
 from sft_sharded.choices import ATTENTION_IMPLEMENTATIONS
 from sft_sharded.errors import UserError
-from sft_sharded.sharding import current_platform
+from sft_sharded.parallel.sharding import current_platform
 
 IMPLEMENTATIONS = ATTENTION_IMPLEMENTATIONS
 MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite, so a row never becomes NaN

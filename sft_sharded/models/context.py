@@ -30,7 +30,7 @@ from jax.sharding import PartitionSpec as P
 from sft_sharded.errors import UserError
 from sft_sharded.models import context_fused
 from sft_sharded.models.attention_rules import MASKED, layout_order, resolve
-from sft_sharded.sharding import activation_spec, sequence_shards
+from sft_sharded.parallel.sharding import activation_spec, sequence_shards
 
 _BLOCK = 512  # query and key rows per block: [B, K, G, 512, 512] float32 scores at a time
 

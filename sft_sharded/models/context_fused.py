@@ -22,7 +22,7 @@ from jax.sharding import PartitionSpec as P
 
 from sft_sharded.models.attention_kernels import _splash_local, cudnn_chunk
 from sft_sharded.models.attention_rules import layout_order
-from sft_sharded.sharding import current_platform
+from sft_sharded.parallel.sharding import current_platform
 
 
 def chunks(length: int, shards: int, layout: str) -> list[list[tuple[int, int, int]]]:

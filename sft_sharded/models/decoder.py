@@ -14,7 +14,7 @@ from sft_sharded.models.context import zigzag_to_natural
 from sft_sharded.models.gated_deltanet import GatedDeltaNet, init_state
 from sft_sharded.models.layers import MLP, Attention, PerLayerInput, RMSNorm, param, weight
 from sft_sharded.models.moe import MoE
-from sft_sharded.sharding import constrain, sequence_shards
+from sft_sharded.parallel.sharding import constrain, sequence_shards
 
 RESIDUAL = ("batch", "length", "act_embed")
 

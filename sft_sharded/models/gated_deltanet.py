@@ -17,7 +17,7 @@ from sft_sharded.models import delta_rule
 from sft_sharded.models.causal_conv import causal_conv
 from sft_sharded.models.config import DecoderConfig
 from sft_sharded.models.layers import param, rms_normalize, weight
-from sft_sharded.sharding import sequence_shards
+from sft_sharded.parallel.sharding import sequence_shards
 
 
 class GatedDeltaNet(nn.Module):

@@ -20,7 +20,7 @@ from sft_sharded.models import lora, quant
 from sft_sharded.models.attention import attention, dot_product_attention
 from sft_sharded.models.config import DecoderConfig
 from sft_sharded.models.rope import frequencies, rotate
-from sft_sharded.sharding import constrain
+from sft_sharded.parallel.sharding import constrain
 
 
 def param(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str, ...], init) -> jax.Array:

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from sft_sharded.choices import LORA_BASE_DTYPES as BASE_DTYPES
 from sft_sharded.choices import LORA_TARGETS
-from sft_sharded.sharding import key_name
+from sft_sharded.parallel.sharding import key_name
 
 # Each projection LoRA may adapt (choices.LORA_TARGETS): our module and weight, and the transformers
 # module it is in a Hugging Face checkpoint (whose last part is the name PEFT users know).

@@ -24,7 +24,7 @@ from jax.sharding import PartitionSpec as P
 
 from sft_sharded.models.config import DecoderConfig
 from sft_sharded.models.layers import MLP, gated, param, weight
-from sft_sharded.sharding import activation_spec, constrain, key_name
+from sft_sharded.parallel.sharding import activation_spec, constrain, key_name
 
 
 def route(logits_NxE: jax.Array, k: int, normalize: bool) -> tuple[jax.Array, jax.Array, jax.Array]:

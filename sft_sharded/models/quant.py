@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding
 
-from sft_sharded.sharding import fit_spec, key_name
+from sft_sharded.parallel.sharding import fit_spec, key_name
 
 QUANTIZED = ("int8", "nf4")
 NF4_BLOCK = 64

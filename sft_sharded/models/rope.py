@@ -4,7 +4,7 @@ permutation) and the frequency scalings transformers implements for long context
 layers), "yarn" (Qwen3's long-context configs) and "proportional" (Gemma 4's full layers: the first
 `partial_rotary_factor` of the frequencies, the rest 0, so those dimensions pass unrotated). "dynamic" NTK
 scaling is not here on purpose: its frequencies change with the length of the batch, so a model trained with
-it would not be the model transformers runs; `hf_config` refuses it by name."""
+it would not be the model transformers runs; `hf.config` refuses it by name."""
 
 from __future__ import annotations
 

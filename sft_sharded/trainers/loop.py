@@ -11,7 +11,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from sft_sharded import sharding
+from sft_sharded.parallel import sharding
 from sft_sharded.errors import TrainingDiverged
 from sft_sharded.losses import safe_mean
 from sft_sharded.metrics import mfu, peak_flops

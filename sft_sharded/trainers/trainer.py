@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import optax
 
 from sft_sharded import batch as batch_format
-from sft_sharded import sharding
+from sft_sharded.parallel import sharding
 from sft_sharded.batch import BATCH_KEYS
 from sft_sharded.losses import LossTerms, safe_mean
 from sft_sharded.trainers import partition

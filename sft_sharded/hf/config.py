@@ -15,7 +15,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from sft_sharded import paths
+from sft_sharded.rundir import paths
 from sft_sharded.errors import MissingFileError, UserError
 from sft_sharded.families import FAMILIES, MULTIMODAL, Family, HfFields, Multimodal
 from sft_sharded.families.base import rope_scaling_to_hf

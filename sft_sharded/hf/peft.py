@@ -15,12 +15,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sft_sharded import paths
+from sft_sharded.rundir import paths
 from sft_sharded.errors import MissingFileError, UserError
-from sft_sharded.hf import SafetensorsDir, get_path, set_path, write_safetensors
+from sft_sharded.hf.weights import SafetensorsDir, get_path, set_path, write_safetensors
 from sft_sharded.models.config import DecoderConfig
 from sft_sharded.models.lora import PROJECTIONS, TARGETS
-from sft_sharded.sharding import global_to_host
+from sft_sharded.parallel.sharding import global_to_host
 
 _PREFIX = "base_model.model.model.layers.{i}."
 

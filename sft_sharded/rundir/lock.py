@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 from etils import epath
 
-from sft_sharded import paths
+from sft_sharded.rundir import paths
 from sft_sharded.errors import UserError
 
 LOCK_NAME = ".lock"

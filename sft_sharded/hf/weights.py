@@ -1,5 +1,5 @@
 """Hugging Face interop: safetensors <-> decoder params (the families of `sft_sharded/families/`; config.json
-in `hf_config`). A multimodal checkpoint's language model is read and written in place, its towers copied.
+in `hf.config`). A multimodal checkpoint's language model is read and written in place, its towers copied.
 
 Import reads one tensor at a time (memory-mapped) and places it straight into its sharding with
 `make_array_from_callback`, so the host never holds a second copy of the model. Export gathers one tensor
@@ -27,15 +27,15 @@ import numpy as np
 import safetensors.numpy
 from safetensors import SafetensorError, safe_open
 
-from sft_sharded import paths
+from sft_sharded.rundir import paths
 from sft_sharded.errors import MissingFileError, UserError
-from sft_sharded.hf_tensors import entries, join, unused
-from sft_sharded.mxfp4 import Mxfp4
+from sft_sharded.hf.tensor_map import entries, join, unused
+from sft_sharded.hf.mxfp4 import Mxfp4
 from sft_sharded.families import MULTIMODAL
-from sft_sharded.hf_config import (TOKEN_ID_FIELDS, config_from_hf, config_to_hf, hf_model_type, read_hf_config,
+from sft_sharded.hf.config import (TOKEN_ID_FIELDS, config_from_hf, config_to_hf, hf_model_type, read_hf_config,
                                    text_part, tokenizer_token_ids)
 from sft_sharded.models.config import DecoderConfig
-from sft_sharded.sharding import global_to_host
+from sft_sharded.parallel.sharding import global_to_host
 
 __all__ = ["TOKEN_ID_FIELDS", "config_from_hf", "config_to_hf", "hf_model_type", "load_params", "read_hf_config",
            "save_pretrained", "text_part", "tokenizer_token_ids"]
@@ -147,7 +147,7 @@ class Source:
 
     @functools.cached_property
     def naming(self) -> tuple[str, str] | None:
-        """(prefix, head) of a multimodal checkpoint's language model (`hf_tensors.entries`); None otherwise."""
+        """(prefix, head) of a multimodal checkpoint's language model (`tensor_map.entries`); None otherwise."""
         if self.multimodal is None:
             return None
         names = self.tensors.entries

@@ -21,10 +21,10 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
-from sft_sharded import paths
+from sft_sharded.rundir import paths
 from sft_sharded.data.pipeline import SavedDataState
 from sft_sharded.errors import CheckpointNotSaved, UserError, first_line
-from sft_sharded.sharding import key_name
+from sft_sharded.parallel.sharding import key_name
 
 FINAL_PARAMS = "final_params"
 CORRUPT_PREFIX = "corrupt-"  # a checkpoint that failed to restore, moved aside for inspection

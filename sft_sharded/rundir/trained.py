@@ -10,8 +10,9 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from sft_sharded import hf, paths
-from sft_sharded.checkpoint import FINAL_PARAMS, Checkpointer, load_params
+from sft_sharded.rundir import paths
+from sft_sharded.hf import weights as hf
+from sft_sharded.rundir.checkpoint import FINAL_PARAMS, Checkpointer, load_params
 from sft_sharded.config import TrainConfig, load_config
 from sft_sharded.data.tokenizers import load_tokenizer
 from sft_sharded.errors import UserError
@@ -44,7 +45,7 @@ def _model_params(trainer: SFTTrainer, cfg: TrainConfig, params: Any, base_dtype
         return params
     if base_dtype is None:
         return partition.merge(params, frozen_base(trainer, cfg))
-    from sft_sharded.peft import merge
+    from sft_sharded.hf.peft import merge
 
     return merge(base_weights(trainer, cfg, base_dtype), params, trainer.model.config)
 
@@ -56,7 +57,7 @@ def export(run_dir: str | Path, out_dir: str | Path, dtype: str = "float32", to:
     whose weights are read again from `model.path` in float32 (never from the stored base copy)."""
     cfg, trainer, params = _load_run(run_dir)
     if to == "peft":
-        from sft_sharded.peft import save_adapter
+        from sft_sharded.hf.peft import save_adapter
 
         if trainer.lora is None:
             raise UserError(f"{run_dir}: export --to peft needs a LoRA run (lora.rank > 0)")
