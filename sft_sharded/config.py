@@ -136,14 +136,14 @@ class EvalConfig:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class LossConfig:
-    # Positions per chunk of a cross entropy that never holds [B, T, V] logits; null: 1024 for vocabularies
-    # of 200k and more (Gemma), full logits otherwise (models/presets.loss_chunk).
+    # Positions per chunk of a cross entropy that never holds [B, T, V] logits; 0: full logits; null: 1024
+    # for vocabularies of 200k and more (Gemma), full logits otherwise (models/presets.loss_chunk).
     chunk_size: int | None = None
     z_loss: float = 0.0
 
     def __post_init__(self):
-        if self.chunk_size is not None and self.chunk_size < 1:
-            raise ConfigError(f"loss.chunk_size={self.chunk_size} must be >= 1 or null")
+        if self.chunk_size is not None and self.chunk_size < 0:
+            raise ConfigError(f"loss.chunk_size={self.chunk_size} must be >= 0 (0: full logits) or null")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

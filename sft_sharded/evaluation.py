@@ -15,6 +15,7 @@ from sft_sharded.config import DataConfig, TrainConfig
 from sft_sharded.data.pipeline import make_iterator, open_records
 from sft_sharded.trainers import SFTTrainer, TrainState, partition
 from sft_sharded.trainers.loop import evaluate_sources
+from sft_sharded.generate import exact_match
 
 
 def eval_sources(data: DataConfig) -> dict[str, DataConfig]:
@@ -33,8 +34,6 @@ def generation_eval(trainer: SFTTrainer, cfg: TrainConfig, tokenizer, state: Tra
     """Greedy generation over the first `eval.num_generate` held-out records: (the exact match for the log,
     a line for the user), and each prompt (as the model saw it) with its reference and generation in
     `eval/step_N.jsonl`, which process 0 writes."""
-    from sft_sharded.generate import exact_match
-
     records = open_records(cfg.data, "eval", cfg.seed)  # opened once (a JSONL source indexes its file)
     held_out = [records[i][0] for i in range(min(len(records), cfg.eval.num_generate))]
     params = partition.merge(state.params, state.frozen)

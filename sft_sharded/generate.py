@@ -17,6 +17,10 @@ import numpy as np
 
 from sft_sharded.parallel import sharding
 from sft_sharded.models.decoder import Decoder, init_cache
+from sft_sharded.data.formats import chat_messages
+from sft_sharded.data.templates import TemplateError
+from sft_sharded.data.tokenizers import bos_ids
+from sft_sharded.data.turns import assistant_turns
 
 
 def _generate(model: Decoder, params, ids_BxP, segment_ids_BxP, max_new_tokens: int):
@@ -94,11 +98,6 @@ def prompt_and_answer(record: dict, tokenizer) -> tuple[list[int], str] | None:
     for a chat whose last assistant turn the template cannot locate). A chat's prompt is the whole
     conversation before its last assistant turn, as the template renders the whole conversation, and the
     reference is that turn as it renders it (reasoning and tool calls included), decoded as a generation is."""
-    from sft_sharded.data.formats import chat_messages
-    from sft_sharded.data.templates import TemplateError
-    from sft_sharded.data.tokenizers import bos_ids
-    from sft_sharded.data.turns import assistant_turns
-
     if "messages" in record and record["messages"][-1]["role"] == "assistant":
         messages, _ = chat_messages(record, "record")  # training keys left out
         try:

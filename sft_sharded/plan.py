@@ -9,17 +9,32 @@ per-chip memory and FLOPs. Exits non-zero when the plan does not fit in a chip's
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import sys
 
-from sft_sharded.parallel import hlo_collectives
+import jax
+import jax.numpy as jnp
+from jax.experimental import topologies
+
+from sft_sharded.batch import BATCH_KEYS
 from sft_sharded.choices import (ATTENTION_IMPLEMENTATIONS, CONTEXT_SCHEMES, DEFAULT_CONTEXT_SCHEME,
                                  LORA_BASE_DTYPES as BASE_DTYPES, LORA_MLP_TARGETS, LORA_TARGETS, REMAT_POLICIES)
+from sft_sharded.config import DataConfig, LoraSection, LossConfig, MeshConfig, ModelConfig, TrainConfig
 from sft_sharded.errors import UserError
+from sft_sharded.metrics import flops_per_token, memory_per_device, peak_flops
+from sft_sharded.models import preset
+from sft_sharded.models.attention_rules import resolve
+from sft_sharded.models.context import per_shard_kernel
+from sft_sharded.parallel import hlo_collectives
+from sft_sharded.parallel.sharding import (MESH_AXES, batch_sharding, context_size, data_parallel_size,
+                                           mesh_shape)
+from sft_sharded.run import build_trainer
+from sft_sharded.state import abstract_state
 
-# Per chip. HBM and peak dense bf16 FLOP/s from the Cloud TPU system-architecture pages
-# (cloud.google.com/tpu/docs/v4, /v5e, /v5p, /v6e), as published in 2025.
+# Per chip: HBM, TensorCores and torus dimensions, from the Cloud TPU system-architecture pages
+# (cloud.google.com/tpu/docs/v4, /v5e, /v5p, /v6e), as published in 2025 (peak FLOP/s: `metrics.peak_flops`).
 CHIPS = {
     "v4": {"hbm_bytes": 32 * 2**30, "cores_per_chip": 2, "dims": 3},
     "v5e": {"hbm_bytes": 16 * 2**30, "cores_per_chip": 1, "dims": 2},
@@ -47,26 +62,22 @@ def parse_topology(name: str) -> tuple[str, str]:
     return gen, shapes[chips]
 
 
-def parse_mesh(spec: str) -> dict[str, int]:
-    sizes = {"data": 1, "fsdp": 1, "expert": 1, "context": 1, "tensor": 1}
+def parse_mesh(spec: str) -> MeshConfig:
+    """"fsdp=-1,tensor=4" -> MeshConfig (axes not named: 1)."""
+    sizes = {field.name: 1 for field in dataclasses.fields(MeshConfig)}
     for part in filter(None, spec.split(",")):
         key, _, value = part.partition("=")
         if key not in sizes:
-            raise ValueError(f"--mesh {spec!r}: unknown axis {key!r} (axes: data, fsdp, expert, context, tensor)")
+            raise ValueError(f"--mesh {spec!r}: unknown axis {key!r} (axes: {', '.join(sizes)})")
         sizes[key] = int(value)
-    return sizes
+    return MeshConfig(**sizes)
 
 
-def _topology_mesh(gen: str, grid: str, mesh_spec: str):
+def _topology_mesh(gen: str, grid: str, mesh: MeshConfig, mesh_spec: str) -> jax.sharding.Mesh:
     """A Mesh over the devices of a TPU topology (no TPU needed), in the order that follows the torus."""
-    import jax
-    from jax.experimental import topologies
-
-    from sft_sharded.parallel.sharding import MESH_AXES, mesh_shape
-
     topo = topologies.get_topology_desc(platform="tpu", topology_name=f"{gen}:{grid}",
                                         chips_per_host_bounds=(2, 2, 1), num_slices=1)
-    shape = mesh_shape(parse_mesh(mesh_spec), len(topo.devices))
+    shape = mesh_shape(dataclasses.asdict(mesh), len(topo.devices))
     try:
         physical = topologies.make_mesh(topo, shape, MESH_AXES)
     except NotImplementedError as err:  # a mesh axis that is no product of the torus's axes
@@ -75,54 +86,48 @@ def _topology_mesh(gen: str, grid: str, mesh_spec: str):
     return jax.sharding.Mesh(physical.devices, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
 
 
+def train_config(model: str, seq: int, global_batch: int, mesh_spec: str, remat: str = "full", scan: bool = True,
+                 loss_chunk: int | None = None, attention: str = "auto", lora_rank: int = 0,
+                 base_dtype: str = "bfloat16", context_attention: str = DEFAULT_CONTEXT_SCHEME) -> TrainConfig:
+    """The run config the flags stand for: what `sft-sharded train` with these keys would compile."""
+    named = preset(model)
+    # LoRA on experts is not implemented: a mixture of experts gets adapters on its attention only. Layers
+    # of different shapes (Gemma 4) cannot share one scanned body: they are planned unrolled.
+    targets = [t for t in LORA_TARGETS if not (named.num_experts and t in LORA_MLP_TARGETS)]
+    return TrainConfig(
+        model=ModelConfig(preset=model, dtype="bfloat16", remat=remat, scan_layers=scan and not named.layerwise,
+                          attention=attention, context_attention=context_attention),
+        mesh=parse_mesh(mesh_spec), data=DataConfig(batch_size=global_batch, max_length=seq, packing=True),
+        loss=LossConfig(chunk_size=loss_chunk),
+        lora=LoraSection(rank=lora_rank, base_dtype=base_dtype, targets=targets))
+
+
 def plan(topology: str, model: str, seq: int, global_batch: int, mesh_spec: str, remat: str = "full",
          scan: bool = True, loss_chunk: int | None = None, attention: str = "auto", lora_rank: int = 0,
          base_dtype: str = "bfloat16", context_attention: str = DEFAULT_CONTEXT_SCHEME,
          hlo_file: str | None = None) -> dict:
-    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    """The train step of `train_config(...)` built by the run module, compiled for `topology`."""
+    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # read when the TPU compiler starts: no metadata server
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
-    import jax
-    import jax.numpy as jnp
-    import optax
-
-    from sft_sharded.metrics import flops_per_token, peak_flops
-    from sft_sharded.models import Decoder, preset
-    from sft_sharded.models.attention_rules import resolve
-    from sft_sharded.models.context import per_shard_kernel
-    from sft_sharded.models.lora import LoraConfig
-    from sft_sharded.models.presets import loss_chunk as chunk_for
-    from sft_sharded.parallel.sharding import MESH_AXES, batch_sharding, context_size
-    from sft_sharded.trainers import SFTTrainer
-
+    run_cfg = train_config(model, seq, global_batch, mesh_spec, remat, scan, loss_chunk, attention, lora_rank,
+                           base_dtype, context_attention)
     gen, grid = parse_topology(topology)
-    mesh = _topology_mesh(gen, grid, mesh_spec)
-    devices, shape = mesh.devices.flat, tuple(mesh.shape.values())
+    mesh = _topology_mesh(gen, grid, run_cfg.mesh, mesh_spec)
     _check_split(mesh, global_batch, seq)
-    named = preset(model)
-    # LoRA on experts is not implemented: a mixture of experts gets adapters on its attention only. Layers
-    # of different shapes (Gemma 4) cannot share one scanned body: they are planned unrolled.
-    targets = tuple(t for t in LORA_TARGETS if not (named.num_experts and t in LORA_MLP_TARGETS))
-    scan = scan and not named.layerwise
-    lora = LoraConfig(rank=lora_rank, base_dtype=base_dtype, targets=targets) if lora_rank else None
-    cfg = preset(model, dtype="bfloat16", remat=remat, scan_layers=scan, attention=attention, lora=lora,
-                 context_attention=context_attention)
-    loss_chunk = chunk_for(cfg, loss_chunk)
-    trainer = SFTTrainer(Decoder(cfg), optax.adamw(1e-5), mesh=mesh, loss_chunk_size=loss_chunk)
-    state = trainer.abstract_train_state(jax.random.key(0), jax.ShapeDtypeStruct((global_batch, seq), jnp.int32))
-    batch_sh = batch_sharding(mesh)
-    batch = {k: jax.ShapeDtypeStruct((global_batch, seq), dtype, sharding=batch_sh)
-             for k, dtype in (("input_ids", jnp.int32), ("labels", jnp.int32), ("loss_mask", jnp.float32),
-                              ("segment_ids", jnp.int32), ("positions", jnp.int32))}
-    chip = CHIPS[gen]
-    peak = peak_flops(f"TPU {gen}")
-    tokens = global_batch * seq
-    analytic = flops_per_token(cfg, seq) * tokens / len(devices)
+    trainer = build_trainer(run_cfg, mesh=mesh)
+    cfg = trainer.model.config
+    state = abstract_state(trainer, run_cfg)
+    batch = {k: jax.ShapeDtypeStruct((global_batch, seq), jnp.float32 if k == "loss_mask" else jnp.int32,
+                                     sharding=batch_sharding(mesh)) for k in BATCH_KEYS}
+    chip, peak, chips = CHIPS[gen], peak_flops(f"TPU {gen}"), mesh.devices.size
+    analytic = flops_per_token(cfg, seq) * global_batch * seq / chips
     result = {
-        "topology": f"{gen}:{grid}", "chips": len(devices), "mesh": dict(zip(MESH_AXES, shape)), "model": model,
+        "topology": f"{gen}:{grid}", "chips": chips, "mesh": dict(mesh.shape), "model": model,
         "params": cfg.num_params(), "seq": seq, "global_batch": global_batch, "remat": remat,
-        "scan": scan, "loss_chunk": loss_chunk, "lora_rank": lora_rank, "lora_targets": lora and lora.targets,
-        "base_dtype": base_dtype, "hbm_bytes": chip["hbm_bytes"], "analytic_flops_per_chip": analytic,
-        "step_s_at_peak": analytic / peak, "step_s_at_50pct_mfu": 2 * analytic / peak,
+        "scan": cfg.scan_layers, "loss_chunk": trainer.loss_chunk_size, "lora_rank": lora_rank,
+        "lora_targets": cfg.lora and cfg.lora.targets, "base_dtype": base_dtype, "hbm_bytes": chip["hbm_bytes"],
+        "analytic_flops_per_chip": analytic, "step_s_at_peak": analytic / peak,
+        "step_s_at_50pct_mfu": 2 * analytic / peak,
     }
     lowered = trainer.lower("train", state, batch)
     with jax.set_mesh(mesh):  # what "auto" means on the target platform, and proof that a kernel is in
@@ -137,8 +142,6 @@ def plan(topology: str, model: str, seq: int, global_batch: int, mesh_spec: str,
 
 def _check_split(mesh, global_batch: int, seq: int) -> None:
     """Rows that the row-splitting axes divide and positions that the context axis divides."""
-    from sft_sharded.parallel.sharding import context_size, data_parallel_size
-
     if global_batch % data_parallel_size(mesh):
         raise UserError(f"--global-batch {global_batch} does not split over data x fsdp x expert = "
                         f"{data_parallel_size(mesh)} of mesh {dict(mesh.shape)}: use fewer row-splitting devices "
@@ -149,8 +152,6 @@ def _check_split(mesh, global_batch: int, seq: int) -> None:
 
 def _compile(lowered, hbm_bytes: int, hlo_file: str | None = None) -> dict:
     """`step_stats` of the compiled step, or the TPU compiler's refusal."""
-    import jax
-
     try:
         compiled = lowered.compile()
     except jax.errors.JaxRuntimeError as err:
@@ -164,8 +165,6 @@ def _compile(lowered, hbm_bytes: int, hlo_file: str | None = None) -> dict:
 def step_stats(compiled, hbm_bytes: int, hlo_file: str | None = None) -> dict:
     """Per-chip memory, FLOPs and collectives of a compiled step (any system's: benchmarks/tpu_side_by_side.py
     reads MaxText's with it); with `hlo_file`, the optimized HLO module is written there too."""
-    from sft_sharded.metrics import memory_per_device
-
     memory = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+from jax.sharding import Mesh
 
 from etils import epath
 
@@ -40,6 +41,8 @@ from sft_sharded.parallel.sharding import context_size, data_parallel_size, make
 from sft_sharded.state import abstract_state, base_fingerprint, init_state, with_frozen_base
 from sft_sharded.rundir.tracking import check_trackers, make_trackers
 from sft_sharded.trainers import SFTTrainer, TrainState
+from sft_sharded.trainers.loop import fit
+from sft_sharded.metrics import MetricsWriter, flops_per_token
 
 Say = Callable[[str], None]
 
@@ -88,9 +91,12 @@ def tokenizer_path(cfg: TrainConfig) -> str | None:
     return cfg.tokenizer.path
 
 
-def build_trainer(cfg: TrainConfig, model_cfg: DecoderConfig | None = None) -> SFTTrainer:
-    """Mesh, model and optimizer of a config; checks that the global batch splits over the mesh."""
-    mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, expert=cfg.mesh.expert, context=cfg.mesh.context)
+def build_trainer(cfg: TrainConfig, model_cfg: DecoderConfig | None = None, mesh: Mesh | None = None) -> SFTTrainer:
+    """Mesh (cfg.mesh over this process's devices unless given: `plan` gives a TPU topology's), model and
+    optimizer of a config; checks that the global batch splits over the mesh."""
+    if mesh is None:
+        mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, expert=cfg.mesh.expert,
+                         context=cfg.mesh.context)
     dp, k = data_parallel_size(mesh), cfg.optim.grad_accum_steps
     if cfg.data.batch_size % dp:
         raise UserError(f"data.batch_size={cfg.data.batch_size} is not divisible by the data-parallel size "
@@ -249,9 +255,6 @@ def prepare(cfg: TrainConfig, say: Say = print) -> Prepared:
 
 def _fit(run: Prepared, writer, say: Say, on_record, stop_requested) -> tuple[TrainState, list[dict], bool]:
     """The loop with checkpoints, preemption and evaluation; (state, records, stopped early)."""
-    from sft_sharded.metrics import flops_per_token
-    from sft_sharded.trainers.loop import fit
-
     cfg, ckpt, trainer = run.cfg, run.ckpt, run.trainer
     eval_fn = make_eval_fn(trainer, cfg, run.tokenizer, run.run_dir, say) if run.has_eval else None
     config_dict, stopped = {**to_dict(cfg), "base": base_fingerprint(cfg)}, []
@@ -305,8 +308,6 @@ def train(cfg: TrainConfig, *, say: Say = print, on_record: Callable[[dict], Non
     """Train `cfg` to `cfg.steps` (resuming from the run directory's checkpoints), then evaluate and save
     the final params. `on_record` sees every metrics record; `stop_requested(step)` returning a reason
     ("preempted", "interrupted") makes the loop save and return at that step."""
-    from sft_sharded.metrics import MetricsWriter
-
     run = prepare(cfg, say)
     try:
         first = jax.process_index() == 0

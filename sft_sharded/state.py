@@ -15,6 +15,7 @@ from sft_sharded.parallel import sharding
 from sft_sharded.hf import weights as hf
 from sft_sharded.config import TrainConfig
 from sft_sharded.trainers import SFTTrainer, TrainState
+from sft_sharded.hf.peft import load_adapters
 
 
 def _dummy(cfg: TrainConfig) -> jax.Array:
@@ -67,8 +68,6 @@ def init_state(trainer: SFTTrainer, cfg: TrainConfig) -> TrainState:
     else:
         frozen = frozen_base(trainer, cfg)
         if cfg.lora.init_from:
-            from sft_sharded.hf.peft import load_adapters
-
             params = load_adapters(cfg.lora.init_from, trainer.model.config, abstract.params)
         else:
             params = _init_part(trainer, cfg, 0, shardings.params)

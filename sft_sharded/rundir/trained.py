@@ -20,6 +20,8 @@ from sft_sharded.families import FAMILIES, MULTIMODAL
 from sft_sharded.run import build_trainer, tokenizer_path
 from sft_sharded.state import abstract_state, base_weights, frozen_base
 from sft_sharded.trainers import SFTTrainer, partition
+from sft_sharded.hf.peft import merge, save_adapter
+from sft_sharded.generate import greedy_generate, prompt_and_answer
 
 
 def _load_run(run_dir: str | Path) -> tuple[TrainConfig, SFTTrainer, Any]:
@@ -45,7 +47,6 @@ def _model_params(trainer: SFTTrainer, cfg: TrainConfig, params: Any, base_dtype
         return params
     if base_dtype is None:
         return partition.merge(params, frozen_base(trainer, cfg))
-    from sft_sharded.hf.peft import merge
 
     return merge(base_weights(trainer, cfg, base_dtype), params, trainer.model.config)
 
@@ -57,8 +58,6 @@ def export(run_dir: str | Path, out_dir: str | Path, dtype: str = "float32", to:
     whose weights are read again from `model.path` in float32 (never from the stored base copy)."""
     cfg, trainer, params = _load_run(run_dir)
     if to == "peft":
-        from sft_sharded.hf.peft import save_adapter
-
         if trainer.lora is None:
             raise UserError(f"{run_dir}: export --to peft needs a LoRA run (lora.rank > 0)")
         source = hf.read_hf_config(cfg.model.path) if cfg.model.path else None
@@ -86,8 +85,6 @@ def export(run_dir: str | Path, out_dir: str | Path, dtype: str = "float32", to:
 
 def generate(run_dir: str | Path, prompts: list[str], max_new_tokens: int, raw: bool = False) -> list[str]:
     """Greedy answers of a trained run to user messages (or raw text prompts with `raw`)."""
-    from sft_sharded.generate import greedy_generate, prompt_and_answer
-
     cfg, trainer, params = _load_run(run_dir)
     params = _model_params(trainer, cfg, params)
     tokenizer = load_tokenizer(tokenizer_path(cfg))
