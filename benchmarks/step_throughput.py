@@ -49,7 +49,7 @@ def main() -> None:
     from sft_sharded import Decoder, DecoderConfig, SFTTrainer, make_mesh
     from sft_sharded.metrics import flops_per_token, memory_per_device, mfu, peak_flops
     from sft_sharded.models import preset
-    from sft_sharded.models.attention_rules import resolve
+    from sft_sharded.models.attention import choose_kernel
     from sft_sharded.parallel.sharding import global_batch
 
     options = dict(dtype=args.dtype, param_dtype=args.param_dtype, remat=args.remat, scan_layers=args.scan,
@@ -98,7 +98,7 @@ def main() -> None:
         "real_tokens_per_sec": real_tokens_per_sec, "mfu_real_tokens": mfu(real_tokens_per_sec, fpt, devices, peak),
         "compile_s": compile_s, "bytes_per_device": bytes_per_device, "params": cfg.num_params(),
         "device": mesh.devices.flat[0].device_kind,
-        "attention": resolve(args.attention, cfg.dtype, cfg.head_size, args.seq, cfg.attn_softcap),
+        "attention": choose_kernel(args.attention, cfg.dtype, cfg.head_size, args.seq, cfg.attn_softcap),
         "compiler_options": trainer.compiler_options, "devices": devices, "mesh": dict(mesh.shape),
         "final_loss": float(metrics["loss"]),
     }

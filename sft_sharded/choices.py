@@ -3,9 +3,9 @@ them before jax starts; the model and the CLI check against the same tuples)."""
 
 from __future__ import annotations
 
-# models/attention.py: "auto" picks splash on TPU, cuDNN on GPU (bf16/fp16), else the blocked XLA path.
+# models/attention/: "auto" picks splash on TPU, cuDNN on GPU (bf16/fp16), else the blocked XLA path.
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "reference", "cudnn", "splash")
-# models/context.py: attention over a sequence split on the mesh's context axis (all-gather keys and values,
+# models/attention/split.py: attention over a sequence split on the mesh's context axis (all-gather keys and values,
 # or pass them around a ring), and the order of positions on the devices (zigzag: causal load balance).
 CONTEXT_SCHEMES = ("allgather", "ring")
 # The default by measurement (benchmarks/README.md): as fast as all-gather on the CPU and it never holds

@@ -14,6 +14,8 @@ import signal
 import sys
 
 from sft_sharded.rundir import paths
+from sft_sharded.choices import (ATTENTION_IMPLEMENTATIONS, CONTEXT_SCHEMES, DEFAULT_CONTEXT_SCHEME, LORA_BASE_DTYPES,
+                                 REMAT_POLICIES)
 from sft_sharded.config import TrainConfig, load_config
 from sft_sharded.parallel.devices import cpu_only_host, simulate_cpu_devices
 from sft_sharded.errors import UserError
@@ -190,11 +192,29 @@ def _parser() -> argparse.ArgumentParser:
     p_export.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p_export.add_argument("run_dir")
     p_export.add_argument("out_dir")
-    p_plan = sub.add_parser("plan", help="compile the train step for a TPU topology on this CPU host (AOT)")
-    from sft_sharded.plan import add_arguments
-
-    add_arguments(p_plan)
+    _add_plan_arguments(sub.add_parser("plan", help="compile the train step for a TPU topology on this CPU host (AOT)"))
     return parser
+
+
+def _add_plan_arguments(parser) -> None:
+    """`sft-sharded plan`'s flags (`plan.train_config` turns them into a TrainConfig)."""
+    parser.add_argument("--topology", required=True, help="e.g. v5p-64, v6e-256, v5p:2x2x1")
+    parser.add_argument("--model", required=True, help="a preset name (sft_sharded.models.PRESETS)")
+    parser.add_argument("--seq", type=int, default=4096)
+    parser.add_argument("--global-batch", type=int, default=64)
+    parser.add_argument("--mesh", default="fsdp=-1", help="e.g. fsdp=-1, data=2,fsdp=-1,tensor=4 or fsdp=-1,context=16")
+    parser.add_argument("--remat", default="full", choices=REMAT_POLICIES)
+    parser.add_argument("--no-scan", action="store_true", help="unroll the layers (slower to compile)")
+    parser.add_argument("--attention", default="auto", choices=[a for a in ATTENTION_IMPLEMENTATIONS if a != "cudnn"],
+                        help="auto: splash on TPU (models/attention/)")
+    parser.add_argument("--context-attention", default=DEFAULT_CONTEXT_SCHEME, choices=CONTEXT_SCHEMES,
+                        help="attention over a sequence split on the mesh's context axis (models/attention/split.py)")
+    parser.add_argument("--lora-rank", type=int, default=0, help="plan LoRA of this rank (and print full FT too)")
+    parser.add_argument("--base-dtype", default="bfloat16", choices=LORA_BASE_DTYPES, help="storage of the LoRA base")
+    parser.add_argument("--hlo-file", default=None, help="write the compiled step's optimized HLO text here")
+    parser.add_argument("--loss-chunk", type=int, default=None,
+                        help="chunked cross entropy with this many positions per chunk (default: 1024 for "
+                             "vocabularies of 200k and more, else full logits)")
 
 
 def _command(args: argparse.Namespace) -> int:

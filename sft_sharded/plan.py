@@ -19,14 +19,12 @@ import jax.numpy as jnp
 from jax.experimental import topologies
 
 from sft_sharded.batch import BATCH_KEYS
-from sft_sharded.choices import (ATTENTION_IMPLEMENTATIONS, CONTEXT_SCHEMES, DEFAULT_CONTEXT_SCHEME,
-                                 LORA_BASE_DTYPES as BASE_DTYPES, LORA_MLP_TARGETS, LORA_TARGETS, REMAT_POLICIES)
+from sft_sharded.choices import DEFAULT_CONTEXT_SCHEME, LORA_MLP_TARGETS, LORA_TARGETS
 from sft_sharded.config import DataConfig, LoraSection, LossConfig, MeshConfig, ModelConfig, TrainConfig
 from sft_sharded.errors import UserError
 from sft_sharded.metrics import flops_per_token, memory_per_device, peak_flops
 from sft_sharded.models import preset
-from sft_sharded.models.attention_rules import resolve
-from sft_sharded.models.context import per_shard_kernel
+from sft_sharded.models.attention.choose import Split, choose_kernel
 from sft_sharded.parallel import hlo_collectives
 from sft_sharded.parallel.sharding import (MESH_AXES, batch_sharding, context_size, data_parallel_size,
                                            mesh_shape)
@@ -131,10 +129,11 @@ def plan(topology: str, model: str, seq: int, global_batch: int, mesh_spec: str,
     }
     lowered = trainer.lower("train", state, batch)
     with jax.set_mesh(mesh):  # what "auto" means on the target platform, and proof that a kernel is in
-        result["attention"] = resolve(attention, cfg.dtype, cfg.head_size, seq, cfg.attn_softcap, cfg.attention_sinks)
-        if context_size(mesh) > 1:  # a split sequence: models/context.py's scheme, with a kernel per shard
-            kernel = per_shard_kernel(attention, cfg.context_attention, seq, context_size(mesh), cfg.context_layout,
-                                      cfg.dtype, cfg.head_size, cfg.attn_softcap)
+        result["attention"] = choose_kernel(attention, cfg.dtype, cfg.head_size, seq, cfg.attn_softcap,
+                                            cfg.attention_sinks)
+        if context_size(mesh) > 1:  # a split sequence: models/attention/split.py's scheme, a kernel per shard
+            split = Split(cfg.context_attention, context_size(mesh), cfg.context_layout)
+            kernel = choose_kernel(attention, cfg.dtype, cfg.head_size, seq, cfg.attn_softcap, split=split)
             result["attention"] = f"split sequence ({cfg.context_attention}, {cfg.context_layout}, {kernel} per shard)"
     result["pallas_calls"] = lowered.as_text().count("tpu_custom_call")
     return {**result, **_compile(lowered, chip["hbm_bytes"], hlo_file)}
@@ -225,24 +224,3 @@ def main(args) -> int:
               "use more chips, a smaller batch, fsdp, a context axis, or remat", file=sys.stderr)
         return 1
     return 0
-
-
-def add_arguments(parser) -> None:
-    parser.add_argument("--topology", required=True, help="e.g. v5p-64, v6e-256, v5p:2x2x1")
-    parser.add_argument("--model", required=True, help="a preset name (sft_sharded.models.PRESETS)")
-    parser.add_argument("--seq", type=int, default=4096)
-    parser.add_argument("--global-batch", type=int, default=64)
-    parser.add_argument("--mesh", default="fsdp=-1", help="e.g. fsdp=-1, data=2,fsdp=-1,tensor=4 or fsdp=-1,context=16")
-    parser.add_argument("--remat", default="full", choices=REMAT_POLICIES)
-    parser.add_argument("--no-scan", action="store_true", help="unroll the layers (slower to compile)")
-    parser.add_argument("--attention", default="auto", choices=[a for a in ATTENTION_IMPLEMENTATIONS if a != "cudnn"],
-                        help="auto: splash on TPU (models/attention.py)")
-    parser.add_argument("--context-attention", default=DEFAULT_CONTEXT_SCHEME, choices=CONTEXT_SCHEMES,
-                        help="attention over a sequence split on the mesh's context axis (models/context.py)")
-    parser.add_argument("--lora-rank", type=int, default=0, help="plan LoRA of this rank (and print full FT too)")
-    parser.add_argument("--base-dtype", default="bfloat16", choices=BASE_DTYPES, help="storage of the LoRA base")
-    parser.add_argument("--hlo-file", default=None, help="write the compiled step's optimized HLO text here")
-    parser.add_argument("--loss-chunk", type=int, default=None,
-                        help="chunked cross entropy with this many positions per chunk (default: 1024 for "
-                             "vocabularies of 200k and more, else full logits)")
-

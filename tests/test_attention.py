@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from sft_sharded.errors import UserError
 from sft_sharded.models import attention as attn
 from sft_sharded.parallel.sharding import LOGICAL_AXIS_RULES, make_mesh
 
@@ -143,12 +144,12 @@ def test_blocked_xla_in_bfloat16_stays_close_to_float32_reference():
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="what 'auto' picks on CPU")
 def test_auto_resolves_to_xla_on_cpu_and_cudnn_refuses_clearly():
-    assert attn.resolve("auto", jnp.bfloat16, 64, 4096) == "xla"
-    assert attn.resolve("auto", jnp.bfloat16, 64, 4096, softcap=50.0) == "xla"
+    assert attn.choose_kernel("auto", jnp.bfloat16, 64, 4096) == "xla"
+    assert attn.choose_kernel("auto", jnp.bfloat16, 64, 4096, softcap=50.0) == "xla"
     with pytest.raises(ValueError, match="attention='cudnn' needs a GPU.*platform 'cpu'"):
-        attn.resolve("cudnn", jnp.bfloat16, 64, 4096)
+        attn.choose_kernel("cudnn", jnp.bfloat16, 64, 4096)
     with pytest.raises(ValueError, match="must be one of"):
-        attn.resolve("flash", jnp.bfloat16, 64, 4096)
+        attn.choose_kernel("flash", jnp.bfloat16, 64, 4096)
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN attention needs a GPU (benchmarks/gpu_check.sh)")
@@ -163,10 +164,10 @@ def test_cudnn_matches_reference_on_gpu(packed, window, scale):
 
 @pytest.mark.parametrize("window", [None, 99])
 def test_cudnn_chunk_of_a_split_sequence_matches_the_reference_rows(window):
-    """The per-shard cuDNN call of a split sequence (`models/context_fused.py`): queries 128..191 of a row
+    """The per-shard cuDNN call of a split sequence (`models/attention/split_fused.py`): queries 128..191 of a row
     against all its keys equal those rows of the reference attention, values and gradients. cuDNN on a GPU
     (benchmarks/gpu_check.sh runs it there, on one GPU); jax's XLA implementation of the same call here."""
-    from sft_sharded.models.attention_kernels import cudnn_chunk
+    from sft_sharded.models.attention.kernels import cudnn_chunk
 
     q, k, v, segments, cotangent = _inputs(length=256, dim=64, dtype=jnp.bfloat16, packed=True)
     rows = slice(128, 192)
@@ -258,5 +259,5 @@ def test_sinks_join_the_denominator_in_the_reference_and_the_blocked_implementat
     for got, want in zip(loss("xla"), reference):
         _assert_close(got, want, rtol=1e-4, atol=1e-4)
     assert float(jnp.abs(reference[3]).max()) > 1e-2  # the sinks' gradient is not trivially zero
-    with pytest.raises(attn.UserError, match="attention sinks .* not by model.attention='splash'"):
+    with pytest.raises(UserError, match="attention sinks .* not by model.attention='splash'"):
         attn.attention(q, k, v, segments, "splash", sinks_N=sinks)

@@ -1,4 +1,4 @@
-"""Context parallelism: a row's positions split over the mesh's `context` axis (models/context.py).
+"""Context parallelism: a row's positions split over the mesh's `context` axis (models/attention/split.py).
 
 References are independent of the split: the plain-einsum attention (`dot_product_attention`) and the same
 model on one device."""
@@ -15,8 +15,9 @@ import pytest
 
 from sft_sharded.errors import UserError
 from sft_sharded.generate import greedy_generate
-from sft_sharded.models import attention_rules
-from sft_sharded.models import context
+from sft_sharded.models.attention import choose, split as context
+from sft_sharded.models.attention.choose import Split, choose_kernel
+from sft_sharded.models.attention.layout import layout_order
 from sft_sharded.models.attention import dot_product_attention
 from sft_sharded.models.config import DecoderConfig
 from sft_sharded.models.decoder import Decoder
@@ -63,8 +64,8 @@ def test_fused_per_shard_kernels_match_the_reference_forward_and_backward(monkey
                                                                           tensor, window, cap, length):
     """Splash (Pallas interpret mode here) and cuDNN (jax's XLA implementation of the same call here) as the
     kernel of the all-gather scheme: each device's query chunks against the gathered keys, with segments
-    crossing every shard boundary. Which kernel runs where is `per_shard_kernel`'s (tested below)."""
-    monkeypatch.setattr(context, "per_shard_kernel", lambda *args: kernel)
+    crossing every shard boundary. Which kernel runs where is `choose_kernel`'s (tested below)."""
+    monkeypatch.setattr(context, "choose_kernel", lambda *args, **kwargs: kernel)
     rng = np.random.default_rng(1)
     q, d_out = (jnp.asarray(rng.normal(size=(2, length, 4, 8)), jnp.float32) for _ in range(2))
     k, v = (jnp.asarray(rng.normal(size=(2, length, 2, 8)), jnp.float32) for _ in range(2))
@@ -72,7 +73,7 @@ def test_fused_per_shard_kernels_match_the_reference_forward_and_backward(monkey
     cut = length / 512  # the segments' boundaries scale with the length
     seg[0, int(100 * cut):], seg[0, int(300 * cut):], seg[1, int(200 * cut):], seg[1, int(460 * cut):] = 2, 3, 2, 0
     seg = jnp.asarray(seg)
-    order = context.layout_order(length, shards, layout)
+    order = layout_order(length, shards, layout)
     perm = np.arange(length) if order is None else order
     mesh = make_mesh(data=1, fsdp=8 // shards // tensor, tensor=tensor, context=shards)
 
@@ -85,31 +86,31 @@ def test_fused_per_shard_kernels_match_the_reference_forward_and_backward(monkey
 
 
 def test_per_shard_kernel_picks_the_fused_kernel_where_it_runs_and_refuses_by_name(monkeypatch):
-    assert context.per_shard_kernel("auto", "allgather", 1024, 4, "zigzag", jnp.bfloat16, 64) == "jax"  # on CPU
-    assert context.per_shard_kernel("splash", "allgather", 1024, 4, "zigzag", jnp.float32, 64) == "splash"
+    assert choose_kernel("auto", jnp.bfloat16, 64, 1024, split=Split("allgather", 4, "zigzag")) == "jax"  # on CPU
+    assert choose_kernel("splash", jnp.float32, 64, 1024, split=Split("allgather", 4, "zigzag")) == "splash"
     with pytest.raises(ValueError, match=r"needs model.context_attention=allgather \(got 'ring'\)"):
-        context.per_shard_kernel("splash", "ring", 1024, 4, "zigzag", jnp.float32, 64)
+        choose_kernel("splash", jnp.float32, 64, 1024, split=Split("ring", 4, "zigzag"))
     with pytest.raises(ValueError, match=r"chunks of a multiple of 128 positions \(got 64: 512 positions, 4 shards"):
-        context.per_shard_kernel("splash", "allgather", 512, 4, "zigzag", jnp.float32, 64)
+        choose_kernel("splash", jnp.float32, 64, 512, split=Split("allgather", 4, "zigzag"))
     with pytest.raises(ValueError, match=r"attention='cudnn' needs a GPU"):
-        context.per_shard_kernel("cudnn", "allgather", 1024, 4, "zigzag", jnp.bfloat16, 64)
-    monkeypatch.setattr(attention_rules, "current_platform", lambda: "gpu")  # what the rule says on a GPU
-    assert context.per_shard_kernel("auto", "allgather", 1024, 4, "zigzag", jnp.bfloat16, 64) == "cudnn"
-    assert context.per_shard_kernel("auto", "ring", 1024, 4, "zigzag", jnp.bfloat16, 64) == "jax"
-    assert context.per_shard_kernel("auto", "allgather", 1024, 4, "zigzag", jnp.bfloat16, 64, softcap=30.0) == "jax"
-    assert context.per_shard_kernel("auto", "allgather", 1024, 4, "zigzag", jnp.float32, 64) == "jax"
+        choose_kernel("cudnn", jnp.bfloat16, 64, 1024, split=Split("allgather", 4, "zigzag"))
+    monkeypatch.setattr(choose, "current_platform", lambda: "gpu")  # what the rule says on a GPU
+    assert choose_kernel("auto", jnp.bfloat16, 64, 1024, split=Split("allgather", 4, "zigzag")) == "cudnn"
+    assert choose_kernel("auto", jnp.bfloat16, 64, 1024, split=Split("ring", 4, "zigzag")) == "jax"
+    assert choose_kernel("auto", jnp.bfloat16, 64, 1024, softcap=30.0, split=Split("allgather", 4, "zigzag")) == "jax"
+    assert choose_kernel("auto", jnp.float32, 64, 1024, split=Split("allgather", 4, "zigzag")) == "jax"
     with pytest.raises(ValueError, match=r"attention='cudnn' .* needs model.context_attention=allgather"):
-        context.per_shard_kernel("cudnn", "ring", 1024, 4, "zigzag", jnp.bfloat16, 64)
+        choose_kernel("cudnn", jnp.bfloat16, 64, 1024, split=Split("ring", 4, "zigzag"))
     with pytest.raises(ValueError, match=r"multiple of 2 positions \(got 3: 24 positions, 4 shards, zigzag"):
-        context.per_shard_kernel("cudnn", "allgather", 24, 4, "zigzag", jnp.bfloat16, 64)
+        choose_kernel("cudnn", jnp.bfloat16, 64, 24, split=Split("allgather", 4, "zigzag"))
 
 
 def test_zigzag_layout_gives_each_shard_a_chunk_from_each_end():
-    order = context.layout_order(16, 4)
+    order = layout_order(16, 4)
     np.testing.assert_array_equal(order.reshape(4, 4), [[0, 1, 14, 15], [2, 3, 12, 13], [4, 5, 10, 11],
                                                         [6, 7, 8, 9]])
-    assert context.layout_order(16, 1) is None and context.layout_order(16, 4, "contiguous") is None
-    assert context.layout_order(12, 4) is None  # no 8 equal chunks: the natural order (still correct)
+    assert layout_order(16, 1) is None and layout_order(16, 4, "contiguous") is None
+    assert layout_order(12, 4) is None  # no 8 equal chunks: the natural order (still correct)
 
 
 @pytest.mark.parametrize("scheme, layout, shards, tensor, window, cap", [
@@ -124,7 +125,7 @@ def test_split_sequence_attention_matches_the_reference_forward_and_backward(sch
     q, d_out = (jnp.asarray(rng.normal(size=(2, T, 4, 8)), jnp.float32) for _ in range(2))
     k, v = (jnp.asarray(rng.normal(size=(2, T, 2, 8)), jnp.float32) for _ in range(2))
     seg = jnp.asarray(_packed_segments()[:2])
-    order = context.layout_order(T, shards, layout)
+    order = layout_order(T, shards, layout)
     perm = np.arange(T) if order is None else order
     mesh = make_mesh(data=1, fsdp=8 // shards // tensor, tensor=tensor, context=shards)
 

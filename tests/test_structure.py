@@ -64,3 +64,14 @@ def test_every_module_imports_on_its_own():
                             env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"}, cwd=PACKAGE.parent)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"imported {len(names)}" in result.stdout
+
+
+def test_the_command_line_reads_its_arguments_before_jax_is_imported():
+    """`simulate_devices` works only when jax starts after the config is read: importing the CLI and
+    building its parser (every subcommand's flags, `plan`'s included) must not import jax."""
+    script = ("import sys\nimport sft_sharded.cli as cli\ncli._parser().parse_args(['plan', '--topology', 'v5p-8', "
+              "'--model', 'tiny'])\nprint('jax' in sys.modules)\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"}, cwd=PACKAGE.parent)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == "False"

@@ -9,8 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from sft_sharded.models.config import DecoderConfig
-from sft_sharded.models.attention_rules import layout_order
-from sft_sharded.models.context import zigzag_to_natural
+from sft_sharded.models.attention.layout import layout_order, zigzag_to_natural
 from sft_sharded.models.gated_deltanet import GatedDeltaNet, init_state
 from sft_sharded.models.layers import MLP, Attention, PerLayerInput, RMSNorm, param, weight
 from sft_sharded.models.moe import MoE
@@ -170,7 +169,7 @@ class Decoder(nn.Module):
         batch, length = input_ids_BxT.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
-        # A sequence split over the mesh runs in the layout its attention balances (models/context.py);
+        # A sequence split over the mesh runs in the layout its attention balances (models/attention/split.py);
         # everything else is position by position, so only the inputs and the final states move.
         order = None if cache is not None else layout_order(length, sequence_shards(length), cfg.context_layout)
         if order is not None:

@@ -49,7 +49,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("act_kv_heads", "tensor"),
     ("vocab", "tensor"),
     ("act_vocab", "tensor"),
-    ("length", SEQUENCE_AXIS),  # activations' positions (attention over a split sequence: models/context.py)
+    ("length", SEQUENCE_AXIS),  # activations' positions (attention over a split sequence: models/attention/split.py)
     ("head_dim", None),
     ("layers", None),
     ("norm", None),

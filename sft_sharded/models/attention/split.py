@@ -27,33 +27,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from sft_sharded.errors import UserError
-from sft_sharded.models import context_fused
-from sft_sharded.models.attention_rules import MASKED, layout_order, resolve
+from sft_sharded.models.attention import split_fused
+from sft_sharded.models.attention.choose import Split, choose_kernel
+from sft_sharded.models.attention.layout import layout_order
+from sft_sharded.models.attention.masking import MASKED, apply_softcap, visible
 from sft_sharded.parallel.sharding import activation_spec, sequence_shards
 
 _BLOCK = 512  # query and key rows per block: [B, K, G, 512, 512] float32 scores at a time
-
-
-def zigzag_to_natural(x_BxTxD: jax.Array, logical_axes: tuple[str, ...]) -> jax.Array:
-    """Activations from the zigzag layout back to the natural order with four point-to-point transfers of
-    half a shard each (a gather by index would replicate the whole [B, T, D] on every device first).
-    Device i holds chunks (i, 2c-1-i) and needs (2i, 2i+1): each half goes to one device, and the four
-    partial permutations below are the four (half, parity) cases."""
-    spec = activation_spec(x_BxTxD.shape, logical_axes)
-    axis = spec[1]
-    shards = jax.sharding.get_abstract_mesh().shape[axis]
-    first = [(i, i // 2) for i in range(shards)]
-    second = [(i, (2 * shards - 1 - i) // 2) for i in range(shards)]
-
-    def local(x):
-        halves = x.reshape(x.shape[0], 2, x.shape[1] // 2, *x.shape[2:])
-        send = functools.partial(jax.lax.ppermute, axis_name=axis)
-        to_even = send(halves[:, 0], perm=first[0::2]) + send(halves[:, 1], perm=second[1::2])
-        to_odd = send(halves[:, 0], perm=first[1::2]) + send(halves[:, 1], perm=second[0::2])
-        return jnp.concatenate([to_even, to_odd], axis=1)
-
-    return jax.shard_map(local, in_specs=spec, out_specs=spec, check_vma=False)(x_BxTxD)
 
 
 def _block(n: int) -> int:
@@ -68,25 +48,28 @@ def _pieces(order: np.ndarray | None, length: int, shards: int) -> int:
     return _block(run)
 
 
-def _visible(q_ord, k_ord, window):
-    """Whether any key of a block can be visible to any query of a block (their positions are runs)."""
+class Options(NamedTuple):
+    """The attention's options (hashable: part of the custom VJP's static setup)."""
+
+    window: int | None
+    scale: float
+    softcap: float | None
+
+
+def _any_visible(q_ord, k_ord, window):
+    """Whether any key of a block can be visible to any query of a block (their positions are runs): the
+    block's first key is not after its last query, and its last key is inside its first query's window."""
     ok = k_ord[0] <= q_ord[-1]
     return ok if window is None else ok & (k_ord[-1] > q_ord[0] - window)
 
 
-def _scores(q, k, q_seg, k_seg, q_ord, k_ord, opts):
+def _scores(q, k, q_seg, k_seg, q_ord, k_ord, opts: Options):
     """Scaled (and capped) float32 scores [b, K, G, Tq, Tk], the mask, and the capping's derivative."""
-    window, scale, softcap = opts
-    s = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * np.float32(scale)
-    d_cap = None
-    if softcap is not None:
-        tanh = jnp.tanh(s / softcap)
-        s, d_cap = softcap * tanh, 1 - tanh * tanh
-    mask = k_ord[None, :] <= q_ord[:, None]
-    if window is not None:
-        mask = mask & (k_ord[None, :] > q_ord[:, None] - window)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * np.float32(opts.scale)
+    scores, d_cap = apply_softcap(scores, opts.softcap)
+    mask = visible(q_ord[:, None], k_ord[None, :], opts.window)
     mask = mask[None, None, None] & (q_seg[:, :, None] == k_seg[:, None, :])[:, None, None]
-    return s, mask, d_cap
+    return scores, mask, d_cap
 
 
 def _split(x, block, axis=1):
@@ -97,10 +80,10 @@ def _split(x, block, axis=1):
 
 
 def _fold(carry, q, k, v, q_seg, k_seg, q_ord, k_ord, opts, qb, kb):
-    """Fold keys/values [b, S, K, H] into the running (acc, max, sum) of queries [b, C, K, G, H]."""
-    acc, m, l = carry
+    """Fold keys/values [b, S, K, H] into the running (accumulator, max, sum) of queries [b, C, K, G, H]."""
+    acc, run_max, run_sum = carry
     keys = (_split(k, kb), _split(v, kb), _split(k_seg, kb), k_ord.reshape(-1, kb))
-    accs, ms, ls = [], [], []
+    accs, maxes, sums = [], [], []
     for start in range(0, q.shape[1], qb):
         rows = slice(start, start + qb)
         q_i, qs_i, qo_i = q[:, rows], q_seg[:, rows], q_ord[rows]
@@ -109,21 +92,22 @@ def _fold(carry, q, k, v, q_seg, k_seg, q_ord, k_ord, opts, qb, kb):
             k_j, v_j, ks_j, ko_j = xs
 
             def update(c):
-                a, mx, sm = c
-                s, mask, _ = _scores(q_i, k_j, qs_i, ks_j, qo_i, ko_j, opts)
-                m_new = jnp.maximum(mx, jnp.max(jnp.where(mask, s, MASKED), axis=-1))
-                p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
-                fix = jnp.exp(mx - m_new)
-                pv = jnp.einsum("bkgts,bskd->bkgtd", p.astype(v_j.dtype), v_j, preferred_element_type=jnp.float32)
-                return a * fix[..., None] + pv, m_new, sm * fix + jnp.sum(p, axis=-1)
+                accumulator, running_max, running_sum = c
+                scores, mask, _ = _scores(q_i, k_j, qs_i, ks_j, qo_i, ko_j, opts)
+                new_max = jnp.maximum(running_max, jnp.max(jnp.where(mask, scores, MASKED), axis=-1))
+                probs = jnp.where(mask, jnp.exp(scores - new_max[..., None]), 0.0)
+                rescale = jnp.exp(running_max - new_max)  # what the old terms were scaled by, to the new max
+                pv = jnp.einsum("bkgts,bskd->bkgtd", probs.astype(v_j.dtype), v_j, preferred_element_type=jnp.float32)
+                return accumulator * rescale[..., None] + pv, new_max, running_sum * rescale + jnp.sum(probs, axis=-1)
 
-            return jax.lax.cond(_visible(qo_i, ko_j, opts[0]), update, lambda c: c, c), None
+            return jax.lax.cond(_any_visible(qo_i, ko_j, opts.window), update, lambda c: c, c), None
 
-        (a, mx, sm), _ = jax.lax.scan(step, (acc[..., rows, :], m[..., rows], l[..., rows]), keys)
-        accs.append(a)
-        ms.append(mx)
-        ls.append(sm)
-    return jnp.concatenate(accs, -2), jnp.concatenate(ms, -1), jnp.concatenate(ls, -1)
+        (block_acc, block_max, block_sum), _ = jax.lax.scan(
+            step, (acc[..., rows, :], run_max[..., rows], run_sum[..., rows]), keys)
+        accs.append(block_acc)
+        maxes.append(block_max)
+        sums.append(block_sum)
+    return jnp.concatenate(accs, -2), jnp.concatenate(maxes, -1), jnp.concatenate(sums, -1)
 
 
 def _unfold(dq, q, k, v, q_seg, k_seg, q_ord, k_ord, lse, delta, d_out, opts, qb, kb):
@@ -142,16 +126,16 @@ def _unfold(dq, q, k, v, q_seg, k_seg, q_ord, k_ord, lse, delta, d_out, opts, qb
             k_j, v_j, ks_j, ko_j, dk_j, dv_j = xs
 
             def grads(dq_i):
-                s, mask, d_cap = _scores(q_i, k_j, qs_i, ks_j, qo_i, ko_j, opts)
-                p = jnp.where(mask, jnp.exp(s - lse_i[..., None]), 0.0)
+                scores, mask, d_cap = _scores(q_i, k_j, qs_i, ks_j, qo_i, ko_j, opts)
+                p = jnp.where(mask, jnp.exp(scores - lse_i[..., None]), 0.0)
                 dv_add = jnp.einsum("bkgts,bkgtd->bskd", p, do_i)
                 dp = jnp.einsum("bkgtd,bskd->bkgts", do_i, v_j.astype(jnp.float32))
-                ds = p * (dp - delta_i[..., None]) * np.float32(opts[1])
+                ds = p * (dp - delta_i[..., None]) * np.float32(opts.scale)
                 ds = ds if d_cap is None else ds * d_cap
                 dq_i = dq_i + jnp.einsum("bkgts,bskd->btkgd", ds, k_j.astype(jnp.float32))
                 return dq_i, (dk_j + jnp.einsum("bkgts,btkgd->bskd", ds, q_i.astype(jnp.float32)), dv_j + dv_add)
 
-            return jax.lax.cond(_visible(qo_i, ko_j, opts[0]), grads, lambda dq_i: (dq_i, (dk_j, dv_j)), dq_i)
+            return jax.lax.cond(_any_visible(qo_i, ko_j, opts.window), grads, lambda dq_i: (dq_i, (dk_j, dv_j)), dq_i)
 
         dq_i, d_keys = jax.lax.scan(step, dq[:, rows], (*keys, *d_keys))
         dqs.append(dq_i)
@@ -166,10 +150,10 @@ def _start(q):
 
 
 def _finish(carry, dtype):
-    acc, m, l = carry
-    l = jnp.maximum(l, np.float32(1e-30))  # every query sees itself: l > 0 for every real row
-    out = jnp.moveaxis(acc / l[..., None], 3, 1).astype(dtype)  # [b, C, K, G, H]
-    return out, m + jnp.log(l)
+    acc, run_max, run_sum = carry
+    run_sum = jnp.maximum(run_sum, np.float32(1e-30))  # every query sees itself: the sum is > 0 for every row
+    out = jnp.moveaxis(acc / run_sum[..., None], 3, 1).astype(dtype)  # [b, C, K, G, H]
+    return out, run_max + jnp.log(run_sum)
 
 
 def _delta(out, d_out):
@@ -185,7 +169,7 @@ class _Setup(NamedTuple):
     layout: str
     axis: str  # the mesh axis that splits the sequence
     shards: int
-    opts: tuple  # (window, scale, softcap)
+    opts: Options
     run: int  # rows per query and key block
     q_spec: P
     kv_spec: P
@@ -290,33 +274,15 @@ def _split_bwd(setup: _Setup, residuals, d_out):
 _split_attention.defvjp(_split_fwd, _split_bwd)
 
 
-def per_shard_kernel(implementation: str, scheme: str, length: int, shards: int, layout: str, dtype, head_dim: int,
-                     softcap: float | None = None) -> str:
-    """The fused kernel that `attention_rules.resolve` picks, where it can run per shard (`models/context_fused.py`:
-    the all-gather scheme, chunks splash's 128 or cuDNN's 2 divide), else "jax" (the kernels here). A fused
-    kernel asked for by name that cannot run there is refused rather than replaced."""
-    fused = resolve(implementation, dtype, head_dim, length, softcap)  # cudnn: GPU, dtype, head size checked
-    if fused not in ("splash", "cudnn"):
-        return "jax"
-    chunk, multiple = context_fused.chunk_length(length, shards, layout), 128 if fused == "splash" else 2
-    if scheme == "allgather" and length % multiple == 0 and chunk % multiple == 0:
-        return fused
-    if implementation == fused:
-        raise UserError(f"model.attention={fused!r} on a sequence split by mesh.context needs "
-                         f"model.context_attention=allgather (got {scheme!r}) and query chunks of a multiple of "
-                         f"{multiple} positions (got {chunk}: {length} positions, {shards} shards, {layout} layout)")
-    return "jax"
-
-
 def attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, window: int | None, scale: float,
               softcap: float | None, scheme: str, layout: str = "zigzag", implementation: str = "auto") -> jax.Array:
     """Causal attention of a sequence split on the mesh (called by `attention.attention` when the mesh
     splits "length"), with its positions in `layout_order`. Output [B, T, N, H], split like the queries.
-    The per-shard kernel: splash or cuDNN with the all-gather scheme where `per_shard_kernel` says, else jax's."""
+    The per-shard kernel: splash or cuDNN with the all-gather scheme where `choose_kernel` says, else jax's."""
     batch, length = q_BxTxNxH.shape[:2]
     shards = sequence_shards(length)
-    kernel = per_shard_kernel(implementation, scheme, length, shards, layout, q_BxTxNxH.dtype, q_BxTxNxH.shape[-1],
-                              softcap)
+    kernel = choose_kernel(implementation, q_BxTxNxH.dtype, q_BxTxNxH.shape[-1], length, softcap,
+                           split=Split(scheme, shards, layout))
     q_spec = activation_spec(q_BxTxNxH.shape, ("batch", "length", "act_heads", None))
     kv_spec = activation_spec(k_BxTxKxH.shape, ("batch", "length", "act_kv_heads", None))
     if q_spec[2] != kv_spec[2]:  # kv heads too few to split: keep every head whole so groups line up
@@ -324,8 +290,8 @@ def attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, window: int | No
     if segment_ids_BxT is None:
         segment_ids_BxT = jnp.ones((batch, length), jnp.int32)
     if kernel != "jax":
-        return context_fused.attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, window, float(scale),
-                                       softcap, layout, q_spec, kv_spec, shards, kernel)
+        return split_fused.attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, window, float(scale),
+                                     softcap, layout, q_spec, kv_spec, shards, kernel)
     run = _pieces(layout_order(length, shards, layout), length, shards)
-    setup = _Setup(scheme, layout, q_spec[1], shards, (window, float(scale), softcap), run, q_spec, kv_spec)
+    setup = _Setup(scheme, layout, q_spec[1], shards, Options(window, float(scale), softcap), run, q_spec, kv_spec)
     return _split_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, setup)

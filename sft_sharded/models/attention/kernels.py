@@ -1,8 +1,8 @@
 """Fused attention kernels: cuDNN flash attention (GPU) and Pallas splash attention (TPU).
 
 Both take [B, T, N, H] queries and [B, T, K, H] keys/values (N % K == 0), are causal and keep tokens
-of different `segment_ids` apart. `models/attention.py` chooses between them and the XLA paths;
-`models/context_fused.py` runs them on the query chunks of a split sequence (`cudnn_chunk`, `_splash_local`).
+of different `segment_ids` apart. `choose.choose_kernel` chooses between them and the jax paths;
+`split_fused.py` runs them on the query chunks of a split sequence (`cudnn_chunk`, `splash_local`).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from sft_sharded.errors import UserError
-from sft_sharded.models.attention_rules import attention_mask
+from sft_sharded.models.attention.masking import attention_mask, scale_of
 from sft_sharded.parallel.sharding import activation_spec, current_platform
 
 Q_AXES = ("batch", "length", "act_heads", "head_dim")
@@ -25,7 +25,7 @@ def cudnn(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT=None, window: int | N
           softcap=None) -> jax.Array:
     """cuDNN flash attention with its causal mask (and sliding window). Packed rows add a [B, 1, T, T]
     same-segment mask (cuDNN folds it into a bias: B·T² elements, not B·N·T² scores); rows without packing
-    need none. cuDNN has no soft-capping: `attention_rules.resolve` never picks it then."""
+    need none. cuDNN has no soft-capping: `choose_kernel` never picks it then."""
     assert softcap is None, "cuDNN attention has no soft-capping"
     mask = None
     if segment_ids_BxT is not None:
@@ -56,6 +56,7 @@ def cudnn_chunk(q_BxCxNxH, k_BxSxKxH, v_BxSxKxH, segment_ids_BxC, kv_segment_ids
 
 
 def _block(length: int) -> int:
+    """Splash's block of rows: the largest of 512, 256, 128 that divides the length."""
     for size in (512, 256, 128):
         if length % size == 0:
             return size
@@ -63,7 +64,7 @@ def _block(length: int) -> int:
                     f"data.pad_to_multiple_of), got {length}")
 
 
-def _splash_local(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, segment_ids_BxT, interpret: bool, window: int | None,
+def splash_local(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, segment_ids_BxT, interpret: bool, window: int | None,
                   scale: float, softcap: float | None, kv_segment_ids_BxS=None, offset: int = 0):
     """Splash attention on one device's block: an MQA kernel per kv head (its G query heads share it).
     Queries are positions offset + 0..T-1 of the keys' 0..S-1 (offset 0, S = T: the whole sequence; a
@@ -115,8 +116,8 @@ def splash(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT=None, window: int | 
            softcap=None) -> jax.Array:
     """Splash attention, per device under the mesh (a Pallas call is not partitioned by XLA): batch split
     like the activations, heads split on the tensor axis when both q and kv heads divide it."""
-    scale = q_BxTxNxH.shape[-1] ** -0.5 if scale is None else scale
-    local = functools.partial(_splash_local, interpret=current_platform() != "tpu", window=window, scale=scale,
+    scale = scale_of(scale, q_BxTxNxH.shape[-1])
+    local = functools.partial(splash_local, interpret=current_platform() != "tpu", window=window, scale=scale,
                               softcap=softcap)
     q_spec = activation_spec(q_BxTxNxH.shape, Q_AXES)
     if q_spec is None:  # no mesh: one device

@@ -9,7 +9,7 @@ are built and `lax.switch` runs the device's own. Splash skips the key blocks ab
 cuDNN never sees them: that is the causal work the zigzag layout balances. The backward pass is the
 kernel's own; the all-gather's transpose reduce-scatters the key and value gradients back to their owners.
 
-The ring keeps the jax kernels of `models/context.py`: it needs each block's log-sum-exp and a backward
+The ring keeps the jax kernels of `split.py`: it needs each block's log-sum-exp and a backward
 pass from the whole row's log-sum-exp, which neither kernel exposes (jax's cuDNN call drops the
 log-sum-exp's gradient)."""
 
@@ -20,27 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from sft_sharded.models.attention_kernels import _splash_local, cudnn_chunk
-from sft_sharded.models.attention_rules import layout_order
+from sft_sharded.models.attention.kernels import cudnn_chunk, splash_local
+from sft_sharded.models.attention.layout import chunks, layout_order
 from sft_sharded.parallel.sharding import current_platform
-
-
-def chunks(length: int, shards: int, layout: str) -> list[list[tuple[int, int, int]]]:
-    """For each device: (first row in its shard, position of that row in the sequence, rows) of each run
-    of consecutive positions it holds."""
-    order = layout_order(length, shards, layout)
-    order = np.arange(length) if order is None else order
-    rows, out = length // shards, []
-    for device in range(shards):
-        own = order[device * rows:(device + 1) * rows]
-        starts = np.concatenate([[0], np.flatnonzero(np.diff(own) != 1) + 1])
-        ends = np.concatenate([starts[1:], [rows]])
-        out.append([(int(a), int(own[a]), int(b - a)) for a, b in zip(starts, ends)])
-    return out
-
-
-def chunk_length(length: int, shards: int, layout: str) -> int:
-    return min(n for device in chunks(length, shards, layout) for _, _, n in device)
 
 
 def attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, window: int | None, scale: float,
@@ -55,7 +37,7 @@ def attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, window: int | No
     def one_chunk(q, k_all, v_all, seg, seg_all, offset):
         if kernel == "cudnn":
             return cudnn_chunk(q, k_all, v_all, seg, seg_all, offset, window, scale)
-        return _splash_local(q, k_all, v_all, seg, interpret, window, scale, softcap, kv_segment_ids_BxS=seg_all,
+        return splash_local(q, k_all, v_all, seg, interpret, window, scale, softcap, kv_segment_ids_BxS=seg_all,
                              offset=offset)
 
     def branch(device_chunks):
