@@ -74,7 +74,7 @@ def main() -> None:
 
     from sft_sharded import DecoderConfig, make_mesh
     from sft_sharded.models import preset
-    from sft_sharded.models.lora import LoraConfig
+    from sft_sharded.config import LoraConfig
 
     comparison = DecoderConfig(vocab_size=8192, hidden_size=256, num_layers=4, num_heads=8, num_kv_heads=8, head_dim=32,
                              mlp_dim=1024, dtype="bfloat16", scan_layers=True)

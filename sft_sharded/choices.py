@@ -14,8 +14,16 @@ DEFAULT_CONTEXT_SCHEME = "ring"
 CONTEXT_LAYOUTS = ("zigzag", "contiguous")
 # models/decoder.py: what a decoder layer saves for the backward pass (none: everything; full: nothing).
 REMAT_POLICIES = ("none", "full", "save_dots")
-# models/lora.py: the projections LoRA may adapt, by our name (PEFT's "q_proj", ... are accepted too).
-LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+# The projections LoRA may adapt, by our name: our module and weight, and the transformers module it is in
+# a Hugging Face checkpoint (whose last part is the name PEFT users know: lora.targets accepts it too).
+PROJECTIONS = {
+    "q": ("attn", "wq", "self_attn.q_proj"), "k": ("attn", "wk", "self_attn.k_proj"),
+    "v": ("attn", "wv", "self_attn.v_proj"), "o": ("attn", "wo", "self_attn.o_proj"),
+    "gate": ("mlp", "w_gate", "mlp.gate_proj"), "up": ("mlp", "w_up", "mlp.up_proj"),
+    "down": ("mlp", "w_down", "mlp.down_proj"),
+}
+LORA_TARGETS = tuple(PROJECTIONS)
+PEFT_TARGETS = {name: hf.rsplit(".", 1)[1] for name, (_, _, hf) in PROJECTIONS.items()}  # q -> q_proj, ...
 LORA_MLP_TARGETS = ("gate", "up", "down")  # a mixture of experts has no adapters on these (models/config.py)
 # How LoRA's frozen base is stored: int8 and nf4 (QLoRA) quantize its projection weights (models/quant.py).
 LORA_BASE_DTYPES = ("bfloat16", "float32", "int8", "nf4")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from pathlib import Path
@@ -16,7 +17,7 @@ import yaml
 
 from sft_sharded.rundir import paths
 from sft_sharded.choices import (ATTENTION_IMPLEMENTATIONS, CONTEXT_SCHEMES, DEFAULT_CONTEXT_SCHEME, LORA_BASE_DTYPES,
-                                 LORA_TARGETS, REMAT_POLICIES)
+                                 LORA_TARGETS, PEFT_TARGETS, REMAT_POLICIES)
 from sft_sharded.errors import MissingFileError, UserError
 
 
@@ -174,20 +175,36 @@ class TrackConfig:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class LoraSection:
-    """LoRA: adapters on the projections in `targets` train, the base is frozen (`models/lora.py`)."""
+class LoraConfig:
+    """LoRA: adapters on the projections in `targets` train, the base is frozen (`models/lora.py`). One type
+    for the run's `lora` section and the model's `DecoderConfig.lora` (which holds None where rank is 0)."""
 
     rank: int = 0  # 0: full fine-tuning
     alpha: float = 16.0
-    dropout: float = 0.0
-    targets: list[str] = dataclasses.field(default_factory=lambda: list(LORA_TARGETS))
+    dropout: float = 0.0  # on the adapter's input while training (as PEFT's lora_dropout)
+    targets: tuple[str, ...] = LORA_TARGETS  # our names; PEFT's ("q_proj", ...) are accepted too
     rslora: bool = False  # scale alpha / sqrt(rank) instead of alpha / rank
     base_dtype: Literal[LORA_BASE_DTYPES] = "bfloat16"  # type: ignore[valid-type]  # the frozen base's storage
     init_from: str | None = None  # a PEFT adapter directory to continue training from
 
     def __post_init__(self):
-        if self.rank < 0:
-            raise ConfigError(f"lora.rank={self.rank} must be >= 0 (0: off)")
+        if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 0:
+            raise ConfigError(f"lora.rank={self.rank!r} must be an int >= 0 (0: off)")
+        ours = {peft: name for name, peft in PEFT_TARGETS.items()}
+        names = tuple(dict.fromkeys(ours.get(t, t) for t in self.targets))
+        unknown = [t for t in names if t not in LORA_TARGETS]
+        if unknown or not names:
+            raise ConfigError(f"lora.targets={list(self.targets)}: unknown {unknown}; choose from "
+                              f"{list(LORA_TARGETS)} or {list(PEFT_TARGETS.values())}")
+        object.__setattr__(self, "targets", names)
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"lora.dropout={self.dropout} must be in [0, 1)")
+        if self.base_dtype not in LORA_BASE_DTYPES:
+            raise ConfigError(f"lora.base_dtype={self.base_dtype!r} must be one of {list(LORA_BASE_DTYPES)}")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -217,7 +234,7 @@ class TrainConfig:
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     loss: LossConfig = dataclasses.field(default_factory=LossConfig)
-    lora: LoraSection = dataclasses.field(default_factory=LoraSection)
+    lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
     track: TrackConfig = dataclasses.field(default_factory=TrackConfig)
 
     def __post_init__(self):
@@ -248,10 +265,10 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}={value!r} must be a mapping")
         return {_coerce(f"{key} key", k, args[0]): _coerce(f"{key}[{k!r}]", v, args[1]) for k, v in value.items()}
-    if origin is list:
+    if origin in (list, tuple):  # a tuple field (hashable, for the model's config) is a list in YAML
         if not isinstance(value, list):
             raise ConfigError(f"{key}={value!r} must be a list")
-        return [_coerce(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value)]
+        return origin(_coerce(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value))
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if hint is float and isinstance(value, str):  # PyYAML reads "1e-3" (no dot) as a string

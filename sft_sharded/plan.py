@@ -20,7 +20,7 @@ from jax.experimental import topologies
 
 from sft_sharded.batch import BATCH_KEYS
 from sft_sharded.choices import DEFAULT_CONTEXT_SCHEME, LORA_MLP_TARGETS, LORA_TARGETS
-from sft_sharded.config import DataConfig, LoraSection, LossConfig, MeshConfig, ModelConfig, TrainConfig
+from sft_sharded.config import DataConfig, LoraConfig, LossConfig, MeshConfig, ModelConfig, TrainConfig
 from sft_sharded.errors import UserError
 from sft_sharded.metrics import flops_per_token, memory_per_device, peak_flops
 from sft_sharded.models import preset
@@ -97,7 +97,7 @@ def train_config(model: str, seq: int, global_batch: int, mesh_spec: str, remat:
                           attention=attention, context_attention=context_attention),
         mesh=parse_mesh(mesh_spec), data=DataConfig(batch_size=global_batch, max_length=seq, packing=True),
         loss=LossConfig(chunk_size=loss_chunk),
-        lora=LoraSection(rank=lora_rank, base_dtype=base_dtype, targets=targets))
+        lora=LoraConfig(rank=lora_rank, base_dtype=base_dtype, targets=targets))
 
 
 def plan(topology: str, model: str, seq: int, global_batch: int, mesh_spec: str, remat: str = "full",

@@ -35,7 +35,6 @@ from sft_sharded.evaluation import make_eval_fn
 from sft_sharded.parallel.memory import check_first_step
 from sft_sharded.models import Decoder, DecoderConfig, preset
 from sft_sharded.models.presets import loss_chunk
-from sft_sharded.models.lora import LoraConfig
 from sft_sharded.optim import make_optimizer
 from sft_sharded.parallel.sharding import context_size, data_parallel_size, make_mesh
 from sft_sharded.state import abstract_state, base_fingerprint, init_state, with_frozen_base
@@ -51,25 +50,13 @@ def model_config(cfg: TrainConfig) -> DecoderConfig:
     """The preset, or the config.json of `model.path`, with the run's dtype/remat/scan/attention options."""
     m = cfg.model
     options = dict(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat, scan_layers=m.scan_layers,
-                   attention=m.attention, context_attention=m.context_attention, lora=lora_config(cfg))
+                   attention=m.attention, context_attention=m.context_attention, lora=cfg.lora)
     try:
         return hf.config_from_hf(m.path, **options) if m.path else preset(m.preset, **options)
     except UserError:
         raise
     except (ValueError, TypeError) as err:  # DecoderConfig's own checks of the model.* options
         raise UserError(f"model: {err}") from None
-
-
-def lora_config(cfg: TrainConfig) -> LoraConfig | None:
-    """The model's LoRA config from the `lora` section (None when lora.rank is 0)."""
-    c = cfg.lora
-    if not c.rank:
-        return None
-    try:
-        return LoraConfig(rank=c.rank, alpha=c.alpha, targets=tuple(c.targets), rslora=c.rslora,
-                          base_dtype=c.base_dtype, dropout=c.dropout)
-    except ValueError as err:
-        raise UserError(str(err)) from None
 
 
 def lora_off_note(cfg: TrainConfig) -> str | None:

@@ -14,7 +14,7 @@ from reference import GRAD_TOL, llama_logits, random_batch, to_numpy
 
 from sft_sharded import Decoder, SFTTrainer, make_mesh
 from sft_sharded.metrics import memory_per_device
-from sft_sharded.models.lora import LoraConfig
+from sft_sharded.config import LoraConfig
 from sft_sharded.trainers import partition
 
 LORA = LoraConfig(rank=4, alpha=8.0, base_dtype="float32")

@@ -48,7 +48,7 @@ def test_lora_flops_per_token_match_xla_cost_analysis():
     """The frozen base has no weight gradient: 4 x its matmul params, 6 x the adapters'."""
     import dataclasses
 
-    from sft_sharded.models.lora import LoraConfig
+    from sft_sharded.config import LoraConfig
 
     cfg = DecoderConfig(vocab_size=512, hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=384,
                       lora=LoraConfig(rank=8, base_dtype="float32"))

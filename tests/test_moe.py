@@ -198,7 +198,7 @@ def test_cached_generation_matches_transformers_and_lora_adapts_attention_only(t
 
     from sft_sharded.generate import greedy_generate
     from sft_sharded.models import DecoderConfig
-    from sft_sharded.models.lora import LoraConfig
+    from sft_sharded.config import LoraConfig
 
     model = make_hf("qwen3-moe", tmp_path / "hf")
     trainer, cfg, params = import_model(tmp_path / "hf", (1, 1, 1))

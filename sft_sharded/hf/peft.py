@@ -16,10 +16,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from sft_sharded.rundir import paths
+from sft_sharded.choices import PEFT_TARGETS, PROJECTIONS
 from sft_sharded.errors import MissingFileError, UserError
 from sft_sharded.hf.weights import SafetensorsDir, get_path, set_path, write_safetensors
 from sft_sharded.models.config import DecoderConfig
-from sft_sharded.models.lora import PROJECTIONS, TARGETS
 from sft_sharded.parallel.sharding import global_to_host
 
 _PREFIX = "base_model.model.model.layers.{i}."
@@ -58,7 +58,7 @@ def save_adapter(adapters: Any, cfg: DecoderConfig, out_dir: str | Path, base_mo
     write_safetensors(out / "adapter_model.safetensors", tensors)
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
               "r": lora.rank, "lora_alpha": lora.alpha, "lora_dropout": 0.0, "use_rslora": lora.rslora,
-              "target_modules": sorted(TARGETS[t] for t in lora.targets), "bias": "none",
+              "target_modules": sorted(PEFT_TARGETS[t] for t in lora.targets), "bias": "none",
               "fan_in_fan_out": False, "init_lora_weights": True, "modules_to_save": None, "use_dora": False}
     (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
     return out
@@ -73,7 +73,7 @@ def load_adapters(directory: str | Path, cfg: DecoderConfig, abstract_adapters: 
         raise MissingFileError(f"lora.init_from={str(directory)!r}: no adapter_config.json in that directory")
     saved = json.loads(path.read_text())
     lora = cfg.lora
-    targets = sorted(TARGETS[t] for t in lora.targets)
+    targets = sorted(PEFT_TARGETS[t] for t in lora.targets)
     want = {"peft_type": "LORA", "r": lora.rank, "lora_alpha": lora.alpha, "use_rslora": lora.rslora,
             "target_modules": targets}
     got = {**saved, "target_modules": sorted(saved.get("target_modules") or []),

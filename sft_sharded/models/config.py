@@ -11,7 +11,7 @@ import jax.numpy as jnp
 
 from sft_sharded.choices import (ACTIVATIONS, ATTENTION_IMPLEMENTATIONS, CONTEXT_LAYOUTS, CONTEXT_SCHEMES,
                                  DEFAULT_CONTEXT_SCHEME, LAYER_TYPES, LORA_MLP_TARGETS, REMAT_POLICIES)
-from sft_sharded.models.lora import LoraConfig
+from sft_sharded.config import LoraConfig
 from sft_sharded.models.rope import check_scaling
 
 
@@ -113,10 +113,12 @@ class DecoderConfig:
     capacity_factor: float | None = None  # None: dropless; else an expert keeps at most its share x factor
     router_aux_loss_coef: float = 0.0  # the load-balancing loss (transformers' formula) in the objective
     router_z_loss_coef: float = 0.0  # mean squared log-sum-exp of router logits in the objective
-    lora: LoraConfig | None = None  # LoRA adapters on the projections it targets (None: no adapters)
+    lora: LoraConfig | None = None  # LoRA adapters on the projections it targets (None or rank 0: no adapters)
     init_std: float = 0.02
 
     def __post_init__(self):
+        if self.lora is not None and not self.lora.rank:  # the run's `lora` section with rank 0: LoRA is off
+            object.__setattr__(self, "lora", None)
         for key in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "mlp_dim"):
             _positive_int(self, key)
         if self.num_heads % self.num_kv_heads:

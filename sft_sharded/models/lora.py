@@ -6,57 +6,15 @@ which parameters train and which form the frozen base.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sft_sharded.choices import LORA_BASE_DTYPES as BASE_DTYPES
-from sft_sharded.choices import LORA_TARGETS
 from sft_sharded.parallel.sharding import key_name
 
-# Each projection LoRA may adapt (choices.LORA_TARGETS): our module and weight, and the transformers
-# module it is in a Hugging Face checkpoint (whose last part is the name PEFT users know).
-PROJECTIONS = {
-    "q": ("attn", "wq", "self_attn.q_proj"), "k": ("attn", "wk", "self_attn.k_proj"),
-    "v": ("attn", "wv", "self_attn.v_proj"), "o": ("attn", "wo", "self_attn.o_proj"),
-    "gate": ("mlp", "w_gate", "mlp.gate_proj"), "up": ("mlp", "w_up", "mlp.up_proj"),
-    "down": ("mlp", "w_down", "mlp.down_proj"),
-}
-assert tuple(PROJECTIONS) == LORA_TARGETS
-TARGETS = {name: hf.rsplit(".", 1)[1] for name, (_, _, hf) in PROJECTIONS.items()}
 ADAPTER_SUFFIXES = ("_lora_a", "_lora_b")
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class LoraConfig:
-    rank: int
-    alpha: float = 16.0
-    targets: tuple[str, ...] = tuple(TARGETS)  # our names; PEFT's ("q_proj", ...) are accepted too
-    rslora: bool = False  # scale alpha / sqrt(rank) instead of alpha / rank
-    base_dtype: str = "bfloat16"  # how the frozen base is stored: bfloat16, float32, int8 or nf4 (QLoRA)
-    dropout: float = 0.0  # on the adapter's input while training (as PEFT's lora_dropout)
-
-    def __post_init__(self):
-        if not isinstance(self.rank, int) or self.rank < 1:
-            raise ValueError(f"lora.rank={self.rank!r} must be a positive int")
-        peft = {v: k for k, v in TARGETS.items()}
-        names = tuple(dict.fromkeys(peft.get(t, t) for t in self.targets))
-        unknown = [t for t in names if t not in TARGETS]
-        if unknown or not names:
-            raise ValueError(f"lora.targets={list(self.targets)}: unknown {unknown}; choose from "
-                             f"{list(TARGETS)} or {list(TARGETS.values())}")
-        object.__setattr__(self, "targets", names)
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"lora.dropout={self.dropout} must be in [0, 1)")
-        if self.base_dtype not in BASE_DTYPES:
-            raise ValueError(f"lora.base_dtype={self.base_dtype!r} must be one of {list(BASE_DTYPES)}")
-
-    @property
-    def scale(self) -> float:
-        return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
 
 
 def is_adapter(path: tuple) -> bool:
