@@ -28,13 +28,14 @@ class ConfigError(UserError):
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class MeshConfig:
     """Sizes of the mesh axes; one may be -1. Checked, and -1 resolved, by `sharding.mesh_shape` against
-    the devices once jax is up."""
+    the devices once jax is up. The fields are the mesh's axes, in the mesh's order (`sharding.MESH_AXES`
+    is read from them)."""
 
     data: int = 2
     fsdp: int = 2
-    tensor: int = 2
     expert: int = 1  # expert parallelism: a mixture's experts split between this many groups
     context: int = 1  # context parallelism: each row's positions split between this many devices
+    tensor: int = 2
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -82,8 +82,7 @@ def build_trainer(cfg: TrainConfig, model_cfg: DecoderConfig | None = None, mesh
     """Mesh (cfg.mesh over this process's devices unless given: `plan` gives a TPU topology's), model and
     optimizer of a config; checks that the global batch splits over the mesh."""
     if mesh is None:
-        mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, expert=cfg.mesh.expert,
-                         context=cfg.mesh.context)
+        mesh = make_mesh(**dataclasses.asdict(cfg.mesh))
     dp, k = data_parallel_size(mesh), cfg.optim.grad_accum_steps
     if cfg.data.batch_size % dp:
         raise UserError(f"data.batch_size={cfg.data.batch_size} is not divisible by the data-parallel size "

@@ -10,6 +10,7 @@ those axes with a one-time warning: the table says where things go when they can
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from collections.abc import Mapping, Sequence
@@ -20,9 +21,10 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from sft_sharded.config import MeshConfig
 from sft_sharded.errors import UserError
 
-MESH_AXES = ("data", "fsdp", "expert", "context", "tensor")
+MESH_AXES = tuple(field.name for field in dataclasses.fields(MeshConfig))  # data, fsdp, expert, context, tensor
 # Rows are split over data, fsdp and expert (an expert group holds its own rows, as an fsdp group does),
 # positions of a row over context.
 BATCH_AXES = ("data", "fsdp", "expert")
@@ -86,8 +88,7 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Sequence[
               expert: int = 1, context: int = 1) -> Mesh:
     """A Mesh with axes MESH_AXES over `devices` (default: all); one size may be -1."""
     devices = list(jax.devices() if devices is None else devices)
-    sizes = {"data": data, "fsdp": fsdp, "expert": expert, "context": context, "tensor": tensor}
-    shape = mesh_shape(sizes, len(devices))
+    shape = mesh_shape(dict(data=data, fsdp=fsdp, expert=expert, context=context, tensor=tensor), len(devices))
     # jax.make_mesh orders devices by physical topology (TPU/GPU); Auto axes keep flax logical rules working.
     return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
 
