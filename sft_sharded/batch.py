@@ -50,7 +50,7 @@ def check_layout(batch: Any, data_parallel: int, grad_accum_steps: int, context:
             raise TypeError(f"batch[{key!r}] must hold integer ids, got dtype {dtype}")
     if shape[0] % data_parallel:
         raise UserError(f"batch size {shape[0]} (batch['input_ids'].shape={shape}) is not divisible by the "
-                        f"data-parallel size data x fsdp = {data_parallel}")
+                        f"data-parallel size data x fsdp x expert = {data_parallel}")
     if shape[1] % context:
         raise UserError(f"sequence length {shape[1]} (batch['input_ids'].shape={shape}) is not divisible by the "
                         f"context-parallel size mesh.context = {context}")

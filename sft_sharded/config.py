@@ -40,6 +40,8 @@ class MeshConfig:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ModelConfig:
+    """The model: `preset` or `path`, and options that are DecoderConfig fields of the same name."""
+
     preset: str = "tiny"
     path: str | None = None  # a Hugging Face directory (config.json + safetensors); overrides preset
     dtype: str = "float32"

@@ -47,10 +47,10 @@ Say = Callable[[str], None]
 
 
 def model_config(cfg: TrainConfig) -> DecoderConfig:
-    """The preset, or the config.json of `model.path`, with the run's dtype/remat/scan/attention options."""
+    """The preset, or the config.json of `model.path`, with the run's options: every `model.*` key but those
+    two is a DecoderConfig field of the same name, and `lora` is the model's LoRA."""
     m = cfg.model
-    options = dict(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat, scan_layers=m.scan_layers,
-                   attention=m.attention, context_attention=m.context_attention, lora=cfg.lora)
+    options = {**{k: v for k, v in dataclasses.asdict(m).items() if k not in ("preset", "path")}, "lora": cfg.lora}
     try:
         return hf.config_from_hf(m.path, **options) if m.path else preset(m.preset, **options)
     except UserError:

@@ -1,9 +1,11 @@
 """load_config: defaults, YAML, KEY=VALUE overrides, and errors that name the key."""
 
+import dataclasses
+
 import pytest
 import yaml
 
-from sft_sharded.config import TrainConfig, dump_config, load_config
+from sft_sharded.config import ModelConfig, TrainConfig, dump_config, load_config
 
 
 def test_defaults_are_the_built_in_job():
@@ -63,3 +65,11 @@ def test_every_shipped_config_loads():
     for path in configs:
         load_config(path)
         assert len(path.read_text().splitlines()) < 40
+
+
+def test_every_model_option_is_a_decoder_config_field_of_the_same_name():
+    """run.model_config hands the model.* keys to the model as they are: a new key must be a model field."""
+    from sft_sharded.models import DecoderConfig
+
+    options = {f.name for f in dataclasses.fields(ModelConfig)} - {"preset", "path"}
+    assert options and options <= {f.name for f in dataclasses.fields(DecoderConfig)}

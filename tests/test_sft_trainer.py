@@ -243,7 +243,7 @@ def test_unannotated_module_trains_with_replicated_params():
 def test_bad_batches_raise_clear_errors(tiny_config):
     trainer, state = make_trainer(tiny_config, (2, 2, 2))
     batch = random_batch(8)
-    with pytest.raises(ValueError, match=r"batch size 6 .*data x fsdp = 4"):
+    with pytest.raises(ValueError, match=r"batch size 6 .*data x fsdp x expert = 4"):
         trainer.train_step(state, {k: v[:6] for k, v in batch.items()})
     with pytest.raises(KeyError, match="missing 'labels'"):
         trainer.train_step(state, {"input_ids": batch["input_ids"]})
