@@ -26,10 +26,12 @@ def safe_mean(total: jax.Array, count: jax.Array) -> jax.Array:
 
 
 class LossTerms(NamedTuple):
-    """Sum of per-token losses and the number of tokens it covers (both float32 scalars)."""
+    """Sum of per-token losses and the number of tokens it covers (both float32 scalars), and a term the
+    objective has beside the reported loss, in the units of `loss_sum` (a mixture's router losses)."""
 
     loss_sum: jax.Array
     num_tokens: jax.Array
+    penalty: jax.Array | float = 0.0
 
     def mean(self) -> jax.Array:
         return safe_mean(self.loss_sum, self.num_tokens)

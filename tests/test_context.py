@@ -166,7 +166,7 @@ def _loss_and_grads(cfg, mesh, accum=1, chunk=None, extra=False):
     params = trainer.create_train_state(jax.random.key(0), jnp.zeros((B, T), jnp.int32)).params
     loss, grads = trainer.loss_and_grad(params, _batch())
     with trainer.activate():
-        penalty = jax.jit(trainer.loss_terms)(params, _batch())[1].get("penalty", 0.0) if extra else 0.0
+        penalty = jax.jit(trainer.loss_terms)(params, _batch())[0].penalty if extra else 0.0
     return float(loss), float(penalty), jax.tree.map(np.asarray, grads)
 
 

@@ -145,21 +145,21 @@ def test_loss_and_aux_loss_match_transformers_with_padding(kind, tmp_path):
     shifted = np.concatenate([labels[:, 1:], np.full((2, 1), -100)], axis=1)
     batch = {"input_ids": ids.astype(np.int32), "labels": shifted.astype(np.int32), "segment_ids": real}
     terms, extra = jax.jit(trainer.loss_terms)(params, batch)
-    aux = float(router_metrics(extra, cfg.num_experts)["moe_aux_loss"])
+    aux = float(router_metrics(extra["router"], cfg.num_experts)["moe_aux_loss"])
     assert cfg.router_aux_loss_coef == 0.1
     assert aux == pytest.approx(float(out.aux_loss), rel=1e-5)
     assert float(terms.mean()) + 0.1 * aux == pytest.approx(float(out.loss), rel=1e-5)
     # Padding changes nothing: other tokens in the padded tail give the same aux loss.
     repadded = dict(batch, input_ids=np.where(real == 1, ids, 7).astype(np.int32))
     _, extra2 = jax.jit(trainer.loss_terms)(params, repadded)
-    assert float(router_metrics(extra2, cfg.num_experts)["moe_aux_loss"]) == pytest.approx(aux, rel=1e-6)
+    assert float(router_metrics(extra2["router"], cfg.num_experts)["moe_aux_loss"]) == pytest.approx(aux, rel=1e-6)
     if not cfg.dense_layers:  # every layer sparse: a scanned stack, loaded shard by shard onto expert groups
         scanned, _, stacked = import_model(tmp_path / "hf", (1, 2, 1), expert=2, scan_layers=True)
         assert stacked["layers"]["moe"]["w_gate"].shape[:2] == (cfg.num_layers, cfg.num_experts)
         logits = np.asarray(jax.jit(scanned.model.apply)({"params": stacked}, ids.astype(np.int32), None, real))
         np.testing.assert_allclose(logits[real == 1], out.logits.numpy()[real == 1], atol=1e-4)
     sparse_layers = cfg.num_layers - len(cfg.dense_layers)
-    assert float(extra["moe_tokens"]) == (16 + 10) * sparse_layers  # real tokens only, in every sparse layer
+    assert float(extra["router"].tokens) == (16 + 10) * sparse_layers  # real tokens only, in every sparse layer
 
 
 @pytest.mark.parametrize("kind", MOE_FAMILIES)
@@ -181,8 +181,8 @@ def test_sharded_expert_parallel_and_accumulated_loss_aux_and_grads_equal_one_de
     for mesh, expert, accum in meshes:
         trainer, _, params = import_model(tmp_path / "hf", mesh, expert=expert, grad_accum_steps=accum)
         loss, grads = trainer.loss_and_grad(params, batch)
-        _, extra = jax.jit(trainer.loss_terms)(params, batch)
-        results.append((float(loss), float(extra["penalty"]), to_numpy(grads)))
+        terms, _ = jax.jit(trainer.loss_terms)(params, batch)
+        results.append((float(loss), float(terms.penalty), to_numpy(grads)))
     (loss_one, penalty_one, grads_one), *sharded = results
     assert penalty_one > 0
     for loss, penalty, grads in sharded:

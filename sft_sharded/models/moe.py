@@ -8,23 +8,37 @@ expert computes a token it was not given. With `capacity_factor` an expert keeps
 ceil(factor * tokens * k / experts) of its pairs (the earliest tokens first) and the rest are dropped
 (their weight is lost, as in fixed-shape MoE training); dropped pairs are counted.
 
-Router statistics for the load-balancing loss (`moe_aux`) are sown per layer into the "moe" collection:
+Router statistics for the load-balancing loss are sown per layer into the "moe" collection as `RouterSums`:
 per expert, the number of (real token, slot) picks and the sum of router probabilities over real tokens,
 and the number of real tokens, so the loss can be formed over the global batch.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from sft_sharded.models.config import DecoderConfig
 from sft_sharded.models.layers import MLP, gated, param, weight
-from sft_sharded.parallel.sharding import activation_spec, constrain, key_name
+from sft_sharded.parallel.sharding import activation_spec, constrain
+
+
+@flax.struct.dataclass
+class RouterSums:
+    """Router statistics of one layer's tokens, or (from `router_sums`) of every sparse layer: sums over
+    real tokens, so micro-batches and layers add up and the losses are formed over the whole batch."""
+
+    picks: jax.Array  # [E]: (real token, slot) pairs routed to each expert
+    probs: jax.Array  # [E]: the router's probabilities summed over real tokens
+    tokens: jax.Array  # real tokens
+    z: jax.Array  # squared log-sum-exp of the router logits, summed over real tokens
+    dropped: jax.Array | None = None  # pairs over an expert's capacity (with `capacity_factor` only)
 
 
 def route(logits_NxE: jax.Array, k: int, normalize: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -180,11 +194,10 @@ class MoE(nn.Module):
         real_N = real_BxT.reshape(-1).astype(jnp.float32)
         picks_NxE = jnp.sum(jax.nn.one_hot(experts_NxK, e, dtype=jnp.float32), axis=1)
         lse_N = jax.nn.logsumexp(logits_NxE, axis=-1)
-        stats = {"picks": jnp.einsum("ne,n->e", picks_NxE, real_N), "probs": jnp.einsum("ne,n->e", probs_NxE, real_N),
-                 "tokens": jnp.sum(real_N), "z": jnp.sum(lse_N * lse_N * real_N)}
-        if keep_NxK is not None:
-            stats["dropped"] = jnp.sum((~keep_NxK).astype(jnp.float32) * real_N[:, None])
-        self.sow("moe", "stats", stats)
+        dropped = None if keep_NxK is None else jnp.sum((~keep_NxK).astype(jnp.float32) * real_N[:, None])
+        self.sow("moe", "stats", RouterSums(
+            picks=jnp.einsum("ne,n->e", picks_NxE, real_N), probs=jnp.einsum("ne,n->e", probs_NxE, real_N),
+            tokens=jnp.sum(real_N), z=jnp.sum(lse_N * lse_N * real_N), dropped=dropped))
         return constrain(out_BxTxD, ("batch", "length", "act_embed"))
 
 
@@ -198,35 +211,33 @@ class MoE(nn.Module):
                 weight(self, "w_down_bias", (e, d), ("exp", "embed"), zeros))
 
 
-def router_sums(stats: dict) -> dict[str, jax.Array]:
-    """The sown per-layer sums (scanned or not) added over layers: per expert "moe_picks" and "moe_probs",
-    and "moe_tokens", "moe_z" (and "moe_dropped" with a capacity). Sums, so micro-batches add up."""
-    out = {}
-    for path, x in jax.tree_util.tree_leaves_with_path(stats):
-        name = "moe_" + key_name(path[-1])
-        keep = 1 if name in ("moe_picks", "moe_probs") else 0
-        summed = jnp.sum(x, axis=tuple(range(x.ndim - keep)))
-        out[name] = out[name] + summed if name in out else summed
-    return out
+def router_sums(collection) -> RouterSums:
+    """The sown `RouterSums` of every sparse layer (scanned: stacked on a leading axis) added up."""
+    def total(x, keep: int):
+        return None if x is None else jnp.sum(x, axis=tuple(range(x.ndim - keep)))
+
+    layers = jax.tree.leaves(collection, is_leaf=lambda x: isinstance(x, RouterSums))
+    sums = [RouterSums(total(s.picks, 1), total(s.probs, 1), total(s.tokens, 0), total(s.z, 0), total(s.dropped, 0))
+            for s in layers]
+    return functools.reduce(lambda a, b: jax.tree.map(jnp.add, a, b), sums)
 
 
-def router_penalties(part: dict, whole: dict, num_experts: int) -> tuple[jax.Array, jax.Array]:
+def router_penalties(part: RouterSums, whole: RouterSums, num_experts: int) -> tuple[jax.Array, jax.Array]:
     """This part's share of the whole batch's load-balancing and z losses: with the whole batch's picks
     and token count (no gradient flows through either), the parts' shares add up to the whole's losses."""
-    tokens = jnp.maximum(whole["moe_tokens"], 1.0)
-    aux = num_experts * jnp.sum(whole["moe_picks"] * part["moe_probs"]) / (tokens * tokens)
-    return aux, part["moe_z"] / tokens
+    tokens = jnp.maximum(whole.tokens, 1.0)
+    aux = num_experts * jnp.sum(whole.picks * part.probs) / (tokens * tokens)
+    return aux, part.z / tokens
 
 
-def router_metrics(sums: dict, num_experts: int) -> dict[str, jax.Array]:
+def router_metrics(sums: RouterSums, num_experts: int) -> dict[str, jax.Array]:
     """The load-balancing loss as transformers forms it over all sparse layers' real tokens together
     (num_experts * sum_e picks_e / n * probs_e / n), the router z-loss (mean squared log-sum-exp), each
     expert's share of the picks (min and max) and the dropped pairs."""
-    tokens = jnp.maximum(sums["moe_tokens"], 1.0)
-    picks, probs = sums["moe_picks"], sums["moe_probs"]
-    share = picks / jnp.maximum(jnp.sum(picks), 1.0)
-    out = {"moe_aux_loss": num_experts * jnp.sum(picks * probs) / (tokens * tokens),
-           "moe_z_loss": sums["moe_z"] / tokens, "moe_load_min": jnp.min(share), "moe_load_max": jnp.max(share)}
-    if "moe_dropped" in sums:
-        out["moe_dropped"] = sums["moe_dropped"]
+    tokens = jnp.maximum(sums.tokens, 1.0)
+    share = sums.picks / jnp.maximum(jnp.sum(sums.picks), 1.0)
+    out = {"moe_aux_loss": num_experts * jnp.sum(sums.picks * sums.probs) / (tokens * tokens),
+           "moe_z_loss": sums.z / tokens, "moe_load_min": jnp.min(share), "moe_load_max": jnp.max(share)}
+    if sums.dropped is not None:
+        out["moe_dropped"] = sums.dropped
     return out

@@ -2,17 +2,29 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 
+from sft_sharded.config import LoraConfig
 from sft_sharded.losses import (LossTerms, chunked_cross_entropy, cross_entropy_with_hits, projected_cross_entropy,
                                 target_weights)
 from sft_sharded.models import moe, quant
+from sft_sharded.models.config import DecoderConfig
+from sft_sharded.models.decoder import Decoder
 from sft_sharded.models.lora import is_adapter
 from sft_sharded.trainers import partition
 from sft_sharded.trainers.trainer import Batch, Trainer, TrainState
 
 _MODEL_INPUTS = ("positions", "segment_ids")
+
+
+class WholeBatch(NamedTuple):
+    """What each micro-batch's router losses need from the whole batch (no gradient flows through it)."""
+
+    router: moe.RouterSums
+    num_tokens: jax.Array  # the whole batch's target count
 
 
 class SFTTrainer(Trainer):
@@ -36,9 +48,18 @@ class SFTTrainer(Trainer):
             self.dropout_seed = seed  # LoRA dropout: a different mask each step and micro-batch
 
     @property
-    def lora(self):
+    def _config(self) -> DecoderConfig | None:
+        """The decoder's config (None for another flax module: it trains as it is, without LoRA or experts)."""
+        return self.model.config if isinstance(self.model, Decoder) else None
+
+    @property
+    def vocab_size(self) -> int | None:
+        return self._config.vocab_size if self._config is not None else None
+
+    @property
+    def lora(self) -> LoraConfig | None:
         """The model's LoRA config, or None (full fine-tuning)."""
-        return getattr(getattr(self.model, "config", None), "lora", None)
+        return self._config.lora if self._config is not None else None
 
     def split_params(self, params):
         """(trainable, frozen) parts of a model's params: with LoRA the adapters and the base (stored in
@@ -86,44 +107,42 @@ class SFTTrainer(Trainer):
         terms, _ = self.loss_terms(params, batch)
         return terms.mean()
 
-    def batch_context(self, params, batch: Batch, micro_batches: Batch):
+    def whole_batch(self, params, batch: Batch, micro_batches: Batch) -> WholeBatch | None:
         """With router losses and micro-batches: the whole batch's router sums and target count, from a
         forward pass over every micro-batch first. The load-balancing loss multiplies two batch means, so
         a micro-batch's share of its gradient needs the whole batch's expert counts (which carry no
         gradient); with them, the micro-batches' penalties add up to the whole batch's exactly."""
-        cfg = getattr(self.model, "config", None)
-        if self.grad_accum_steps == 1 or not getattr(cfg, "num_experts", 0) or not (
+        cfg = self._config
+        if self.grad_accum_steps == 1 or cfg is None or not cfg.num_experts or not (
                 cfg.router_aux_loss_coef or cfg.router_z_loss_coef):
             return None
 
+        def router(mb):
+            return self.loss_terms(params, mb)[1]["router"]
+
         def body(acc, mb):
-            _, extra = self.loss_terms(params, mb)
-            sums = {k: v for k, v in extra.items() if k.startswith("moe_")}
-            return jax.tree.map(jnp.add, acc, sums), None
+            return jax.tree.map(jnp.add, acc, router(mb)), None
 
         first = jax.tree.map(lambda x: x[0], micro_batches)
-        shapes = {k: v for k, v in jax.eval_shape(lambda mb: self.loss_terms(params, mb)[1], first).items()
-                  if k.startswith("moe_")}
-        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(router, first))
         sums, _ = jax.lax.scan(body, zeros, micro_batches)
-        sums = jax.lax.stop_gradient(sums)
-        return {**sums, "num_tokens": jnp.sum(target_weights(batch, self.pad_label_id))}
+        return WholeBatch(jax.lax.stop_gradient(sums), jnp.sum(target_weights(batch, self.pad_label_id)))
 
     def loss_terms(self, params, batch: Batch, rng: jax.Array | None = None,
-                   context: dict | None = None) -> tuple[LossTerms, dict[str, jax.Array]]:
+                   whole: WholeBatch | None = None) -> tuple[LossTerms, dict]:
         """Summed token losses and their count; `rng` (training with LoRA dropout) drives the dropout.
-        With experts, the extras carry the router's sums and "penalty": the router losses in the units of
-        `loss_sum` (times the token count), which the gradient includes; with a `context` (the whole
-        batch's sums, `batch_context`) this micro-batch's share of the whole batch's router losses."""
+        With experts, the extras carry the router's sums ("router": `moe.RouterSums`) and the terms a
+        penalty: the router losses in the units of `loss_sum` (times the token count), which the gradient
+        includes; given the whole batch's sums (`whole_batch`), this micro-batch's share of its losses."""
         kwargs = {key: batch[key] for key in _MODEL_INPUTS if key in batch}
         if rng is not None:
             kwargs["rngs"] = {"dropout": rng}
-        cfg = getattr(self.model, "config", None)
-        experts = getattr(cfg, "num_experts", 0)
+        cfg = self._config
+        experts = cfg.num_experts if cfg is not None else 0
         if experts:
             kwargs["mutable"] = ["moe"]
         mask_BxT = target_weights(batch, self.pad_label_id)  # per-target weights (0: not trained)
-        softcap = getattr(cfg, "final_softcap", None)
+        softcap = cfg.final_softcap if cfg is not None else None
         if self.loss_chunk_size or hasattr(self.model, "hidden_and_head"):  # the model hands over its head
             out = self.model.apply({"params": params}, batch["input_ids"], **kwargs, method="hidden_and_head")
             (hidden_BxTxD, head_DxV), state = out if experts else (out, None)
@@ -139,16 +158,16 @@ class SFTTrainer(Trainer):
             terms, hits = cross_entropy_with_hits(logits_BxTxV, batch["labels"], mask_BxT, self.z_loss)
         extra = {"num_correct": hits}
         if experts:
-            extra.update(moe.router_sums(state["moe"]))
-            whole = context or {**extra, "num_tokens": terms.num_tokens}
-            aux, z = moe.router_penalties(extra, whole, experts)
-            extra["penalty"] = whole["num_tokens"] * (cfg.router_aux_loss_coef * aux + cfg.router_z_loss_coef * z)
+            extra["router"] = router = moe.router_sums(state["moe"])
+            whole = whole or WholeBatch(router, terms.num_tokens)
+            aux, z = moe.router_penalties(router, whole.router, experts)
+            terms = terms._replace(
+                penalty=whole.num_tokens * (cfg.router_aux_loss_coef * aux + cfg.router_z_loss_coef * z))
         return terms, extra
 
     def summarize(self, extra: dict[str, jax.Array]) -> dict[str, jax.Array]:
         """The router's metrics from the step's summed statistics (the whole global batch)."""
-        extra = {k: v for k, v in extra.items() if k != "penalty"}
-        if "moe_picks" not in extra:
+        if "router" not in extra:
             return extra
-        sums = {k: extra.pop(k) for k in [k for k in extra if k.startswith("moe_")]}
-        return {**extra, **moe.router_metrics(sums, self.model.config.num_experts)}
+        extra = dict(extra)
+        return {**extra, **moe.router_metrics(extra.pop("router"), self._config.num_experts)}

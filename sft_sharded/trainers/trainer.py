@@ -87,6 +87,11 @@ class Trainer(abc.ABC):
     def compute_loss(self, params: Any, batch: Batch) -> jax.Array:
         """Scalar float32 loss of the batch."""
 
+    @property
+    def vocab_size(self) -> int | None:
+        """The model's vocabulary, against which batches' token ids are checked (None: not checked)."""
+        return None
+
     def abstract_train_state(self, key: jax.Array, dummy_input: Any) -> TrainState:
         """What `create_train_state` returns, as ShapeDtypeStructs with shardings; nothing is allocated
         (a restore target, an AOT plan's input, the shapes an import fills). Implementations call
@@ -153,7 +158,7 @@ class Trainer(abc.ABC):
             batch_format.check_layout(batch, sharding.data_parallel_size(self.mesh), self.grad_accum_steps,
                                       sharding.context_size(self.mesh))
             self._checked_signatures.add(signature)
-        batch_format.check_ids(batch, getattr(getattr(self.model, "config", None), "vocab_size", None))
+        batch_format.check_ids(batch, self.vocab_size)
         batch = {key: batch[key] for key in BATCH_KEYS if key in batch}
         with self.activate():
             return self._compiled(kind, first)(first, batch)
@@ -186,17 +191,16 @@ class Trainer(abc.ABC):
         k = self.grad_accum_steps
         micro_batches = batch if k == 1 else {key: sharding.split_microbatches(x, k, self.mesh)
                                               for key, x in batch.items()}
-        context = self.batch_context(partition.merge(params, frozen), batch, micro_batches)
+        whole = self.whole_batch(partition.merge(params, frozen), batch, micro_batches)
 
         def micro(mb, index):
             extra_args = {} if rng is None else {"rng": jax.random.fold_in(rng, index)}
-            if context is not None:
-                extra_args["context"] = context
+            if whole is not None:
+                extra_args["whole"] = whole
 
             def f(p):
                 terms, extra = self.loss_terms(partition.merge(p, frozen), mb, **extra_args)
-                # "penalty": a term the objective has beside the reported loss (router losses).
-                return terms.loss_sum + extra.get("penalty", 0.0), (terms.loss_sum, terms.num_tokens, extra)
+                return terms.loss_sum + terms.penalty, (terms.loss_sum, terms.num_tokens, extra)
             (_, (loss_sum, num_tokens, extra)), grads = jax.value_and_grad(f, has_aux=True)(params)
             return (loss_sum, num_tokens, extra), grads
 
@@ -214,9 +218,9 @@ class Trainer(abc.ABC):
         (sums, grads), _ = jax.lax.scan(body, init, (micro_batches, jnp.arange(k)))
         return sums, grads
 
-    def batch_context(self, params: Any, batch: Batch, micro_batches: Batch) -> Any:
+    def whole_batch(self, params: Any, batch: Batch, micro_batches: Batch) -> Any:
         """What every micro-batch's loss needs to know about the whole batch (a subclass's hook; None here,
-        and then `loss_terms` gets no `context`)."""
+        and then `loss_terms` gets no `whole`)."""
         return None
 
     def _mean_grads(self, params: Any, frozen: Any, batch: Batch, rng: jax.Array | None = None):
@@ -250,5 +254,5 @@ class Trainer(abc.ABC):
                 **self.summarize(extra)}
 
     def summarize(self, extra: dict[str, jax.Array]) -> dict[str, jax.Array]:
-        """Metrics from a step's summed extras (a subclass's hook; here: as they are, less "penalty")."""
-        return {k: v for k, v in extra.items() if k != "penalty"}
+        """Metrics from a step's summed extras (a subclass's hook; here: as they are)."""
+        return extra
