@@ -13,16 +13,15 @@ import json
 import tempfile
 import time
 
+from timing import bench_trainer  # a sibling: python puts benchmarks/ on the path
+
 
 def measure(name: str, cfg, saves: int) -> dict:
     import jax
     import jax.numpy as jnp
-    import optax
-
-    from sft_sharded import Decoder, SFTTrainer, make_mesh
     from sft_sharded.rundir.checkpoint import Checkpointer
 
-    trainer = SFTTrainer(Decoder(cfg), optax.adamw(1e-4), mesh=make_mesh(2, 2, 2))
+    trainer = bench_trainer(cfg, 8, 64, "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2")
     state = trainer.create_train_state(jax.random.key(0), jnp.zeros((8, 64), jnp.int32))
     jax.block_until_ready(state)
     state_bytes = sum(x.nbytes for x in jax.tree.leaves(state))

@@ -11,19 +11,20 @@ from __future__ import annotations
 import argparse
 import json
 
+from timing import bench_trainer  # a sibling: python puts benchmarks/ on the path
+
 
 def measure(vocab: int, seq: int, batch: int, chunk: int | None) -> dict:
     import jax
     import jax.numpy as jnp
-    import optax
-
-    from sft_sharded import Decoder, DecoderConfig, SFTTrainer, make_mesh
+    from sft_sharded import DecoderConfig
     from sft_sharded.metrics import memory_per_device
     from sft_sharded.parallel.sharding import batch_sharding
 
     cfg = DecoderConfig(vocab_size=vocab, hidden_size=256, num_layers=2, num_heads=4, num_kv_heads=4, mlp_dim=1024,
                       dtype="bfloat16")
-    trainer = SFTTrainer(Decoder(cfg), optax.adamw(1e-4), mesh=make_mesh(1, 8, 1), loss_chunk_size=chunk)
+    trainer = bench_trainer(cfg, batch, seq, "mesh.data=1", "mesh.fsdp=8", "mesh.tensor=1",
+                            f"loss.chunk_size={chunk or 0}")
     state = trainer.abstract_train_state(jax.random.key(0), jax.ShapeDtypeStruct((batch, seq), jnp.int32))
     sh = batch_sharding(trainer.mesh)
     batch_tree = {"input_ids": jax.ShapeDtypeStruct((batch, seq), jnp.int32, sharding=sh),

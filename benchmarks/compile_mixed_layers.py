@@ -12,11 +12,11 @@ simulate_cpu_devices(8)
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-import optax  # noqa: E402
 
-from sft_sharded import Decoder, SFTTrainer, make_mesh  # noqa: E402
+from sft_sharded import make_mesh  # noqa: E402
 from sft_sharded.models import preset  # noqa: E402
 from sft_sharded.parallel.sharding import global_batch  # noqa: E402
+from timing import bench_trainer  # noqa: E402  # a sibling: python puts benchmarks/ on the path
 
 
 def main():
@@ -29,7 +29,7 @@ def main():
                          mlp_dim=256, sliding_window=64, scan_layers=scan, remat="full")
             if not mixed:
                 cfg = dataclasses.replace(cfg, layer_types=None, sliding_window=None, rope_local_theta=None)
-            trainer = SFTTrainer(Decoder(cfg), optax.adamw(1e-4), mesh=mesh)
+            trainer = bench_trainer(cfg, 8, 256, mesh=mesh)
             state = trainer.abstract_train_state(jax.random.key(0), jnp.zeros((8, 256), jnp.int32))
             start = time.perf_counter()
             trainer.lower("train", state, batch).compile()

@@ -8,7 +8,7 @@ import argparse
 import dataclasses
 
 from sft_sharded.parallel.devices import simulate_cpu_devices
-from timing import median_step_s  # a sibling: python puts benchmarks/ on the path
+from timing import bench_trainer, median_step_s  # a sibling: python puts benchmarks/ on the path
 
 
 def main():
@@ -20,9 +20,7 @@ def main():
     import jax
     import jax.numpy as jnp
     import numpy as np
-    import optax
-
-    from sft_sharded import Decoder, DecoderConfig, SFTTrainer, make_mesh
+    from sft_sharded import DecoderConfig
     from sft_sharded.metrics import memory_per_device
     from sft_sharded.parallel.sharding import global_batch
 
@@ -37,9 +35,10 @@ def main():
     variants.append(("context=4 allgather contiguous", dict(fsdp=1, context=4), dict(context_layout="contiguous")))
     ids = np.random.default_rng(0).integers(1, 1024, (rows, seq)).astype(np.int32)
     for name, sizes, options in variants:
-        mesh = make_mesh(data=1, **sizes)
         cfg = dataclasses.replace(base, **options)
-        trainer = SFTTrainer(Decoder(cfg), optax.adamw(1e-4), mesh=mesh, loss_chunk_size=1024)
+        trainer = bench_trainer(cfg, rows, seq, "mesh.data=1", "mesh.tensor=1", "loss.chunk_size=1024",
+                                *(f"mesh.{axis}={size}" for axis, size in sizes.items()))
+        mesh = trainer.mesh
         state = trainer.create_train_state(jax.random.key(0), jnp.zeros((rows, seq), jnp.int32))
         batch = global_batch({"input_ids": ids, "labels": np.roll(ids, -1, 1)}, mesh)
         memory = memory_per_device(trainer.lower("train", state, batch).compile())

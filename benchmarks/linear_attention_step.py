@@ -6,7 +6,7 @@ widens with the sequence. Usage: python benchmarks/linear_attention_step.py [--s
 import argparse
 import dataclasses
 
-from timing import median_step_s  # a sibling: python puts benchmarks/ on the path
+from timing import bench_trainer, median_step_s  # a sibling: python puts benchmarks/ on the path
 
 
 def main():
@@ -17,9 +17,7 @@ def main():
     import jax
     import jax.numpy as jnp
     import numpy as np
-    import optax
-
-    from sft_sharded import Decoder, DecoderConfig, SFTTrainer, make_mesh
+    from sft_sharded import DecoderConfig, make_mesh
     from sft_sharded.metrics import memory_per_device
     from sft_sharded.parallel.sharding import global_batch
 
@@ -33,7 +31,7 @@ def main():
     for seq in args.seq:
         ids = np.random.default_rng(0).integers(1, 4096, (1, seq)).astype(np.int32)
         for name, cfg in (("Qwen3.5-shaped (3 linear : 1 full)", hybrid), ("all full attention", dense)):
-            trainer = SFTTrainer(Decoder(cfg), optax.adamw(1e-4), mesh=mesh, loss_chunk_size=1024)
+            trainer = bench_trainer(cfg, 1, seq, "loss.chunk_size=1024", mesh=mesh)
             state = trainer.create_train_state(jax.random.key(0), jnp.zeros((1, seq), jnp.int32))
             batch = global_batch({"input_ids": ids, "labels": np.roll(ids, -1, 1)}, mesh)
             memory = memory_per_device(trainer.lower("train", state, batch).compile())

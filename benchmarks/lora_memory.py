@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
-
 from sft_sharded.parallel.devices import simulate_cpu_devices
+from timing import bench_trainer, median_step_s  # a sibling: python puts benchmarks/ on the path
 
 
 def state_bytes(tree) -> int:
@@ -33,13 +31,10 @@ def measure(cfg, mesh, batch: int, seq: int, steps: int) -> dict:
     import jax
     import jax.numpy as jnp
     import numpy as np
-    import optax
-
-    from sft_sharded import Decoder, SFTTrainer
     from sft_sharded.metrics import memory_per_device
     from sft_sharded.parallel.sharding import batch_sharding, global_batch
 
-    trainer = SFTTrainer(Decoder(cfg), optax.adamw(1e-4), mesh=mesh)
+    trainer = bench_trainer(cfg, batch, seq, mesh=mesh)
     abstract = trainer.abstract_train_state(jax.random.key(0), jax.ShapeDtypeStruct((batch, seq), jnp.int32))
     sh = batch_sharding(mesh)
     batch_spec = {k: jax.ShapeDtypeStruct((batch, seq), jnp.int32, sharding=sh) for k in ("input_ids", "labels")}
@@ -51,14 +46,7 @@ def measure(cfg, mesh, batch: int, seq: int, steps: int) -> dict:
         state = trainer.create_train_state(jax.random.key(0), jnp.zeros((batch, seq), jnp.int32))
         ids = np.random.default_rng(0).integers(1, cfg.vocab_size, (batch, seq)).astype(np.int32)
         data = global_batch({"input_ids": ids, "labels": np.roll(ids, -1, 1)}, mesh)
-        times = []
-        for i in range(steps + 2):
-            start = time.perf_counter()
-            state, metrics = trainer.train_step(state, data)
-            jax.block_until_ready(metrics)
-            if i >= 2:
-                times.append(time.perf_counter() - start)
-        out["step_s"] = statistics.median(times)
+        out["step_s"] = median_step_s(trainer, state, data, steps, warmup=2)[0]
     return out
 
 

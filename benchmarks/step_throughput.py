@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 
 from sft_sharded.choices import ATTENTION_IMPLEMENTATIONS, REMAT_POLICIES
 from sft_sharded.parallel.devices import simulate_cpu_devices
+from timing import bench_trainer, median_step_s  # a sibling: python puts benchmarks/ on the path
 
 
 def main() -> None:
@@ -44,9 +44,8 @@ def main() -> None:
     import jax
     import jax.numpy as jnp
     import numpy as np
-    import optax
 
-    from sft_sharded import Decoder, DecoderConfig, SFTTrainer, make_mesh
+    from sft_sharded import DecoderConfig
     from sft_sharded.metrics import flops_per_token, memory_per_device, mfu, peak_flops
     from sft_sharded.models import preset
     from sft_sharded.models.attention import choose_kernel
@@ -60,10 +59,12 @@ def main() -> None:
         cfg = DecoderConfig(vocab_size=args.vocab, hidden_size=args.hidden, num_layers=args.layers,
                           num_heads=args.heads, head_dim=args.head_dim, num_kv_heads=args.kv_heads,
                           mlp_dim=args.mlp, tie_embeddings=args.tied, **options)
-    data, fsdp, tensor = (int(x) for x in args.mesh.split(","))
-    mesh = make_mesh(data, fsdp, tensor)
-    trainer = SFTTrainer(Decoder(cfg), optax.adamw(1e-4), mesh=mesh, loss_chunk_size=args.loss_chunk,
-                          compiler_options={} if args.xla_defaults else None)
+    data, fsdp, tensor = args.mesh.split(",")
+    trainer = bench_trainer(cfg, args.batch, args.seq, f"mesh.data={data}", f"mesh.fsdp={fsdp}",
+                            f"mesh.tensor={tensor}", f"loss.chunk_size={args.loss_chunk or 0}")
+    if args.xla_defaults:
+        trainer.compiler_options = {}
+    mesh = trainer.mesh
     state = trainer.create_train_state(jax.random.key(0), jnp.zeros((args.batch, args.seq), jnp.int32))
     rng = np.random.default_rng(0)
     ids = rng.integers(1, cfg.vocab_size, (args.batch, args.seq)).astype(np.int32)
@@ -77,14 +78,7 @@ def main() -> None:
     if args.hlo_file:
         with open(args.hlo_file, "w") as f:
             f.write(compiled.as_text())
-    times = []
-    for i in range(args.warmup + args.steps):
-        start = time.perf_counter()
-        state, metrics = trainer.train_step(state, batch)
-        jax.block_until_ready(metrics)
-        if i >= args.warmup:
-            times.append(time.perf_counter() - start)
-    step_s = statistics.median(times)
+    step_s, state, metrics = median_step_s(trainer, state, batch, args.steps, args.warmup)
     tokens = args.batch * args.seq
     devices = mesh.devices.size
     fpt = flops_per_token(cfg, args.seq)

@@ -1,10 +1,26 @@
-"""The timing loop the step benchmarks share: warm-up steps (the first compiles), then the median of the
-timed ones, each waited for on the device."""
+"""What the step benchmarks share: the trainer a run would build (`bench_trainer`, through the run module),
+and the timing loop: warm-up steps (the first compiles), then the median of the timed ones, each waited for
+on the device."""
 
 from __future__ import annotations
 
 import statistics
 import time
+
+# The optimizer the published numbers were measured with: AdamW at a constant 1e-4, no clipping.
+BENCH_KEYS = ("optim.lr=1e-4", "optim.warmup_steps=0", "optim.schedule=constant", "optim.clip_norm=null",
+              "optim.weight_decay=1e-4", "loss.chunk_size=0")
+
+
+def bench_trainer(model_cfg, rows: int, length: int, *keys: str, mesh=None):
+    """`run.build_trainer` for a TrainConfig of BENCH_KEYS, the batch shape and `keys` (KEY=VALUE: mesh.*,
+    loss.chunk_size, optim.grad_accum_steps), with the benchmark's own model shape and, where given, its
+    own mesh (e.g. one device of several). Imported late: a benchmark sets up simulated devices first."""
+    from sft_sharded.config import load_config
+    from sft_sharded.run import build_trainer
+
+    cfg = load_config(None, [*BENCH_KEYS, f"data.batch_size={rows}", f"data.max_length={length}", *keys])
+    return build_trainer(cfg, model_cfg, mesh=mesh)
 
 
 def median_step_s(trainer, state, batch, steps: int, warmup: int = 1):
