@@ -34,7 +34,7 @@ def _entries(cfg: DecoderConfig):
             for i in range(cfg.num_layers):
                 if target not in cfg.projections(i):
                     continue
-                layer = "layers" if cfg.scan_layers else f"layer_{i}"
+                layer = cfg.layer_name(i)
                 name = _PREFIX.format(i=i) + f"{module}.{peft}.weight"
                 yield (layer, parent, f"{target}_lora_{which}"), name, i, which, target
 
@@ -113,7 +113,7 @@ def merge(base: Any, adapters: Any, cfg: DecoderConfig) -> Any:
             if target not in cfg.projections(i):
                 continue
             module, weight, _ = PROJECTIONS[target]
-            parent = ("layers" if cfg.scan_layers else f"layer_{i}", module)
+            parent = (cfg.layer_name(i), module)
             a = get_path(adapters, (*parent, f"{target}_lora_a")).astype(jnp.float32)
             b = get_path(adapters, (*parent, f"{target}_lora_b")).astype(jnp.float32)
             product = jax.vmap(lambda x, y: jnp.tensordot(x, y, 1))(a, b) if cfg.scan_layers else jnp.tensordot(a, b, 1)

@@ -164,7 +164,7 @@ def entries(cfg: DecoderConfig, model_type: str, naming: tuple[str, str] | None 
             layer_cfg = cfg.layer(i)
             own = entry if layer_cfg is cfg else per_layer.setdefault(layer_cfg, mapping(layer_cfg, model_type))[path]
             name, to_ours, to_hf = named(own[0]), own[1] or (lambda w: w), own[2] or (lambda w: w)
-            ours = ("layers", *path[1:]) if cfg.scan_layers else (f"layer_{i}", *path[1:])
+            ours = (cfg.layer_name(i), *path[1:])
             layer = (i,) if cfg.scan_layers else ()
             if "{e}" not in name:
                 yield ours, name.format(i=i), layer, to_ours, to_hf

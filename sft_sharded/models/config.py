@@ -253,6 +253,11 @@ class DecoderConfig:
     def is_moe(self, layer: int) -> bool:
         return self.num_experts > 0 and layer not in self.dense_layers
 
+    def layer_name(self, layer: int) -> str:
+        """The module that holds a layer's parameters: "layers" (every layer stacked on a leading axis, for
+        the scan over layers) or "layer_{i}". The decoder, the Hugging Face import/export and PEFT read it."""
+        return "layers" if self.scan_layers else f"layer_{layer}"
+
     @property
     def head_size(self) -> int:
         return self.head_dim or self.hidden_size // self.num_heads

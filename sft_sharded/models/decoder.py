@@ -141,7 +141,7 @@ class Decoder(nn.Module):
             for i in range(cfg.num_layers):
                 source = cfg.kv_source(i)
                 x_BxTxD, kv = layer_cls(cfg.layer(i), moe=cfg.is_moe(i), values_are_keys=cfg.values_are_keys(i),
-                                        linear=cfg.is_linear(i), name=f"layer_{i}")(
+                                        linear=cfg.is_linear(i), name=cfg.layer_name(i))(
                     x_BxTxD, positions, segment_ids, decode, None if cache is None else cache["layers"][i],
                     cfg.kind(i), None if source is None else kv_L[source],
                     None if per_layer_BxTxLxP is None else per_layer_BxTxLxP[:, :, i])
@@ -159,8 +159,8 @@ class Decoder(nn.Module):
         if not cfg.uniform_layers:
             kind_L = tuple(jnp.array(flags) for flags in zip(*(cfg.kind(i) for i in range(cfg.num_layers))))
         layer_caches = None if cache is None else cache["layers"]
-        return stack(cfg, moe=cfg.is_moe(0), name="layers")(x_BxTxD, positions, segment_ids, decode, layer_caches,
-                                                             kind_L)
+        stacked = stack(cfg, moe=cfg.is_moe(0), name=cfg.layer_name(0))  # scanned: one name for every layer
+        return stacked(x_BxTxD, positions, segment_ids, decode, layer_caches, kind_L)
 
     @nn.compact
     def _forward(self, input_ids_BxT, positions, segment_ids, cache):
