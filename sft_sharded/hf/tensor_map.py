@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from sft_sharded.choices import PROJECTIONS
 from sft_sharded.families import FAMILIES
 from sft_sharded.families.base import transposed
 from sft_sharded.models.config import DecoderConfig
@@ -52,19 +53,15 @@ def mapping(cfg: DecoderConfig, model_type: str) -> dict[tuple[str, ...], tuple[
         return lambda w: w.T.reshape(d, count, width), lambda w: w.reshape(d, count * width).T
 
     layer = "model.layers.{i}."
+    # with an output gate each head's rows are [query, gate] (Qwen3.5): one head of twice the width
+    projections = {"q": heads_in(n, 2 * h if cfg.attention_output_gate else h), "k": heads_in(k), "v": heads_in(k),
+                   "o": (lambda w: w.T.reshape(n, h, d), lambda w: w.reshape(n * h, d).T),
+                   "gate": (transposed, transposed), "up": (transposed, transposed), "down": (transposed, transposed)}
     m = {
         ("embedding",): ("model.embed_tokens.weight", None, None),
         ("final_norm", "scale"): ("model.norm.weight", None, None),
-        # with an output gate each head's rows are [query, gate] (Qwen3.5): one head of twice the width
-        ("layer_{i}", "attn", "wq"): (layer + "self_attn.q_proj.weight",
-                                      *heads_in(n, 2 * h if cfg.attention_output_gate else h)),
-        ("layer_{i}", "attn", "wk"): (layer + "self_attn.k_proj.weight", *heads_in(k)),
-        ("layer_{i}", "attn", "wv"): (layer + "self_attn.v_proj.weight", *heads_in(k)),
-        ("layer_{i}", "attn", "wo"): (layer + "self_attn.o_proj.weight", lambda w: w.T.reshape(n, h, d),
-                                      lambda w: w.reshape(n * h, d).T),
-        ("layer_{i}", "mlp", "w_gate"): (layer + "mlp.gate_proj.weight", transposed, transposed),
-        ("layer_{i}", "mlp", "w_up"): (layer + "mlp.up_proj.weight", transposed, transposed),
-        ("layer_{i}", "mlp", "w_down"): (layer + "mlp.down_proj.weight", transposed, transposed),
+        **{("layer_{i}", module, weight): (layer + f"{hf}.weight", *projections[target])
+           for target, (module, weight, hf) in PROJECTIONS.items()},
     }
     family = FAMILIES[model_type]
     if cfg.num_experts and family.moe_names:

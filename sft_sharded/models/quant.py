@@ -15,13 +15,16 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding
 
+from sft_sharded.choices import PROJECTIONS
 from sft_sharded.parallel.sharding import fit_spec, key_name
 
 QUANTIZED = ("int8", "nf4")
 NF4_BLOCK = 64
 # The projection weights QLoRA quantizes (norms, biases, the embedding and the head stay bfloat16), with
 # the axes of their input dimension.
-INPUT_AXES = {"wq": (0,), "wk": (0,), "wv": (0,), "wo": (0, 1), "w_gate": (0,), "w_up": (0,), "w_down": (0,)}
+INPUT_AXES = {PROJECTIONS[target][1]: axes for target, axes in
+              {"q": (0,), "k": (0,), "v": (0,), "o": (0, 1), "gate": (0,), "up": (0,), "down": (0,)}.items()}
+_HEAD_WEIGHTS = {weight for module, weight, _ in PROJECTIONS.values() if module == "attn"}  # [.., heads, head_dim]
 
 
 def quantize(w: jax.Array, kind: str, input_axes: tuple[int, ...]):
@@ -42,7 +45,7 @@ def _input_axes(path: tuple, ndim: int) -> tuple[int, ...] | None:
     name = key_name(path[-1])
     if name not in INPUT_AXES:
         return None
-    offset = ndim - (3 if name in ("wq", "wk", "wv", "wo") else 2)  # a scanned stack adds a layer axis
+    offset = ndim - (3 if name in _HEAD_WEIGHTS else 2)  # a scanned stack adds a layer axis
     return tuple(a + offset for a in INPUT_AXES[name])
 
 
