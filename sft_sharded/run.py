@@ -98,6 +98,14 @@ def build_trainer(cfg: TrainConfig, model_cfg: DecoderConfig | None = None, mesh
                       loss_chunk_size=loss_chunk(model_cfg, cfg.loss.chunk_size), z_loss=cfg.loss.z_loss, seed=cfg.seed)
 
 
+def remote_inputs(cfg: TrainConfig) -> list[tuple[str, str]]:
+    """(config key, path) of every bucket path the run reads: each gets a bounded first access at start-up."""
+    named = [("data.path", cfg.data.path), ("data.eval_path", cfg.data.eval_path), ("model.path", cfg.model.path),
+             ("tokenizer.path", cfg.tokenizer.path), ("lora.init_from", cfg.lora.init_from)]
+    return [(key, value) for key, values in named for value in ([values] if isinstance(values, str) else values or [])
+            if paths.is_remote(value)]
+
+
 def check_run_dir(run_dir: str | Path) -> epath.Path:
     """The run directory, checked for writing without creating anything: a failed start leaves no empty or
     half-written directory behind (`create_run_dir` makes it once every check has passed)."""
@@ -206,6 +214,8 @@ def prepare(cfg: TrainConfig, say: Say = print) -> Prepared:
     run_dir = check_run_dir(cfg.run_dir)
     if first:
         check_free(run_dir)  # at once: the checks below read the whole held-out set
+    for key, value in remote_inputs(cfg):
+        paths.reach(value, key)
     model_cfg = model_config(cfg)
     tokenizer = load_tokenizer(tokenizer_path(cfg))
     for line in check_data(cfg, tokenizer, model_cfg).lines():

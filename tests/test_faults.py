@@ -233,3 +233,30 @@ def test_a_bucket_that_does_not_answer_is_one_line_after_a_bounded_wait(monkeypa
     with pytest.raises(UserError, match=r"the bucket cannot be reached \(ConnectionError: refused\)"):
         paths.bounded(lambda: (_ for _ in ()).throw(ConnectionError("refused")), "gs://b/run", "run_dir")
     paths.bounded(lambda: None, "gs://b/run", "run_dir")  # an answer: nothing raised
+
+
+def test_a_data_bucket_that_never_answers_is_one_line_before_anything_is_compiled(tmp_path, capsys, monkeypatch):
+    """A storage endpoint that accepts connections and never answers (a network that drops replies): the
+    first access to data.path is bounded, and the run stops in one line naming the key and the bucket."""
+    pytest.importorskip("gcsfs")
+    import gcsfs
+    from etils import epath
+
+    from sft_sharded.rundir import paths
+
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{silent.getsockname()[1]}")
+        monkeypatch.setenv("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+        monkeypatch.setattr(paths, "FIRST_ACCESS_TIMEOUT_S", 2.0)
+        epath.backend.fsspec_backend._get_filesystem.cache_clear()
+        gcsfs.GCSFileSystem.clear_instance_cache()
+        t0 = time.monotonic()
+        status, err = cli(capsys, "train", *FAST, f"run_dir={tmp_path / 'run'}", "data.path=gs://quiet/data/*.jsonl")
+        elapsed = time.monotonic() - t0
+    epath.backend.fsspec_backend._get_filesystem.cache_clear()
+    gcsfs.GCSFileSystem.clear_instance_cache()
+    assert status == 2 and err.count("\n") == 1, err
+    assert err.startswith("sft-sharded: error: data.path='gs://quiet/data/*.jsonl': the bucket cannot be reached ("), err
+    assert elapsed < 20 and not (tmp_path / "run").exists()

@@ -25,6 +25,7 @@ from sft_sharded.errors import UserError, first_line
 REMOTE = {"gs://": ("gcsfs", "pip install 'sft_sharded[gcs]'"), "s3://": ("s3fs", "pip install s3fs"),
           "az://": ("adlfs", "pip install adlfs")}
 _WILDCARD = re.compile(r"[*?\[]")
+FIRST_ACCESS_TIMEOUT_S = 30.0  # how long a bucket may take to answer a run's first access to it
 
 
 def is_remote(path: str | os.PathLike) -> bool:
@@ -66,7 +67,7 @@ def glob(pattern: str, key: str = "path") -> list[epath.Path]:
     return sorted(path(base, key).glob("/".join(parts[first:])), key=str)
 
 
-def bounded(action: Callable[[], None], target: str, key: str, timeout_s: float = 30.0) -> None:
+def bounded(action: Callable[[], None], target: str, key: str, timeout_s: float | None = None) -> None:
     """Run a first access to a bucket (`action`) for at most `timeout_s`: without a network or credentials
     fsspec's clients retry for minutes before a deep traceback. Past the time, or on an error, one line
     names the bucket, what failed and which credentials were found."""
@@ -82,11 +83,23 @@ def bounded(action: Callable[[], None], target: str, key: str, timeout_s: float 
 
     worker = threading.Thread(target=run, daemon=True)  # left behind on a timeout; it ends with the process
     worker.start()
+    timeout_s = FIRST_ACCESS_TIMEOUT_S if timeout_s is None else timeout_s
     worker.join(timeout_s)
     if outcome and outcome[0] is None:
         return
     what = first_line(outcome[0]) if outcome else f"no answer in {timeout_s:.0f} s"
     raise UserError(f"{key}={target!r}: the bucket cannot be reached ({what}); {_credentials(target)}") from None
+
+
+def reach(value: str, key: str) -> None:
+    """A first access, bounded, to a bucket path the run will read (its folder above any wildcard): one line
+    naming the key and the bucket when it does not answer, before anything is compiled or written."""
+    if not is_remote(value):
+        return
+    parts = value.split("/")
+    first = next((i for i, part in enumerate(parts) if _WILDCARD.search(part)), len(parts))
+    target = path("/".join(parts[:first]), key)
+    bounded(lambda: target.exists(), value, key)
 
 
 def require_gcs_credentials(target: str, key: str) -> None:
