@@ -108,6 +108,10 @@ def test_a_mixture_logs_router_metrics_and_dropped_pairs(tiny_config):
     assert {"moe_aux_loss", "moe_z_loss", "moe_load_min", "moe_load_max", "moe_dropped"} <= set(last), last
     assert last["moe_dropped"] > 0 and 0 <= last["moe_load_min"] <= 0.25 <= last["moe_load_max"] <= 1
     assert np.isfinite(last["moe_aux_loss"]) and last["moe_aux_loss"] > 0
+    # The step's own metrics are scalars: the router's sums become metrics, they are not returned as well.
+    fresh = trainer.create_train_state(jax.random.key(0), jnp.zeros((8, 16), jnp.int32))
+    _, metrics = trainer.train_step(fresh, _padded_batch(0))
+    assert "router" not in metrics and all(np.ndim(v) == 0 for v in jax.device_get(metrics).values()), metrics
 
 
 def test_per_source_eval_combines_to_one_pass_over_every_batch(tiny_config):

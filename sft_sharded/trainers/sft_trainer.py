@@ -169,5 +169,5 @@ class SFTTrainer(Trainer):
         """The router's metrics from the step's summed statistics (the whole global batch)."""
         if "router" not in extra:
             return extra
-        extra = dict(extra)
-        return {**extra, **moe.router_metrics(extra.pop("router"), self._config.num_experts)}
+        rest = {k: v for k, v in extra.items() if k != "router"}
+        return {**rest, **moe.router_metrics(extra["router"], self._config.num_experts)}
