@@ -10,6 +10,7 @@ import jax.numpy as jnp
 
 from sft_sharded.models.config import DecoderConfig
 from sft_sharded.models.attention.layout import layout_order, zigzag_to_natural
+from sft_sharded.models.attention.masking import apply_softcap
 from sft_sharded.models.gated_deltanet import GatedDeltaNet, init_state
 from sft_sharded.models.layers import MLP, Attention, PerLayerInput, RMSNorm, param, weight
 from sft_sharded.models.moe import MoE
@@ -199,7 +200,8 @@ class Decoder(nn.Module):
 
 
 def softcap(logits_BxTxV: jax.Array, cap: float | None) -> jax.Array:
-    return logits_BxTxV if cap is None else cap * jnp.tanh(logits_BxTxV / cap)
+    """The final logits' soft-cap: the attention scores' one (`masking.apply_softcap`), without its derivative."""
+    return apply_softcap(logits_BxTxV, cap)[0]
 
 
 def logits(x_BxTxD: jax.Array, head_DxV: jax.Array, cap: float | None = None, dtype=jnp.float32) -> jax.Array:

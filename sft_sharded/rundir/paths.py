@@ -55,16 +55,21 @@ def has_wildcard(pattern: str) -> bool:
     return _WILDCARD.search(pattern) is not None
 
 
+def _split_at_wildcard(pattern: str) -> tuple[str, str]:
+    """(the folders above the first part with a wildcard, the rest of the pattern); none: (pattern, "")."""
+    parts = pattern.split("/")
+    first = next((i for i, part in enumerate(parts) if _WILDCARD.search(part)), len(parts))
+    return "/".join(parts[:first]) or ("/" if pattern.startswith("/") else "."), "/".join(parts[first:])
+
+
 def glob(pattern: str, key: str = "path") -> list[epath.Path]:
     """The sorted matches of a glob pattern, local or remote (the pattern may name a bucket's folders)."""
-    parts = pattern.split("/")
-    first = next(i for i, part in enumerate(parts) if _WILDCARD.search(part))
-    base = "/".join(parts[:first]) or ("/" if pattern.startswith("/") else ".")
+    base, rest = _split_at_wildcard(pattern)
     if base.endswith(":/"):  # "gs://bucket" split on "/" leaves "gs:" and "" first
         raise UserError(f"{key}={pattern!r}: a wildcard in the bucket name cannot be listed")
     if "**" in pattern:  # epath refuses recursive patterns (one listing per folder of a bucket)
         raise UserError(f"{key}={pattern!r}: '**' is not supported; name each level (e.g. data/*/*.jsonl)")
-    return sorted(path(base, key).glob("/".join(parts[first:])), key=str)
+    return sorted(path(base, key).glob(rest), key=str)
 
 
 def bounded(action: Callable[[], None], target: str, key: str, timeout_s: float | None = None) -> None:
@@ -96,9 +101,7 @@ def reach(value: str, key: str) -> None:
     naming the key and the bucket when it does not answer, before anything is compiled or written."""
     if not is_remote(value):
         return
-    parts = value.split("/")
-    first = next((i for i, part in enumerate(parts) if _WILDCARD.search(part)), len(parts))
-    target = path("/".join(parts[:first]), key)
+    target = path(_split_at_wildcard(value)[0], key)
     bounded(lambda: target.exists(), value, key)
 
 
