@@ -1,7 +1,7 @@
-"""Would one blockwise kernel do for both paths? The local "xla" attention (blocked, one einsum per query
-block over its visible keys) against the split-sequence kernel run as a ring of one (one shard: a scan over
-key blocks with an online softmax and a visibility test per block), forward and backward, on one CPU device
-at the side-by-side shape. Reaches into `split`'s private setup on purpose: no public call runs it unsplit.
+"""Both jax attention kernels are folds of `flash`; do they need two loops? The local "xla" attention (its
+query blocks' key spans known at trace time) against the split-sequence kernel run as a ring of one (one
+shard: a scan over key blocks with a visibility test per block), forward and backward, on one CPU device at
+the side-by-side shape. Reaches into `split`'s private setup on purpose: no public call runs it unsplit.
 
     python benchmarks/attention_ring_of_one.py
 """
@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from sft_sharded.models.attention import blockwise, split
+from sft_sharded.models.attention import blockwise, flash, split
 from sft_sharded.models.attention.layout import layout_order
 from sft_sharded.parallel.sharding import make_mesh
 
@@ -35,7 +35,7 @@ def main() -> None:
 
     spec = P(None, "context", None, None)
     rows = split._pieces(layout_order(T, 1, "contiguous"), T, 1)
-    setup = split._Setup("allgather", "contiguous", "context", 1, split.Options(None, scale, None), rows, spec, spec)
+    setup = split._Setup("allgather", "contiguous", "context", 1, flash.Options(None, scale, None), rows, spec, spec)
 
     def ring_of_one(q, k, v):
         return jnp.sum(split._split_attention(q, k, v, seg, setup).astype(jnp.float32) ** 2)

@@ -18,8 +18,10 @@ it, the fused kernels and the split-sequence schemes refuse it by name.
 
 The package bottom up (imports run one way): `masking` (the masked value, scale, soft-cap and which keys a
 query sees), `layout` (the order of a split sequence's positions), `choose` (which kernel a name stands
-for, whole or per shard), `reference`, `blockwise` ("xla"), `kernels` (splash, cuDNN), `split_fused` (those
-kernels per shard of a split sequence), `split` (the ring and all-gather schemes), and `attention` here.
+for, whole or per shard), `reference`, `flash` (the one flash-style forward/backward of the jax kernels),
+`blockwise` ("xla": its query blocks folded over spans known at trace time), `kernels` (splash, cuDNN),
+`split_fused` (those kernels per shard of a split sequence), `split` (the ring and all-gather schemes: the same
+folds over key blocks that arrive from other devices), and `attention` here.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The "xla" implementation: blocked causal attention in plain jax with a flash-style custom VJP, on any
 platform (the default on CPU). Query block i only meets keys up to its own end (the upper triangle is never
-computed; with a window, keys every query of the block has left behind are skipped too), and the backward
-pass recomputes the probabilities from the saved log-sum-exp instead of keeping [T, S] probabilities.
+computed; with a window, keys every query of the block has left behind are skipped too): its key span is
+known at trace time, so each query block is one fold of `flash` over one span, with no test at run time.
 Attention sinks (gpt-oss) join each row's softmax denominator."""
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sft_sharded.models.attention.masking import MASKED, apply_softcap, attention_mask, scale_of
+from sft_sharded.models.attention import flash
+from sft_sharded.models.attention.masking import attention_mask, scale_of
 
 
 def block_size(length: int) -> int:
@@ -22,16 +23,11 @@ def block_size(length: int) -> int:
     return min(512, max(64, -(-length // 8)))
 
 
-def _block_scores(q_BxCxKxGxH, k_BxExKxH, segment_ids, start: int, first: int, window, scale, softcap):
-    """Masked, scaled (and capped) float32 scores of the query block starting at `start` against keys
-    [first, end), and the derivative of the capping (None without it)."""
-    end = first + k_BxExKxH.shape[1]
-    scores = jnp.einsum("btkgd,bskd->bkgts", q_BxCxKxGxH, k_BxExKxH, preferred_element_type=jnp.float32)
-    scores, d_cap = apply_softcap(scores * np.float32(scale), softcap)
-    q_segments = None if segment_ids is None else segment_ids[:, start:start + q_BxCxKxGxH.shape[1]]
+def _mask(segment_ids, start: int, end: int, first: int, window):
+    """Which keys [first, end) each query [start, end) sees."""
+    q_segments = None if segment_ids is None else segment_ids[:, start:end]
     kv_segments = None if segment_ids is None else segment_ids[:, first:end]
-    mask = attention_mask(q_BxCxKxGxH.shape[1], end - first, start - first, q_segments, kv_segments, window)
-    return jnp.where(mask, scores, MASKED), d_cap
+    return attention_mask(end - start, end - first, start - first, q_segments, kv_segments, window)
 
 
 def _spans(length: int, block: int, window: int | None):
@@ -55,49 +51,35 @@ def blocked_attention(q_BxTxKxGxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, sinks_
 
 
 def _blocked_fwd(q, k, v, segment_ids, sinks, block, window, scale, softcap):
-    scale = scale_of(scale, q.shape[-1])
+    opts = flash.Options(window, float(scale_of(scale, q.shape[-1])), softcap)
     outs, lses = [], []
     for start, end, first in _spans(q.shape[1], block, window):
-        scores_BxKxGxCxE, _ = _block_scores(q[:, start:end], k[:, first:end], segment_ids, start, first, window,
-                                            scale, softcap)
-        row_max = jnp.max(scores_BxKxGxCxE, axis=-1, keepdims=True)
-        if sinks is not None:
-            row_max = jnp.maximum(row_max, sinks.astype(jnp.float32)[:, :, None, None])
-        unnorm = jnp.exp(scores_BxKxGxCxE - row_max)
-        row_sum = jnp.sum(unnorm, axis=-1, keepdims=True)
-        if sinks is not None:
-            row_sum = row_sum + jnp.exp(sinks.astype(jnp.float32)[:, :, None, None] - row_max)
-        outs.append(jnp.einsum("bkgts,bskd->btkgd", (unnorm / row_sum).astype(v.dtype), v[:, first:end]))
-        lses.append((row_max + jnp.log(row_sum))[..., 0])
+        mask = _mask(segment_ids, start, end, first, window)
+        state = flash.fold(flash.start(q[:, start:end]), q[:, start:end], k[:, first:end], v[:, first:end], mask,
+                           opts)
+        out, lse = flash.finish(state, v.dtype, sinks)
+        outs.append(out)
+        lses.append(lse)
     out_BxTxKxGxH = jnp.concatenate(outs, axis=1)
     return out_BxTxKxGxH, (q, k, v, segment_ids, sinks, out_BxTxKxGxH, jnp.concatenate(lses, axis=-1))
 
 
 def _blocked_bwd(block, window, scale, softcap, residuals, d_out):
     q, k, v, segment_ids, sinks, out, lse_BxKxGxT = residuals
-    scale = scale_of(scale, q.shape[-1])
-    # sum_s P·dP = sum_d dO·O per query: the softmax backward without a [T, S] reduction.
-    delta_BxKxGxT = jnp.einsum("btkgd,btkgd->bkgt", d_out.astype(jnp.float32), out.astype(jnp.float32))
+    opts = flash.Options(window, float(scale_of(scale, q.shape[-1])), softcap)
+    delta_BxKxGxT = flash.delta(out, d_out)
     dk = jnp.zeros(k.shape, jnp.float32)
     dv = jnp.zeros(v.shape, jnp.float32)
     dqs = []
     for start, end, first in _spans(q.shape[1], block, window):
-        q_i, d_out_i = q[:, start:end], d_out[:, start:end]
-        scores, d_cap = _block_scores(q_i, k[:, first:end], segment_ids, start, first, window, scale, softcap)
-        probs = jnp.exp(scores - lse_BxKxGxT[..., start:end, None])
-        dv = dv.at[:, first:end].add(
-            jnp.einsum("bkgts,btkgd->bskd", probs.astype(d_out.dtype), d_out_i, preferred_element_type=jnp.float32)
-        )
-        d_probs = jnp.einsum("btkgd,bskd->bkgts", d_out_i, v[:, first:end], preferred_element_type=jnp.float32)
-        d_scores = probs * (d_probs - delta_BxKxGxT[..., start:end, None])
-        d_scores = (d_scores * scale if d_cap is None else d_scores * d_cap * scale).astype(q.dtype)
-        dqs.append(jnp.einsum("bkgts,bskd->btkgd", d_scores, k[:, first:end]))
-        dk = dk.at[:, first:end].add(jnp.einsum("bkgts,btkgd->bskd", d_scores, q_i, preferred_element_type=jnp.float32))
+        mask = _mask(segment_ids, start, end, first, window)
+        dq_i, dk_i, dv_i = flash.grads(q[:, start:end], k[:, first:end], v[:, first:end], mask, d_out[:, start:end],
+                                       lse_BxKxGxT[..., start:end], delta_BxKxGxT[..., start:end], opts)
+        dqs.append(dq_i.astype(q.dtype))
+        dk = dk.at[:, first:end].add(dk_i)
+        dv = dv.at[:, first:end].add(dv_i)
     d_segments = None if segment_ids is None else np.zeros(segment_ids.shape, jax.dtypes.float0)
-    d_sinks = None
-    if sinks is not None:  # the sink's probability times (0 - delta): it has no value to attend to
-        p_sink_BxKxGxT = jnp.exp(sinks.astype(jnp.float32)[:, :, None] - lse_BxKxGxT)
-        d_sinks = -jnp.einsum("bkgt,bkgt->kg", p_sink_BxKxGxT, delta_BxKxGxT).astype(sinks.dtype)
+    d_sinks = None if sinks is None else flash.sink_grad(sinks, lse_BxKxGxT, delta_BxKxGxT)
     return jnp.concatenate(dqs, axis=1), dk.astype(k.dtype), dv.astype(v.dtype), d_segments, d_sinks
 
 

@@ -1,8 +1,8 @@
 """Attention over a sequence split between devices (the mesh axis that the logical name "length" maps to:
 `context`), honouring causality, packed segments that cross shard boundaries and sliding windows.
 
-Two schemes, each a flash-style kernel in plain jax with its own backward pass (the probabilities are
-recomputed from the saved log-sum-exp, never stored):
+Two schemes, each made of `flash`'s forward and backward (the probabilities are recomputed from the saved
+log-sum-exp, never stored), the same as the local "xla" kernel's:
 
 - "allgather": every device gathers the whole row's keys and values (K/V are N/K times smaller than the
   queries) and attends its own queries to them; the backward pass reduce-scatters their gradients.
@@ -27,10 +27,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from sft_sharded.models.attention import split_fused
+from sft_sharded.models.attention import flash, split_fused
 from sft_sharded.models.attention.choose import Split, choose_kernel
 from sft_sharded.models.attention.layout import layout_order
-from sft_sharded.models.attention.masking import MASKED, apply_softcap, visible
+from sft_sharded.models.attention.masking import visible
 from sft_sharded.parallel.sharding import activation_spec, sequence_shards
 
 _BLOCK = 512  # query and key rows per block: [B, K, G, 512, 512] float32 scores at a time
@@ -48,14 +48,6 @@ def _pieces(order: np.ndarray | None, length: int, shards: int) -> int:
     return _block(run)
 
 
-class Options(NamedTuple):
-    """The attention's options (hashable: part of the custom VJP's static setup)."""
-
-    window: int | None
-    scale: float
-    softcap: float | None
-
-
 def _any_visible(q_ord, k_ord, window):
     """Whether any key of a block can be visible to any query of a block (their positions are runs): the
     block's first key is not after its last query, and its last key is inside its first query's window."""
@@ -63,13 +55,10 @@ def _any_visible(q_ord, k_ord, window):
     return ok if window is None else ok & (k_ord[-1] > q_ord[0] - window)
 
 
-def _scores(q, k, q_seg, k_seg, q_ord, k_ord, opts: Options):
-    """Scaled (and capped) float32 scores [b, K, G, Tq, Tk], the mask, and the capping's derivative."""
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * np.float32(opts.scale)
-    scores, d_cap = apply_softcap(scores, opts.softcap)
-    mask = visible(q_ord[:, None], k_ord[None, :], opts.window)
-    mask = mask[None, None, None] & (q_seg[:, :, None] == k_seg[:, None, :])[:, None, None]
-    return scores, mask, d_cap
+def _mask(q_seg, k_seg, q_ord, k_ord, window):
+    """[b, 1, 1, Tq, Tk]: visible by position and in the same segment."""
+    mask = visible(q_ord[:, None], k_ord[None, :], window)
+    return mask[None, None, None] & (q_seg[:, :, None] == k_seg[:, None, :])[:, None, None]
 
 
 def _split(x, block, axis=1):
@@ -79,35 +68,26 @@ def _split(x, block, axis=1):
     return jnp.moveaxis(x, axis, 0)
 
 
-def _fold(carry, q, k, v, q_seg, k_seg, q_ord, k_ord, opts, qb, kb):
-    """Fold keys/values [b, S, K, H] into the running (accumulator, max, sum) of queries [b, C, K, G, H]."""
-    acc, run_max, run_sum = carry
+def _fold(carry: flash.Running, q, k, v, q_seg, k_seg, q_ord, k_ord, opts, qb, kb) -> flash.Running:
+    """Fold keys/values [b, S, K, H] into the running state of queries [b, C, K, G, H], one block pair at a
+    time, skipping pairs that no query of the block can see."""
     keys = (_split(k, kb), _split(v, kb), _split(k_seg, kb), k_ord.reshape(-1, kb))
-    accs, maxes, sums = [], [], []
+    states = []
     for start in range(0, q.shape[1], qb):
         rows = slice(start, start + qb)
         q_i, qs_i, qo_i = q[:, rows], q_seg[:, rows], q_ord[rows]
 
-        def step(c, xs, q_i=q_i, qs_i=qs_i, qo_i=qo_i):
+        def step(state, xs, q_i=q_i, qs_i=qs_i, qo_i=qo_i):
             k_j, v_j, ks_j, ko_j = xs
 
-            def update(c):
-                accumulator, running_max, running_sum = c
-                scores, mask, _ = _scores(q_i, k_j, qs_i, ks_j, qo_i, ko_j, opts)
-                new_max = jnp.maximum(running_max, jnp.max(jnp.where(mask, scores, MASKED), axis=-1))
-                probs = jnp.where(mask, jnp.exp(scores - new_max[..., None]), 0.0)
-                rescale = jnp.exp(running_max - new_max)  # what the old terms were scaled by, to the new max
-                pv = jnp.einsum("bkgts,bskd->bkgtd", probs.astype(v_j.dtype), v_j, preferred_element_type=jnp.float32)
-                return accumulator * rescale[..., None] + pv, new_max, running_sum * rescale + jnp.sum(probs, axis=-1)
+            def update(state):
+                return flash.fold(state, q_i, k_j, v_j, _mask(qs_i, ks_j, qo_i, ko_j, opts.window), opts)
 
-            return jax.lax.cond(_any_visible(qo_i, ko_j, opts.window), update, lambda c: c, c), None
+            return jax.lax.cond(_any_visible(qo_i, ko_j, opts.window), update, lambda s: s, state), None
 
-        (block_acc, block_max, block_sum), _ = jax.lax.scan(
-            step, (acc[..., rows, :], run_max[..., rows], run_sum[..., rows]), keys)
-        accs.append(block_acc)
-        maxes.append(block_max)
-        sums.append(block_sum)
-    return jnp.concatenate(accs, -2), jnp.concatenate(maxes, -1), jnp.concatenate(sums, -1)
+        block_state = flash.Running(carry.accumulator[..., rows, :], carry.maximum[..., rows], carry.total[..., rows])
+        states.append(jax.lax.scan(step, block_state, keys)[0])
+    return flash.Running(*(jnp.concatenate(parts, axis) for parts, axis in zip(zip(*states), (-2, -1, -1))))
 
 
 def _unfold(dq, q, k, v, q_seg, k_seg, q_ord, k_ord, lse, delta, d_out, opts, qb, kb):
@@ -119,47 +99,23 @@ def _unfold(dq, q, k, v, q_seg, k_seg, q_ord, k_ord, lse, delta, d_out, opts, qb
     dqs = []
     for start in range(0, q.shape[1], qb):
         rows = slice(start, start + qb)
-        q_i, qs_i, qo_i, do_i = q[:, rows], q_seg[:, rows], q_ord[rows], d_out[:, :, :, rows]
+        q_i, qs_i, qo_i, do_i = q[:, rows], q_seg[:, rows], q_ord[rows], d_out[:, rows]
         lse_i, delta_i = lse[..., rows], delta[..., rows]
 
         def step(dq_i, xs, q_i=q_i, qs_i=qs_i, qo_i=qo_i, do_i=do_i, lse_i=lse_i, delta_i=delta_i):
             k_j, v_j, ks_j, ko_j, dk_j, dv_j = xs
 
-            def grads(dq_i):
-                scores, mask, d_cap = _scores(q_i, k_j, qs_i, ks_j, qo_i, ko_j, opts)
-                p = jnp.where(mask, jnp.exp(scores - lse_i[..., None]), 0.0)
-                dv_add = jnp.einsum("bkgts,bkgtd->bskd", p, do_i)
-                dp = jnp.einsum("bkgtd,bskd->bkgts", do_i, v_j.astype(jnp.float32))
-                ds = p * (dp - delta_i[..., None]) * np.float32(opts.scale)
-                ds = ds if d_cap is None else ds * d_cap
-                dq_i = dq_i + jnp.einsum("bkgts,bskd->btkgd", ds, k_j.astype(jnp.float32))
-                return dq_i, (dk_j + jnp.einsum("bkgts,btkgd->bskd", ds, q_i.astype(jnp.float32)), dv_j + dv_add)
+            def add(dq_i):
+                mask = _mask(qs_i, ks_j, qo_i, ko_j, opts.window)
+                dq_add, dk_add, dv_add = flash.grads(q_i, k_j, v_j, mask, do_i, lse_i, delta_i, opts)
+                return dq_i + dq_add, (dk_j + dk_add, dv_j + dv_add)
 
-            return jax.lax.cond(_any_visible(qo_i, ko_j, opts.window), grads, lambda dq_i: (dq_i, (dk_j, dv_j)), dq_i)
+            return jax.lax.cond(_any_visible(qo_i, ko_j, opts.window), add, lambda dq_i: (dq_i, (dk_j, dv_j)), dq_i)
 
         dq_i, d_keys = jax.lax.scan(step, dq[:, rows], (*keys, *d_keys))
         dqs.append(dq_i)
     dk, dv = (jnp.moveaxis(d, 0, 1).reshape(x.shape) for d, x in zip(d_keys, (k, v)))
     return jnp.concatenate(dqs, 1), dk, dv
-
-
-def _start(q):
-    b, c, kh, g, h = q.shape
-    return (jnp.zeros((b, kh, g, c, h), jnp.float32), jnp.full((b, kh, g, c), MASKED, jnp.float32),
-            jnp.zeros((b, kh, g, c), jnp.float32))
-
-
-def _finish(carry, dtype):
-    acc, run_max, run_sum = carry
-    run_sum = jnp.maximum(run_sum, np.float32(1e-30))  # every query sees itself: the sum is > 0 for every row
-    out = jnp.moveaxis(acc / run_sum[..., None], 3, 1).astype(dtype)  # [b, C, K, G, H]
-    return out, run_max + jnp.log(run_sum)
-
-
-def _delta(out, d_out):
-    """sum_d dO·O per query ([b, K, G, C]) and dO as [b, K, G, C, H] float32."""
-    d_out = jnp.moveaxis(d_out.astype(jnp.float32), 1, 3)
-    return jnp.sum(d_out * jnp.moveaxis(out.astype(jnp.float32), 1, 3), -1), d_out
 
 
 class _Setup(NamedTuple):
@@ -169,7 +125,7 @@ class _Setup(NamedTuple):
     layout: str
     axis: str  # the mesh axis that splits the sequence
     shards: int
-    opts: Options
+    opts: flash.Options
     run: int  # rows per query and key block
     q_spec: P
     kv_spec: P
@@ -217,7 +173,7 @@ def _split_fwd(q, k, v, seg, setup: _Setup):
     def local(q, k, v, seg):
         b, c, n, h = q.shape
         q, seg, positions = _tie(q.reshape(b, c, k.shape[2], n // k.shape[2], h), seg, order)
-        own, carry = setup.own(positions, c), _start(q)
+        own, carry = setup.own(positions, c), flash.start(q)
         args = (setup.opts, setup.run, setup.run)
         if setup.scheme == "ring":
             block = (k, v, seg, own)
@@ -228,7 +184,7 @@ def _split_fwd(q, k, v, seg, setup: _Setup):
                 block = following
         else:
             carry = _fold(carry, q, setup.gather(k), setup.gather(v), seg, setup.gather(seg), own, positions, *args)
-        out, lse = _finish(carry, q.dtype)
+        out, lse = flash.finish(carry, q.dtype)
         return out.reshape(b, c, n, h), lse
 
     seg_spec = P(setup.q_spec[0], setup.axis)
@@ -245,7 +201,8 @@ def _split_bwd(setup: _Setup, residuals, d_out):
         b, c, n, h = q.shape
         grouped = (b, c, k.shape[2], n // k.shape[2], h)
         q, seg, positions = _tie(q.reshape(grouped), seg, order)
-        delta, d_out = _delta(out.reshape(grouped), d_out.reshape(grouped))
+        d_out = d_out.reshape(grouped)
+        delta = flash.delta(out.reshape(grouped), d_out)
         own, dq = setup.own(positions, c), jnp.zeros(q.shape, jnp.float32)
         args = (lse, delta, d_out, setup.opts, setup.run, setup.run)
         if setup.scheme == "ring":
@@ -293,5 +250,6 @@ def attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, window: int | No
         return split_fused.attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, window, float(scale),
                                      softcap, layout, q_spec, kv_spec, shards, kernel)
     run = _pieces(layout_order(length, shards, layout), length, shards)
-    setup = _Setup(scheme, layout, q_spec[1], shards, Options(window, float(scale), softcap), run, q_spec, kv_spec)
+    opts = flash.Options(window, float(scale), softcap)
+    setup = _Setup(scheme, layout, q_spec[1], shards, opts, run, q_spec, kv_spec)
     return _split_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, setup)
