@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from sft_sharded.batch import IGNORE_INDEX
-from sft_sharded.models.decoder import logits as head_logits, softcap
+from sft_sharded.models.decoder import head_product, logits as head_logits, softcap
 from sft_sharded.parallel.sharding import constrain, logical_shards, sequence_shards
 
 
@@ -148,8 +148,7 @@ def chunked_cross_entropy(
 
     @jax.checkpoint
     def one(h_BxSxCxD, labels_BxC, mask_BxC):
-        logits_BxCxV = softcap(jnp.einsum("bscd,dv->bscv", h_BxSxCxD, head_DxV, preferred_element_type=jnp.float32),
-                               final_softcap)
+        logits_BxCxV = softcap(head_product(h_BxSxCxD, head_DxV, jnp.float32), final_softcap)
         terms, hits = cross_entropy_with_hits(logits_BxCxV, labels_BxC, mask_BxC, z_loss)
         return terms.loss_sum, terms.num_tokens, hits
 

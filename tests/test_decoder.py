@@ -150,3 +150,30 @@ def test_mixed_layers_give_the_same_loss_and_grads_in_every_variant(tiny_config,
     # The windows matter: all layers global gives another loss.
     uniform = dataclasses.replace(base_cfg, layer_types=None, sliding_window=None)
     assert abs(float(_loss(uniform, params, ids)) - float(base_loss)) > 1e-4
+
+
+def test_a_narrow_head_is_widened_block_by_block_with_the_same_logits_and_grads(monkeypatch):
+    """A bfloat16 head under float32 compute goes through `head_product`'s loop over vocabulary blocks
+    (forced here by a small block size): its logits and both gradients are those of the whole widened
+    head, computed by numpy and by jax.grad of one einsum."""
+    from sft_sharded.models import decoder
+
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((2, 3, 8)), jnp.float32)
+    head = jnp.asarray(rng.standard_normal((8, 48)), jnp.bfloat16)
+    cotangent = jnp.asarray(rng.standard_normal((2, 3, 48)), jnp.float32)
+    monkeypatch.setattr(decoder, "HEAD_BLOCK_BYTES", 8 * 48 * 4 // 4)  # four blocks of 12
+    assert decoder._vocab_blocks(48, 4) == 4 and decoder._vocab_blocks(47, 4) == 1
+
+    def loss(fn, x, head):
+        return jnp.sum(fn(x, head) * cotangent)
+
+    ours = jax.jit(lambda x, head: decoder.head_product(x, head, jnp.float32))
+    assert "scan" in str(jax.make_jaxpr(ours)(x, head))  # the loop over blocks, not one widened head
+    whole = lambda x, head: jnp.einsum("btd,dv->btv", x, head.astype(jnp.float32))  # noqa: E731
+    np.testing.assert_allclose(ours(x, head), np.asarray(x, np.float64) @ np.asarray(head, np.float64), rtol=1e-5,
+                               atol=1e-5)
+    for a, b in zip(jax.grad(lambda *a: loss(ours, *a), argnums=(0, 1))(x, head),
+                    jax.grad(lambda *a: loss(whole, *a), argnums=(0, 1))(x, head)):
+        assert a.dtype == b.dtype
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=1e-2, atol=1e-2)

@@ -187,7 +187,8 @@ def test_a_step_that_cannot_fit_is_refused_before_it_runs(tmp_path, capsys, monk
     assert_one_line(status, err, "the train step needs ")
     assert " GiB per device x 8 simulated devices sharing this host's RAM), but the host has 0.00 GiB available; it " \
            "would be killed: try fewer simulated devices (simulate_devices=1 with mesh.data=1 mesh.fsdp=1 " \
-           "mesh.tensor=1), LoRA (lora.rank=8), model.remat=full, a shorter data.max_length (now 32)" in err
+           "mesh.tensor=1), LoRA (lora.rank=8), model.remat=full model.scan_layers=true, a shorter " \
+           "data.max_length (now 32)" in err
     assert (tmp_path / "run" / "metrics.jsonl").read_text() == ""  # no step ran
 
 

@@ -14,7 +14,7 @@ from sft_sharded.models.attention.masking import apply_softcap
 from sft_sharded.models.gated_deltanet import GatedDeltaNet, init_state
 from sft_sharded.models.layers import MLP, Attention, PerLayerInput, RMSNorm, param, weight
 from sft_sharded.models.moe import MoE
-from sft_sharded.parallel.sharding import constrain, sequence_shards
+from sft_sharded.parallel.sharding import constrain, logical_shards, sequence_shards
 
 RESIDUAL = ("batch", "length", "act_embed")
 
@@ -104,12 +104,14 @@ class Decoder(nn.Module):
     def _embed(self, input_ids_BxT):
         cfg = self.config
         embedding_VxD = weight(self, "embedding", (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"),
-                               nn.initializers.normal(cfg.init_std))
+                               nn.initializers.normal(cfg.init_std), keep_narrow=True)
         # Look up all of the fsdp group's tokens in this device's slice of the hidden dim (the table stays
         # sharded as stored), then reshard to batch-split activations: ids and [B, T, D] rows move, never
         # the [V, D] table, and the table's gradient lands in its own shard with no reduction over fsdp.
         ids_BxT = constrain(input_ids_BxT, ("replica_batch", None))
-        rows_BxTxD = constrain(jnp.take(embedding_VxD, ids_BxT, axis=0), ("replica_batch", None, "embed"))
+        # A table stored narrower than the compute dtype is widened row by row, never whole.
+        rows_BxTxD = jnp.take(embedding_VxD, ids_BxT, axis=0).astype(cfg.dtype)
+        rows_BxTxD = constrain(rows_BxTxD, ("replica_batch", None, "embed"))
         if cfg.embed_scale:  # Gemma: sqrt(hidden) rounded to the compute dtype first, as transformers does
             rows_BxTxD = rows_BxTxD * jnp.asarray(cfg.hidden_size ** 0.5, cfg.dtype)
         rows_BxTxD = constrain(rows_BxTxD, ("replica_batch", "length", "lookup_embed"))
@@ -192,7 +194,7 @@ class Decoder(nn.Module):
             head_DxV = embedding_VxD.T
         else:
             head_DxV = weight(self, "lm_head", (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"),
-                              nn.initializers.normal(cfg.init_std))
+                              nn.initializers.normal(cfg.init_std), keep_narrow=True)
         new_cache = None
         if cache is not None:
             new_cache = {"layers": new_layers, "segment_ids": decode[0], "index": cache["index"] + length}
@@ -204,10 +206,40 @@ def softcap(logits_BxTxV: jax.Array, cap: float | None) -> jax.Array:
     return apply_softcap(logits_BxTxV, cap)[0]
 
 
+# The most bytes of a widened head at once. XLA:CPU widens a dot's narrower operand into a buffer of its own
+# (TPU and GPU fuse the cast into the dot): a 128,256 x 2,048 bfloat16 head under float32 compute is 1 GiB.
+HEAD_BLOCK_BYTES = 128 * 2**20
+
+
+def _vocab_blocks(vocab: int, wanted: int) -> int:
+    """The fewest blocks, at least `wanted`, that split the vocabulary evenly (1 when none up to 4x does)."""
+    return next((n for n in range(wanted, 4 * wanted + 1) if vocab % n == 0), 1)
+
+
+def head_product(x_NxD: jax.Array, head_DxV: jax.Array, dtype) -> jax.Array:
+    """x [..., D] times the output head, accumulated in `dtype`. A head stored narrower than x (`weight`'s
+    keep_narrow) is widened one vocabulary block of about HEAD_BLOCK_BYTES at a time, in a loop, and each
+    widened block is recomputed in the backward pass rather than kept; a head split over the mesh's
+    vocabulary axis is widened whole, as each device holds only its part."""
+    dim, vocab = head_DxV.shape
+    blocks = 1
+    if head_DxV.dtype != x_NxD.dtype and logical_shards("vocab", vocab) == 1:
+        blocks = _vocab_blocks(vocab, -(-dim * vocab * x_NxD.dtype.itemsize // HEAD_BLOCK_BYTES))
+    if blocks == 1:
+        return jnp.einsum("...d,dv->...v", x_NxD, head_DxV.astype(x_NxD.dtype), preferred_element_type=dtype)
+
+    @jax.checkpoint
+    def block(head_UxD):  # one block of the vocabulary, rows of the [V, D] table (a tied head's own layout)
+        return jnp.einsum("...d,ud->...u", x_NxD, head_UxD.astype(x_NxD.dtype), preferred_element_type=dtype)
+
+    out_KxNxU = jax.lax.map(block, head_DxV.T.reshape(blocks, vocab // blocks, dim))
+    return jnp.moveaxis(out_KxNxU, 0, -2).reshape(*x_NxD.shape[:-1], vocab)
+
+
 def logits(x_BxTxD: jax.Array, head_DxV: jax.Array, cap: float | None = None, dtype=jnp.float32) -> jax.Array:
     """Logits in `dtype` (float32; the training loss asks for the activations' dtype), soft-capped when
     the config caps them (Gemma 2)."""
-    logits_BxTxV = jnp.einsum("btd,dv->btv", x_BxTxD, head_DxV, preferred_element_type=dtype)
+    logits_BxTxV = head_product(x_BxTxD, head_DxV, dtype)
     return constrain(softcap(logits_BxTxV, cap), ("batch", "length", "act_vocab"))
 
 

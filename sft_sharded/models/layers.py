@@ -28,11 +28,18 @@ def param(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str,
     return module.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.dtype(cfg.param_dtype))
 
 
-def weight(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str, ...], init) -> jax.Array:
+def weight(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str, ...], init,
+           keep_narrow: bool = False) -> jax.Array:
     """The parameter in the compute dtype, cast where it lives: pinning the cast copy to the parameter's
     own sharding makes each device cast its shard before the FSDP all-gather, which then moves bf16
-    instead of float32 bytes (and no device casts the whole gathered weight)."""
-    return constrain(quant.dequantize(param(module, name, shape, axes, init)).astype(module.config.dtype), axes)
+    instead of float32 bytes (and no device casts the whole gathered weight). With `keep_narrow`, a
+    parameter stored narrower than the compute dtype (a bfloat16 LoRA base under float32 compute) comes
+    back as stored, for a caller that widens it a piece at a time (the vocabulary's table and head)."""
+    value = quant.dequantize(param(module, name, shape, axes, init))
+    dtype = jnp.dtype(module.config.dtype)
+    if keep_narrow and value.dtype.itemsize < dtype.itemsize:
+        return constrain(value, axes)
+    return constrain(value.astype(dtype), axes)
 
 
 def _bias(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str, ...]) -> jax.Array:

@@ -81,8 +81,9 @@ def advice(cfg: Any, num_devices: int, platform: str) -> str:
         tips.append("LoRA (lora.rank=8)")
     if cfg.data.batch_size > num_devices:
         tips.append(f"a smaller data.batch_size (now {cfg.data.batch_size}) or optim.grad_accum_steps")
-    if cfg.model.remat != "full":
-        tips.append("model.remat=full")
+    if cfg.model.remat != "full" or not cfg.model.scan_layers:
+        # together: a scanned stack with full remat keeps one layer's widened weights alive at a time
+        tips.append("model.remat=full model.scan_layers=true")
     tips.append(f"a shorter data.max_length (now {cfg.data.max_length})")
     return "try " + ", ".join(tips)
 
