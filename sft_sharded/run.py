@@ -32,6 +32,7 @@ from sft_sharded.data.tokenizers import load_tokenizer
 from sft_sharded.errors import TrainingDiverged, UserError
 from sft_sharded.rundir.lock import RunLock, check_free
 from sft_sharded.evaluation import make_eval_fn
+from sft_sharded.parallel.distributed import on_first_process
 from sft_sharded.parallel.memory import check_first_step
 from sft_sharded.models import Decoder, DecoderConfig, preset
 from sft_sharded.models.presets import loss_chunk
@@ -210,10 +211,8 @@ def prepare(cfg: TrainConfig, say: Say = print) -> Prepared:
     """Every check of the user's input (run dir and its lock, model, tokenizer, data, mesh, trackers,
     checkpoints) before any compile; only then the run directory is created and locked, and the state and
     data position restored or initialised; config.yaml is written last."""
-    first = jax.process_index() == 0
     run_dir = check_run_dir(cfg.run_dir)
-    if first:
-        check_free(run_dir)  # at once: the checks below read the whole held-out set
+    on_first_process(lambda: check_free(run_dir))  # at once: the checks below read the whole held-out set
     for key, value in remote_inputs(cfg):
         paths.reach(value, key)
     model_cfg = model_config(cfg)
@@ -221,9 +220,8 @@ def prepare(cfg: TrainConfig, say: Say = print) -> Prepared:
     for line in check_data(cfg, tokenizer, model_cfg).lines():
         say(line)
     trainer = build_trainer(cfg, model_cfg)
-    if first:
-        for line in check_trackers(cfg):
-            say(line)
+    for line in on_first_process(lambda: check_trackers(cfg)) or []:
+        say(line)
     mesh = trainer.mesh
     note = lora_off_note(cfg)
     if note:
@@ -236,7 +234,7 @@ def prepare(cfg: TrainConfig, say: Say = print) -> Prepared:
         f"{cfg.data.batch_size}x{cfg.data.max_length} tokens; run dir {run_dir}")
     create_run_dir(run_dir)
     with contextlib.ExitStack() as undo:  # on an error: close what was opened, release the lock
-        lock = RunLock(run_dir, warn=say).acquire() if first else None
+        lock = on_first_process(RunLock(run_dir, warn=say).acquire)
         if lock is not None:
             undo.callback(lock.release)
         c = cfg.checkpoint

@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -42,6 +43,35 @@ def sft_bin(tmp_path):
     path.write_text(f"#!/bin/sh\nexec {sys.executable} -m sft_sharded.cli \"$@\"\n")
     path.chmod(0o755)
     return path
+
+
+def test_every_process_is_refused_a_locked_run_dir_with_the_same_line(tmp_path):
+    """Only process 0 reads the lock; the other process learns its verdict and stops too, with the same
+    line, instead of waiting in its first collective for a process that has gone. Started without the
+    launcher, which would kill the others itself."""
+    run = tmp_path / "run"
+    run.mkdir()
+    holder = subprocess.Popen(["sleep", "120"])  # a live process of this host holds the directory
+    (run / ".lock").write_text(json.dumps({"host": socket.gethostname(), "pid": holder.pid, "since": 0.0}))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    procs = [subprocess.Popen([*SFT, "train", f"run_dir={run}", "simulate_devices=2", "steps=2"], text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              env=dict(env, SFT_COORDINATOR=f"127.0.0.1:{port}", SFT_NUM_PROCESSES="2",
+                                       SFT_PROCESS_ID=str(i), JAX_PLATFORMS="cpu")) for i in range(2)]
+    try:
+        results = [p.communicate(timeout=180) for p in procs]
+    finally:
+        for p in [*procs, holder]:
+            p.kill()
+            p.wait()
+    for i, (proc, (_, err)) in enumerate(zip(procs, results)):
+        assert proc.returncode == 2, err[-2000:]
+        assert err.strip().splitlines()[-1].startswith(
+            f"sft-sharded: error: process {i} of 2: run_dir='{run}' is in use by pid {holder.pid} on host "
+            f"{socket.gethostname()}"), err[-2000:]
 
 
 @pytest.mark.slow

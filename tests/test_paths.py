@@ -7,6 +7,7 @@ import json
 import os
 import pathlib
 import socket
+from http import HTTPStatus
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ from sft_sharded.rundir import paths
 from sft_sharded.cli import main
 from sft_sharded.data.sources import expand_paths, open_source
 from sft_sharded.errors import UserError
+from sft_sharded.rundir.lock import RunDirInUse, RunLock
 
 # gcsfs asks Google's control plane (with credentials) whether a bucket is zonal or hierarchical before
 # listing it; the emulator has neither, and this machine no credentials. Read when gcsfs is imported.
@@ -61,9 +63,38 @@ def _send_generation_headers():
                 methods[method] = download
 
 
+def _refuse_a_second_create():
+    """Make the emulator honour `ifGenerationMatch=0` on uploads as GCS does: 412 Precondition Failed when
+    the object exists (the emulator ignores the precondition and overwrites)."""
+    from gcp_storage_emulator import server
+    from gcp_storage_emulator.exceptions import NotFound
+    from gcp_storage_emulator.handlers import objects
+
+    plain = getattr(objects.insert, "__wrapped__", objects.insert)
+
+    def insert(request, response, storage, *args, **kwargs):
+        if request.query.get("ifGenerationMatch") == ["0"]:
+            name = request.query["name"][0] if "name" in request.query else request.data["meta"].get("name")
+            try:
+                storage.get_file_obj(request.params["bucket_name"], name)
+            except NotFound:
+                pass  # absent: the create goes ahead
+            else:
+                response.status = HTTPStatus.PRECONDITION_FAILED
+                return None
+        return plain(request, response, storage, *args, **kwargs)
+
+    insert.__wrapped__ = plain
+    for _, methods in server.HANDLERS:
+        for method, handler in methods.items():
+            if getattr(handler, "__wrapped__", handler) is plain:
+                methods[method] = insert
+
+
 @pytest.fixture(scope="module")
 def bucket():
     _send_generation_headers()
+    _refuse_a_second_create()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -183,3 +214,22 @@ def test_a_missing_file_in_a_bucket_is_one_line_naming_it(bucket, tmp_path, caps
                     f"data.path: '{bucket}/none.jsonl' is not a file")
     assert_one_line(*cli(capsys, "train", *FAST, f"run_dir={tmp_path / 'run'}", f"model.path={bucket}/nomodel"),
                     f"model.path='{bucket}/nomodel': no config.json in that directory")
+
+
+def test_the_run_lock_in_a_bucket_is_a_conditional_create(bucket, monkeypatch):
+    """The store refuses the second create: a lock object written by another run stays as it was even when
+    a look beforehand saw none (two runs starting together), and this run is refused naming it."""
+    run = f"{bucket}/locked-run"
+    other = json.dumps({"host": "elsewhere", "pid": 1, "since": 0.0})
+    epath.Path(run, ".lock").write_text(other)
+    lock = RunLock(run)
+    with monkeypatch.context() as race:  # the other run's lock appears just after this run looked
+        race.setattr(type(lock.path), "exists", lambda self: False)
+        assert lock._create(json.dumps({"host": "here", "pid": 2})) is False  # the 412 of ifGenerationMatch=0
+    assert epath.Path(run, ".lock").read_text() == other
+    with pytest.raises(RunDirInUse, match=r"is in use by pid 1 on host elsewhere"):
+        lock.acquire()
+    free = RunLock(f"{bucket}/free-run").acquire()
+    assert json.loads(epath.Path(bucket, "free-run", ".lock").read_text())["pid"] == os.getpid()
+    free.release()
+    assert not epath.Path(bucket, "free-run", ".lock").exists()

@@ -9,8 +9,15 @@ single process, where nothing is initialised.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from typing import TypeVar
 
 import jax
+import numpy as np
+
+from sft_sharded.errors import UserError
+
+T = TypeVar("T")
 
 
 def cluster_kind(env=os.environ) -> str:
@@ -43,3 +50,38 @@ def initialize(env=os.environ) -> str:
 
 def describe() -> str:
     return f"process {jax.process_index()} of {jax.process_count()}"
+
+
+_TEXT_BYTES = 4096  # a shared message's most bytes (UTF-8; longer ones are cut)
+
+
+def _share_text(text: str) -> str:
+    """Process 0's `text`, on every process (a collective: every process calls it)."""
+    from jax.experimental import multihost_utils
+
+    data = np.zeros(_TEXT_BYTES, np.uint8)
+    raw = text.encode()[:_TEXT_BYTES]
+    data[:len(raw)] = np.frombuffer(raw, np.uint8)
+    shared = np.asarray(multihost_utils.broadcast_one_to_all(data))
+    return bytes(shared).rstrip(b"\0").decode(errors="replace")
+
+
+def on_first_process(fn: Callable[[], T]) -> T | None:
+    """`fn()` on process 0 only (it returns None elsewhere), with its UserError raised on every process:
+    a refusal only process 0 can judge (the run directory's lock, the trackers) then stops the whole job
+    at once with the same line, where the other processes would otherwise wait in their first collective
+    until the coordinator's heartbeat gave up. Every process must call it at the same point."""
+    result, error = None, None
+    if jax.process_index() == 0:
+        try:
+            result = fn()
+        except UserError as err:
+            error = err
+    message = "" if error is None else str(error)
+    if jax.process_count() > 1:
+        message = _share_text(message)
+    if error is not None:
+        raise error
+    if message:
+        raise UserError(message)
+    return result

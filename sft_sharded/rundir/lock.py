@@ -5,9 +5,10 @@ delete each other's temporary checkpoint directories; the second run is refused 
 is created with `O_EXCL` (atomic on a local or network file system) and removed when the run ends. A lock
 left by a process that died (kill -9, a crash of the machine) is stale: on the same host its pid is no
 longer alive, and it is taken over with a warning. A lock from another host cannot be checked from here;
-the error says which file to delete once that run is known to be gone. In a bucket there is no atomic
-create: the lock is written after checking that none exists (two runs starting within the same second
-can both pass). Only process 0 of a multi-host run takes the lock.
+the error says which file to delete once that run is known to be gone. In a bucket the lock is a
+conditional create (Cloud Storage's ifGenerationMatch=0 through fsspec's mode="create"), which the store
+itself refuses when the object exists. Process 0 of a multi-host run takes the lock, and its verdict is
+shared (`distributed.on_first_process`): every process stops with the same line when it is refused.
 """
 
 from __future__ import annotations
@@ -81,9 +82,13 @@ class RunLock:
     def _create(self, text: str) -> bool:
         """Write the lock unless one exists; False when one does."""
         if paths.is_remote(self.path):
-            if self.path.exists():
+            import fsspec  # installed with gcsfs (the [gcs] extra), which bucket paths need
+
+            fs, key = fsspec.core.url_to_fs(str(self.path))
+            try:  # gcsfs sends ifGenerationMatch=0, s3fs If-None-Match: the store refuses a second create
+                fs.pipe_file(key, text.encode(), mode="create")
+            except FileExistsError:
                 return False
-            self.path.write_text(text)
             return True
         try:
             fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
