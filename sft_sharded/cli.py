@@ -119,11 +119,13 @@ def train(cfg: TrainConfig) -> int:
     import jax
 
     from sft_sharded import run
+    from sft_sharded.rundir.write_echoes import quiet_failed_saves
 
     progress = Progress(cfg, enabled=jax.process_index() == 0, interactive=sys.stdout.isatty())
     signals = StopSignals(progress.say)
     try:
-        run.train(cfg, say=progress.say, on_record=progress.record, stop_requested=signals.reached)
+        with quiet_failed_saves():  # a failed save is one line (CheckpointNotSaved), not its writers' logs
+            run.train(cfg, say=progress.say, on_record=progress.record, stop_requested=signals.reached)
     finally:
         signals.restore()
         progress.close()

@@ -126,6 +126,30 @@ def test_a_real_full_disk(tmp_path):
     assert result.stdout.splitlines()[-1] == "status=2"  # and `ls` of the checkpoints printed nothing
 
 
+@pytest.mark.skipif(shutil.which("unshare") is None or not mount_tmpfs_works(),
+                    reason="needs a private mount namespace to mount a small tmpfs (root, or unprivileged user "
+                           "namespaces)")
+def test_a_disk_that_fills_during_an_asynchronous_save_is_one_line(tmp_path):
+    """The free-space check passes (the disk is said to have 10 GiB, as when another process fills it
+    after the check), so orbax's background writers fail one by one: stderr is still the one line, without
+    their hundreds of logged tracebacks, and no temporary directory is left behind."""
+    disk, site = tmp_path / "disk", tmp_path / "site"
+    disk.mkdir()
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        "import shutil\nreal = shutil.disk_usage\n"
+        "shutil.disk_usage = lambda path: real(path)._replace(free=10 * 2**30)\n")
+    script = (f"mount -t tmpfs -o size=1m tmpfs {disk} && PYTHONPATH={site} {sys.executable} -m sft_sharded.cli "
+              f"train {' '.join(FAST[1:])} checkpoint.every=2 run_dir={disk}/run; echo status=$?; "
+              f"ls -A {disk}/run/checkpoints")
+    result = subprocess.run(["unshare", "-m", "sh", "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.stderr.splitlines() == [
+        f"sft-sharded: error: checkpoint {disk}/run/checkpoints/2 was not saved: the disk is full (10,240.0 MiB free "
+        "on its file system); its temporary directory was removed and no checkpoint was saved before it; the run "
+        "stopped"], result.stderr[-3000:]
+    assert result.stdout.splitlines()[-1] == "status=2"  # and `ls` of the checkpoints printed nothing
+
+
 def sigint_at(monkeypatch, steps):
     """Send SIGINT to this process when the progress printer sees each of `steps` (the real handler)."""
     record = cli_module.Progress.record

@@ -1,0 +1,70 @@
+"""The echoes of an asynchronous checkpoint save that fails part-way (a disk that fills under a save that
+fitted when it started): each of orbax's abandoned writes logs its own traceback through absl and asyncio
+(`_SignalingThread.run() raised an exception`, `Task exception was never retrieved`), and tensorstore's
+late callbacks into orbax's closed event loop print `Event loop is closed` as unraisable exceptions, a
+thousand lines or more for one failure. The failure itself is the run's one line: `Checkpointer.wait`
+raises CheckpointNotSaved with its cause. `quiet_failed_saves` keeps the echoes off stderr while a
+`train` command runs and counts them; everything else those loggers say passes through.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import logging
+import sys
+from collections.abc import Iterator
+
+TEMP_MARK = "orbax-checkpoint-tmp"  # in orbax's temporary step directory: a write of a save in flight
+LOGGERS = ("absl", "asyncio")
+
+
+class Echoes(logging.Filter):
+    """Drops error records about writes into a temporary checkpoint directory; counts what it drops."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dropped = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        if record.exc_info and record.exc_info[1] is not None:
+            text += str(record.exc_info[1])
+        if record.levelno >= logging.ERROR and TEMP_MARK in text:
+            self.dropped += 1
+            return False
+        return True
+
+    def late_callback(self, unraisable) -> bool:
+        """A callback that arrived after its event loop was closed (what an abandoned write leaves)."""
+        exc = unraisable.exc_value
+        if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
+            self.dropped += 1
+            return True
+        return False
+
+
+@contextlib.contextmanager
+def quiet_failed_saves() -> Iterator[Echoes]:
+    """While the block runs (a whole `train`), the echoes of a failed asynchronous save are dropped. After a
+    failed save the filter stays for the rest of the process: asyncio reports an abandoned write's
+    exception when its task is collected, and orbax's loop keeps some of them until the process exits."""
+    echoes = Echoes()
+    loggers = [logging.getLogger(name) for name in LOGGERS]
+    for logger in loggers:
+        logger.addFilter(echoes)
+    previous = sys.unraisablehook
+
+    def hook(unraisable) -> None:
+        if not echoes.late_callback(unraisable):
+            previous(unraisable)
+
+    sys.unraisablehook = hook
+    try:
+        yield echoes
+    finally:
+        gc.collect()
+        if not echoes.dropped:
+            sys.unraisablehook = previous
+            for logger in loggers:
+                logger.removeFilter(echoes)

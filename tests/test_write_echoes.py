@@ -1,0 +1,44 @@
+"""What `quiet_failed_saves` drops (the logged and unraisable echoes of a failed asynchronous save) and what
+it lets through; the whole path, a real disk filling under orbax's writers, is in test_faults.py."""
+
+import logging
+import sys
+
+from sft_sharded.rundir.write_echoes import quiet_failed_saves
+
+
+class Unraisable:
+    def __init__(self, exc):
+        self.exc_value = exc
+
+
+def test_only_the_echoes_of_a_failed_save_are_dropped(caplog):
+    before = sys.unraisablehook
+    seen = []
+    sys.unraisablehook = seen.append
+    try:
+        with caplog.at_level(logging.INFO), quiet_failed_saves() as echoes:
+            logging.getLogger("absl").error("writing 'ckpt/2.orbax-checkpoint-tmp/state' failed: no space left")
+            logging.getLogger("asyncio").error("Task exception was never retrieved",
+                                               exc_info=ValueError("Error writing x in ckpt/2.orbax-checkpoint-tmp"))
+            logging.getLogger("absl").error("an unrelated error")
+            logging.getLogger("absl").info("saving to ckpt/2.orbax-checkpoint-tmp")  # not an error: kept
+            sys.unraisablehook(Unraisable(RuntimeError("Event loop is closed")))
+            sys.unraisablehook(Unraisable(RuntimeError("something else")))
+        assert echoes.dropped == 3
+        assert [r.getMessage() for r in caplog.records] == ["an unrelated error", "saving to ckpt/2.orbax-checkpoint-tmp"]
+        assert [str(u.exc_value) for u in seen] == ["something else"]
+    finally:
+        sys.unraisablehook = before
+        for name in ("absl", "asyncio"):  # the filter stays after a failed save: remove it for the other tests
+            for f in list(logging.getLogger(name).filters):
+                logging.getLogger(name).removeFilter(f)
+
+
+def test_a_run_without_a_failed_save_leaves_the_hooks_as_they_were():
+    before = sys.unraisablehook
+    filters = {name: list(logging.getLogger(name).filters) for name in ("absl", "asyncio")}
+    with quiet_failed_saves() as echoes:
+        assert sys.unraisablehook is not before
+    assert echoes.dropped == 0 and sys.unraisablehook is before
+    assert {name: list(logging.getLogger(name).filters) for name in filters} == filters
