@@ -269,12 +269,16 @@ def test_chunked_loss_trainer_matches_the_plain_trainer(tiny_config):
 
 
 def test_cpu_compiler_options_are_the_default_and_change_no_numbers(tiny_config):
-    """The CPU steps compile without YNN fusion (speed only): XLA's defaults give the same loss and grads."""
+    """One CPU device compiles without YNN fusion, several keep XLA's defaults (speed only): both give the
+    same loss and grads."""
     from sft_sharded.trainers.trainer import CPU_COMPILER_OPTIONS
 
-    tuned, state = make_trainer(tiny_config)
-    plain, _ = make_trainer(tiny_config, compiler_options={})
+    one = make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    tuned = SFTTrainer(Decoder(tiny_config), optax.sgd(0.1), mesh=one)
+    state = tuned.create_train_state(jax.random.key(0), jnp.zeros((8, 16), jnp.int32))
+    plain = SFTTrainer(Decoder(tiny_config), optax.sgd(0.1), mesh=one, compiler_options={})
     assert tuned.compiler_options == CPU_COMPILER_OPTIONS and plain.compiler_options == {}
+    assert make_trainer(tiny_config)[0].compiler_options == {}  # 8 simulated devices
     batch = random_batch(0)
     loss_tuned, grads_tuned = tuned.loss_and_grad(state.params, batch)
     loss_plain, grads_plain = plain.loss_and_grad(state.params, batch)

@@ -25,9 +25,10 @@ from sft_sharded.losses import LossTerms, safe_mean
 from sft_sharded.trainers import partition
 
 Batch = Mapping[str, Any]
-# XLA:CPU's YNNPACK fusions (a dot fused with its elementwise neighbours) run this model's steps up to
-# 1.7x slower than plain dots plus loop fusions on the machines we measured (benchmarks/README.md), so
-# the steps compile without them on CPU. Other platforms get no options.
+# XLA:CPU's YNNPACK fusions (a dot fused with its elementwise neighbours) run the one-device step up to
+# 1.7x slower than plain dots plus loop fusions, and the step of 8 simulated devices 1.5x faster (jax 0.12,
+# the side-by-side shape, benchmarks/README.md), so a single CPU device compiles without them. Other
+# platforms, and a CPU mesh of several devices, get no options.
 CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 
@@ -69,8 +70,8 @@ class Trainer(abc.ABC):
         self.grad_accum_steps = grad_accum_steps
         self.rules = rules
         if compiler_options is None:
-            on_cpu = self.mesh.devices.flat[0].platform == "cpu"
-            compiler_options = dict(CPU_COMPILER_OPTIONS) if on_cpu else {}
+            one_cpu = self.mesh.devices.size == 1 and self.mesh.devices.flat[0].platform == "cpu"
+            compiler_options = dict(CPU_COMPILER_OPTIONS) if one_cpu else {}
         self.compiler_options = compiler_options
         # Set by a subclass whose loss uses dropout: the train step then passes `loss_terms` an `rng`,
         # a function of this seed, the step and the micro-batch (eval and `loss_and_grad` never drop).
