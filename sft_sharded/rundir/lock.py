@@ -6,9 +6,10 @@ is created with `O_EXCL` (atomic on a local or network file system) and removed 
 left by a process that died (kill -9, a crash of the machine) is stale: on the same host its pid is no
 longer alive, and it is taken over with a warning. A lock from another host cannot be checked from here;
 the error says which file to delete once that run is known to be gone. In a bucket the lock is a
-conditional create (Cloud Storage's ifGenerationMatch=0 through fsspec's mode="create"), which the store
-itself refuses when the object exists. Process 0 of a multi-host run takes the lock, and its verdict is
-shared (`distributed.on_first_process`): every process stops with the same line when it is refused.
+conditional create (fsspec's mode="create"; gcsfs sends Cloud Storage's ifGenerationMatch=0, which the
+store itself refuses when the object exists; other stores get what their fsspec library does for it).
+Process 0 of a multi-host run takes the lock, and its verdict is shared (`distributed.on_first_process`):
+every process stops with the same line when it is refused.
 """
 
 from __future__ import annotations
@@ -85,7 +86,7 @@ class RunLock:
             import fsspec  # installed with gcsfs (the [gcs] extra), which bucket paths need
 
             fs, key = fsspec.core.url_to_fs(str(self.path))
-            try:  # gcsfs sends ifGenerationMatch=0, s3fs If-None-Match: the store refuses a second create
+            try:  # gcsfs sends ifGenerationMatch=0: Cloud Storage itself refuses a second create
                 fs.pipe_file(key, text.encode(), mode="create")
             except FileExistsError:
                 return False

@@ -43,7 +43,7 @@ def _block(n: int) -> int:
 
 def _pieces(order: np.ndarray | None, length: int, shards: int) -> int:
     """Rows per block such that every block of a shard covers consecutive original positions (so the
-    cheap first/last test of `_visible` is exact): a zigzag shard is two runs, a contiguous one is one."""
+    cheap first/last test of `_any_visible` is exact): a zigzag shard is two runs, a contiguous one is one."""
     run = length // shards if order is None else length // (2 * shards)
     return _block(run)
 
