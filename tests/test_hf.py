@@ -9,6 +9,7 @@ import numpy as np
 import optax
 import pytest
 
+from sft_sharded.trainers.trainer import CPU_COMPILER_OPTIONS
 from sft_sharded import Decoder, SFTTrainer, make_mesh
 from sft_sharded.errors import UserError
 from sft_sharded.families import MULTIMODAL
@@ -136,11 +137,15 @@ def hf_logits(model, ids):
 
 
 def import_model(directory, mesh_shape=(2, 2, 2), expert=1, grad_accum_steps=1, **overrides):
-    """(trainer, config, params) of an HF directory on a (data, fsdp, tensor) mesh of that many devices."""
+    """(trainer, config, params) of an HF directory on a (data, fsdp, tensor) mesh of that many devices.
+    Every mesh compiles with the same XLA options, the one-device default (no YNN fusion; the trainer's
+    default for several CPU devices keeps it), so a comparison between meshes sees the sharding and not
+    XLA:CPU's fusions, whose float32 sums in another order moved one Gemma 4 gradient by 4e-5 of its
+    tensor's largest."""
     cfg = config_from_hf(directory, **overrides)
     devices = jax.devices()[:int(np.prod(mesh_shape)) * expert]
     trainer = SFTTrainer(Decoder(cfg), optax.sgd(0.1), mesh=make_mesh(*mesh_shape, devices=devices, expert=expert),
-                         grad_accum_steps=grad_accum_steps)
+                         grad_accum_steps=grad_accum_steps, compiler_options=dict(CPU_COMPILER_OPTIONS))
     abstract = trainer.abstract_train_state(jax.random.key(0), jnp.zeros((8, 16), jnp.int32))
     return trainer, cfg, load_params(directory, cfg, abstract.params)
 
