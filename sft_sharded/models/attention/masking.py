@@ -33,14 +33,19 @@ def visible(q_pos: jax.Array, k_pos: jax.Array, window: int | None) -> jax.Array
     return ok if window is None else ok & (k_pos > q_pos - window)
 
 
-def attention_mask(q_len: int, kv_len: int, q_offset, q_segment_ids, kv_segment_ids,
-                   window: int | None = None) -> jax.Array:
-    """Boolean [B or 1, 1, 1, Tq, Tk]: `visible` by index (right for packing because a segment is a
-    contiguous run) and both in the same segment. Padding (segment 0) attends to padding only; every query
-    sees itself, so no row is empty. `q_offset` is the queries' start in the key sequence (a KV cache's
-    fill level when decoding)."""
-    mask = visible(jnp.arange(q_len)[:, None] + q_offset, jnp.arange(kv_len)[None, :], window)[None, None, None]
+def positions_mask(q_pos_T, k_pos_S, q_segment_ids, kv_segment_ids, window: int | None = None) -> jax.Array:
+    """Boolean [B or 1, 1, 1, Tq, Tk] for queries and keys at the given positions: `visible`, and both in
+    the same segment (right for packing because a segment is a contiguous run of positions). Padding
+    (segment 0) attends to padding only; every query sees itself, so no row is empty."""
+    mask = visible(q_pos_T[:, None], k_pos_S[None, :], window)[None, None, None]
     if q_segment_ids is not None:
         same_BxTxS = q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]
         mask = mask & same_BxTxS[:, None, None]
     return mask
+
+
+def attention_mask(q_len: int, kv_len: int, q_offset, q_segment_ids, kv_segment_ids,
+                   window: int | None = None) -> jax.Array:
+    """`positions_mask` of consecutive queries and keys: `q_offset` is the queries' start in the key
+    sequence (a KV cache's fill level when decoding)."""
+    return positions_mask(jnp.arange(q_len) + q_offset, jnp.arange(kv_len), q_segment_ids, kv_segment_ids, window)

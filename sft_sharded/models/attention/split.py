@@ -30,7 +30,7 @@ from jax.sharding import PartitionSpec as P
 from sft_sharded.models.attention import flash, split_fused
 from sft_sharded.models.attention.choose import Split, choose_kernel
 from sft_sharded.models.attention.layout import layout_order
-from sft_sharded.models.attention.masking import visible
+from sft_sharded.models.attention.masking import positions_mask
 from sft_sharded.parallel.sharding import activation_spec, sequence_shards
 
 _BLOCK = 512  # query and key rows per block: [B, K, G, 512, 512] float32 scores at a time
@@ -55,12 +55,6 @@ def _any_visible(q_ord, k_ord, window):
     return ok if window is None else ok & (k_ord[-1] > q_ord[0] - window)
 
 
-def _mask(q_seg, k_seg, q_ord, k_ord, window):
-    """[b, 1, 1, Tq, Tk]: visible by position and in the same segment."""
-    mask = visible(q_ord[:, None], k_ord[None, :], window)
-    return mask[None, None, None] & (q_seg[:, :, None] == k_seg[:, None, :])[:, None, None]
-
-
 def _split(x, block, axis=1):
     """[b, S, ...] -> [S/block, b, block, ...] (the scan axis first)."""
     shape = x.shape
@@ -81,7 +75,7 @@ def _fold(carry: flash.Running, q, k, v, q_seg, k_seg, q_ord, k_ord, opts, qb, k
             k_j, v_j, ks_j, ko_j = xs
 
             def update(state):
-                return flash.fold(state, q_i, k_j, v_j, _mask(qs_i, ks_j, qo_i, ko_j, opts.window), opts)
+                return flash.fold(state, q_i, k_j, v_j, positions_mask(qo_i, ko_j, qs_i, ks_j, opts.window), opts)
 
             return jax.lax.cond(_any_visible(qo_i, ko_j, opts.window), update, lambda s: s, state), None
 
@@ -106,7 +100,7 @@ def _unfold(dq, q, k, v, q_seg, k_seg, q_ord, k_ord, lse, delta, d_out, opts, qb
             k_j, v_j, ks_j, ko_j, dk_j, dv_j = xs
 
             def add(dq_i):
-                mask = _mask(qs_i, ks_j, qo_i, ko_j, opts.window)
+                mask = positions_mask(qo_i, ko_j, qs_i, ks_j, opts.window)
                 dq_add, dk_add, dv_add = flash.grads(q_i, k_j, v_j, mask, do_i, lse_i, delta_i, opts)
                 return dq_i + dq_add, (dk_j + dk_add, dv_j + dv_add)
 
