@@ -71,10 +71,22 @@ def parse_mesh(spec: str) -> MeshConfig:
     return MeshConfig(**sizes)
 
 
+def torus_wrap(gen: str, grid: str) -> tuple[bool, bool, bool]:
+    """Which axes of the chip grid close into rings, as the Cloud TPU pages describe the slices: a v4 or v5p
+    slice built of whole 4x4x4 cubes is a 3-D torus, a smaller one an open mesh; of the 2-D chips only the
+    full 16x16 pod closes its two axes. The TPU compiler picks its collectives by it (on 4x4x4 as an open
+    mesh an FSDP gather compiles to an all-reduce of a zero-padded buffer, on the torus to an all-gather),
+    so a plan for the wrong links reports traffic the slice will not have."""
+    sides = [int(side) for side in grid.split("x")]
+    if CHIPS[gen]["dims"] == 3:
+        return (all(side % 4 == 0 for side in sides),) * 3
+    return (sides == [16, 16],) * 2 + (False,)
+
+
 def _topology_mesh(gen: str, grid: str, mesh: MeshConfig, mesh_spec: str) -> jax.sharding.Mesh:
     """A Mesh over the devices of a TPU topology (no TPU needed), in the order that follows the torus."""
     topo = topologies.get_topology_desc(platform="tpu", topology_name=f"{gen}:{grid}",
-                                        chips_per_host_bounds=(2, 2, 1), num_slices=1)
+                                        chips_per_host_bounds=(2, 2, 1), num_slices=1, wrap=torus_wrap(gen, grid))
     shape = mesh_shape(dataclasses.asdict(mesh), len(topo.devices))
     try:
         physical = topologies.make_mesh(topo, shape, MESH_AXES)
@@ -120,7 +132,8 @@ def plan(topology: str, model: str, seq: int, global_batch: int, mesh_spec: str,
     chip, peak, chips = CHIPS[gen], peak_flops(f"TPU {gen}"), mesh.devices.size
     analytic = flops_per_token(cfg, seq) * global_batch * seq / chips
     result = {
-        "topology": f"{gen}:{grid}", "chips": chips, "mesh": dict(mesh.shape), "model": model,
+        "topology": f"{gen}:{grid}", "torus": any(torus_wrap(gen, grid)), "chips": chips, "mesh": dict(mesh.shape),
+        "model": model,
         "params": cfg.num_params(), "seq": seq, "global_batch": global_batch, "remat": remat,
         "scan": cfg.scan_layers, "loss_chunk": trainer.loss_chunk_size, "lora_rank": lora_rank,
         "lora_targets": cfg.lora and cfg.lora.targets, "base_dtype": base_dtype, "hbm_bytes": chip["hbm_bytes"],
@@ -183,7 +196,8 @@ def step_stats(compiled, hbm_bytes: int, hlo_file: str | None = None) -> dict:
 
 def report(r: dict) -> str:
     gib = 2**30
-    head = (f"plan: {r['model']} ({r['params'] / 1e9:.3f}B params) on {r['topology']} ({r['chips']} chips), "
+    head = (f"plan: {r['model']} ({r['params'] / 1e9:.3f}B params) on {r['topology']} ({r['chips']} chips, "
+            f"{'torus' if r['torus'] else 'open mesh'}), "
             f"mesh {r['mesh']}, {r['global_batch']} x {r['seq']} tokens per step, remat {r['remat']}, "
             f"{'scanned' if r['scan'] else 'unrolled'} layers, "
             f"loss chunk {r['loss_chunk'] or 'none (full logits)'}, attention {r['attention']}"

@@ -153,7 +153,7 @@ def test_plan_compiles_for_a_tpu_topology_and_refuses_what_does_not_fit():
     pytest.importorskip("libtpu") if os.environ.get("CI") != "true" else None
     ok = _plan("--topology", "v5p:2x2x1", "--model", "tiny", "--seq", "128", "--global-batch", "8")
     assert ok.returncode == 0, ok.stderr[-3000:]
-    assert "on v5p:2x2x1 (4 chips), mesh {'data': 1, 'fsdp': 4, 'expert': 1, 'context': 1, 'tensor': 1}" in ok.stdout
+    assert "on v5p:2x2x1 (4 chips, open mesh), mesh {'data': 1, 'fsdp': 4, 'expert': 1, 'context': 1, 'tensor': 1}" in ok.stdout
     assert "-> fits" in ok.stdout and "FLOPs per chip per step: compiler" in ok.stdout
     assert re.search(r"collectives per chip per step: all-gather \d+ x", ok.stdout)  # fsdp=4 gathers weights
     assert "attention splash (" in ok.stdout and "Pallas calls)" in ok.stdout  # "auto" on TPU: the kernel
@@ -185,7 +185,7 @@ def test_plan_fits_a_published_gemma3_shape_on_v5p_16():
     pytest.importorskip("libtpu") if os.environ.get("CI") != "true" else None
     result = _plan("--topology", "v5p-16", "--model", "gemma3-1b", "--seq", "4096", "--global-batch", "8")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "on v5p:2x2x2 (8 chips)" in result.stdout and "-> fits" in result.stdout
+    assert "on v5p:2x2x2 (8 chips, open mesh)" in result.stdout and "-> fits" in result.stdout
     gib = float(re.search(r"= ([0-9.]+) GiB of 95 GiB HBM", result.stdout).group(1))
     assert 2 < gib < 95
     assert "loss chunk 1024" in result.stdout and "(8 Pallas calls)" in result.stdout
