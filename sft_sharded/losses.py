@@ -112,7 +112,7 @@ def projected_cross_entropy(
     The projection's output stays in the activations' dtype (its products still accumulate in float32)
     and the loss upcasts it, as transformers and MaxText do: the backward pass keeps these logits, and a
     float32 copy would double the step's largest buffer (16 GiB more per chip for Llama 3.1 8B at 8 x 8192
-    rows per chip, benchmarks/README.md). `chunked_cross_entropy` keeps float32 logits, one chunk at a time.
+    rows per chip, benchmarks/README.md). `chunked_cross_entropy` does the same one chunk at a time.
     """
     logits_BxTxV = head_logits(hidden_BxTxD, head_DxV, dtype=hidden_BxTxD.dtype)  # soft-capped below, in float32
     return cross_entropy_with_hits(logits_BxTxV, labels_BxT, mask_BxT, z_loss, final_softcap)
@@ -126,7 +126,10 @@ def chunked_cross_entropy(
     (soft-capped as the model's own logits are when `final_softcap` is set).
 
     Scans over chunks of the sequence; each chunk's logits are recomputed in the backward pass
-    (`jax.checkpoint`), so the float32 [B, T, V] logits of the plain path are never materialised. When the
+    (`jax.checkpoint`), so the [B, T, V] logits of the plain path are never materialised. As there, a
+    chunk's logits are in the activations' dtype and reduced in float32: so is the head's gradient that
+    each chunk sends over the mesh (a float32 one doubled those bytes: 8 x 3.9 GiB per step for Llama 3.1
+    70B on v5p-128, benchmarks/README.md), and the two paths give the same loss. When the
     mesh splits the sequence into S parts, each step takes one chunk of every part ([B, S, chunk]), so the
     scan never crosses devices.
     """
@@ -148,8 +151,8 @@ def chunked_cross_entropy(
 
     @jax.checkpoint
     def one(h_BxSxCxD, labels_BxC, mask_BxC):
-        logits_BxCxV = softcap(head_product(h_BxSxCxD, head_DxV, jnp.float32), final_softcap)
-        terms, hits = cross_entropy_with_hits(logits_BxCxV, labels_BxC, mask_BxC, z_loss)
+        logits_BxCxV = head_product(h_BxSxCxD, head_DxV, h_BxSxCxD.dtype)
+        terms, hits = cross_entropy_with_hits(logits_BxCxV, labels_BxC, mask_BxC, z_loss, final_softcap)
         return terms.loss_sum, terms.num_tokens, hits
 
     def body(acc, xs):

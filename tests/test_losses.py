@@ -101,10 +101,17 @@ def test_chunked_cross_entropy_matches_the_plain_path_with_gradients():
         np.testing.assert_allclose(gc, gp, rtol=1e-5, atol=1e-6)
 
 
-def test_projected_cross_entropy_rounds_logits_to_the_activation_dtype_and_soft_caps_in_float32():
+@pytest.mark.parametrize("chunk", [None, 4])
+def test_projected_cross_entropy_rounds_logits_to_the_activation_dtype_and_soft_caps_in_float32(chunk):
     """bfloat16 hidden states and head: the loss is numpy's float64 cross entropy of the bfloat16-rounded
-    logits (soft-capped after rounding), hits included; float32 inputs keep float32 logits."""
-    from sft_sharded.losses import projected_cross_entropy
+    logits (soft-capped after rounding), hits included; float32 inputs keep float32 logits. The same for
+    the whole logits and the chunked loss (6 positions in chunks of 4: one padded)."""
+    from sft_sharded.losses import chunked_cross_entropy, projected_cross_entropy
+
+    def loss(h, w, labels, mask, final_softcap):
+        if chunk is None:
+            return projected_cross_entropy(h, w, labels, mask, final_softcap=final_softcap)
+        return chunked_cross_entropy(h, w, labels, mask, chunk, final_softcap=final_softcap)
 
     rng = np.random.default_rng(8)
     hidden = rng.normal(size=(2, 6, 8)).astype(np.float32)
@@ -115,7 +122,7 @@ def test_projected_cross_entropy_rounds_logits_to_the_activation_dtype_and_soft_
         h, w = jnp.asarray(hidden, dtype), jnp.asarray(head, dtype)
         rounded = np.asarray(jnp.einsum("btd,dv->btv", h, w).astype(jnp.float32), np.float64)
         expected = rounded if cap is None else cap * np.tanh(rounded / cap)
-        terms, hits = projected_cross_entropy(h, w, jnp.asarray(labels), jnp.asarray(mask), final_softcap=cap)
+        terms, hits = loss(h, w, jnp.asarray(labels), jnp.asarray(mask), cap)
         np.testing.assert_allclose(float(terms.loss_sum), masked_ce(expected, labels, mask)[0] * mask.sum(), rtol=1e-5)
         assert float(hits) == ((expected.argmax(-1) == labels) & mask).sum()
     exact = np.einsum("btd,dv->btv", hidden.astype(np.float64), head)

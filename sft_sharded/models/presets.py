@@ -14,8 +14,9 @@ PRESETS: dict[str, dict] = {
                  max_position_embeddings=2048),
     **{name: dict(shape) for family in FAMILIES.values() for name, shape in family.presets.items()},
 }
-# Vocabularies this large get the chunked loss unless a run asks otherwise: the float32 logits of a 256k
-# vocabulary are 1 GiB per thousand tokens, more than the rest of a small model's activations.
+# Vocabularies this large get the chunked loss unless a run asks otherwise: the bfloat16 logits of a 256k
+# vocabulary are half a GiB per thousand tokens (the loss's float32 work on them twice that), more than the
+# rest of a small model's activations.
 LARGE_VOCAB, DEFAULT_LOSS_CHUNK = 200_000, 1024
 
 
