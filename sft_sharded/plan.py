@@ -85,8 +85,11 @@ def torus_wrap(gen: str, grid: str) -> tuple[bool, bool, bool]:
 
 def _topology_mesh(gen: str, grid: str, mesh: MeshConfig, mesh_spec: str) -> jax.sharding.Mesh:
     """A Mesh over the devices of a TPU topology (no TPU needed), in the order that follows the torus."""
-    topo = topologies.get_topology_desc(platform="tpu", topology_name=f"{gen}:{grid}",
-                                        chips_per_host_bounds=(2, 2, 1), num_slices=1, wrap=torus_wrap(gen, grid))
+    # A chip of two TensorCores is one device ("megacore"), as the runtime presents v4 and v5p chips; libtpu's
+    # v4 default is a device per core, which jax cannot lay out as a mesh.
+    chip = {"chip_config_name": "megacore"} if CHIPS[gen]["cores_per_chip"] == 2 else {}
+    topo = topologies.get_topology_desc(platform="tpu", topology_name=f"{gen}:{grid}", chips_per_host_bounds=(2, 2, 1),
+                                        num_slices=1, wrap=torus_wrap(gen, grid), **chip)
     shape = mesh_shape(dataclasses.asdict(mesh), len(topo.devices))
     try:
         physical = topologies.make_mesh(topo, shape, MESH_AXES)
