@@ -88,7 +88,9 @@ def _topology_mesh(gen: str, grid: str, mesh: MeshConfig, mesh_spec: str) -> jax
     # A chip of two TensorCores is one device ("megacore"), as the runtime presents v4 and v5p chips; libtpu's
     # v4 default is a device per core, which jax cannot lay out as a mesh.
     chip = {"chip_config_name": "megacore"} if CHIPS[gen]["cores_per_chip"] == 2 else {}
-    topo = topologies.get_topology_desc(platform="tpu", topology_name=f"{gen}:{grid}", chips_per_host_bounds=(2, 2, 1),
+    sides = [int(side) for side in grid.split("x")]
+    host = (min(2, sides[0]), min(2, sides[1]), 1)  # a host holds 2x2 chips; a single-chip slice, one
+    topo = topologies.get_topology_desc(platform="tpu", topology_name=f"{gen}:{grid}", chips_per_host_bounds=host,
                                         num_slices=1, wrap=torus_wrap(gen, grid), **chip)
     shape = mesh_shape(dataclasses.asdict(mesh), len(topo.devices))
     try:
@@ -199,8 +201,8 @@ def step_stats(compiled, hbm_bytes: int, hlo_file: str | None = None) -> dict:
 
 def report(r: dict) -> str:
     gib = 2**30
-    head = (f"plan: {r['model']} ({r['params'] / 1e9:.3f}B params) on {r['topology']} ({r['chips']} chips, "
-            f"{'torus' if r['torus'] else 'open mesh'}), "
+    head = (f"plan: {r['model']} ({r['params'] / 1e9:.3f}B params) on {r['topology']} "
+            f"({r['chips']} chip{'s' * (r['chips'] > 1)}, {'torus' if r['torus'] else 'open mesh'}), "
             f"mesh {r['mesh']}, {r['global_batch']} x {r['seq']} tokens per step, remat {r['remat']}, "
             f"{'scanned' if r['scan'] else 'unrolled'} layers, "
             f"loss chunk {r['loss_chunk'] or 'none (full logits)'}, attention {r['attention']}"

@@ -164,6 +164,8 @@ def test_plan_compiles_for_a_tpu_topology_fits_a_published_gemma3_shape_and_refu
     assert cube.returncode == 0, cube.stderr[-3000:]
     assert "on v4:4x4x4 (64 chips, torus)" in cube.stdout
     assert re.search(r"collectives per chip per step: all-gather \d+ x", cube.stdout), cube.stdout
+    single = _plan("--topology", "v6e-1", "--model", "tiny", "--seq", "128", "--global-batch", "8")
+    assert single.returncode == 0 and "on v6e:1x1 (1 chip, open mesh)" in single.stdout, single.stderr[-3000:]
     split = _plan("--topology", "v5p:2x2x1", "--model", "tiny", "--seq", "1024", "--global-batch", "2", "--mesh",
                   "fsdp=1,context=4", "--context-attention", "allgather")
     assert split.returncode == 0, split.stderr[-3000:]
