@@ -71,13 +71,18 @@ def parse_mesh(spec: str) -> MeshConfig:
     return MeshConfig(**sizes)
 
 
+def _sides(grid: str) -> list[int]:
+    """"4x4x8" -> [4, 4, 8]: chips along each axis of the slice."""
+    return [int(side) for side in grid.split("x")]
+
+
 def torus_wrap(gen: str, grid: str) -> tuple[bool, bool, bool]:
     """Which axes of the chip grid close into rings, as the Cloud TPU pages describe the slices: a v4 or v5p
     slice built of whole 4x4x4 cubes is a 3-D torus, a smaller one an open mesh; of the 2-D chips only the
     full 16x16 pod closes its two axes. The TPU compiler picks its collectives by it (on 4x4x4 as an open
     mesh an FSDP gather compiles to an all-reduce of a zero-padded buffer, on the torus to an all-gather),
     so a plan for the wrong links reports traffic the slice will not have."""
-    sides = [int(side) for side in grid.split("x")]
+    sides = _sides(grid)
     if CHIPS[gen]["dims"] == 3:
         return (all(side % 4 == 0 for side in sides),) * 3
     return (sides == [16, 16],) * 2 + (False,)
@@ -88,7 +93,7 @@ def _topology_mesh(gen: str, grid: str, mesh: MeshConfig, mesh_spec: str) -> jax
     # A chip of two TensorCores is one device ("megacore"), as the runtime presents v4 and v5p chips; libtpu's
     # v4 default is a device per core, which jax cannot lay out as a mesh.
     chip = {"chip_config_name": "megacore"} if CHIPS[gen]["cores_per_chip"] == 2 else {}
-    sides = [int(side) for side in grid.split("x")]
+    sides = _sides(grid)
     host = (min(2, sides[0]), min(2, sides[1]), 1)  # a host holds 2x2 chips; a single-chip slice, one
     topo = topologies.get_topology_desc(platform="tpu", topology_name=f"{gen}:{grid}", chips_per_host_bounds=host,
                                         num_slices=1, wrap=torus_wrap(gen, grid), **chip)
