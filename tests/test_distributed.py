@@ -164,8 +164,6 @@ def test_plan_compiles_for_a_tpu_topology_fits_a_published_gemma3_shape_and_refu
     assert cube.returncode == 0, cube.stderr[-3000:]
     assert "on v4:4x4x4 (64 chips, torus)" in cube.stdout
     assert re.search(r"collectives per chip per step: all-gather \d+ x", cube.stdout), cube.stdout
-    single = _plan("--topology", "v6e-1", "--model", "tiny", "--seq", "128", "--global-batch", "8")
-    assert single.returncode == 0 and "on v6e:1x1 (1 chip, open mesh)" in single.stdout, single.stderr[-3000:]
     split = _plan("--topology", "v5p:2x2x1", "--model", "tiny", "--seq", "1024", "--global-batch", "2", "--mesh",
                   "fsdp=1,context=4", "--context-attention", "allgather")
     assert split.returncode == 0, split.stderr[-3000:]
@@ -179,9 +177,8 @@ def test_plan_compiles_for_a_tpu_topology_fits_a_published_gemma3_shape_and_refu
         "LoRA rank 4 on q,k,v,o,gate,up,down over a bfloat16 base")
     memory = [float(m) for m in re.findall(r"= ([0-9.]+) GiB of", lora.stdout)]
     assert len(memory) == 2 and memory[1] < memory[0]  # LoRA's step needs less than full fine-tuning's
-    too_big = _plan("--topology", "v5e:2x2", "--model", "llama3.1-8b", "--seq", "8192", "--global-batch", "64",
-                    "--mesh", "fsdp=-1")
-    assert too_big.returncode == 1
+    too_big = _plan("--topology", "v6e-1", "--model", "llama3.1-8b", "--seq", "8192", "--global-batch", "8")
+    assert too_big.returncode == 1 and "on v6e:1x1 (1 chip, open mesh)" in too_big.stdout  # a single chip lays out
     assert "DOES NOT FIT" in too_big.stdout and "does not fit" in too_big.stderr
     # A real shape compiles for the TPU: Gemma 3's mixed local/global scan (a lax.cond per layer, so both
     # splash kernels are in) and its 262k vocabulary (the chunked loss by default). gemma3-1b at 4096
