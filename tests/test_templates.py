@@ -267,14 +267,34 @@ def test_the_template_environment_is_transformers(tmp_path):
 @pytest.mark.parametrize("source, message", [
     ("{% set ns = namespace(_x=1) %}", "underscore attribute '_x'"),
     ("{{ messages.__class__ }}", "tried to access '__class__'"),
+    # The sandbox caches its answers per (type, name): a safe method first, then a mutating one.
+    ("{{ messages[0].keys() | list }}{{ messages[0].content.upper() }}{{ messages.append(1) }}",
+     "tried to access 'append' of a list"),
+    ("{{ messages[0].get('role') }}{{ messages[0].pop('role') }}", "tried to access 'pop' of a dict"),
 ])
 def test_the_sandbox_refuses_by_name(tmp_path, source, message):
     from jinja2.sandbox import SecurityError
 
     from sft_sharded.data.templates import render
 
-    with pytest.raises(SecurityError, match=message):
-        render(source, [{"role": "user", "content": "a"}], HFTokenizer(write_hf_tokenizer(tmp_path, source)))
+    tok = HFTokenizer(write_hf_tokenizer(tmp_path, source))
+    for _ in range(2):  # the second rendering answers from the cache
+        with pytest.raises(SecurityError, match=message):
+            render(source, [{"role": "user", "content": "a"}], tok)
+
+
+def test_the_sandbox_cache_keeps_types_apart():
+    from sft_sharded.data.templates import compile_template
+
+    class Stack:
+        def pop(self):
+            return 1
+
+    env = compile_template("{{ x }}").environment
+    for _ in range(2):  # either answer first, then both from the cache
+        assert env.is_safe_attribute(Stack(), "pop", Stack().pop)
+        assert not env.is_safe_attribute([], "pop", [].pop)
+        assert not env.is_safe_attribute(Stack(), "_hidden", None)
 
 
 def test_a_template_that_does_not_parse_is_one_error_naming_its_line(tmp_path, capsys):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import datetime
 import functools
 import json
+import re
 
 import jinja2
 import jinja2.ext
@@ -31,6 +32,10 @@ START, END = "\ue000", "\ue001"  # around a {% generation %} block's output
 # Marks that turns.py puts into message text to find it in a rendering; all four are reserved.
 PREV_END, OWN_START, OWN_END, NEXT_START = "\ue002", "\ue003", "\ue004", "\ue005"
 RESERVED = (START, END, PREV_END, OWN_START, OWN_END, NEXT_START)
+# Found with a regular expression, not a loop over characters: a rendering is scanned several times per
+# conversation, and a Python loop over every character was the pipeline's largest cost on long chats.
+RESERVED_RE = re.compile("[" + "".join(RESERVED) + "]")
+_BLOCK_RE = re.compile(f"[{START}{END}]")
 REASONING_KEYS = ("reasoning_content", "thinking", "reasoning")  # transformers' order of preference
 
 
@@ -55,6 +60,20 @@ class _Generation(Extension):
 
 
 class _Sandbox(ImmutableSandboxedEnvironment):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._safe: dict[tuple[type, str], bool] = {}
+
+    def is_safe_attribute(self, obj, attr, value):
+        # jinja's answer depends on the object's type (isinstance checks) and the attribute's name only, and
+        # templates ask it hundreds of times per conversation (a third of a long chat's encoding): cached.
+        if not isinstance(attr, str):
+            return super().is_safe_attribute(obj, attr, value)
+        key = (type(obj), attr)
+        if key not in self._safe:
+            self._safe[key] = super().is_safe_attribute(obj, attr, value)
+        return self._safe[key]
+
     def unsafe_undefined(self, obj, attribute):
         # The default returns an Undefined that fails only when used; fail at once, naming the attribute.
         raise SecurityError(f"chat template tried to access {attribute!r} of a {type(obj).__name__} object")
@@ -171,14 +190,12 @@ def render(source: str, messages: list[dict], tokenizer, add_generation_prompt: 
     """Rendered text and the character spans inside `{% generation %}` blocks (empty without markers)."""
     check_reserved(messages, tools)
     raw = render_raw(source, messages, tokenizer, add_generation_prompt, tools)
-    text, spans, pos, opened = [], [], 0, None
-    for char in raw:
-        if char == START:
+    spans, opened = [], None
+    for removed, found in enumerate(_BLOCK_RE.finditer(raw)):
+        pos = found.start() - removed  # in the text without the sentinels
+        if found.group() == START:
             opened = pos
-        elif char == END:
+        else:
             spans.append((opened, pos))
             opened = None
-        else:
-            text.append(char)
-            pos += 1
-    return "".join(text), spans
+    return _BLOCK_RE.sub("", raw), spans

@@ -150,7 +150,7 @@ class HFTokenizer:
 
     def encode(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
         enc = self._tok.encode(text, add_special_tokens=False)
-        return list(enc.ids), [tuple(o) for o in enc.offsets]
+        return list(enc.ids), list(enc.offsets)  # (start, end) characters of `text`
 
     def text_of(self, ids) -> str:
         """Every id's text, special tokens included (what `sft-sharded data` shows)."""

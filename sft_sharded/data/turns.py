@@ -32,7 +32,7 @@ import functools
 
 import numpy as np
 
-from sft_sharded.data.templates import (NEXT_START, OWN_END, OWN_START, PREV_END, REASONING_KEYS, RESERVED,
+from sft_sharded.data.templates import (NEXT_START, OWN_END, OWN_START, PREV_END, REASONING_KEYS, RESERVED_RE,
                                         TemplateError, has_generation_markers, render, render_raw, render_text)
 
 
@@ -98,14 +98,11 @@ def _marked_positions(source, messages, marks: dict[int, tuple[str, bool]], toke
     marked = [_mark_message(m, *marks[j]) if j in marks else m for j, m in enumerate(messages)]
     raw = render_raw(source, marked, tokenizer, tools=tools)
     found = {mark: [] for mark, _ in marks.values()}
-    plain, pos = [], 0
-    for char in raw:
-        if char in found:
-            found[char].append(pos)
-        elif char not in RESERVED:  # generation sentinels are not in W's coordinates either
-            plain.append(char)
-            pos += 1
-    return found if "".join(plain) == text else None
+    # Every reserved character is removed (generation sentinels are not in W's coordinates either).
+    for removed, reserved in enumerate(RESERVED_RE.finditer(raw)):
+        if reserved.group() in found:
+            found[reserved.group()].append(reserved.start() - removed)
+    return found if RESERVED_RE.sub("", raw) == text else None
 
 
 def _start_after_header(prompt: str, context: str, text: str, after: int, before: int, offsets) -> int | None:
@@ -117,7 +114,7 @@ def _start_after_header(prompt: str, context: str, text: str, after: int, before
     if not prompt.startswith(context) or len(prompt) == len(context):
         return None
     header = prompt[len(context):]
-    token_starts = {o[0] for o in offsets} | {len(text)}
+    token_starts = set(offsets[:, 0].tolist()) | {len(text)}
     for k in range(len(header), 0, -1):
         at = text.find(header[:k], after, before)
         if at >= 0 and at in token_starts and at + k in token_starts:
@@ -146,7 +143,7 @@ def _end_of_last(source, messages, tokenizer, tools, text, lo: int) -> int | Non
     return end if longer.startswith(text[:end]) and end >= lo else None
 
 
-def _extend_to_closer(offsets, ids, text, end: int, hi: int, closers: set[int], opener) -> int:
+def _extend_to_closer(offsets, ids, text, end: int, hi: int, closers: set[int], opens) -> int:
     """A turn that ends without a closing token where it ends as the last message, but is followed in W by
     one (across whitespace only): the template writes the close only when another message follows (Apertus's
     `<|assistant_end|>`; GLM, whose turns end with the next `<|user|>`, a stop token of the model). The turn
@@ -154,11 +151,11 @@ def _extend_to_closer(offsets, ids, text, end: int, hi: int, closers: set[int], 
     t = _first_at(offsets, end)
     if t == 0 or ids[t - 1] in closers:
         return end
-    for (start, stop), token in zip(offsets[t:], ids[t:]):
+    for (start, stop), token in zip(offsets[t:].tolist(), ids[t:]):
         if stop > hi:
             return end
         if token in closers:
-            return end if token == opener() else stop
+            return end if opens(token) else stop
         if text[start:stop].strip():
             return end
     return end
@@ -166,23 +163,24 @@ def _extend_to_closer(offsets, ids, text, end: int, hi: int, closers: set[int], 
 
 def _first_at(offsets, lo: int) -> int:
     """The index of the first token that starts at or after character `lo`."""
-    return next((t for t, (start, _) in enumerate(offsets) if start >= lo), len(offsets))
+    after = np.flatnonzero(offsets[:, 0] >= lo)
+    return int(after[0]) if after.size else len(offsets)
 
 
-def _end_by_token(offsets, ids, lo: int, hi: int, closers: set[int], opener) -> int | None:
-    """The end of the first stop or special token in [lo, hi), unless it is the token that opens an assistant
-    turn (`opener()`, the generation prompt's first, itself special): then the template did not close the
-    turn before the next."""
-    for (start, end), token in zip(offsets, ids):
-        if start >= lo and end <= hi and token in closers:
-            return None if token == opener() else end
-    return None
+def _end_by_token(offsets, ids, is_closer, lo: int, hi: int, opens) -> int | None:
+    """The end of the first stop or special token (`is_closer`, per token) in [lo, hi), unless it is the
+    token that opens an assistant turn (`opens`: the generation prompt's first, itself special): then the
+    template did not close the turn before the next."""
+    starts, ends = offsets[:, 0], offsets[:, 1]
+    closing = np.flatnonzero((starts >= lo) & (ends <= hi) & is_closer)
+    if not closing.size:
+        return None
+    return None if opens(ids[closing[0]]) else int(ends[closing[0]])
 
 
 def _token_range(offsets, lo: int, hi: int, i: int) -> tuple[int, int]:
     """Token indices [a, b) of the characters [lo, hi); refused when a token straddles either boundary."""
-    starts = np.array([o[0] for o in offsets], dtype=np.int64)
-    ends = np.array([o[1] for o in offsets], dtype=np.int64)
+    starts, ends = offsets[:, 0], offsets[:, 1]
     if np.any((starts < lo) & (ends > lo)) or np.any((starts < hi) & (ends > hi)):
         raise NotLocatable(i, "its boundary falls inside a token")
     inside = np.nonzero((starts >= lo) & (starts < hi))[0]
@@ -200,7 +198,9 @@ def _opener(prompt: str, context: str, tokenizer) -> int | None:
 def turn_char_spans(source: str, messages: list[dict], tokenizer, tools, text: str, offsets, ids
                     ) -> dict[int, tuple[int, int]]:
     """Character span [start, end) in W of every assistant turn (see the module's rule)."""
-    closers = set(getattr(tokenizer, "stop_ids", ())) | set(getattr(tokenizer, "special_token_ids", ()))
+    specials = set(getattr(tokenizer, "special_token_ids", ()))
+    closers = set(getattr(tokenizer, "stop_ids", ())) | specials
+    is_closer = np.isin(np.asarray(ids), list(closers))
     spans = {}
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
@@ -216,6 +216,10 @@ def turn_char_spans(source: str, messages: list[dict], tokenizer, tools, text: s
         # common path (no prefix, or a turn that ends without its closing token), so rendered then.
         context = functools.cache(lambda: render_text(source, messages[:i], tokenizer, False, tools) if i else "")
         opener = functools.cache(lambda: _opener(prompt, context(), tokenizer))
+
+        def opens(token, opener=opener) -> bool:  # only a special token can be the opener: no rendering else
+            return token in specials and token == opener()
+
         if text.startswith(prompt):
             start = len(prompt)
         else:
@@ -236,9 +240,9 @@ def turn_char_spans(source: str, messages: list[dict], tokenizer, tools, text: s
         else:
             end = _end_by_prefix(source, messages, i, tokenizer, tools, text)
         if end is not None and lo <= end <= hi:
-            end = _extend_to_closer(offsets, ids, text, end, hi, closers, opener)
+            end = _extend_to_closer(offsets, ids, text, end, hi, closers, opens)
         else:
-            end = _end_by_token(offsets, ids, lo, hi, closers, opener)
+            end = _end_by_token(offsets, ids, is_closer, lo, hi, opens)
         if end is None and i == len(messages) - 1 and opener() not in ids[_first_at(offsets, lo):]:
             end = len(text.rstrip())  # nothing closes the last turn but the conversation's end
         if end is None:
@@ -256,8 +260,8 @@ def turn_token_spans(source, messages, tokenizer, tools, text, ids, offsets) -> 
 
 def _overlapping(offsets, lo: int, hi: int) -> tuple[int, int]:
     """Token indices [a, b) of the tokens overlapping [lo, hi), as transformers masks a generation block."""
-    inside = [t for t, (s, e) in enumerate(offsets) if e > lo and s < hi]
-    return (inside[0], inside[-1] + 1) if inside else (0, 0)
+    inside = np.flatnonzero((offsets[:, 1] > lo) & (offsets[:, 0] < hi))
+    return (int(inside[0]), int(inside[-1]) + 1) if inside.size else (0, 0)
 
 
 def assistant_turns(source: str, messages: list[dict], tokenizer, tools=None
@@ -268,6 +272,7 @@ def assistant_turns(source: str, messages: list[dict], tokenizer, tools=None
     of assistant turns (a template that marks only some), they are keyed -1, -2, ... instead."""
     text, blocks = render(source, messages, tokenizer, tools=tools)
     ids, offsets = tokenizer.encode(text)
+    offsets = np.asarray(offsets, np.int64).reshape(-1, 2)  # [tokens, (start, end)] in characters of text
     if not has_generation_markers(source):
         return ids, text, turn_token_spans(source, messages, tokenizer, tools, text, ids, offsets)
     assistant = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
