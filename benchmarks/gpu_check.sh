@@ -2,7 +2,9 @@
 # One prepared GPU check (H100 / H200, under 8 minutes): the GPU-relevant tests, then train-step throughput
 # of a Llama-3.2-1B-shaped model (hidden 2048, 16 layers, 32 heads / 8 kv, mlp 8192, vocab 128256, tied) at
 # seq 4096 in bf16 on one GPU. Prints the card, then step_throughput's table and JSON lines (tokens/s, MFU
-# against 989 TFLOP/s bf16 dense).
+# against 989 TFLOP/s bf16 dense). The first row also traces 3 steps and prints where their time goes
+# (sft_sharded.step_profile: loss, attention, MLP, optimizer, collectives, the GPU's idle time between
+# kernels); the trace itself stays in /tmp on the device machine.
 #
 # The device machine has Python 3.12, jax 0.11, flax, optax, chex and orbax but no network. Nothing here
 # needs grain (the data pipeline is not used); pytest, if missing, is installed from wheels carried in
@@ -30,12 +32,12 @@ fi
 run() {  # one throughput row; a failure (e.g. out of memory) is printed and the next row still runs
   echo "== step_throughput $*" | tee -a "$OUT/throughput.txt"
   timeout 110 python3 benchmarks/step_throughput.py --preset llama3.2-1b --seq 4096 --dtype bfloat16 \
-    --mesh 1,1,1 --warmup 2 --steps 5 "$@" 2>&1 | grep -v "^WARNING\|^I0000\|^W0000" | tail -n 4 \
+    --mesh 1,1,1 --warmup 2 --steps 5 "$@" 2>&1 | grep -v "^WARNING\|^I0000\|^W0000" | tail -n 40 \
     | tee -a "$OUT/throughput.txt"
 }
 # Most important first: the shipped default (scanned, save_dots), then what buys speed with memory to spare
 # (no remat, unrolled layers), then the XLA attention for comparison.
-run --batch 4 --remat save_dots --scan --loss-chunk 1024 --attention cudnn
+run --batch 4 --remat save_dots --scan --loss-chunk 1024 --attention cudnn --profile /tmp/gpu_profile
 run --batch 4 --remat none --loss-chunk 1024 --attention cudnn
 run --batch 4 --remat save_dots --loss-chunk 1024 --attention cudnn
 run --batch 4 --remat save_dots --scan --loss-chunk 1024 --attention xla

@@ -15,7 +15,7 @@ import time
 
 from sft_sharded.choices import ATTENTION_IMPLEMENTATIONS, REMAT_POLICIES
 from sft_sharded.parallel.devices import simulate_cpu_devices
-from timing import bench_trainer, median_step_s  # a sibling: python puts benchmarks/ on the path
+from timing import bench_trainer, median_step_s, profile_steps  # a sibling: python puts benchmarks/ on the path
 
 
 def main() -> None:
@@ -38,6 +38,9 @@ def main() -> None:
     p.add_argument("--hlo-file", default=None, help="write the compiled step's optimized HLO text here")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--profile", metavar="DIR", help="then trace --profile-steps steps into DIR and print where "
+                   "their time goes (sft_sharded.step_profile)")
+    p.add_argument("--profile-steps", type=int, default=3)
     args = p.parse_args()
     simulate_cpu_devices(args.simulate_devices or 0)
 
@@ -101,6 +104,9 @@ def main() -> None:
     print(f"{result['device'][:10]:>10} {str(tuple(mesh.shape.values())):>28} {result['tokens_per_sec']:>10,.0f} "
           f"{step_s:>8.3f} {result['model_tflops_per_sec_per_device']:>12.4f} {result['mfu']:>6.1%} "
           f"{compile_s:>9.1f} {bytes_per_device / 2**20:>8.1f}", file=sys.stderr)
+    if args.profile:
+        result["profile_s_per_step"] = profile_steps(trainer, state, batch, args.profile, args.profile_steps,
+                                                     compiled.as_text())
     print(json.dumps({k: (None if isinstance(v, float) and v != v else v) for k, v in result.items()}))
 
 

@@ -34,3 +34,28 @@ def median_step_s(trainer, state, batch, steps: int, warmup: int = 1):
         jax.block_until_ready(metrics)
         times.append(time.perf_counter() - start)
     return statistics.median(times[warmup:]), state, metrics
+
+
+
+def profile_steps(trainer, state, batch, log_dir: str, steps: int, hlo_text: str) -> dict[str, float] | None:
+    """Trace `steps` train steps into `log_dir`, print where their kernels' time goes (a table on stderr,
+    `sft_sharded.step_profile`) and return the seconds per step of each part; None, with the reason on
+    stderr, when the trace cannot be read (a device lease is scarce: the row's other numbers still count)."""
+    import sys
+
+    import jax
+
+    from sft_sharded.step_profile import breakdown, format_table, load_trace
+
+    try:
+        with jax.profiler.trace(log_dir, create_perfetto_trace=True):
+            for _ in range(steps):
+                state, metrics = trainer.train_step(state, batch)
+                jax.block_until_ready(metrics)
+        parts = breakdown(load_trace(log_dir), hlo_text)
+    except Exception as err:  # noqa: BLE001 - reported, and the benchmark's own result still prints
+        print(f"profile failed: {type(err).__name__}: {err}", file=sys.stderr)
+        return None
+    print(format_table(parts, steps), file=sys.stderr)
+    per_step = {**parts.seconds, **({} if parts.idle_s is None else {"idle": parts.idle_s})}
+    return {part: round(seconds / steps, 6) for part, seconds in per_step.items()}

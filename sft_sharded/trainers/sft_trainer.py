@@ -146,16 +146,18 @@ class SFTTrainer(Trainer):
         if self.loss_chunk_size or hasattr(self.model, "hidden_and_head"):  # the model hands over its head
             out = self.model.apply({"params": params}, batch["input_ids"], **kwargs, method="hidden_and_head")
             (hidden_BxTxD, head_DxV), state = out if experts else (out, None)
-            if self.loss_chunk_size:  # logits per chunk only
-                terms, hits = chunked_cross_entropy(hidden_BxTxD, head_DxV, batch["labels"], mask_BxT,
-                                                    self.loss_chunk_size, self.z_loss, softcap)
-            else:
-                terms, hits = projected_cross_entropy(hidden_BxTxD, head_DxV, batch["labels"], mask_BxT,
-                                                      self.z_loss, softcap)
+            with jax.named_scope("loss"):  # the head's product included: the scope names it in a profile
+                if self.loss_chunk_size:  # logits per chunk only
+                    terms, hits = chunked_cross_entropy(hidden_BxTxD, head_DxV, batch["labels"], mask_BxT,
+                                                        self.loss_chunk_size, self.z_loss, softcap)
+                else:
+                    terms, hits = projected_cross_entropy(hidden_BxTxD, head_DxV, batch["labels"], mask_BxT,
+                                                          self.z_loss, softcap)
         else:
             out = self.model.apply({"params": params}, batch["input_ids"], **kwargs)
             logits_BxTxV, state = out if experts else (out, None)
-            terms, hits = cross_entropy_with_hits(logits_BxTxV, batch["labels"], mask_BxT, self.z_loss)
+            with jax.named_scope("loss"):
+                terms, hits = cross_entropy_with_hits(logits_BxTxV, batch["labels"], mask_BxT, self.z_loss)
         extra = {"num_correct": hits}
         if experts:
             extra["router"] = router = moe.router_sums(state["moe"])

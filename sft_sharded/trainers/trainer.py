@@ -237,16 +237,18 @@ class Trainer(abc.ABC):
     def _train_step_fn(self, state: TrainState, batch: Batch):
         rng = None if self.dropout_seed is None else jax.random.fold_in(jax.random.key(self.dropout_seed), state.step)
         loss_sum, num_tokens, extra, grads = self._mean_grads(state.params, state.frozen, batch, rng)
-        updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        # Real (non-pad) tokens, for throughput and MFU on the work that counts; without segment ids every
-        # position is real.
-        if "segment_ids" in batch:
-            num_real = jnp.sum(batch["segment_ids"] != 0, dtype=jnp.float32)
-        else:
-            num_real = jnp.float32(batch["input_ids"].size)
-        metrics = {"loss": safe_mean(loss_sum, num_tokens), "loss_sum": loss_sum, "num_tokens": num_tokens,
-                   "num_real_tokens": num_real, "grad_norm": optax.tree.norm(grads), **self.summarize(extra)}
+        with jax.named_scope("optimizer"):  # the scopes name the step's parts in a profile (step_profile.py)
+            updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
+            params = optax.apply_updates(state.params, updates)
+        with jax.named_scope("metrics"):
+            # Real (non-pad) tokens, for throughput and MFU on the work that counts; without segment ids every
+            # position is real.
+            if "segment_ids" in batch:
+                num_real = jnp.sum(batch["segment_ids"] != 0, dtype=jnp.float32)
+            else:
+                num_real = jnp.float32(batch["input_ids"].size)
+            metrics = {"loss": safe_mean(loss_sum, num_tokens), "loss_sum": loss_sum, "num_tokens": num_tokens,
+                       "num_real_tokens": num_real, "grad_norm": optax.tree.norm(grads), **self.summarize(extra)}
         return TrainState(params, opt_state, state.step + 1, state.frozen), metrics
 
     def _eval_step_fn(self, state: TrainState, batch: Batch):
