@@ -137,7 +137,8 @@ def breakdown(events: list[dict], hlo_text: str, module: str | None = None) -> B
     threads = collections.defaultdict(list)
     for e in events:
         args = e.get("args") or {}
-        if e.get("ph") == "X" and "hlo_op" in args and (module is None or args.get("hlo_module") == module):
+        # A kernel without `hlo_module` (some GPU traces) is taken to be the module's.
+        if e.get("ph") == "X" and "hlo_op" in args and (module is None or args.get("hlo_module", module) == module):
             threads[(e["pid"], e["tid"])].append(e)
     seconds, unattributed = collections.defaultdict(float), collections.defaultdict(float)
     per_device = collections.defaultdict(list)  # an accelerator's kernels over all its streams
