@@ -137,14 +137,17 @@ def breakdown(events: list[dict], hlo_text: str, module: str | None = None) -> B
     threads = collections.defaultdict(list)
     for e in events:
         args = e.get("args") or {}
-        # A kernel without `hlo_module` (some GPU traces) is taken to be the module's.
-        if e.get("ph") == "X" and "hlo_op" in args and (module is None or args.get("hlo_module", module) == module):
+        # On an accelerator every event is device work (a kernel replayed from a CUDA graph may carry no
+        # `hlo_op`: unattributed, but busy); on the host only XLA's kernels count. A kernel without
+        # `hlo_module` is taken to be the module's.
+        kernel = "hlo_op" in args or "/device:" in processes.get(e.get("pid"), "")
+        if e.get("ph") == "X" and kernel and (module is None or args.get("hlo_module", module) == module):
             threads[(e["pid"], e["tid"])].append(e)
     seconds, unattributed = collections.defaultdict(float), collections.defaultdict(float)
     per_device = collections.defaultdict(list)  # an accelerator's kernels over all its streams
     for (pid, _), kernels in threads.items():
         for event, self_us in _self_times(kernels):
-            op = event["args"]["hlo_op"]
+            op = (event.get("args") or {}).get("hlo_op", "")
             part = part_of(op, names.get(op))
             seconds[part] += self_us / 1e6
             if part == "unattributed":

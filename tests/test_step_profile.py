@@ -64,20 +64,22 @@ def test_breakdown_counts_self_time_per_part_and_a_devices_idle_time():
         _kernel("all-gather.4", 60, 30), {"ph": "X", "pid": 1, "tid": 1, "ts": 65, "dur": 20, "name": "Wait"},
         _kernel("broadcast.2", 95, 5),
         _kernel("add.9", 0, 40, module="jit_other"),  # another program's kernel: not counted
-        # A GPU with two streams: kernels cover [100, 130) and [140, 160) of [100, 160): 10 us idle.
+        # A GPU with two streams: kernels cover [100, 134) and [140, 160) of [100, 160): 6 us idle. The
+        # kernel without an hlo_op (replayed from a CUDA graph) is busy time, unattributed.
         _kernel("fusion.1", 100, 20, pid=2, tid=7), _kernel("dot.7", 110, 20, pid=2, tid=8),
+        {"ph": "X", "pid": 2, "tid": 8, "ts": 130, "dur": 4, "name": "gemm_kernel"},
         _kernel("convert.3", 140, 20, pid=2, tid=7),
     ]
     parts = breakdown(events, HLO)
     expected = {"mlp (backward)": 30e-6 + 20e-6,  # the loop's 30 us of its own, named by its body, and the dot
-                "collectives": 30e-6, "unattributed": 5e-6, "loss (forward)": 20e-6,
+                "collectives": 30e-6, "unattributed": 5e-6 + 4e-6, "loss (forward)": 20e-6,
                 "attention (forward)": 40e-6}
     assert parts.seconds.keys() == expected.keys()
     for part, seconds in expected.items():
         assert abs(parts.seconds[part] - seconds) < 1e-12, part
-    assert abs(parts.idle_s - 10e-6) < 1e-12
+    assert abs(parts.idle_s - 6e-6) < 1e-12
     assert abs(parts.span_s - 160e-6) < 1e-12
-    assert parts.unattributed == {"broadcast.2": 5e-6}
+    assert parts.unattributed == {"broadcast.2": 5e-6, "gemm_kernel": 4e-6}
     table = format_table(parts, steps=1)
     assert table.splitlines()[1].startswith("mlp (backward)") and "idle (between kernels)" in table
 
