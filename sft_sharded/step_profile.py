@@ -23,6 +23,9 @@ import os
 import re
 
 COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
+# A loop's or a branch's own event spans its body, whose kernels may run on other threads (XLA:CPU): its
+# time is its kernels', counted there, so its event counts for nothing itself.
+_CONTROL_FLOW = re.compile(r"^(?:while|conditional|call)(?:\.\d+)?$")
 # (part, substrings of the op name), the first match wins; a scope differentiated as a whole shows as
 # `jvp(loss)`. The trainer's scopes hold no model module; in
 # the model, a norm inside a block (`attn_norm`, `q_norm`) counts as a norm, not as its block. Parts in
@@ -148,6 +151,8 @@ def breakdown(events: list[dict], hlo_text: str, module: str | None = None) -> B
     for (pid, _), kernels in threads.items():
         for event, self_us in _self_times(kernels):
             op = (event.get("args") or {}).get("hlo_op", "")
+            if _CONTROL_FLOW.match(op):
+                continue
             part = part_of(op, names.get(op))
             seconds[part] += self_us / 1e6
             if part == "unattributed":
