@@ -27,9 +27,8 @@ COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "coll
 # time is its kernels', counted there, so its event counts for nothing itself.
 _CONTROL_FLOW = re.compile(r"^(?:while|conditional|call)(?:\.\d+)?$")
 # (part, substrings of the op name), the first match wins; a scope differentiated as a whole shows as
-# `jvp(loss)`. The trainer's scopes hold no model module; in
-# the model, a norm inside a block (`attn_norm`, `q_norm`) counts as a norm, not as its block. Parts in
-# PER_PASS are split into the forward and the backward pass.
+# `jvp(loss)`. The trainer's scopes hold no model module; in the model, a norm inside a block (`attn_norm`,
+# `q_norm`) counts as a norm, not as its block. Parts in PER_PASS are split into forward and backward.
 PARTS = (("optimizer", ("/optimizer",)), ("metrics", ("/metrics",)), ("loss", ("/loss", "(loss)")),
          ("norms", ("norm/", "norm)")), ("attention", ("_attend", "attention")),
          ("attention projections", ("/attn",)), ("mlp", ("/mlp", "/moe", "/experts")), ("embedding", ("_embed",)),
