@@ -36,7 +36,6 @@ def median_step_s(trainer, state, batch, steps: int, warmup: int = 1):
     return statistics.median(times[warmup:]), state, metrics
 
 
-
 def profile_steps(trainer, state, batch, log_dir: str, steps: int, hlo_text: str) -> dict[str, float] | None:
     """Trace `steps` train steps into `log_dir`, print where their kernels' time goes (a table on stderr,
     `sft_sharded.step_profile`) and return the seconds per step of each part; None, with the reason on
