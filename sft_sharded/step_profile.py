@@ -43,7 +43,7 @@ _CALLS = re.compile(r"(?:calls|to_apply|body|condition)=%?([\w.\-]+)")
 @dataclasses.dataclass(frozen=True)
 class Breakdown:
     seconds: dict[str, float]  # part -> kernel seconds (self time), summed over every device thread or stream
-    idle_s: float | None  # accelerator streams: time inside the traced span not covered by any kernel
+    idle_s: float | None  # accelerators: time inside each step's span of kernels not covered by any kernel
     span_s: float  # first kernel's start to last kernel's end
     unattributed: dict[str, float]  # kernels whose instruction the HLO does not name, by kernel name
 
@@ -128,6 +128,28 @@ def _covered(intervals: list[tuple[float, float]]) -> float:
     return covered
 
 
+def _launches(events: list[dict], module: str | None, devices: set) -> list[float]:
+    """When the host launched the program, once per step: its "...Execute (module)" events (several per
+    step where each device has its own), those less than a millisecond after the previous taken as one."""
+    starts = sorted(e["ts"] for e in events if e.get("ph") == "X" and e["pid"] not in devices
+                    and "Execute" in e.get("name", "") and e["name"].endswith(f"({module})"))
+    launches: list[float] = []
+    for start in starts:
+        if not launches or start - launches[-1] >= 1000:
+            launches.append(start)
+    return launches
+
+
+def _idle(spans: list[tuple[float, float]], launches: list[float]) -> float:
+    """Time between a device's kernels within each step: the kernels are split into steps at the host's
+    launches of the program, so the host's time between steps (waiting for the result, starting the next
+    step, which training overlaps with the device) is not counted."""
+    steps = collections.defaultdict(list)
+    for start, stop in spans:
+        steps[sum(launch <= start for launch in launches)].append((start, stop))
+    return sum(max(b for _, b in group) - min(a for a, _ in group) - _covered(group) for group in steps.values())
+
+
 def breakdown(events: list[dict], hlo_text: str, module: str | None = None) -> Breakdown:
     """Kernel time per part of the step for the trace's kernels of `module` (the HLO module's name; default:
     the one named in `hlo_text`)."""
@@ -160,8 +182,8 @@ def breakdown(events: list[dict], hlo_text: str, module: str | None = None) -> B
             per_device[pid] += [(e["ts"], e["ts"] + e["dur"]) for e in kernels]
     idle = None
     if per_device:
-        idle = sum(max(b for _, b in spans) - min(a for a, _ in spans) - _covered(spans)
-                   for spans in per_device.values()) / 1e6
+        launches = _launches(events, module, set(per_device))
+        idle = sum(_idle(spans, launches) for spans in per_device.values()) / 1e6
     kernels = [e for group in threads.values() for e in group]
     span = (max(e["ts"] + e["dur"] for e in kernels) - min(e["ts"] for e in kernels)) / 1e6 if kernels else 0.0
     return Breakdown(dict(seconds), idle, span, dict(unattributed))

@@ -70,16 +70,22 @@ def test_breakdown_counts_self_time_per_part_and_a_devices_idle_time():
         _kernel("fusion.1", 100, 20, pid=2, tid=7), _kernel("dot.7", 110, 20, pid=2, tid=8),
         {"ph": "X", "pid": 2, "tid": 8, "ts": 130, "dur": 4, "name": "gemm_kernel"},
         _kernel("convert.3", 140, 20, pid=2, tid=7),
+        # The host launches the program for each step (once per device, too); the host's time between the
+        # steps (here 160 to 2100) is not the device's idle time.
+        {"ph": "X", "pid": 1, "tid": 9, "ts": 95, "dur": 1, "name": "CommonPjRtLoadedExecutable::Execute (jit_step)"},
+        {"ph": "X", "pid": 1, "tid": 9, "ts": 96, "dur": 1, "name": "[0] CommonPjRtLoadedExecutable::Execute (jit_step)"},
+        {"ph": "X", "pid": 1, "tid": 9, "ts": 2000, "dur": 1, "name": "CommonPjRtLoadedExecutable::Execute (jit_step)"},
+        _kernel("fusion.1", 2100, 10, pid=2, tid=7),
     ]
     parts = breakdown(events, HLO)
     expected = {"mlp (backward)": 20e-6,  # the dot in the loop's body
-                "collectives": 30e-6, "unattributed": 5e-6 + 4e-6, "loss (forward)": 20e-6,
+                "collectives": 30e-6, "unattributed": 5e-6 + 4e-6, "loss (forward)": 20e-6 + 10e-6,
                 "attention (forward)": 40e-6}
     assert parts.seconds.keys() == expected.keys()
     for part, seconds in expected.items():
         assert abs(parts.seconds[part] - seconds) < 1e-12, part
     assert abs(parts.idle_s - 6e-6) < 1e-12
-    assert abs(parts.span_s - 160e-6) < 1e-12
+    assert abs(parts.span_s - 2110e-6) < 1e-12
     assert parts.unattributed == {"broadcast.2": 5e-6, "gemm_kernel": 4e-6}
     table = format_table(parts, steps=1)
     assert table.splitlines()[1].startswith("attention (forward)") and "idle (between kernels)" in table
