@@ -3,8 +3,8 @@
 Each kernel the trace records carries the HLO instruction it ran (`hlo_op`); the optimized HLO keeps, for
 each instruction, the op name of the jax operation it came from (jax's name stack: the model's modules,
 the trainer's `loss`, `optimizer` and `metrics` scopes, `jvp` for the forward pass and `transpose` for the
-backward pass). A kernel's time is attributed by that name. On an accelerator the stream's idle time
-between the step's kernels (launch gaps, host waits) is a part of its own.
+backward pass). A kernel's time is attributed by that name. On an accelerator the device's idle time
+between the kernels of each step (launch gaps, waits inside the step) is a part of its own.
 
     with jax.profiler.trace(log_dir, create_perfetto_trace=True):
         ...  # the steps, each waited for
