@@ -306,3 +306,22 @@ def test_a_template_that_does_not_parse_is_one_error_naming_its_line(tmp_path, c
     assert main(["data", f"data.path={data}", f"tokenizer.path={directory}"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"sft-sharded: error: the chat template of {directory}/tokenizer_config.json: line 2:")
+
+
+def test_one_rendering_that_marks_every_message_finds_each_turn_as_its_own_rendering_does(tmp_path):
+    from template_corpus import SHAPES, write_tokenizer
+
+    from sft_sharded.data import turns
+    from sft_sharded.data.templates import render
+
+    tok = HFTokenizer(write_tokenizer(tmp_path, "Qwen-Qwen3-0.6B"))
+    source, messages = tok.chat_template, SHAPES["multi_turn"]["messages"]  # system, user, assistant x 2
+    text = render(source, messages, tok)[0]
+    every = turns._every_message_marked(source, messages, tok, None, text)
+    assert every is not None  # the common path: one rendering for all the turns
+    for i in (2, 4):
+        assert turns._turn_marks(i, every, source, messages, tok, None, text) == turns._turn_marks(
+            i, None, source, messages, tok, None, text)
+    # Text that already holds one of its marks: each turn is marked on its own instead.
+    clash = [{**messages[0], "content": messages[0]["content"] + "\ue013"}, *messages[1:]]
+    assert turns._every_message_marked(source, clash, tok, None, render(source, clash, tok)[0]) is None

@@ -8,7 +8,9 @@ Otherwise, for assistant turn i of the whole rendering W:
   (content, reasoning, string tool-call arguments) of every message before i and of turn i, and before the
   first of message i+1's. Without the marks that rendering must be W character for character, else the
   template rewrites the text in a way the marks cannot follow: refused. The turn must start after every
-  earlier message's text, reach past its own and end before the next message's.
+  earlier message's text, reach past its own and end before the next message's. (One rendering that marks
+  every message's start and end, with marks of its own, serves all the turns where it is W without the
+  marks; otherwise each turn is rendered with just its own marks, as above.)
 - **start**: where `messages[:i]` rendered with the generation prompt ends, when that is how W begins (what
   the model continues from at inference). A thinking template's generation prompt may open reasoning
   (`<think>`) that W writes otherwise for a turn without any: then the turn starts right after the longest
@@ -29,11 +31,14 @@ A turn boundary inside a token is refused too: a token is the assistant's or the
 from __future__ import annotations
 
 import functools
+import json
+import re
 
 import numpy as np
 
-from sft_sharded.data.templates import (NEXT_START, OWN_END, OWN_START, PREV_END, REASONING_KEYS, RESERVED_RE,
-                                        TemplateError, has_generation_markers, render, render_raw, render_text)
+from sft_sharded.data.templates import (NEXT_START, OWN_END, OWN_START, PREV_END, REASONING_KEYS, RESERVED,
+                                        RESERVED_RE, TemplateError, has_generation_markers, render, render_raw,
+                                        render_text)
 
 
 class NotLocatable(TemplateError):
@@ -103,6 +108,49 @@ def _marked_positions(source, messages, marks: dict[int, tuple[str, bool]], toke
         if reserved.group() in found:
             found[reserved.group()].append(reserved.start() - removed)
     return found if RESERVED_RE.sub("", raw) == text else None
+
+
+# One rendering marks every message, with two private-use characters of its own each (start, end), from here.
+_EVERY_FROM = 0xE010
+
+
+def _every_message_marked(source, messages, tokenizer, tools, text) -> tuple[list, list] | None:
+    """W rendered once with every message's text fields marked at their start and end: each message's
+    (start positions, end positions) in W's characters. None, so that each turn is marked on its own, when
+    that rendering is not W once the marks are removed, or the conversation already holds one of the marks
+    (or has too many messages for them)."""
+    last = _EVERY_FROM + 2 * len(messages) - 1
+    if last > 0xF8FF:
+        return None
+    ours = re.compile(f"[{chr(_EVERY_FROM)}-{chr(last)}]")
+    if ours.search(json.dumps([messages, tools], ensure_ascii=False)):
+        return None
+    marked = [_mark_message(_mark_message(m, chr(_EVERY_FROM + 2 * j), False), chr(_EVERY_FROM + 2 * j + 1), True)
+              for j, m in enumerate(messages)]
+    raw = render_raw(source, marked, tokenizer, tools=tools)
+    every = re.compile(f"[{''.join(RESERVED)}{chr(_EVERY_FROM)}-{chr(last)}]")  # generation sentinels too
+    starts, ends = [[] for _ in messages], [[] for _ in messages]
+    for removed, found in enumerate(every.finditer(raw)):
+        k = ord(found.group()) - _EVERY_FROM
+        if k >= 0:
+            (ends if k % 2 else starts)[k // 2].append(found.start() - removed)
+    return (starts, ends) if every.sub("", raw) == text else None
+
+
+def _turn_marks(i: int, every, source, messages, tokenizer, tools, text) -> dict[str, list[int]]:
+    """Where the text of the messages before turn i ends (PREV_END), the turn's own ends (OWN_END) and message
+    i+1's starts (NEXT_START), in W: from the rendering that marks every message where it is W, else from
+    one that marks just these."""
+    if every is not None:
+        starts, ends = every
+        return {PREV_END: [p for j in range(i) for p in ends[j]], OWN_END: ends[i],
+                NEXT_START: starts[i + 1] if i + 1 < len(messages) else []}
+    marks = {j: (PREV_END, True) for j in range(i)} | {i: (OWN_END, True), i + 1: (NEXT_START, False)}
+    found = _marked_positions(source, messages, marks, tokenizer, tools, text)
+    if found is None:
+        raise NotLocatable(i, "the template rewrites the message text, so the turn's own text cannot be "
+                              "followed into the rendering")
+    return found
 
 
 def _start_after_header(prompt: str, context: str, text: str, after: int, before: int, offsets) -> int | None:
@@ -201,15 +249,12 @@ def turn_char_spans(source: str, messages: list[dict], tokenizer, tools, text: s
     specials = set(getattr(tokenizer, "special_token_ids", ()))
     closers = set(getattr(tokenizer, "stop_ids", ())) | specials
     is_closer = np.isin(np.asarray(ids), list(closers))
+    every = functools.cache(lambda: _every_message_marked(source, messages, tokenizer, tools, text))
     spans = {}
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        marks = {j: (PREV_END, True) for j in range(i)} | {i: (OWN_END, True), i + 1: (NEXT_START, False)}
-        found = _marked_positions(source, messages, marks, tokenizer, tools, text)
-        if found is None:
-            raise NotLocatable(i, "the template rewrites the message text, so the turn's own text cannot be "
-                                  "followed into the rendering")
+        found = _turn_marks(i, every(), source, messages, tokenizer, tools, text)
         earlier_end = max(found[PREV_END], default=0)
         prompt = render_text(source, messages[:i], tokenizer, True, tools)
         # The prompt without the generation prompt, and the header's first token: needed only off the
