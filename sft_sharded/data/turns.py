@@ -120,7 +120,7 @@ def _every_message_marked(source, messages, tokenizer, tools, text) -> tuple[lis
     that rendering is not W once the marks are removed, or the conversation already holds one of the marks
     (or has too many messages for them)."""
     last = _EVERY_FROM + 2 * len(messages) - 1
-    if last > 0xF8FF:
+    if not messages or last > 0xF8FF:
         return None
     ours = re.compile(f"[{chr(_EVERY_FROM)}-{chr(last)}]")
     if ours.search(json.dumps([messages, tools], ensure_ascii=False)):
