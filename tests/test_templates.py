@@ -325,3 +325,16 @@ def test_one_rendering_that_marks_every_message_finds_each_turn_as_its_own_rende
     # Text that already holds one of its marks: each turn is marked on its own instead.
     clash = [{**messages[0], "content": messages[0]["content"] + "\ue013"}, *messages[1:]]
     assert turns._every_message_marked(source, clash, tok, None, render(source, clash, tok)[0]) is None
+
+
+def test_a_template_that_refuses_the_extra_marks_is_marked_one_turn_at_a_time(tmp_path):
+    # Every message marked adds two characters to each; one turn's marks add one: this template then
+    # raises only for the rendering that marks every message, and the row still trains.
+    source = ("{% for m in messages %}{% if m['content'] | length > 9 %}{{ raise_exception('too long') }}"
+              "{% endif %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+              "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    tok = HFTokenizer(write_hf_tokenizer(tmp_path, source))
+    record = {"messages": [{"role": "user", "content": "abcdefgh"}, {"role": "assistant", "content": "12345678"}]}
+    example = encode_record(record, tok)
+    trained = tok.text_of(example.tokens[example.mask])
+    assert trained == "12345678<|im_end|>", trained

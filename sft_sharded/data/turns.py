@@ -117,8 +117,8 @@ _EVERY_FROM = 0xE010
 def _every_message_marked(source, messages, tokenizer, tools, text) -> tuple[list, list] | None:
     """W rendered once with every message's text fields marked at their start and end: each message's
     (start positions, end positions) in W's characters. None, so that each turn is marked on its own, when
-    that rendering is not W once the marks are removed, or the conversation already holds one of the marks
-    (or has too many messages for them)."""
+    that rendering fails or is not W once the marks are removed, or the conversation already holds one of
+    the marks (or has too many messages for them)."""
     last = _EVERY_FROM + 2 * len(messages) - 1
     if not messages or last > 0xF8FF:
         return None
@@ -127,7 +127,10 @@ def _every_message_marked(source, messages, tokenizer, tools, text) -> tuple[lis
         return None
     marked = [_mark_message(_mark_message(m, chr(_EVERY_FROM + 2 * j), False), chr(_EVERY_FROM + 2 * j + 1), True)
               for j, m in enumerate(messages)]
-    raw = render_raw(source, marked, tokenizer, tools=tools)
+    try:
+        raw = render_raw(source, marked, tokenizer, tools=tools)
+    except TemplateError:  # a template that refuses the extra marks: each turn on its own decides
+        return None
     every = re.compile(f"[{''.join(RESERVED)}{chr(_EVERY_FROM)}-{chr(last)}]")  # generation sentinels too
     starts, ends = [[] for _ in messages], [[] for _ in messages]
     for removed, found in enumerate(every.finditer(raw)):
