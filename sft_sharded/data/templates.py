@@ -185,17 +185,22 @@ def render_text(source: str, messages: list[dict], tokenizer, add_generation_pro
     return render_raw(source, messages, tokenizer, add_generation_prompt, tools).replace(START, "").replace(END, "")
 
 
+def strip_marks(raw: str, marks: re.Pattern) -> tuple[str, list[tuple[str, int]]]:
+    """`raw` without the characters `marks` matches, and each one's (character, position in that text)."""
+    found = [(mark.group(), mark.start() - removed) for removed, mark in enumerate(marks.finditer(raw))]
+    return marks.sub("", raw), found
+
+
 def render(source: str, messages: list[dict], tokenizer, add_generation_prompt: bool = False,
            tools: list[dict] | None = None) -> tuple[str, list[tuple[int, int]]]:
     """Rendered text and the character spans inside `{% generation %}` blocks (empty without markers)."""
     check_reserved(messages, tools)
-    raw = render_raw(source, messages, tokenizer, add_generation_prompt, tools)
+    text, sentinels = strip_marks(render_raw(source, messages, tokenizer, add_generation_prompt, tools), _BLOCK_RE)
     spans, opened = [], None
-    for removed, found in enumerate(_BLOCK_RE.finditer(raw)):
-        pos = found.start() - removed  # in the text without the sentinels
-        if found.group() == START:
+    for sentinel, pos in sentinels:
+        if sentinel == START:
             opened = pos
         else:
             spans.append((opened, pos))
             opened = None
-    return _BLOCK_RE.sub("", raw), spans
+    return text, spans

@@ -38,7 +38,7 @@ import numpy as np
 
 from sft_sharded.data.templates import (NEXT_START, OWN_END, OWN_START, PREV_END, REASONING_KEYS, RESERVED,
                                         RESERVED_RE, TemplateError, has_generation_markers, render, render_raw,
-                                        render_text)
+                                        render_text, strip_marks)
 
 
 class NotLocatable(TemplateError):
@@ -103,11 +103,11 @@ def _marked_positions(source, messages, marks: dict[int, tuple[str, bool]], toke
     marked = [_mark_message(m, *marks[j]) if j in marks else m for j, m in enumerate(messages)]
     raw = render_raw(source, marked, tokenizer, tools=tools)
     found = {mark: [] for mark, _ in marks.values()}
-    # Every reserved character is removed (generation sentinels are not in W's coordinates either).
-    for removed, reserved in enumerate(RESERVED_RE.finditer(raw)):
-        if reserved.group() in found:
-            found[reserved.group()].append(reserved.start() - removed)
-    return found if RESERVED_RE.sub("", raw) == text else None
+    plain, reserved = strip_marks(raw, RESERVED_RE)  # generation sentinels are not in W's coordinates either
+    for char, pos in reserved:
+        if char in found:
+            found[char].append(pos)
+    return found if plain == text else None
 
 
 # One rendering marks every message, with two private-use characters of its own each (start, end), from here.
@@ -133,11 +133,12 @@ def _every_message_marked(source, messages, tokenizer, tools, text) -> tuple[lis
         return None
     every = re.compile(f"[{''.join(RESERVED)}{chr(_EVERY_FROM)}-{chr(last)}]")  # generation sentinels too
     starts, ends = [[] for _ in messages], [[] for _ in messages]
-    for removed, found in enumerate(every.finditer(raw)):
-        k = ord(found.group()) - _EVERY_FROM
+    plain, found = strip_marks(raw, every)
+    for char, pos in found:
+        k = ord(char) - _EVERY_FROM
         if k >= 0:
-            (ends if k % 2 else starts)[k // 2].append(found.start() - removed)
-    return (starts, ends) if every.sub("", raw) == text else None
+            (ends if k % 2 else starts)[k // 2].append(pos)
+    return (starts, ends) if plain == text else None
 
 
 def _turn_marks(i: int, every, source, messages, tokenizer, tools, text) -> dict[str, list[int]]:
