@@ -41,3 +41,19 @@ TINY = DecoderConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, n
 @pytest.fixture
 def tiny_config() -> DecoderConfig:
     return TINY
+
+
+@pytest.fixture(autouse=True)
+def _fresh_save_echo_filters():
+    """A `train` whose save failed keeps its filters on the absl and asyncio loggers and its unraisable
+    hook for the rest of its process (write_echoes.py); a test process runs many commands, so each test
+    starts and ends with the loggers and hook it found."""
+    import logging
+    import sys
+
+    loggers = [logging.getLogger(name) for name in ("absl", "asyncio")]
+    filters, hook = [list(logger.filters) for logger in loggers], sys.unraisablehook
+    yield
+    sys.unraisablehook = hook
+    for logger, kept in zip(loggers, filters):
+        logger.filters[:] = kept

@@ -1,8 +1,10 @@
 """What `quiet_failed_saves` drops (the logged and unraisable echoes of a failed asynchronous save) and what
 it lets through; the whole path, a real disk filling under orbax's writers, is in test_faults.py."""
 
+import gc
 import logging
 import sys
+import warnings
 
 from sft_sharded.rundir.write_echoes import quiet_failed_saves
 
@@ -29,10 +31,7 @@ def test_only_the_echoes_of_a_failed_save_are_dropped(caplog):
         assert [r.getMessage() for r in caplog.records] == ["an unrelated error", "saving to ckpt/2.orbax-checkpoint-tmp"]
         assert [str(u.exc_value) for u in seen] == ["something else"]
     finally:
-        sys.unraisablehook = before
-        for name in ("absl", "asyncio"):  # the filter stays after a failed save: remove it for the other tests
-            for f in list(logging.getLogger(name).filters):
-                logging.getLogger(name).removeFilter(f)
+        sys.unraisablehook = before  # the filters that stay after a failed save are removed by conftest.py
 
 
 def test_a_run_without_a_failed_save_leaves_the_hooks_as_they_were():
@@ -42,3 +41,30 @@ def test_a_run_without_a_failed_save_leaves_the_hooks_as_they_were():
         assert sys.unraisablehook is not before
     assert echoes.dropped == 0 and sys.unraisablehook is before
     assert {name: list(logging.getLogger(name).filters) for name in filters} == filters
+
+
+async def write_fragment():
+    pass
+
+
+def unawaited_warnings_after(dropped: bool) -> list[str]:
+    """The warnings of coroutines collected unawaited during and after a run whose save failed (or did not)."""
+    before = sys.unraisablehook
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        try:
+            with quiet_failed_saves() as echoes:
+                write_fragment()  # collected during the block, with or without a failed save
+                echoes.dropped = int(dropped)
+        finally:
+            sys.unraisablehook = before
+        write_fragment()  # a write that never started
+        gc.collect()
+        warnings.warn("an unrelated runtime warning", RuntimeWarning)
+    return [str(w.message) for w in seen]
+
+
+def test_after_a_failed_save_unawaited_writes_are_not_warned_about():
+    assert unawaited_warnings_after(dropped=True) == ["an unrelated runtime warning"]
+    assert unawaited_warnings_after(dropped=False) == [
+        "coroutine 'write_fragment' was never awaited", "an unrelated runtime warning"]

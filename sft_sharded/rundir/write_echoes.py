@@ -13,10 +13,13 @@ import contextlib
 import gc
 import logging
 import sys
+import warnings
 from collections.abc import Iterator
 
 TEMP_MARK = "orbax-checkpoint-tmp"  # in orbax's temporary step directory: a write of a save in flight
 LOGGERS = ("absl", "asyncio")
+# `sys:1: RuntimeWarning: coroutine 'async_serialize_from_host.<locals>.write_fragment' was never awaited`
+UNAWAITED = r"coroutine '.*' was never awaited"
 
 
 class Echoes(logging.Filter):
@@ -48,7 +51,9 @@ class Echoes(logging.Filter):
 def quiet_failed_saves() -> Iterator[Echoes]:
     """While the block runs (a whole `train`), the echoes of a failed asynchronous save are dropped. After a
     failed save the filter stays for the rest of the process: asyncio reports an abandoned write's
-    exception when its task is collected, and orbax's loop keeps some of them until the process exits."""
+    exception when its task is collected, and orbax's loop keeps some of them until the process exits. A
+    write that never started (a failed or interrupted save) is a coroutine collected unawaited, which
+    Python warns about: ignored during the block, and after it until the process exits if a save failed."""
     echoes = Echoes()
     loggers = [logging.getLogger(name) for name in LOGGERS]
     for logger in loggers:
@@ -61,10 +66,16 @@ def quiet_failed_saves() -> Iterator[Echoes]:
 
     sys.unraisablehook = hook
     try:
-        yield echoes
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", UNAWAITED, RuntimeWarning)
+            try:
+                yield echoes
+            finally:
+                gc.collect()  # what the run abandoned reports now, while the filters are on
     finally:
-        gc.collect()
-        if not echoes.dropped:
+        if echoes.dropped:
+            warnings.filterwarnings("ignore", UNAWAITED, RuntimeWarning)
+        else:
             sys.unraisablehook = previous
             for logger in loggers:
                 logger.removeFilter(echoes)
