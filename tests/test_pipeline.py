@@ -8,7 +8,7 @@ import pytest
 
 from sft_sharded.config import DataConfig
 from sft_sharded.data.packing import unpack
-from sft_sharded.data.pipeline import SavedDataState, make_iterator, resume_iterator, scan
+from sft_sharded.data.pipeline import SavedDataState, make_iterator, read_by_index, resume_iterator, scan
 from sft_sharded.data.sources import JsonlSource, ParquetSource
 from sft_sharded.data.tokenizers import ByteTokenizer
 
@@ -48,6 +48,22 @@ def test_parquet_source_reads_row_groups(tmp_path):
     pq.write_table(pa.table({"prompt": [f"p{i}" for i in range(10)], "completion": ["c"] * 10}), path, row_group_size=3)
     src = ParquetSource(path)
     assert len(src) == 10 and src[7][0] == {"prompt": "p7", "completion": "c"}
+
+
+def test_records_read_by_index_keep_grain_s_order_so_saved_data_states_still_fit(numbered):
+    """The same records in the same order as grain's own source dataset, shuffled and mixed alike (a data
+    state saved when the pipeline used `MapDataset.source` resumes at the same record)."""
+    import grain
+
+    source = JsonlSource(str(numbered))
+    ours, grains = read_by_index(source), grain.MapDataset.source(source)
+    assert len(ours) == len(grains) == 40
+    assert [ours[i] for i in range(40)] == [grains[i] for i in range(40)]
+    assert ([ours.shuffle(seed=3)[i] for i in range(80)] == [grains.shuffle(seed=3)[i] for i in range(80)]
+            != [grains[i % 40] for i in range(80)])
+    mixed = grain.MapDataset.mix([ours, read_by_index(source)[:10]], [0.7, 0.3])
+    expected = grain.MapDataset.mix([grains, grains[:10]], [0.7, 0.3])
+    assert [mixed[i] for i in range(50)] == [expected[i] for i in range(50)]
 
 
 def test_two_processes_get_disjoint_shards_that_cover_the_data(numbered):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
+from typing import Any
 
 import grain
 import numpy as np
@@ -49,6 +50,23 @@ class ConcatSource:
         return self.sources[s][index - int(self._starts[s])]
 
 
+@dataclasses.dataclass(frozen=True)
+class ReadRecord:
+    """Index -> the source's record (a class, not a bound method's lambda: grain workers pickle it)."""
+
+    source: Any
+
+    def __call__(self, index: int):
+        return self.source[index]
+
+
+def read_by_index(source) -> grain.MapDataset:
+    """`source` as a grain dataset of the same records in the same order. Not `MapDataset.source`: for each
+    record that one also walks the record's tree to estimate its bytes for grain's read metrics, which
+    cost about a seventh of the built-in task's CPU time per record (the record's encoding included)."""
+    return grain.MapDataset.range(len(source)).map(ReadRecord(source))
+
+
 def open_records(cfg: DataConfig, split: str, seed: int) -> grain.MapDataset:
     """Records as (record, where): the files of `data.path` (or `data.eval_path`), else the built-in task."""
     path = cfg.path if split == "train" else cfg.eval_path
@@ -56,15 +74,15 @@ def open_records(cfg: DataConfig, split: str, seed: int) -> grain.MapDataset:
         if split == "eval" and cfg.path is not None:
             raise UserError("data.eval_path is required for held-out evaluation of data.path files")
         size = 1_000_000 if split == "train" else cfg.num_eval
-        return grain.MapDataset.source(SyntheticSource(cfg.task, split, size, seed))
+        return read_by_index(SyntheticSource(cfg.task, split, size, seed))
     key, data_split = ("data.path", cfg.split) if split == "train" else ("data.eval_path", cfg.eval_split)
     sources = [open_source(p, key) for p in expand_paths(path, data_split, key)]
     if cfg.weights is None or split == "eval":
-        records = grain.MapDataset.source(ConcatSource(sources))
+        records = read_by_index(ConcatSource(sources))
     elif len(cfg.weights) != len(sources):
         raise UserError(f"data.weights has {len(cfg.weights)} entries for {len(sources)} files")
     else:
-        records = grain.MapDataset.mix([grain.MapDataset.source(s) for s in sources], cfg.weights)
+        records = grain.MapDataset.mix([read_by_index(s) for s in sources], cfg.weights)
     return records.map(RenameColumns(cfg.columns)) if cfg.columns else records
 
 
