@@ -52,7 +52,7 @@ class ConcatSource:
 
 @dataclasses.dataclass(frozen=True)
 class ReadRecord:
-    """Index -> the source's record (a class, not a bound method's lambda: grain workers pickle it)."""
+    """Index -> the source's record (a class, not a lambda: grain workers pickle it)."""
 
     source: Any
 
