@@ -9,6 +9,21 @@ traceback. Each class also derives from the builtin a Python caller would expect
 
 from __future__ import annotations
 
+import errno
+
+
+FULL_DISK_TEXTS = ("No space left", "RESOURCE_EXHAUSTED", "ENOSPC")
+
+
+def says_full_disk(text: str) -> bool:
+    return any(s in text for s in FULL_DISK_TEXTS)
+
+
+def is_full_disk(err: BaseException | None) -> bool:
+    """A write failed for want of space: ENOSPC itself, or a library's error that says so in its text
+    (TensorStore and orbax wrap the OSError in their own exceptions)."""
+    return err is not None and (getattr(err, "errno", None) == errno.ENOSPC or says_full_disk(str(err)))
+
 
 def first_line(err: BaseException, limit: int = 200, with_type: bool = True) -> str:
     """`Type: first line of the message`, for one error line about a library's failure (TensorStore,

@@ -1,6 +1,7 @@
 """What `quiet_failed_saves` drops (the logged and unraisable echoes of a failed asynchronous save) and what
 it lets through; the whole path, a real disk filling under orbax's writers, is in test_faults.py."""
 
+import errno
 import gc
 import logging
 import sys
@@ -24,11 +25,17 @@ def test_only_the_echoes_of_a_failed_save_are_dropped(caplog):
             logging.getLogger("asyncio").error("Task exception was never retrieved",
                                                exc_info=ValueError("Error writing x in ckpt/2.orbax-checkpoint-tmp"))
             logging.getLogger("absl").error("an unrelated error")
+            # A failed write (not open) names no file: its OSError alone says the disk is full.
+            logging.getLogger("absl").error("_SignalingThread.run() raised an exception",
+                                            exc_info=OSError(errno.ENOSPC, "No space left on device"))
+            logging.getLogger("absl").error("_SignalingThread.run() raised an exception",
+                                            exc_info=OSError(errno.EACCES, "Permission denied"))
             logging.getLogger("absl").info("saving to ckpt/2.orbax-checkpoint-tmp")  # not an error: kept
             sys.unraisablehook(Unraisable(RuntimeError("Event loop is closed")))
             sys.unraisablehook(Unraisable(RuntimeError("something else")))
-        assert echoes.dropped == 3
-        assert [r.getMessage() for r in caplog.records] == ["an unrelated error", "saving to ckpt/2.orbax-checkpoint-tmp"]
+        assert echoes.dropped == 4
+        assert [r.getMessage() for r in caplog.records] == [
+            "an unrelated error", "_SignalingThread.run() raised an exception", "saving to ckpt/2.orbax-checkpoint-tmp"]
         assert [str(u.exc_value) for u in seen] == ["something else"]
     finally:
         sys.unraisablehook = before  # the filters that stay after a failed save are removed by conftest.py

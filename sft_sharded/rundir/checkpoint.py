@@ -10,7 +10,6 @@ the restoring trainer has, so a checkpoint moves between meshes.
 from __future__ import annotations
 
 import dataclasses
-import errno
 import json
 import shutil
 from collections.abc import Callable
@@ -23,7 +22,7 @@ from etils import epath
 
 from sft_sharded.rundir import paths
 from sft_sharded.data.pipeline import SavedDataState
-from sft_sharded.errors import CheckpointNotSaved, UserError, first_line
+from sft_sharded.errors import CheckpointNotSaved, UserError, first_line, is_full_disk
 from sft_sharded.parallel.sharding import key_name
 
 FINAL_PARAMS = "final_params"
@@ -138,10 +137,7 @@ class Checkpointer:
         self._failed = True
         for tmp in self.directory.glob("*.orbax-checkpoint-tmp*"):
             tmp.rmtree()
-        text = "" if err is None else str(err)
-        full = getattr(err, "errno", None) == errno.ENOSPC or any(
-            s in text for s in ("No space left", "RESOURCE_EXHAUSTED", "ENOSPC"))
-        why = "the disk is full" if full else first_line(err) if err is not None else "its write failed"
+        why = "the disk is full" if is_full_disk(err) else first_line(err) if err is not None else "its write failed"
         if not paths.is_remote(self.directory):
             why += f" ({shutil.disk_usage(self.directory).free / 2**20:,.1f} MiB free on its file system)"
         return CheckpointNotSaved(f"checkpoint {self.directory}/{step} was not saved: {why}; its temporary "

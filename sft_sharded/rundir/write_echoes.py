@@ -16,6 +16,8 @@ import sys
 import warnings
 from collections.abc import Iterator
 
+from sft_sharded.errors import is_full_disk, says_full_disk
+
 TEMP_MARK = "orbax-checkpoint-tmp"  # in orbax's temporary step directory: a write of a save in flight
 LOGGERS = ("absl", "asyncio")
 # `sys:1: RuntimeWarning: coroutine 'async_serialize_from_host.<locals>.write_fragment' was never awaited`
@@ -23,7 +25,8 @@ UNAWAITED = r"coroutine '.*' was never awaited"
 
 
 class Echoes(logging.Filter):
-    """Drops error records about writes into a temporary checkpoint directory; counts what it drops."""
+    """Drops error records about writes into a temporary checkpoint directory or that failed for space;
+    counts what it drops."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -31,9 +34,12 @@ class Echoes(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         text = record.getMessage()
-        if record.exc_info and record.exc_info[1] is not None:
-            text += str(record.exc_info[1])
-        if record.levelno >= logging.ERROR and TEMP_MARK in text:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is not None:
+            text += str(exc)
+        # A writer whose file write failed for space logs an OSError without the file's name (an open that
+        # failed names it): the run's one line reports the full disk either way.
+        if record.levelno >= logging.ERROR and (TEMP_MARK in text or is_full_disk(exc) or says_full_disk(text)):
             self.dropped += 1
             return False
         return True
