@@ -1,5 +1,6 @@
-"""What `quiet_failed_saves` drops (the logged and unraisable echoes of a failed asynchronous save) and what
-it lets through; the whole path, a real disk filling under orbax's writers, is in test_faults.py."""
+"""What `quiet_failed_saves` and `quiet_failed_reads` drop (the logged and unraisable echoes of a failed
+asynchronous save or restore) and what they let through; the whole paths, a real disk filling under orbax's
+writers and a truncated checkpoint resumed, are in test_faults.py and test_errors.py."""
 
 import errno
 import gc
@@ -7,7 +8,7 @@ import logging
 import sys
 import warnings
 
-from sft_sharded.rundir.write_echoes import quiet_failed_saves
+from sft_sharded.rundir.write_echoes import quiet_failed_reads, quiet_failed_saves
 
 
 class Unraisable:
@@ -75,3 +76,29 @@ def test_after_a_failed_save_unawaited_writes_are_not_warned_about():
     assert unawaited_warnings_after(dropped=True) == ["an unrelated runtime warning"]
     assert unawaited_warnings_after(dropped=False) == [
         "coroutine 'write_fragment' was never awaited", "an unrelated runtime warning"]
+
+
+def test_the_echoes_of_a_checkpoint_that_failed_to_restore_are_dropped_and_nothing_else(caplog):
+    before = sys.unraisablehook
+    seen = []
+    sys.unraisablehook = seen.append
+    try:
+        with caplog.at_level(logging.INFO):
+            reads = quiet_failed_reads("run/checkpoints/4")
+            asyncio_log = logging.getLogger("asyncio")
+            asyncio_log.error("Task exception was never retrieved", exc_info=ValueError(
+                'OUT_OF_RANGE: Error reading "params.wq/0" in OCDBT database at local file "run/checkpoints/4/state/"'))
+            asyncio_log.error("Task exception was never retrieved",
+                              exc_info=ValueError('Error reading at local file "run/checkpoints/40/state/"'))
+            asyncio_log.error("an unrelated error")
+            logging.getLogger("absl").info("restoring run/checkpoints/4/state/")  # not an error: kept
+            sys.unraisablehook(Unraisable(Exception("Encountered error while reading array index: (). See full "
+                                                    "TensorStore details: {'path': 'run/checkpoints/4/state/'}")))
+            sys.unraisablehook(Unraisable(Exception("'path': 'run/checkpoints/40/state/'")))
+        assert reads.dropped == 2
+        assert [r.getMessage() for r in caplog.records] == [
+            "Task exception was never retrieved", "an unrelated error", "restoring run/checkpoints/4/state/"]
+        assert "checkpoints/40/" in str(caplog.records[0].exc_info[1])
+        assert [str(u.exc_value) for u in seen] == ["'path': 'run/checkpoints/40/state/'"]
+    finally:
+        sys.unraisablehook = before  # the loggers' filters are restored by conftest.py

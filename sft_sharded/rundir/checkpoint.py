@@ -24,6 +24,7 @@ from sft_sharded.rundir import paths
 from sft_sharded.data.pipeline import SavedDataState
 from sft_sharded.errors import CheckpointNotSaved, UserError, first_line, is_full_disk
 from sft_sharded.parallel.sharding import key_name
+from sft_sharded.rundir.write_echoes import quiet_failed_reads
 
 FINAL_PARAMS = "final_params"
 CORRUPT_PREFIX = "corrupt-"  # a checkpoint that failed to restore, moved aside for inspection
@@ -161,6 +162,7 @@ class Checkpointer:
             try:
                 restored = self._manager.restore(step, args=args)
             except Exception as err:  # noqa: BLE001 - the previous checkpoint is tried; reported below
+                quiet_failed_reads(f"{self.directory}/{step}")
                 failed.append((step, err))
                 continue
             for bad, err in failed:

@@ -5,6 +5,12 @@ late callbacks into orbax's closed event loop print `Event loop is closed` as un
 thousand lines or more for one failure. The failure itself is the run's one line: `Checkpointer.wait`
 raises CheckpointNotSaved with its cause. `quiet_failed_saves` keeps the echoes off stderr while a
 `train` command runs and counts them; everything else those loggers say passes through.
+
+A checkpoint that fails to restore (a truncated array file) echoes the same way: each of orbax's reads of
+it fails on its own, and their exceptions reach asyncio's logger and the unraisable hook as the tasks and
+coroutines are collected, some only at exit (seven to fourteen thousand lines of tracebacks for one
+truncated file). The checkpoint's one line says it cannot be restored; `quiet_failed_reads` drops, for
+the rest of the process, the echoes that name its directory.
 """
 
 from __future__ import annotations
@@ -85,3 +91,41 @@ def quiet_failed_saves() -> Iterator[Echoes]:
             sys.unraisablehook = previous
             for logger in loggers:
                 logger.removeFilter(echoes)
+
+
+class FailedReads(logging.Filter):
+    """Drops error records and unraisable exceptions that name one checkpoint directory; counts them."""
+
+    def __init__(self, directory: str) -> None:
+        super().__init__()
+        self.mark, self.dropped = directory.rstrip("/") + "/", 0  # "ckpt/4/" is not "ckpt/40/"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if record.levelno >= logging.ERROR and self.mark in f"{record.getMessage()}{exc or ''}":
+            self.dropped += 1
+            return False
+        return True
+
+    def late_read(self, unraisable) -> bool:
+        if self.mark in str(unraisable.exc_value):
+            self.dropped += 1
+            return True
+        return False
+
+
+def quiet_failed_reads(directory: str) -> FailedReads:
+    """From now on in this process, the echoes of the abandoned reads of `directory` (a checkpoint that
+    failed to restore, reported in one line by its caller) are dropped. One filter per failed checkpoint:
+    a run meets one or two."""
+    reads = FailedReads(directory)
+    for name in LOGGERS:
+        logging.getLogger(name).addFilter(reads)
+    previous = sys.unraisablehook
+
+    def hook(unraisable) -> None:
+        if not reads.late_read(unraisable):
+            previous(unraisable)
+
+    sys.unraisablehook = hook
+    return reads
