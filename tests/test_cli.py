@@ -1,6 +1,7 @@
 """The main job end to end, in a subprocess exactly as a user runs it."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -11,6 +12,17 @@ import yaml
 def run_cli(*args, timeout=600):
     return subprocess.run([sys.executable, "-m", "sft_sharded.cli", *args], capture_output=True, text=True,
                           timeout=timeout)
+
+
+def test_the_commands_the_tests_start_compile_with_xla_defaults_and_their_own_cache():
+    """The test process compiles at a lower optimization level (conftest.py); what it starts must not."""
+    import conftest
+    import jax
+
+    if not conftest.ON_CPU:
+        pytest.skip("the compile flags are set on the CPU platform only")
+    assert not any(flag in os.environ["XLA_FLAGS"] for flag in conftest.FAST_COMPILE_FLAGS), os.environ["XLA_FLAGS"]
+    assert jax.config.jax_compilation_cache_dir != os.environ["JAX_COMPILATION_CACHE_DIR"]
 
 
 @pytest.mark.slow
