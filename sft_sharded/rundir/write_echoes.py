@@ -30,33 +30,56 @@ LOGGERS = ("absl", "asyncio")
 UNAWAITED = r"coroutine '.*' was never awaited"
 
 
-class Echoes(logging.Filter):
-    """Drops error records about writes into a temporary checkpoint directory or that failed for space;
-    counts what it drops."""
+class EchoFilter(logging.Filter):
+    """Drops the error records of the absl and asyncio loggers, and the unraisable exceptions, that a
+    subclass's rule calls echoes; counts what it drops. `install` puts it on both, `uninstall` takes it off."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.dropped = 0
+        self.dropped, self._previous_hook = 0, None
+
+    def is_echo(self, text: str, exc: BaseException | None) -> bool:
+        """An error record's message with its exception's text appended, and the exception."""
+        raise NotImplementedError
+
+    def is_late_echo(self, exc: BaseException | None) -> bool:
+        raise NotImplementedError
 
     def filter(self, record: logging.LogRecord) -> bool:
-        text = record.getMessage()
         exc = record.exc_info[1] if record.exc_info else None
-        if exc is not None:
-            text += str(exc)
-        # A writer whose file write failed for space logs an OSError without the file's name (an open that
-        # failed names it): the run's one line reports the full disk either way.
-        if record.levelno >= logging.ERROR and (TEMP_MARK in text or is_full_disk(exc) or says_full_disk(text)):
+        if record.levelno >= logging.ERROR and self.is_echo(f"{record.getMessage()}{exc or ''}", exc):
             self.dropped += 1
             return False
         return True
 
-    def late_callback(self, unraisable) -> bool:
-        """A callback that arrived after its event loop was closed (what an abandoned write leaves)."""
-        exc = unraisable.exc_value
-        if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
+    def _hook(self, unraisable) -> None:
+        if self.is_late_echo(unraisable.exc_value):
             self.dropped += 1
-            return True
-        return False
+        else:
+            self._previous_hook(unraisable)
+
+    def install(self) -> None:
+        for name in LOGGERS:
+            logging.getLogger(name).addFilter(self)
+        self._previous_hook, sys.unraisablehook = sys.unraisablehook, self._hook
+
+    def uninstall(self) -> None:
+        sys.unraisablehook = self._previous_hook
+        for name in LOGGERS:
+            logging.getLogger(name).removeFilter(self)
+
+
+class Echoes(EchoFilter):
+    """The echoes of a failed save: error records about writes into a temporary checkpoint directory or
+    that failed for space, and callbacks that arrived after their event loop was closed."""
+
+    def is_echo(self, text: str, exc: BaseException | None) -> bool:
+        # A writer whose file write failed for space logs an OSError without the file's name (an open that
+        # failed names it): the run's one line reports the full disk either way.
+        return TEMP_MARK in text or is_full_disk(exc) or says_full_disk(text)
+
+    def is_late_echo(self, exc: BaseException | None) -> bool:
+        return isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
 
 
 @contextlib.contextmanager
@@ -67,16 +90,7 @@ def quiet_failed_saves() -> Iterator[Echoes]:
     write that never started (a failed or interrupted save) is a coroutine collected unawaited, which
     Python warns about: ignored during the block, and after it until the process exits if a save failed."""
     echoes = Echoes()
-    loggers = [logging.getLogger(name) for name in LOGGERS]
-    for logger in loggers:
-        logger.addFilter(echoes)
-    previous = sys.unraisablehook
-
-    def hook(unraisable) -> None:
-        if not echoes.late_callback(unraisable):
-            previous(unraisable)
-
-    sys.unraisablehook = hook
+    echoes.install()
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", UNAWAITED, RuntimeWarning)
@@ -88,30 +102,21 @@ def quiet_failed_saves() -> Iterator[Echoes]:
         if echoes.dropped:
             warnings.filterwarnings("ignore", UNAWAITED, RuntimeWarning)
         else:
-            sys.unraisablehook = previous
-            for logger in loggers:
-                logger.removeFilter(echoes)
+            echoes.uninstall()
 
 
-class FailedReads(logging.Filter):
-    """Drops error records and unraisable exceptions that name one checkpoint directory; counts them."""
+class FailedReads(EchoFilter):
+    """The echoes of the reads of one checkpoint that failed to restore: whatever names its directory."""
 
     def __init__(self, directory: str) -> None:
         super().__init__()
-        self.mark, self.dropped = directory.rstrip("/") + "/", 0  # "ckpt/4/" is not "ckpt/40/"
+        self.mark = directory.rstrip("/") + "/"  # "ckpt/4/" is not "ckpt/40/"
 
-    def filter(self, record: logging.LogRecord) -> bool:
-        exc = record.exc_info[1] if record.exc_info else None
-        if record.levelno >= logging.ERROR and self.mark in f"{record.getMessage()}{exc or ''}":
-            self.dropped += 1
-            return False
-        return True
+    def is_echo(self, text: str, exc: BaseException | None) -> bool:
+        return self.mark in text
 
-    def late_read(self, unraisable) -> bool:
-        if self.mark in str(unraisable.exc_value):
-            self.dropped += 1
-            return True
-        return False
+    def is_late_echo(self, exc: BaseException | None) -> bool:
+        return self.mark in str(exc)
 
 
 def quiet_failed_reads(directory: str) -> FailedReads:
@@ -119,13 +124,5 @@ def quiet_failed_reads(directory: str) -> FailedReads:
     failed to restore, reported in one line by its caller) are dropped. One filter per failed checkpoint:
     a run meets one or two."""
     reads = FailedReads(directory)
-    for name in LOGGERS:
-        logging.getLogger(name).addFilter(reads)
-    previous = sys.unraisablehook
-
-    def hook(unraisable) -> None:
-        if not reads.late_read(unraisable):
-            previous(unraisable)
-
-    sys.unraisablehook = hook
+    reads.install()
     return reads
