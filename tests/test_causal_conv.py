@@ -2,7 +2,7 @@
 transformers calls it, with packed rows cut at segment boundaries, and split into decoding calls."""
 
 import numpy as np
-import pytest
+from optional import optional
 
 from sft_sharded.models.causal_conv import causal_conv
 
@@ -35,7 +35,7 @@ def test_equals_the_loop_with_and_without_segments():
 
 
 def test_orientation_is_transformers_conv1d():
-    torch = pytest.importorskip("torch")
+    torch = optional("torch")
     x, w = data(1)
     theirs = torch.nn.functional.conv1d(torch.tensor(x).transpose(1, 2), torch.tensor(w)[:, None], padding=K - 1,
                                         groups=C)[:, :, :T].transpose(1, 2).numpy()

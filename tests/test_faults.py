@@ -15,6 +15,7 @@ import sys
 import time
 
 import pytest
+from optional import optional
 from test_errors import FAST, assert_one_line, cli, jsonl, CHAT
 
 from sft_sharded import cli as cli_module
@@ -233,7 +234,7 @@ def test_xla_running_out_of_memory_is_one_line(tmp_path, capsys, monkeypatch):
 
 
 def test_a_bucket_without_credentials_is_refused_at_once(tmp_path, capsys, monkeypatch):
-    pytest.importorskip("gcsfs")
+    optional("gcsfs")
     for name in ("GOOGLE_APPLICATION_CREDENTIALS", "CLOUDSDK_CONFIG"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))  # no gcloud login there
@@ -264,7 +265,7 @@ def test_a_bucket_that_does_not_answer_is_one_line_after_a_bounded_wait(monkeypa
 def test_a_data_bucket_that_never_answers_is_one_line_before_anything_is_compiled(tmp_path, capsys, monkeypatch):
     """A storage endpoint that accepts connections and never answers (a network that drops replies): the
     first access to data.path is bounded, and the run stops in one line naming the key and the bucket."""
-    pytest.importorskip("gcsfs")
+    optional("gcsfs")
     import gcsfs
     from etils import epath
 

@@ -5,6 +5,7 @@ a row longer than one 64-token chunk, and a packed row against its segments run 
 import jax
 import numpy as np
 import pytest
+from optional import optional
 
 from sft_sharded.models.config import DecoderConfig
 from sft_sharded.models.gated_deltanet import GatedDeltaNet
@@ -13,8 +14,8 @@ D, HK, HV, DK, DV, WIDTH = 32, 2, 4, 8, 6, 4
 
 
 def layers():
-    transformers = pytest.importorskip("transformers")
-    torch = pytest.importorskip("torch")
+    transformers = optional("transformers")
+    torch = optional("torch")
     from transformers.models.qwen3_5.modeling_qwen3_5 import Qwen3_5GatedDeltaNet
 
     config = transformers.Qwen3_5TextConfig(

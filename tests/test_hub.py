@@ -5,13 +5,14 @@ here, so the format is the real one)."""
 import json
 
 import pytest
+from optional import optional
 from test_errors import FAST, cli
 
 from sft_sharded.config import load_config
 from sft_sharded.data.pipeline import open_records
 from sft_sharded.errors import UserError
 
-datasets = pytest.importorskip("datasets")
+datasets = optional("datasets")
 
 CHATS = [{"messages": [{"role": "user", "content": f"sort {i} 1"}, {"role": "assistant", "content": f"1 {i}"}]}
          for i in range(6)]

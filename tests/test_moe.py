@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from optional import optional
 
 from sft_sharded.models import moe
 
@@ -129,7 +130,7 @@ MOE_FAMILIES = ["qwen3-moe", "qwen2-moe", "mixtral", "gpt-oss"]
 def test_loss_and_aux_loss_match_transformers_with_padding(kind, tmp_path):
     """Right-padded rows: transformers' attention_mask and our segment id 0 keep padding out of the
     load-balancing loss; the loss is cross entropy + router_aux_loss_coef * aux as transformers adds it."""
-    torch = pytest.importorskip("torch")
+    torch = optional("torch")
     from test_hf import import_model, make_hf
 
     from sft_sharded.models.moe import router_metrics
@@ -164,7 +165,7 @@ def test_loss_and_aux_loss_match_transformers_with_padding(kind, tmp_path):
 
 @pytest.mark.parametrize("kind", MOE_FAMILIES)
 def test_sharded_expert_parallel_and_accumulated_loss_aux_and_grads_equal_one_device(kind, tmp_path):
-    pytest.importorskip("torch")
+    optional("torch")
     from reference import GRAD_TOL, random_batch, to_numpy
     from test_hf import import_model, make_hf
 
@@ -191,7 +192,7 @@ def test_sharded_expert_parallel_and_accumulated_loss_aux_and_grads_equal_one_de
 
 
 def test_cached_generation_matches_transformers_and_lora_adapts_attention_only(tmp_path):
-    torch = pytest.importorskip("torch")
+    torch = optional("torch")
     import dataclasses
 
     from test_hf import import_model, make_hf

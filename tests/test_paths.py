@@ -11,6 +11,7 @@ from http import HTTPStatus
 
 import numpy as np
 import pytest
+from optional import optional
 from etils import epath
 from test_errors import FAST, assert_one_line, cli, write_model_dir
 
@@ -23,8 +24,8 @@ from sft_sharded.rundir.lock import RunDirInUse, RunLock
 # gcsfs asks Google's control plane (with credentials) whether a bucket is zonal or hierarchical before
 # listing it; the emulator has neither, and this machine no credentials. Read when gcsfs is imported.
 os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"
-emulator = pytest.importorskip("gcp_storage_emulator.server")
-pytest.importorskip("gcsfs")
+emulator = optional("gcp_storage_emulator.server")
+optional("gcsfs")
 
 CHATS = [{"messages": [{"role": "user", "content": f"sort {i} {i % 3}"},
                        {"role": "assistant", "content": f"{i % 3} {i}"}]} for i in range(24)]

@@ -3,12 +3,12 @@
 transformers; `lora.init_from` continues from the exported adapter; resume checks the base."""
 
 import json
-import os
 
 import jax
 import numpy as np
 import pytest
 from data_fixtures import write_hf_tokenizer
+from optional import optional
 from test_hf import hf_logits, make_hf
 
 from sft_sharded import run, state
@@ -17,11 +17,9 @@ from sft_sharded.cli import main
 from sft_sharded.config import load_config
 from sft_sharded.trainers import partition
 
-if os.environ.get("CI") == "true":
-    import peft  # noqa: F401
-peft = pytest.importorskip("peft")
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+peft = optional("peft")
+torch = optional("torch")
+transformers = optional("transformers")
 
 ARGS = ["simulate_devices=0", "steps=4", "log_every=1", "eval.every=0", "eval.num_generate=2", "data.batch_size=8",
         "data.max_length=24", "optim.lr=5e-2", "optim.warmup_steps=0", "lora.rank=4", "lora.alpha=8",

@@ -3,12 +3,13 @@ and scalings we do not implement refused by name."""
 
 import numpy as np
 import pytest
+from optional import optional
 
 from sft_sharded.models.rope import check_scaling, frequencies
 
-transformers = pytest.importorskip("transformers")
-pytest.importorskip("torch")  # transformers computes its RoPE tables with torch
-rope_utils = pytest.importorskip("transformers.modeling_rope_utils")
+transformers = optional("transformers")
+optional("torch")  # transformers computes its RoPE tables with torch
+rope_utils = optional("transformers.modeling_rope_utils")
 
 SCALINGS = {
     "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,

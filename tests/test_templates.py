@@ -6,6 +6,7 @@ import json
 
 import pytest
 from data_fixtures import write_hf_tokenizer
+from optional import optional
 from tokenizers import Tokenizer
 
 from sft_sharded.data.formats import RowSkipped, encode_record
@@ -245,6 +246,7 @@ def test_per_turn_reasoning_trains_each_turn_with_its_reasoning_as_the_last_turn
 def test_the_template_environment_is_transformers(tmp_path):
     """Loop controls, tojson's arguments, strftime_now, the reasoning aliases and the special-token
     variables, each against transformers rendering the same template."""
+    optional("transformers")
     from transformers.utils.chat_template_utils import render_jinja_template
 
     from sft_sharded.data.templates import render

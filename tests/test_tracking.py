@@ -7,12 +7,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from optional import optional
 from test_errors import FAST, assert_one_line, cli
 
 from sft_sharded.cli import main
 
-wandb = pytest.importorskip("wandb")
-mlflow = pytest.importorskip("mlflow")
+wandb = optional("wandb")
+mlflow = optional("mlflow")
 
 
 def wandb_history(run_dir: Path) -> tuple[dict[int, dict], list[str], dict]:
