@@ -9,9 +9,9 @@ import pytest
 import yaml
 
 
-def run_cli(*args, timeout=600):
+def run_cli(*args, timeout=600, env=None):
     return subprocess.run([sys.executable, "-m", "sft_sharded.cli", *args], capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, env=env)
 
 
 def test_the_commands_the_tests_start_compile_with_xla_defaults_and_their_own_cache():

@@ -1,17 +1,16 @@
 """The bad-input table: each user mistake gives one line `sft-sharded: error: <place>` and exit status 2
 (1 for a diverged run), no traceback, and loses nothing. `main()` runs in this process (jax already has
-the 8 simulated devices, so `simulate_devices=0`); two cases run the real command in a subprocess."""
+the 8 simulated devices, so `simulate_devices=0`); three cases run the real command in a subprocess (`test_cli.run_cli`)."""
 
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import optax
 import pytest
 from data_fixtures import write_hf_tokenizer
+from test_cli import run_cli
 
 from sft_sharded import Decoder, DecoderConfig, SFTTrainer, make_mesh
 from sft_sharded.cli import main
@@ -190,8 +189,7 @@ def test_a_corrupt_newest_checkpoint_is_moved_aside_and_replaced(tmp_path, capsy
     capsys.readouterr()
     # As a user runs it, to the process's exit: each of orbax's failed reads of the truncated file used to
     # print its own traceback on stderr when its task was collected (4,000 to 14,000 lines)
-    resume = subprocess.run([sys.executable, "-m", "sft_sharded.cli", "train", *FAST, f"run_dir={run}", "steps=5",
-                             "checkpoint.every=2"], capture_output=True, text=True, timeout=300)
+    resume = run_cli("train", *FAST, f"run_dir={run}", "steps=5", "checkpoint.every=2", timeout=300)
     assert resume.returncode == 0 and resume.stderr == "", resume.stderr[-3000:]
     out = resume.stdout
     warnings = [line for line in out.splitlines() if "cannot be restored" in line]
@@ -207,16 +205,11 @@ def test_a_corrupt_newest_checkpoint_is_moved_aside_and_replaced(tmp_path, capsy
 
 
 def test_a_bug_keeps_its_traceback_and_debug_shows_user_errors_too(tmp_path):
-    status, err = cli_subprocess("--debug", "train", "optim.lrr=1")
+    result = run_cli("--debug", "train", "optim.lrr=1", timeout=300)
+    status, err = result.returncode, result.stderr
     assert status == 1 and "Traceback" in err and "ConfigError: unknown config key 'optim.lrr'" in err
     with pytest.raises(UserError):
         main(["--debug", "train", "optim.lrr=1"])
-
-
-def cli_subprocess(*args, env=None):
-    result = subprocess.run([sys.executable, "-m", "sft_sharded.cli", *args], capture_output=True, text=True,
-                            timeout=300, env=env)
-    return result.returncode, result.stderr
 
 
 def test_the_real_command_prints_one_line_for_a_data_mistake(tmp_path):
@@ -224,8 +217,9 @@ def test_the_real_command_prints_one_line_for_a_data_mistake(tmp_path):
     # installs; on this CPU host the command selects the CPU platform first and nothing else is printed
     env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
     data = jsonl(tmp_path / "bad.jsonl", CHAT, "{not json")
-    status, err = cli_subprocess("train", *FAST[1:], f"run_dir={tmp_path / 'run'}", f"data.path={data}",
-                                 f"data.eval_path={data}", env=env)
+    result = run_cli("train", *FAST[1:], f"run_dir={tmp_path / 'run'}", f"data.path={data}",
+                     f"data.eval_path={data}", timeout=300, env=env)
+    status, err = result.returncode, result.stderr
     assert status == 2, err
     assert len(err.strip().splitlines()) == 1, err
     assert err.startswith(f"sft-sharded: error: {data}:2: malformed JSON"), err
