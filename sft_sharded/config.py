@@ -82,6 +82,10 @@ class DataConfig:
     pad_to_multiple_of: int = 8  # unpacked mode: rows padded to the batch's longest, rounded up
     batch_size: int = 16  # global, in rows
     num_eval: int = 256  # held-out examples of the built-in task
+    # Records read and checked before anything compiles (the start-of-run data report; a malformed record
+    # among them stops the run there, not hours in); -1: all of them, for a long run on a dataset of mixed
+    # origin. The rest are checked when the run reaches them.
+    check_records: int = 10_000
     worker_count: int = 0  # grain worker processes for tokenization (0: in the main process)
     # How processes split the data. "records": each reads and packs only its share of the records (scales
     # to any number of hosts; the batches then depend on the process count). "rows": each builds the same
@@ -95,6 +99,8 @@ class DataConfig:
                 raise ConfigError(f"data.{key}={getattr(self, key)} must be >= 1")
         if self.worker_count < 0:
             raise ConfigError(f"data.worker_count={self.worker_count} must be >= 0")
+        if self.check_records < 1 and self.check_records != -1:
+            raise ConfigError(f"data.check_records={self.check_records} must be >= 1, or -1 for all records")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

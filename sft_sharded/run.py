@@ -152,7 +152,7 @@ def check_data(cfg: TrainConfig, tokenizer, model_cfg: DecoderConfig | None) -> 
             f"{counts['template']:,} refused by the chat template"
             + "".join(f"; {n:,} {cause}" for cause, (n, _) in data_report.refusals.items()))
     if cfg.data.eval_path is not None:  # read to its end now: a broken line would otherwise stop the run at its
-        held_out, _ = scan(cfg.data, tokenizer, cfg.seed, limit=None, split="eval")  # first evaluation
+        held_out, _ = scan(cfg.data, tokenizer, cfg.seed, split="eval", whole=True)  # first evaluation
         if held_out["kept"] == 0:
             raise UserError(f"data.eval_path: none of the {held_out['scanned']:,} held-out records can be evaluated "
                             f"({held_out['too_long']:,} too long, {held_out['no_target']:,} with no trained token, "

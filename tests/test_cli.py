@@ -121,7 +121,8 @@ def test_a_lora_run_evaluates_generates_and_resumes_on_the_built_in_task(tmp_pat
 
     run = tmp_path / "run"
     args = ["train", "simulate_devices=0", f"run_dir={run}", "steps=4", "log_every=2", "eval.every=0",
-            "eval.num_generate=4", "data.num_eval=8", "lora.rank=4", "checkpoint.every=2", "checkpoint.async_save=false"]
+            "eval.num_generate=4", "data.num_eval=8", "lora.rank=4", "checkpoint.every=2", "checkpoint.async_save=false",
+            "data.check_records=100"]
     assert main([*args[:4], "steps=2", *args[5:]]) == 0
     assert main(args) == 0  # resumes at step 2 on the re-initialised base
     out = capsys.readouterr().out

@@ -21,7 +21,7 @@ from sft_sharded.parallel.distributed import cluster_kind
 ROOT = Path(__file__).resolve().parents[1]
 SFT = [sys.executable, "-m", "sft_sharded.cli"]
 ARGS = ["steps=10", "log_every=1", "checkpoint.every=5", "eval.every=0", "eval.num_generate=8", "data.num_eval=16",
-        "data.batch_size=8", "data.max_length=64", "data.shard_by=rows"]
+        "data.batch_size=8", "data.max_length=64", "data.shard_by=rows", "data.check_records=100"]
 
 
 def test_cluster_kind_detection():

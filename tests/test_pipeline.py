@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from sft_sharded.config import DataConfig
+from sft_sharded.config import ConfigError, DataConfig
 from sft_sharded.data.packing import unpack
 from sft_sharded.data.pipeline import SavedDataState, make_iterator, read_by_index, resume_iterator, scan
 from sft_sharded.data.sources import JsonlSource, ParquetSource
@@ -156,6 +156,20 @@ def test_counts_report_truncated_and_dropped(tmp_path):
     assert (dropped["kept"], dropped["too_long"]) == (1, 2)
 
 
+def test_check_records_bounds_what_is_checked_before_training(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"text": "a"}\n' * 3 + '{"text": oops}\n')
+    counts = scan(DataConfig(path=str(path), check_records=3), TOK, 0)[0]
+    assert (counts["scanned"], counts["kept"], counts["complete"]) == (3, 3, False)
+    for n in (4, -1):  # the malformed line is among the checked records
+        with pytest.raises(ValueError, match=r"d.jsonl:4: malformed JSON"):
+            scan(DataConfig(path=str(path), check_records=n), TOK, 0)
+    with pytest.raises(ValueError, match=r"d.jsonl:4: malformed JSON"):  # held-out data is always read whole
+        scan(DataConfig(path="unused", eval_path=str(path), check_records=1), TOK, 0, split="eval", whole=True)
+    with pytest.raises(ConfigError, match=r"data.check_records=0 must be >= 1, or -1 for all records"):
+        DataConfig(check_records=0)
+
+
 def test_bad_files_name_file_and_line(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine"}\n{"text": oops}\n')
@@ -183,7 +197,7 @@ def test_built_in_task_is_a_messages_source_with_a_disjoint_held_out_split():
 
 WORKER_SCRIPT = """
 import json, sys
-from sft_sharded.config import DataConfig
+from sft_sharded.config import ConfigError, DataConfig
 from sft_sharded.data.pipeline import make_iterator
 from sft_sharded.data.tokenizers import ByteTokenizer
 

@@ -276,15 +276,16 @@ def resume_iterator(cfg: DataConfig, tokenizer, saved: SavedDataState, *, seed: 
     return make_iterator(cfg, tokenizer, seed=seed + step, **shard), note
 
 
-def scan(cfg: DataConfig, tokenizer, seed: int, limit: int | None = 10_000, keep: int = 0, split: str = "train"
+def scan(cfg: DataConfig, tokenizer, seed: int, keep: int = 0, split: str = "train", whole: bool = False
          ) -> tuple[collections.Counter, list[tuple[str, Encoded]]]:
-    """Kept, truncated and dropped counts over the first `limit` records of `split` (all of them when None
-    or the dataset is smaller), and each scanned record's place and Encoded, for the data report
-    (`data.report`). Malformed records raise here, before compiling. The examples' arrays are kept for the
-    first `keep` records only (10,000 long records would not fit in memory)."""
+    """Kept, truncated and dropped counts over the first `data.check_records` records of `split` (all of them
+    when `whole`, when it is -1 or when the dataset is smaller), and each scanned record's place and Encoded,
+    for the data report (`data.report`). Malformed records raise here, before compiling. The examples' arrays
+    are kept for the first `keep` records only (10,000 long records would not fit in memory)."""
     records = open_records(cfg, split, seed)
     encode = Encode(cfg, tokenizer)
-    scanned = len(records) if limit is None else min(len(records), limit)
+    limit = -1 if whole else cfg.check_records
+    scanned = len(records) if limit == -1 else min(len(records), limit)
     counts = collections.Counter({"kept": 0, "truncated": 0, "too_long": 0, "no_target": 0, "template": 0})
     items = []
     for i in range(scanned):
