@@ -281,18 +281,24 @@ def scan(cfg: DataConfig, tokenizer, seed: int, keep: int = 0, split: str = "tra
     """Kept, truncated and dropped counts over the first `data.check_records` records of `split` (all of them
     when `whole`, when it is -1 or when the dataset is smaller), and each scanned record's place and Encoded,
     for the data report (`data.report`). Malformed records raise here, before compiling. The examples' arrays
-    are kept for the first `keep` records only (10,000 long records would not fit in memory)."""
+    are kept for the first `keep` records only (a dataset of long records would not fit in memory)."""
     records = open_records(cfg, split, seed)
     encode = Encode(cfg, tokenizer)
     limit = -1 if whole else cfg.check_records
     scanned = len(records) if limit == -1 else min(len(records), limit)
     counts = collections.Counter({"kept": 0, "truncated": 0, "too_long": 0, "no_target": 0, "template": 0})
-    items = []
+    items, alike = [], {}
     for i in range(scanned):
         record = records[i]
         item = encode(record)
         counts[item.reason or "kept"] += 1
         counts["truncated"] += item.truncated
-        items.append((record[1], item if i < keep else dataclasses.replace(item, examples=())))
+        if i < keep:
+            items.append((record[1], item))
+        elif item.detail:  # a refused record: the report names its place
+            items.append((record[1], dataclasses.replace(item, examples=())))
+        else:  # the report needs only the lengths; records alike share one entry (8 bytes per record)
+            key = (item.reason, item.truncated, item.lengths, item.positions)
+            items.append(alike.get(key) or alike.setdefault(key, ("", dataclasses.replace(item, examples=()))))
     counts["scanned"], counts["complete"] = scanned, scanned == len(records)
     return counts, items
