@@ -268,17 +268,18 @@ def test_chunked_loss_trainer_matches_the_plain_trainer(tiny_config):
     chex.assert_trees_all_close(jax.device_get(grads_c), jax.device_get(grads_p), **GRAD_TOL)
 
 
-def test_cpu_compiler_options_are_the_default_and_change_no_numbers(tiny_config):
-    """One CPU device compiles without YNN fusion, several keep XLA's defaults (speed only): both give the
-    same loss and grads."""
-    from sft_sharded.trainers.trainer import CPU_COMPILER_OPTIONS
+@pytest.mark.parametrize("mesh_shape", [(1, 1, 1), (2, 2, 2)])
+def test_cpu_compiler_options_are_the_default_and_change_no_numbers(tiny_config, mesh_shape):
+    """One CPU device compiles without YNN fusion, several with oneDNN (speed only): each gives the loss
+    and grads of XLA's defaults."""
+    from sft_sharded.trainers.trainer import CPU_COMPILER_OPTIONS, CPU_MESH_COMPILER_OPTIONS
 
-    one = make_mesh(1, 1, 1, devices=jax.devices()[:1])
-    tuned = SFTTrainer(Decoder(tiny_config), optax.sgd(0.1), mesh=one)
+    mesh = make_mesh(*mesh_shape, devices=jax.devices()[:int(np.prod(mesh_shape))])
+    tuned = SFTTrainer(Decoder(tiny_config), optax.sgd(0.1), mesh=mesh)
     state = tuned.create_train_state(jax.random.key(0), jnp.zeros((8, 16), jnp.int32))
-    plain = SFTTrainer(Decoder(tiny_config), optax.sgd(0.1), mesh=one, compiler_options={})
-    assert tuned.compiler_options == CPU_COMPILER_OPTIONS and plain.compiler_options == {}
-    assert make_trainer(tiny_config)[0].compiler_options == {}  # 8 simulated devices
+    plain = SFTTrainer(Decoder(tiny_config), optax.sgd(0.1), mesh=mesh, compiler_options={})
+    want = CPU_COMPILER_OPTIONS if mesh.devices.size == 1 else CPU_MESH_COMPILER_OPTIONS
+    assert tuned.compiler_options == want and plain.compiler_options == {}
     batch = random_batch(0)
     loss_tuned, grads_tuned = tuned.loss_and_grad(state.params, batch)
     loss_plain, grads_plain = plain.loss_and_grad(state.params, batch)
