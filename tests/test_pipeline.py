@@ -197,7 +197,7 @@ def test_built_in_task_is_a_messages_source_with_a_disjoint_held_out_split():
 
 WORKER_SCRIPT = """
 import json, sys
-from sft_sharded.config import ConfigError, DataConfig
+from sft_sharded.config import DataConfig
 from sft_sharded.data.pipeline import make_iterator
 from sft_sharded.data.tokenizers import ByteTokenizer
 
