@@ -135,9 +135,9 @@ def hf_logits(model, ids):
 def import_model(directory, mesh_shape=(2, 2, 2), expert=1, grad_accum_steps=1, **overrides):
     """(trainer, config, params) of an HF directory on a (data, fsdp, tensor) mesh of that many devices.
     Every mesh compiles with the same XLA options, the one-device default (no YNN fusion; the trainer's
-    default for several CPU devices keeps it), so a comparison between meshes sees the sharding and not
-    XLA:CPU's fusions, whose float32 sums in another order moved one Gemma 4 gradient by 4e-5 of its
-    tensor's largest."""
+    default for several CPU devices keeps it and adds oneDNN), so a comparison between meshes sees the
+    sharding and not XLA:CPU's fusions, whose float32 sums in another order moved one Gemma 4 gradient by
+    4e-5 of its tensor's largest."""
     cfg = config_from_hf(directory, **overrides)
     devices = jax.devices()[:int(np.prod(mesh_shape)) * expert]
     trainer = SFTTrainer(Decoder(cfg), optax.sgd(0.1), mesh=make_mesh(*mesh_shape, devices=devices, expert=expert),
