@@ -13,25 +13,14 @@ import json
 import sys
 import time
 
-from sft_sharded.choices import ATTENTION_IMPLEMENTATIONS, REMAT_POLICIES
 from sft_sharded.parallel.devices import simulate_cpu_devices
-from timing import bench_trainer, median_step_s, profile_steps  # a sibling: python puts benchmarks/ on the path
+# timing is a sibling module: python puts benchmarks/ on the path
+from timing import add_shape_arguments, bench_trainer, median_step_s, model_config, profile_steps, synthetic_batch
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--preset")
-    for name, default in (("hidden", 256), ("layers", 4), ("heads", 8), ("head-dim", 32), ("kv-heads", 8),
-                          ("mlp", 1024), ("vocab", 8192), ("seq", 512), ("batch", 8)):
-        p.add_argument(f"--{name}", type=int, default=default)
-    p.add_argument("--tied", action="store_true")
-    p.add_argument("--mesh", default="1,-1,1", help="data,fsdp,tensor")
-    p.add_argument("--simulate-devices", type=int, default=0, help="CPU: simulated devices (set before jax)")
-    p.add_argument("--dtype", default="bfloat16")
-    p.add_argument("--param-dtype", default="float32")
-    p.add_argument("--remat", default="none", choices=REMAT_POLICIES)
-    p.add_argument("--scan", action="store_true")
-    p.add_argument("--attention", default="auto", choices=ATTENTION_IMPLEMENTATIONS)
+    add_shape_arguments(p)
     p.add_argument("--loss-chunk", type=int, default=None)
     p.add_argument("--xla-defaults", action="store_true",
                    help="compile with XLA's default options (no Trainer.compiler_options, e.g. YNN fusion back on CPU)")
@@ -46,22 +35,11 @@ def main() -> None:
 
     import jax
     import jax.numpy as jnp
-    import numpy as np
 
-    from sft_sharded import DecoderConfig
     from sft_sharded.metrics import flops_per_token, memory_per_device, mfu, peak_flops
-    from sft_sharded.models import preset
     from sft_sharded.models.attention import choose_kernel
-    from sft_sharded.parallel.sharding import global_batch
 
-    options = dict(dtype=args.dtype, param_dtype=args.param_dtype, remat=args.remat, scan_layers=args.scan,
-                   attention=args.attention)
-    if args.preset:
-        cfg = preset(args.preset, **options)
-    else:
-        cfg = DecoderConfig(vocab_size=args.vocab, hidden_size=args.hidden, num_layers=args.layers,
-                          num_heads=args.heads, head_dim=args.head_dim, num_kv_heads=args.kv_heads,
-                          mlp_dim=args.mlp, tie_embeddings=args.tied, **options)
+    cfg = model_config(args)
     data, fsdp, tensor = args.mesh.split(",")
     trainer = bench_trainer(cfg, args.batch, args.seq, f"mesh.data={data}", f"mesh.fsdp={fsdp}",
                             f"mesh.tensor={tensor}", f"loss.chunk_size={args.loss_chunk or 0}")
@@ -69,10 +47,7 @@ def main() -> None:
         trainer.compiler_options = {}
     mesh = trainer.mesh
     state = trainer.create_train_state(jax.random.key(0), jnp.zeros((args.batch, args.seq), jnp.int32))
-    rng = np.random.default_rng(0)
-    ids = rng.integers(1, cfg.vocab_size, (args.batch, args.seq)).astype(np.int32)
-    batch = global_batch({"input_ids": ids, "labels": np.roll(ids, -1, 1),
-                          "loss_mask": np.ones_like(ids, bool)}, mesh)
+    batch = synthetic_batch(cfg, args.batch, args.seq, mesh)
 
     start = time.perf_counter()
     compiled = trainer.lower("train", state, batch).compile()

@@ -12,6 +12,49 @@ BENCH_KEYS = ("optim.lr=1e-4", "optim.warmup_steps=0", "optim.schedule=constant"
               "optim.weight_decay=1e-4", "loss.chunk_size=0")
 
 
+def add_shape_arguments(p) -> None:
+    """The model, batch and mesh arguments of the step benchmarks (`model_config` reads them)."""
+    from sft_sharded.choices import ATTENTION_IMPLEMENTATIONS, REMAT_POLICIES
+
+    p.add_argument("--preset")
+    for name, default in (("hidden", 256), ("layers", 4), ("heads", 8), ("head-dim", 32), ("kv-heads", 8),
+                          ("mlp", 1024), ("vocab", 8192), ("seq", 512), ("batch", 8)):
+        p.add_argument(f"--{name}", type=int, default=default)
+    p.add_argument("--tied", action="store_true")
+    p.add_argument("--mesh", default="1,-1,1", help="data,fsdp,tensor")
+    p.add_argument("--simulate-devices", type=int, default=0, help="CPU: simulated devices (set before jax)")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--param-dtype", default="float32")
+    p.add_argument("--remat", default="none", choices=REMAT_POLICIES)
+    p.add_argument("--scan", action="store_true")
+    p.add_argument("--attention", default="auto", choices=ATTENTION_IMPLEMENTATIONS)
+
+
+def model_config(args):
+    """The DecoderConfig of `add_shape_arguments`' arguments: a preset, or the shape given."""
+    from sft_sharded import DecoderConfig
+    from sft_sharded.models import preset
+
+    options = dict(dtype=args.dtype, param_dtype=args.param_dtype, remat=args.remat, scan_layers=args.scan,
+                   attention=args.attention)
+    if args.preset:
+        return preset(args.preset, **options)
+    return DecoderConfig(vocab_size=args.vocab, hidden_size=args.hidden, num_layers=args.layers,
+                         num_heads=args.heads, head_dim=args.head_dim, num_kv_heads=args.kv_heads,
+                         mlp_dim=args.mlp, tie_embeddings=args.tied, **options)
+
+
+def synthetic_batch(cfg, rows: int, length: int, mesh):
+    """Random token rows, every position a target, placed on the mesh."""
+    import numpy as np
+
+    from sft_sharded.parallel.sharding import global_batch
+
+    ids = np.random.default_rng(0).integers(1, cfg.vocab_size, (rows, length)).astype(np.int32)
+    return global_batch({"input_ids": ids, "labels": np.roll(ids, -1, 1), "loss_mask": np.ones_like(ids, bool)},
+                        mesh)
+
+
 def bench_trainer(model_cfg, rows: int, length: int, *keys: str, mesh=None):
     """`run.build_trainer` for a TrainConfig of BENCH_KEYS, the batch shape and `keys` (KEY=VALUE: mesh.*,
     loss.chunk_size, optim.grad_accum_steps), with the benchmark's own model shape and, where given, its
