@@ -29,7 +29,7 @@ Batch = Mapping[str, Any]
 # 1.7x slower than plain dots plus loop fusions, and the step of 8 simulated devices 1.5x faster (jax 0.12,
 # the side-by-side shape, benchmarks/README.md), so a single CPU device compiles without them. A CPU mesh
 # of several devices keeps them and adds oneDNN's kernels (bf16 dots then run in bf16 rather than widened
-# to float32), 1.2-1.3x faster there and no faster on one device; an XLA built without oneDNN ignores the
+# to float32), 1.15-1.3x faster there and no faster on one device; an XLA built without oneDNN ignores the
 # option. Other platforms get no options.
 CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 CPU_MESH_COMPILER_OPTIONS = {"xla_cpu_use_onednn": True}
