@@ -5,7 +5,7 @@ Usage: python benchmarks/moe_step.py [--devices 8] [--mesh 1,8,1] [--expert 1] [
 import argparse
 
 from sft_sharded.parallel.devices import simulate_cpu_devices
-from timing import bench_trainer, median_step_s  # a sibling: python puts benchmarks/ on the path
+from timing import bench_trainer, median_step_s, synthetic_batch  # a sibling: python puts benchmarks/ on the path
 
 
 def main():
@@ -19,9 +19,7 @@ def main():
     simulate_cpu_devices(args.devices)
     import jax
     import jax.numpy as jnp
-    import numpy as np
     from sft_sharded import DecoderConfig
-    from sft_sharded.parallel.sharding import global_batch
 
     data, fsdp, tensor = args.mesh.split(",")
     mesh_keys = (f"mesh.data={data}", f"mesh.fsdp={fsdp}", f"mesh.tensor={tensor}", f"mesh.expert={args.expert}")
@@ -30,14 +28,12 @@ def main():
     variants = {"dense (mlp 1024)": DecoderConfig(**shape),
                 "moe 8 experts top-2 (expert mlp 512)": DecoderConfig(**shape, num_experts=8, experts_per_token=2,
                                                                       moe_mlp_dim=512, router_aux_loss_coef=0.01)}
-    ids = np.random.default_rng(0).integers(1, 1024, (16, 256)).astype(np.int32)
     for name, cfg in variants.items():
         if args.moe_only and not cfg.num_experts:
             continue
         trainer = bench_trainer(cfg, 16, 256, *mesh_keys)
         mesh = trainer.mesh
-        batch = global_batch({"input_ids": ids, "labels": np.roll(ids, -1, 1), "loss_mask": np.ones_like(ids, bool)},
-                             mesh)
+        batch = synthetic_batch(cfg, 16, 256, mesh)
         state = trainer.create_train_state(jax.random.key(0), jnp.zeros((16, 256), jnp.int32))
         step, state, metrics = median_step_s(trainer, state, batch, args.steps, warmup=2)
         print(f"{name:40s} params {cfg.num_params() / 1e6:6.2f}M active {cfg.num_active_params() / 1e6:6.2f}M "
