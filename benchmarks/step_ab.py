@@ -6,8 +6,10 @@
 On a shared machine whose speed drifts from minute to minute, two processes run one after the other can
 differ by more than the change under test; here both steps see the same drift, round by round, and the
 result is the median over rounds of each round's ratio of step times (A / B: below 1, A is faster).
-A variant is `FIELD=VALUE,...` of the model's DecoderConfig (VALUE as JSON, else a string), or
-`xla_defaults=true`: compiled with XLA's default options instead of the trainer's. The last line is JSON.
+A variant is `FIELD=VALUE,...` of the model's DecoderConfig (VALUE as JSON, else a string), a run config
+key with a dot (`loss.chunk_size=256`), an XLA option (`xla_cpu_use_onednn=false`, added to the trainer's
+compiler options), or `xla_defaults=true`: compiled with XLA's default options instead of the trainer's.
+The last line is JSON.
 """
 
 from __future__ import annotations
@@ -55,14 +57,15 @@ def main() -> None:
     for name, text in (("a", args.a), ("b", args.b)):
         variant = parse_variant(text)
         xla_defaults = bool(variant.pop("xla_defaults", False))
+        keys = [f"{k}={json.dumps(variant.pop(k))}" for k in [k for k in variant if "." in k]]
+        options = {k: variant.pop(k) for k in [k for k in variant if k.startswith("xla_")]}
         try:
             cfg = dataclasses.replace(base, **variant)
         except TypeError as err:  # a field DecoderConfig does not have, named by the error
             raise SystemExit(f"step_ab.py: --{name} {text!r}: {err}") from None
         trainer = bench_trainer(cfg, args.batch, args.seq, f"mesh.data={data}", f"mesh.fsdp={fsdp}",
-                                f"mesh.tensor={tensor}")
-        if xla_defaults:
-            trainer.compiler_options = {}
+                                f"mesh.tensor={tensor}", *keys)
+        trainer.compiler_options = {} if xla_defaults else {**trainer.compiler_options, **options}
         state = trainer.create_train_state(jax.random.key(0), jnp.zeros((args.batch, args.seq), jnp.int32))
         batch = synthetic_batch(cfg, args.batch, args.seq, trainer.mesh)
         state, metrics = trainer.train_step(state, batch)  # compile
