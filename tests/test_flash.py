@@ -1,6 +1,7 @@
 """The shared flash-style forward and backward (`models/attention/flash.py`) against float64 numpy: folding
 key blocks one at a time in any order gives the softmax over all of them (rows hidden from a whole block
-included), sinks join the denominator, and one block pair's gradients sum to the whole gradient."""
+included), sinks join the denominator, and one block pair's gradients sum to the whole gradient. The
+references are token-major ([B, T, K, ...]); the kernels take and give heads-major arrays."""
 
 import jax
 import jax.numpy as jnp
@@ -42,12 +43,13 @@ def test_folding_key_blocks_in_any_order_is_the_whole_softmax(softcap, with_sink
     q, k, v, mask = _inputs()
     sinks = np.array([[0.5, -1.0], [2.0, 0.0]]) if with_sinks else None
     opts = flash.Options(None, H ** -0.5, softcap)
-    state = flash.start(jnp.asarray(q, jnp.float32))
+    q_h, k_h, v_h = (flash.heads_major(jnp.asarray(x, jnp.float32)) for x in (q, k, v))
+    state = flash.start(q_h)
     # The last block first: rows 0-3 see none of its keys, so their first fold is of hidden scores only.
     for keys in (slice(8, 12), slice(0, 4), slice(4, 8)):
-        state = flash.fold(state, jnp.asarray(q, jnp.float32), jnp.asarray(k[:, keys], jnp.float32),
-                           jnp.asarray(v[:, keys], jnp.float32), mask[..., keys], opts)
+        state = flash.fold(state, q_h, k_h[:, :, keys], v_h[:, :, keys], mask[..., keys], opts)
     out, lse = flash.finish(state, jnp.float32, None if sinks is None else jnp.asarray(sinks, jnp.float32))
+    out = flash.tokens_major(out)
     expected_out, expected_lse = _numpy(q, k, v, mask, H ** -0.5, softcap, sinks)
     np.testing.assert_allclose(out, expected_out, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(lse, expected_lse, rtol=1e-5, atol=1e-5)
@@ -67,16 +69,17 @@ def test_block_pair_gradients_sum_to_the_whole_gradient(softcap):
         return jnp.sum(jnp.einsum("bkgts,bskd->btkgd", probs, v) * d_out)
 
     expected = jax.grad(loss, argnums=(0, 1, 2))(*(jnp.asarray(x, jnp.float32) for x in (q, k, v)))
-    f32 = [jnp.asarray(x, jnp.float32) for x in (q, k, v, d_out, lse)]
-    delta = flash.delta(jnp.asarray(out, jnp.float32), f32[3])
+    q_h, k_h, v_h, d_out_h = (flash.heads_major(jnp.asarray(x, jnp.float32)) for x in (q, k, v, d_out))
+    lse = jnp.asarray(lse, jnp.float32)
+    delta = flash.delta(jnp.asarray(out, jnp.float32), jnp.asarray(d_out, jnp.float32))
     dq, dk, dv = np.zeros(q.shape), np.zeros(k.shape), np.zeros(v.shape)
     for rows in (slice(0, 6), slice(6, 12)):
         for keys in (slice(0, 6), slice(6, 12)):
-            parts = flash.grads(f32[0][:, rows], f32[1][:, keys], f32[2][:, keys], mask[..., rows, keys],
-                                f32[3][:, rows], f32[4][..., rows], delta[..., rows], opts)
-            dq[:, rows] += parts[0]
-            dk[:, keys] += parts[1]
-            dv[:, keys] += parts[2]
+            parts = flash.grads(q_h[:, :, :, rows], k_h[:, :, keys], v_h[:, :, keys], mask[..., rows, keys],
+                                d_out_h[:, :, :, rows], lse[..., rows], delta[..., rows], opts)
+            dq[:, rows] += flash.tokens_major(parts[0])
+            dk[:, keys] += flash.tokens_major(parts[1])
+            dv[:, keys] += flash.tokens_major(parts[2])
     for ours, theirs in zip((dq, dk, dv), expected):
         np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-5)
 

@@ -52,35 +52,39 @@ def blocked_attention(q_BxTxKxGxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT, sinks_
 
 def _blocked_fwd(q, k, v, segment_ids, sinks, block, window, scale, softcap):
     opts = flash.Options(window, float(scale_of(scale, q.shape[-1])), softcap)
+    q_BxKxGxTxH, k_BxKxTxH, v_BxKxTxH = (flash.heads_major(x) for x in (q, k, v))
     outs, lses = [], []
     for start, end, first in _spans(q.shape[1], block, window):
         mask = _mask(segment_ids, start, end, first, window)
-        state = flash.fold(flash.start(q[:, start:end]), q[:, start:end], k[:, first:end], v[:, first:end], mask,
-                           opts)
-        out, lse = flash.finish(state, v.dtype, sinks)
+        q_i, k_i, v_i = q_BxKxGxTxH[:, :, :, start:end], k_BxKxTxH[:, :, first:end], v_BxKxTxH[:, :, first:end]
+        out, lse = flash.finish(flash.fold(flash.start(q_i), q_i, k_i, v_i, mask, opts), v.dtype, sinks)
         outs.append(out)
         lses.append(lse)
-    out_BxTxKxGxH = jnp.concatenate(outs, axis=1)
-    return out_BxTxKxGxH, (q, k, v, segment_ids, sinks, out_BxTxKxGxH, jnp.concatenate(lses, axis=-1))
+    out_BxTxKxGxH = flash.tokens_major(jnp.concatenate(outs, axis=3))
+    residuals = (q_BxKxGxTxH, k_BxKxTxH, v_BxKxTxH, segment_ids, sinks, out_BxTxKxGxH, jnp.concatenate(lses, -1))
+    return out_BxTxKxGxH, residuals
 
 
 def _blocked_bwd(block, window, scale, softcap, residuals, d_out):
-    q, k, v, segment_ids, sinks, out, lse_BxKxGxT = residuals
+    q, k, v, segment_ids, sinks, out, lse_BxKxGxT = residuals  # q, k, v heads-major
     opts = flash.Options(window, float(scale_of(scale, q.shape[-1])), softcap)
     delta_BxKxGxT = flash.delta(out, d_out)
+    d_out = flash.heads_major(d_out)
     dk = jnp.zeros(k.shape, jnp.float32)
     dv = jnp.zeros(v.shape, jnp.float32)
     dqs = []
-    for start, end, first in _spans(q.shape[1], block, window):
+    for start, end, first in _spans(q.shape[3], block, window):
         mask = _mask(segment_ids, start, end, first, window)
-        dq_i, dk_i, dv_i = flash.grads(q[:, start:end], k[:, first:end], v[:, first:end], mask, d_out[:, start:end],
-                                       lse_BxKxGxT[..., start:end], delta_BxKxGxT[..., start:end], opts)
+        rows, keys = slice(start, end), slice(first, end)
+        dq_i, dk_i, dv_i = flash.grads(q[:, :, :, rows], k[:, :, keys], v[:, :, keys], mask, d_out[:, :, :, rows],
+                                       lse_BxKxGxT[..., rows], delta_BxKxGxT[..., rows], opts)
         dqs.append(dq_i.astype(q.dtype))
-        dk = dk.at[:, first:end].add(dk_i)
-        dv = dv.at[:, first:end].add(dv_i)
+        dk = dk.at[:, :, keys].add(dk_i)
+        dv = dv.at[:, :, keys].add(dv_i)
     d_segments = None if segment_ids is None else np.zeros(segment_ids.shape, jax.dtypes.float0)
     d_sinks = None if sinks is None else flash.sink_grad(sinks, lse_BxKxGxT, delta_BxKxGxT)
-    return jnp.concatenate(dqs, axis=1), dk.astype(k.dtype), dv.astype(v.dtype), d_segments, d_sinks
+    dq = flash.tokens_major(jnp.concatenate(dqs, axis=3))
+    return dq, flash.tokens_major(dk).astype(k.dtype), flash.tokens_major(dv).astype(v.dtype), d_segments, d_sinks
 
 
 blocked_attention.defvjp(_blocked_fwd, _blocked_bwd)

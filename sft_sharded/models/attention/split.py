@@ -63,13 +63,13 @@ def _split(x, block, axis=1):
 
 
 def _fold(carry: flash.Running, q, k, v, q_seg, k_seg, q_ord, k_ord, opts, qb, kb) -> flash.Running:
-    """Fold keys/values [b, S, K, H] into the running state of queries [b, C, K, G, H], one block pair at a
+    """Fold keys/values [b, K, S, H] into the running state of queries [b, K, G, C, H], one block pair at a
     time, skipping pairs that no query of the block can see."""
-    keys = (_split(k, kb), _split(v, kb), _split(k_seg, kb), k_ord.reshape(-1, kb))
+    keys = (_split(k, kb, axis=2), _split(v, kb, axis=2), _split(k_seg, kb), k_ord.reshape(-1, kb))
     states = []
-    for start in range(0, q.shape[1], qb):
+    for start in range(0, q.shape[3], qb):
         rows = slice(start, start + qb)
-        q_i, qs_i, qo_i = q[:, rows], q_seg[:, rows], q_ord[rows]
+        q_i, qs_i, qo_i = q[:, :, :, rows], q_seg[:, rows], q_ord[rows]
 
         def step(state, xs, q_i=q_i, qs_i=qs_i, qo_i=qo_i):
             k_j, v_j, ks_j, ko_j = xs
@@ -88,12 +88,12 @@ def _unfold(dq, q, k, v, q_seg, k_seg, q_ord, k_ord, lse, delta, d_out, opts, qb
     """The backward of `_fold` for one key/value block: (dq + its share, dk, dv), all float32. The keys'
     gradients pass through every query block's scan as its per-block input and output, so one buffer is
     updated in place; summing a gradient per query block kept them all alive (a whole row's keys each)."""
-    keys = (_split(k, kb), _split(v, kb), _split(k_seg, kb), k_ord.reshape(-1, kb))
+    keys = (_split(k, kb, axis=2), _split(v, kb, axis=2), _split(k_seg, kb), k_ord.reshape(-1, kb))
     d_keys = (jnp.zeros(keys[0].shape, jnp.float32), jnp.zeros(keys[1].shape, jnp.float32))
     dqs = []
-    for start in range(0, q.shape[1], qb):
+    for start in range(0, q.shape[3], qb):
         rows = slice(start, start + qb)
-        q_i, qs_i, qo_i, do_i = q[:, rows], q_seg[:, rows], q_ord[rows], d_out[:, rows]
+        q_i, qs_i, qo_i, do_i = q[:, :, :, rows], q_seg[:, rows], q_ord[rows], d_out[:, :, :, rows]
         lse_i, delta_i = lse[..., rows], delta[..., rows]
 
         def step(dq_i, xs, q_i=q_i, qs_i=qs_i, qo_i=qo_i, do_i=do_i, lse_i=lse_i, delta_i=delta_i):
@@ -106,10 +106,10 @@ def _unfold(dq, q, k, v, q_seg, k_seg, q_ord, k_ord, lse, delta, d_out, opts, qb
 
             return jax.lax.cond(_any_visible(qo_i, ko_j, opts.window), add, lambda dq_i: (dq_i, (dk_j, dv_j)), dq_i)
 
-        dq_i, d_keys = jax.lax.scan(step, dq[:, rows], (*keys, *d_keys))
+        dq_i, d_keys = jax.lax.scan(step, dq[:, :, :, rows], (*keys, *d_keys))
         dqs.append(dq_i)
-    dk, dv = (jnp.moveaxis(d, 0, 1).reshape(x.shape) for d, x in zip(d_keys, (k, v)))
-    return jnp.concatenate(dqs, 1), dk, dv
+    dk, dv = (jnp.moveaxis(d, 0, 2).reshape(x.shape) for d, x in zip(d_keys, (k, v)))
+    return jnp.concatenate(dqs, 3), dk, dv
 
 
 class _Setup(NamedTuple):
@@ -136,8 +136,9 @@ class _Setup(NamedTuple):
         """Every device's block to the next device of the ring."""
         return jax.lax.ppermute(x, self.axis, [(i, (i + 1) % self.shards) for i in range(self.shards)])
 
-    def gather(self, x):
-        return jax.lax.all_gather(x, self.axis, axis=1, tiled=True)
+    def gather(self, x, axis: int = 1):
+        """Every device's part of `x`'s sequence axis (1 for segment ids, 2 for heads-major keys)."""
+        return jax.lax.all_gather(x, self.axis, axis=axis, tiled=True)
 
     def shard_map(self, fn, in_specs, out_specs):
         return jax.shard_map(fn, in_specs=in_specs, out_specs=out_specs, check_vma=False)
@@ -166,7 +167,8 @@ def _split_fwd(q, k, v, seg, setup: _Setup):
 
     def local(q, k, v, seg):
         b, c, n, h = q.shape
-        q, seg, positions = _tie(q.reshape(b, c, k.shape[2], n // k.shape[2], h), seg, order)
+        q, seg, positions = _tie(flash.heads_major(q.reshape(b, c, k.shape[2], n // k.shape[2], h)), seg, order)
+        k, v = flash.heads_major(k), flash.heads_major(v)
         own, carry = setup.own(positions, c), flash.start(q)
         args = (setup.opts, setup.run, setup.run)
         if setup.scheme == "ring":
@@ -177,9 +179,10 @@ def _split_fwd(q, k, v, seg, setup: _Setup):
                 carry = _fold(carry, q, block[0], block[1], seg, block[2], own, block[3], *args)
                 block = following
         else:
-            carry = _fold(carry, q, setup.gather(k), setup.gather(v), seg, setup.gather(seg), own, positions, *args)
+            carry = _fold(carry, q, setup.gather(k, 2), setup.gather(v, 2), seg, setup.gather(seg), own, positions,
+                          *args)
         out, lse = flash.finish(carry, q.dtype)
-        return out.reshape(b, c, n, h), lse
+        return flash.tokens_major(out).reshape(b, c, n, h), lse
 
     seg_spec = P(setup.q_spec[0], setup.axis)
     out, lse = setup.shard_map(local, (setup.q_spec, setup.kv_spec, setup.kv_spec, seg_spec),
@@ -194,9 +197,9 @@ def _split_bwd(setup: _Setup, residuals, d_out):
     def local(q, k, v, seg, out, lse, d_out):
         b, c, n, h = q.shape
         grouped = (b, c, k.shape[2], n // k.shape[2], h)
-        q, seg, positions = _tie(q.reshape(grouped), seg, order)
-        d_out = d_out.reshape(grouped)
-        delta = flash.delta(out.reshape(grouped), d_out)
+        q, seg, positions = _tie(flash.heads_major(q.reshape(grouped)), seg, order)
+        delta = flash.delta(out.reshape(grouped), d_out.reshape(grouped))
+        d_out, k, v = (flash.heads_major(x) for x in (d_out.reshape(grouped), k, v))
         own, dq = setup.own(positions, c), jnp.zeros(q.shape, jnp.float32)
         args = (lse, delta, d_out, setup.opts, setup.run, setup.run)
         if setup.scheme == "ring":
@@ -210,9 +213,10 @@ def _split_bwd(setup: _Setup, residuals, d_out):
                 block = following
             dk, dv = d_kv
         else:
-            dq, dk, dv = _unfold(dq, q, setup.gather(k), setup.gather(v), seg, setup.gather(seg), own, positions,
-                                 *args)
-            dk, dv = (jax.lax.psum_scatter(x, setup.axis, scatter_dimension=1, tiled=True) for x in (dk, dv))
+            dq, dk, dv = _unfold(dq, q, setup.gather(k, 2), setup.gather(v, 2), seg, setup.gather(seg), own,
+                                 positions, *args)
+            dk, dv = (jax.lax.psum_scatter(x, setup.axis, scatter_dimension=2, tiled=True) for x in (dk, dv))
+        dq, dk, dv = (flash.tokens_major(x) for x in (dq, dk, dv))
         return dq.reshape(b, c, n, h).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
     seg_spec = P(setup.q_spec[0], setup.axis)
