@@ -10,7 +10,8 @@ the side-by-side one (hidden 256, 4 layers, 8 heads x 32, mlp 1024, vocab 8192, 
 per step, bf16 compute over float32 weights, AdamW); 8 devices are simulated CPU devices with fsdp=8. Ours
 scans its layers without remat (its fastest setting here), MaxText runs its defaults (scan, full remat), each
 on a synthetic batch of its own format. Both run under the same jax, in MaxText's venv with sft_sharded on
-PYTHONPATH. Prints the median step time of each and the median over rounds of each round's ratio
+PYTHONPATH, each under the jax config it sets (MaxText's `initialize` changes some globally: they apply
+to its calls only). Prints the median step time of each and the median over rounds of each round's ratio
 (MaxText / ours: above 1, ours is faster); the last line is JSON.
 """
 
@@ -43,25 +44,54 @@ def maxtext_argv(devices: int, out_dir: str) -> list[str]:
             *per_device]
 
 
+def with_config(values: dict, fn):
+    """`fn` run with these jax config values, put back afterwards: each system's step is traced and run
+    under the settings it chose (MaxText's `initialize` sets some globally, e.g. removing size-one mesh axes
+    from sharding types, which slowed our 8-device step by 3-10% in an A/B where neither system set it)."""
+    import jax
+
+    def run():
+        before = {key: jax.config.values[key] for key in values}
+        for key, value in values.items():
+            jax.config.update(key, value)
+        try:
+            return fn()
+        finally:
+            for key, value in before.items():
+                jax.config.update(key, value)
+
+    return run
+
+
 def maxtext_step(devices: int, out_dir: str):
     """MaxText's compiled train step as its train loop builds it, its state and a synthetic batch: a
-    function that runs one step and waits for it."""
+    function that runs one step and waits for it, under the jax config MaxText's `initialize` set."""
     import jax
     from flax import nnx
     from flax.core.spmd import logical_axis_rules
     from maxtext.trainers.pre_train import train
     from maxtext.utils import maxtext_utils, sharding, train_utils
 
+    defaults = dict(jax.config.values)
     config, recorder = train.initialize(maxtext_argv(devices, out_dir))
-    _, _, state_shardings, _, mesh, _, _, _, _, eval_iterator, state = train_utils.setup_train_loop(config, recorder)
-    jit_model, state = nnx.split(state)
-    params_shardings, state_shardings = sharding.maybe_update_params_sharding_with_opt(config, state_shardings)
-    p_train_step, _ = train_utils.jit_train_and_eval_step(config, jit_model, mesh, state, state_shardings,
-                                                          train.train_step, train.eval_step, eval_iterator,
-                                                          params_shardings)
-    with jax.set_mesh(mesh), logical_axis_rules(config.logical_axis_rules):
-        shaped = maxtext_utils.get_shaped_batch(config, batch_sharding=sharding.get_input_data_sharding(config, mesh))
-        batch = train.make_synthetic_batch(config, shaped)
+    chosen = {key: value for key, value in jax.config.values.items() if defaults.get(key) != value}
+    for key in chosen:  # back to jax's defaults outside MaxText's own calls
+        jax.config.update(key, defaults[key])
+    print(f"jax config MaxText's initialize sets, for its own calls only: {chosen}")
+    def build():
+        _, _, state_shardings, _, mesh, _, _, _, _, evals, state = train_utils.setup_train_loop(config, recorder)
+        jit_model, state = nnx.split(state)
+        params_shardings, state_shardings = sharding.maybe_update_params_sharding_with_opt(config, state_shardings)
+        p_train_step, _ = train_utils.jit_train_and_eval_step(config, jit_model, mesh, state, state_shardings,
+                                                              train.train_step, train.eval_step, evals,
+                                                              params_shardings)
+        with jax.set_mesh(mesh), logical_axis_rules(config.logical_axis_rules):
+            shaped = maxtext_utils.get_shaped_batch(config,
+                                                    batch_sharding=sharding.get_input_data_sharding(config, mesh))
+            batch = train.make_synthetic_batch(config, shaped)
+        return p_train_step, mesh, state, batch
+
+    p_train_step, mesh, state, batch = with_config(chosen, build)()
     holder = {"state": state}
 
     def step() -> None:
@@ -69,7 +99,7 @@ def maxtext_step(devices: int, out_dir: str):
             holder["state"], metrics = p_train_step(holder["state"], batch)
         jax.block_until_ready(metrics)
 
-    return step
+    return with_config(chosen, step)
 
 
 def our_step(devices: int):
