@@ -10,7 +10,7 @@ scores [b, K, G, C, E], the running accumulator and the output [b, K, G, C, H], 
 [b, K, G, C]. The callers transpose the layer's [b, T, K, ...] arrays once per call, not once per block:
 every einsum here then has its batch dimensions (b, K) leading, as XLA's dots want them, where a
 token-major layout made XLA copy each block's operands into that order (the side-by-side step on a CPU
-ran 10% faster without those copies on 8 simulated devices, 6% on one: benchmarks/README.md). `delta`
+ran 8-10% faster without those copies on 8 simulated devices, 6% on one: benchmarks/README.md). `delta`
 takes the token-major output as the layer holds it.
 
 Masked scores are set to MASKED before the fold: a row whose keys in one block are all hidden folds in
