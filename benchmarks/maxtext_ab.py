@@ -47,7 +47,7 @@ def maxtext_argv(devices: int, out_dir: str) -> list[str]:
 def with_config(values: dict, fn):
     """`fn` run with these jax config values, put back afterwards: each system's step is traced and run
     under the settings it chose (MaxText's `initialize` sets some globally, e.g. removing size-one mesh axes
-    from sharding types, which slowed our 8-device step by 3-10% in an A/B where neither system set it)."""
+    from sharding types, under which our 8-device step ran slower in an A/B, benchmarks/README.md)."""
     import jax
 
     def run():
@@ -78,6 +78,7 @@ def maxtext_step(devices: int, out_dir: str):
     for key in chosen:  # back to jax's defaults outside MaxText's own calls
         jax.config.update(key, defaults[key])
     print(f"jax config MaxText's initialize sets, for its own calls only: {chosen}")
+
     def build():
         _, _, state_shardings, _, mesh, _, _, _, _, evals, state = train_utils.setup_train_loop(config, recorder)
         jit_model, state = nnx.split(state)
