@@ -56,7 +56,7 @@ def _any_visible(q_ord, k_ord, window):
 
 
 def _split(x, block, axis=1):
-    """[b, S, ...] -> [S/block, b, block, ...] (the scan axis first)."""
+    """[..., S, ...] (S at `axis`) -> [S/block, ..., block, ...] (the scan axis first)."""
     shape = x.shape
     x = x.reshape(*shape[:axis], shape[axis] // block, block, *shape[axis + 1:])
     return jnp.moveaxis(x, axis, 0)
