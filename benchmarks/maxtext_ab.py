@@ -18,12 +18,15 @@ to its calls only). Prints the median step time of each and the median over roun
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
+
+# timing is a sibling module: python puts benchmarks/ on the path
+from timing import alternate
 
 SHAPE = dict(hidden=256, layers=4, heads=8, head_dim=32, kv_heads=8, mlp=1024, vocab=8192, seq=512, rows=8)
 
@@ -107,7 +110,6 @@ def our_step(devices: int):
     import jax
     import jax.numpy as jnp
 
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from timing import bench_trainer, synthetic_batch
 
     from sft_sharded import DecoderConfig
@@ -150,14 +152,10 @@ def main() -> None:
         for step in steps.values():  # compile, then one more step before timing
             step()
             step()
-        times: dict[str, list[float]] = {name: [] for name in steps}
-        ratios = []
-        for round_ in range(args.rounds):
-            order = ("ours", "maxtext") if round_ % 2 == 0 else ("maxtext", "ours")
-            timed = {name: window(steps[name], args.window) for name in order}
-            for name, seconds in timed.items():
-                times[name].append(seconds)
-            ratios.append(timed["maxtext"] / timed["ours"])
+        # ours first in even rounds, MaxText first in odd ones
+        times = alternate({name: functools.partial(window, steps[name], args.window) for name in ("ours", "maxtext")},
+                          args.rounds)
+        ratios = [theirs / ours for ours, theirs in zip(times["ours"], times["maxtext"])]
     tokens = SHAPE["rows"] * SHAPE["seq"]
     result = {name: {"median_step_s": statistics.median(t), "tokens_per_sec": tokens / statistics.median(t)}
               for name, t in times.items()}

@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import statistics
 
 from sft_sharded.parallel.devices import simulate_cpu_devices
 # timing is a sibling module: python puts benchmarks/ on the path
-from timing import add_shape_arguments, bench_trainer, median_step_s, model_config, synthetic_batch
+from timing import add_shape_arguments, alternate, bench_trainer, median_step_s, model_config, synthetic_batch
 
 
 def parse_variant(text: str) -> dict:
@@ -70,22 +71,17 @@ def main() -> None:
         batch = synthetic_batch(cfg, args.batch, args.seq, trainer.mesh)
         state, metrics = trainer.train_step(state, batch)  # compile
         jax.block_until_ready(metrics)
-        runs[name] = {"trainer": trainer, "state": state, "batch": batch, "times": []}
+        runs[name] = {"trainer": trainer, "state": state, "batch": batch}
 
     def window(run) -> float:
         seconds, run["state"], _ = median_step_s(run["trainer"], run["state"], run["batch"], args.window, warmup=0)
         return seconds
 
-    ratios = []
-    for round_ in range(args.rounds):
-        order = ("a", "b") if round_ % 2 == 0 else ("b", "a")  # neither always runs first
-        timed = {name: window(runs[name]) for name in order}
-        for name, seconds in timed.items():
-            runs[name]["times"].append(seconds)
-        ratios.append(timed["a"] / timed["b"])
+    times = alternate({name: functools.partial(window, runs[name]) for name in ("a", "b")}, args.rounds)
+    ratios = [a / b for a, b in zip(times["a"], times["b"])]
     tokens = args.batch * args.seq
-    result = {name: {"variant": text, "median_step_s": statistics.median(runs[name]["times"]),
-                     "tokens_per_sec": tokens / statistics.median(runs[name]["times"])}
+    result = {name: {"variant": text, "median_step_s": statistics.median(times[name]),
+                     "tokens_per_sec": tokens / statistics.median(times[name])}
               for name, text in (("a", args.a), ("b", args.b))}
     result["median_ratio_a_over_b"] = statistics.median(ratios)
     result["ratios"] = [round(r, 4) for r in ratios]

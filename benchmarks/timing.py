@@ -66,6 +66,16 @@ def bench_trainer(model_cfg, rows: int, length: int, *keys: str, mesh=None):
     return build_trainer(cfg, model_cfg, mesh=mesh)
 
 
+def alternate(windows: dict, rounds: int) -> dict[str, list[float]]:
+    """Each round times every variant's window (`name -> () -> seconds`) once, the order reversed every other
+    round so that none always runs first: a machine's drift reaches all alike. Each variant's seconds per round."""
+    times: dict[str, list[float]] = {name: [] for name in windows}
+    for round_ in range(rounds):
+        for name in list(windows)[:: 1 if round_ % 2 == 0 else -1]:
+            times[name].append(windows[name]())
+    return times
+
+
 def median_step_s(trainer, state, batch, steps: int, warmup: int = 1):
     """(median seconds per train step after `warmup` untimed steps, the last state, its metrics)."""
     import jax
