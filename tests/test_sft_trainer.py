@@ -269,22 +269,36 @@ def test_chunked_loss_trainer_matches_the_plain_trainer(tiny_config):
 
 
 @pytest.mark.parametrize("mesh_shape", [(1, 1, 1), (2, 2, 2)])
-def test_cpu_compiler_options_are_the_default_and_change_no_numbers(tiny_config, mesh_shape):
-    """One CPU device compiles without YNN fusion, several with oneDNN (speed only): each gives the loss
-    and grads of XLA's defaults."""
+def test_cpu_compiler_options_change_no_numbers(tiny_config, mesh_shape):
+    """One CPU device's options (no YNN fusion) and a CPU mesh's (oneDNN) change speed only: each gives the
+    loss and grads of XLA's defaults."""
     from sft_sharded.trainers.trainer import CPU_COMPILER_OPTIONS, CPU_MESH_COMPILER_OPTIONS
 
     mesh = make_mesh(*mesh_shape, devices=jax.devices()[:int(np.prod(mesh_shape))])
-    tuned = SFTTrainer(Decoder(tiny_config), optax.sgd(0.1), mesh=mesh)
+    options = CPU_COMPILER_OPTIONS if mesh.devices.size == 1 else CPU_MESH_COMPILER_OPTIONS
+    tuned = SFTTrainer(Decoder(tiny_config), optax.sgd(0.1), mesh=mesh, compiler_options=dict(options))
     state = tuned.create_train_state(jax.random.key(0), jnp.zeros((8, 16), jnp.int32))
     plain = SFTTrainer(Decoder(tiny_config), optax.sgd(0.1), mesh=mesh, compiler_options={})
-    want = CPU_COMPILER_OPTIONS if mesh.devices.size == 1 else CPU_MESH_COMPILER_OPTIONS
-    assert tuned.compiler_options == want and plain.compiler_options == {}
     batch = random_batch(0)
     loss_tuned, grads_tuned = tuned.loss_and_grad(state.params, batch)
     loss_plain, grads_plain = plain.loss_and_grad(state.params, batch)
     np.testing.assert_allclose(loss_tuned, loss_plain, rtol=1e-6)
     chex.assert_trees_all_close(jax.device_get(grads_tuned), jax.device_get(grads_plain), **GRAD_TOL)
+
+
+def test_default_cpu_compiler_options_follow_the_mesh_and_the_cpu(tiny_config):
+    """YNN fusion off on one CPU device unless the CPU has AMX; oneDNN on a CPU mesh whatever the CPU."""
+    from sft_sharded.trainers.trainer import (CPU_COMPILER_OPTIONS, CPU_MESH_COMPILER_OPTIONS,
+                                              default_compiler_options)
+
+    one, several = make_mesh(1, 1, 1, devices=jax.devices()[:1]), make_mesh(2, 2, 2)
+    amx, avx = frozenset({"avx512_bf16", "amx_bf16", "amx_tile"}), frozenset({"avx2", "avx512_bf16"})
+    assert default_compiler_options(one, amx) == {}
+    assert default_compiler_options(one, avx) == default_compiler_options(one, frozenset()) == CPU_COMPILER_OPTIONS
+    assert default_compiler_options(several, amx) == default_compiler_options(several, avx) == CPU_MESH_COMPILER_OPTIONS
+    trainer = SFTTrainer(Decoder(tiny_config), optax.sgd(0.1), mesh=one)  # this host's flags
+    assert trainer.compiler_options == default_compiler_options(one)
+    assert SFTTrainer(Decoder(tiny_config), optax.sgd(0.1), mesh=one, compiler_options={}).compiler_options == {}
 
 
 def test_labels_out_of_range_are_refused_before_compiling(tiny_config):

@@ -1,4 +1,5 @@
-"""Before jax starts: simulated CPU devices, and the CPU platform on a host with no accelerator.
+"""Before jax starts: simulated CPU devices, and the CPU platform on a host with no accelerator; and what
+the host's CPU can do (its instruction-set flags), for the compiler options of CPU steps.
 
 XLA reads `--xla_force_host_platform_device_count` once, when jax starts its CPU backend, so this must run
 before jax is imported (the CLI, the tests and the benchmarks call it). Where libtpu is installed (the
@@ -39,3 +40,17 @@ def cpu_only_host() -> bool:
         return False
     os.environ["JAX_PLATFORMS"] = "cpu"
     return True
+
+
+def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> frozenset[str]:
+    """The instruction-set flags of the host's first CPU as Linux lists them ("avx512_bf16", "amx_bf16",
+    ...); empty where the file does not exist (macOS, Windows) or lists none."""
+    try:
+        text = Path(cpuinfo).read_text()
+    except FileNotFoundError:
+        return frozenset()
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip() in ("flags", "Features"):  # x86; ARM calls them Features
+            return frozenset(value.split())
+    return frozenset()

@@ -19,20 +19,33 @@ import jax.numpy as jnp
 import optax
 
 from sft_sharded import batch as batch_format
-from sft_sharded.parallel import sharding
+from sft_sharded.parallel import devices, sharding
 from sft_sharded.batch import BATCH_KEYS
 from sft_sharded.losses import LossTerms, safe_mean
 from sft_sharded.trainers import partition
 
 Batch = Mapping[str, Any]
-# XLA:CPU's YNNPACK fusions (a dot fused with its elementwise neighbours) run the one-device step up to
-# 1.7x slower than plain dots plus loop fusions, and the step of 8 simulated devices 1.5x faster (jax 0.12,
-# the side-by-side shape, benchmarks/README.md), so a single CPU device compiles without them. A CPU mesh
-# of several devices keeps them and adds oneDNN's kernels (bf16 dots then run in bf16 rather than widened
-# to float32), 1.15-1.3x faster there and no faster on one device; an XLA built without oneDNN ignores the
+# XLA:CPU's YNNPACK fusions (a dot fused with its elementwise neighbours) ran the one-device step up to 1.7x
+# slower than plain dots plus loop fusions on a CPU without AMX (an AMD EPYC host), and 1.12-1.17x faster
+# on one with AMX's bfloat16 tiles, for which YNNPACK has dot kernels (an Intel Xeon host; jax 0.10 and
+# 0.12, the side-by-side shape, benchmarks/README.md): a single CPU device compiles without them unless the
+# CPU has AMX. A CPU mesh of several devices keeps them (its step ran 1.5x faster with them on the AMD
+# host) and adds oneDNN's kernels (bf16 dots then run in bf16 rather than widened to float32): 1.15-1.3x
+# faster there on the AMD host, no different on the Intel one; an XLA built without oneDNN ignores the
 # option. Other platforms get no options.
 CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 CPU_MESH_COMPILER_OPTIONS = {"xla_cpu_use_onednn": True}
+
+
+def default_compiler_options(mesh: jax.sharding.Mesh, cpu_flags: frozenset[str] | None = None) -> dict[str, Any]:
+    """The XLA options a Trainer compiles its steps with unless given some (see above); `cpu_flags` are the
+    host CPU's (`devices.cpu_flags()` when None)."""
+    if mesh.devices.flat[0].platform != "cpu":
+        return {}
+    if mesh.devices.size > 1:
+        return dict(CPU_MESH_COMPILER_OPTIONS)
+    flags = devices.cpu_flags() if cpu_flags is None else cpu_flags
+    return {} if "amx_bf16" in flags else dict(CPU_COMPILER_OPTIONS)
 
 
 @flax.struct.dataclass
@@ -50,7 +63,7 @@ class Trainer(abc.ABC):
     """Base trainer: mesh, optimizer, gradient accumulation, logical rules and the compiled steps.
     Options: `mesh` (default: every device on "fsdp"), `grad_accum_steps`, `rules` (logical axis rules;
     default `sharding.LOGICAL_AXIS_RULES`), `compiler_options` (XLA options for the compiled steps;
-    default `CPU_COMPILER_OPTIONS` on one CPU device, `CPU_MESH_COMPILER_OPTIONS` on several, none elsewhere).
+    default `default_compiler_options(mesh)`).
 
     The steps compile for the shardings of the state they are given (a fresh, restored or abstract one),
     so the trainer holds no state of its own beyond its compiled functions."""
@@ -72,11 +85,7 @@ class Trainer(abc.ABC):
         self.mesh = mesh if mesh is not None else sharding.make_mesh()
         self.grad_accum_steps = grad_accum_steps
         self.rules = rules
-        if compiler_options is None:
-            on_cpu = self.mesh.devices.flat[0].platform == "cpu"
-            one = self.mesh.devices.size == 1
-            compiler_options = dict(CPU_COMPILER_OPTIONS if one else CPU_MESH_COMPILER_OPTIONS) if on_cpu else {}
-        self.compiler_options = compiler_options
+        self.compiler_options = default_compiler_options(self.mesh) if compiler_options is None else compiler_options
         # Set by a subclass whose loss uses dropout: the train step then passes `loss_terms` an `rng`,
         # a function of this seed, the step and the micro-batch (eval and `loss_and_grad` never drop).
         self.dropout_seed: int | None = None
