@@ -1,5 +1,7 @@
 """The host CPU's flags as /proc/cpuinfo lists them, which choose the CPU steps' compiler options."""
 
+import os
+
 from sft_sharded.parallel.devices import cpu_flags, simulate_cpu_devices
 
 X86 = """processor\t: 0
@@ -35,3 +37,4 @@ def test_simulated_devices_are_not_asked_for_once_jax_is_imported(monkeypatch):
     monkeypatch.setenv("XLA_FLAGS", "--xla_dump_to=/tmp/x")
     assert simulate_cpu_devices(8) is False
     assert simulate_cpu_devices(0) is False
+    assert os.environ["XLA_FLAGS"] == "--xla_dump_to=/tmp/x"  # unchanged: XLA has read its flags already
