@@ -26,7 +26,7 @@ import tempfile
 import time
 
 # timing is a sibling module: python puts benchmarks/ on the path
-from timing import alternate
+from timing import alternate, summarize
 
 SHAPE = dict(hidden=256, layers=4, heads=8, head_dim=32, kv_heads=8, mlp=1024, vocab=8192, seq=512, rows=8)
 
@@ -155,10 +155,7 @@ def main() -> None:
         # ours first in even rounds, MaxText first in odd ones
         times = alternate({name: functools.partial(window, steps[name], args.window) for name in ("ours", "maxtext")},
                           args.rounds)
-        ratios = [theirs / ours for ours, theirs in zip(times["ours"], times["maxtext"])]
-    tokens = SHAPE["rows"] * SHAPE["seq"]
-    result = {name: {"median_step_s": statistics.median(t), "tokens_per_sec": tokens / statistics.median(t)}
-              for name, t in times.items()}
+    result, ratios = summarize(times, SHAPE["rows"] * SHAPE["seq"], "maxtext", "ours")
     result.update(devices=args.devices, median_ratio=statistics.median(ratios), ratios=[round(r, 4) for r in ratios])
     print(f"{args.devices} device(s): ours {result['ours']['tokens_per_sec']:,.0f} tokens/s, MaxText "
           f"{result['maxtext']['tokens_per_sec']:,.0f}; median of {args.rounds} rounds' MaxText/ours step time: "

@@ -22,7 +22,8 @@ import statistics
 
 from sft_sharded.parallel.devices import simulate_cpu_devices
 # timing is a sibling module: python puts benchmarks/ on the path
-from timing import add_shape_arguments, alternate, bench_trainer, median_step_s, model_config, synthetic_batch
+from timing import (add_shape_arguments, alternate, bench_trainer, median_step_s, model_config, summarize,
+                    synthetic_batch)
 
 
 def parse_variant(text: str) -> dict:
@@ -78,11 +79,8 @@ def main() -> None:
         return seconds
 
     times = alternate({name: functools.partial(window, runs[name]) for name in ("a", "b")}, args.rounds)
-    ratios = [a / b for a, b in zip(times["a"], times["b"])]
-    tokens = args.batch * args.seq
-    result = {name: {"variant": text, "median_step_s": statistics.median(times[name]),
-                     "tokens_per_sec": tokens / statistics.median(times[name])}
-              for name, text in (("a", args.a), ("b", args.b))}
+    per_variant, ratios = summarize(times, args.batch * args.seq, "a", "b")
+    result = {name: {"variant": text, **per_variant[name]} for name, text in (("a", args.a), ("b", args.b))}
     result["median_ratio_a_over_b"] = statistics.median(ratios)
     result["ratios"] = [round(r, 4) for r in ratios]
     print(f"A ({args.a or 'as given'}) {result['a']['median_step_s']:.3f} s, B ({args.b or 'as given'}) "
