@@ -185,7 +185,8 @@ def encode_record(record: Any, tokenizer, *, fmt: str = "auto", train_on_prompt:
         mask = weights != 0
         if not mask.any():
             raise RowSkipped(f"{where}: every trained token has weight 0", "every trained token has weight 0")
-        plain = bool(np.all((weights == 0) | (weights == 1)))  # 0/1 weights are the mask itself
+        # Every weight is a turn's (or 1): with 0/1 turns the weights are the mask itself.
+        plain = train_on_prompt or all(w is None or w in (0.0, 1.0) for w in turn_weights)
         return Example(np.asarray(ids, np.int32), mask, weights=None if plain else weights)
     bos = bos_ids(tokenizer)
     eos = [tokenizer.eos_id]

@@ -130,6 +130,7 @@ def compile_template(source: str) -> jinja2.Template:
     return env.from_string(source)
 
 
+@functools.lru_cache(maxsize=16)  # asked once per conversation, of a template that may be thousands of characters
 def has_generation_markers(source: str) -> bool:
     return "{% generation %}" in source.replace("{%-", "{%").replace("-%}", "%}")
 
@@ -173,8 +174,7 @@ def render_raw(source: str, messages: list[dict], tokenizer, add_generation_prom
 
 
 def check_reserved(messages: list[dict], tools) -> None:
-    dumped = json.dumps([messages, tools], ensure_ascii=False)
-    if any(char in dumped for char in RESERVED):
+    if RESERVED_RE.search(json.dumps([messages, tools], ensure_ascii=False)):
         raise TemplateError("the conversation contains reserved characters U+E000..U+E005")
 
 

@@ -55,6 +55,9 @@ class ByteTokenizer:
             if piece in self.special_ids:
                 ids.append(self.special_ids[piece])
                 offsets.append((pos, pos + len(piece)))
+            elif piece.isascii():  # one byte per character: no per-character loop (the pipeline's hot path)
+                ids.extend([byte + self.offset for byte in piece.encode()])
+                offsets.extend(zip(range(pos, pos + len(piece)), range(pos + 1, pos + len(piece) + 1)))
             else:
                 for i, char in enumerate(piece):
                     for byte in char.encode("utf-8"):
