@@ -273,6 +273,7 @@ def test_the_template_environment_is_transformers(tmp_path):
     ("{{ messages[0].keys() | list }}{{ messages[0].content.upper() }}{{ messages.append(1) }}",
      "tried to access 'append' of a list"),
     ("{{ messages[0].get('role') }}{{ messages[0].pop('role') }}", "tried to access 'pop' of a dict"),
+    ("{{ messages[0].__class__ }}", "tried to access '__class__' of a dict"),
 ])
 def test_the_sandbox_refuses_by_name(tmp_path, source, message):
     from jinja2.sandbox import SecurityError
@@ -283,6 +284,20 @@ def test_the_sandbox_refuses_by_name(tmp_path, source, message):
     for _ in range(2):  # the second rendering answers from the cache
         with pytest.raises(SecurityError, match=message):
             render(source, [{"role": "user", "content": "a"}], tok)
+
+
+def test_dict_lookups_are_jinjas_own():
+    # A dict's keys are read before its attributes only for names dict has no attribute of: a key named like
+    # a method (a JSON schema's "items") still loses to the method, as in jinja's own sandbox.
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    from sft_sharded.data.templates import compile_template
+
+    source = ("{{ d.role }}|{{ d.missing is defined }}|{{ d.items() | list | length }}"
+              "|{{ d['items'] }}|{{ d.get('role') }}|{{ d.nested.name }}")
+    d = {"role": "user", "items": "schema items", "nested": {"name": "n"}}
+    expected = ImmutableSandboxedEnvironment().from_string(source).render(d=d)
+    assert compile_template(source).render(d=d) == expected == "user|False|3|schema items|user|n"
 
 
 def test_the_sandbox_cache_keeps_types_apart():

@@ -59,10 +59,25 @@ class _Generation(Extension):
         return START + caller() + END
 
 
+# What a plain dict answers to as an attribute (its methods and dunders); any other name only as a key.
+_DICT_ATTRIBUTES = frozenset(dir(dict))
+
+
 class _Sandbox(ImmutableSandboxedEnvironment):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._safe: dict[tuple[type, str], bool] = {}
+
+    def getattr(self, obj, attribute):
+        # `message.content`: jinja tries the attribute first and reaches the key through a raised
+        # AttributeError, for every field a template reads. A plain dict has no attribute of any other name
+        # than dict's own, so for those names the key first is the same lookup, without the exception.
+        if type(obj) is dict and isinstance(attribute, str) and attribute not in _DICT_ATTRIBUTES:
+            try:
+                return obj[attribute]
+            except KeyError:
+                return self.undefined(obj=obj, name=attribute)
+        return super().getattr(obj, attribute)
 
     def is_safe_attribute(self, obj, attr, value):
         # jinja's answer depends on the object's type (isinstance checks) and the attribute's name only, and
