@@ -44,6 +44,7 @@ class ByteTokenizer:
         self.special_tokens_map = {"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>"}
         self.template_name = "the built-in chat template"
         self._split = re.compile("(" + "|".join(re.escape(t) for t in self.SPECIALS) + ")")
+        self._shift = bytes(min(byte + self.offset, 255) for byte in range(256))  # used for ASCII bytes only
 
     @property
     def vocab_size(self) -> int:
@@ -56,7 +57,7 @@ class ByteTokenizer:
                 ids.append(self.special_ids[piece])
                 offsets.append((pos, pos + len(piece)))
             elif piece.isascii():  # one byte per character: no per-character loop (the pipeline's hot path)
-                ids.extend([byte + self.offset for byte in piece.encode()])
+                ids.extend(piece.encode().translate(self._shift))  # bytes iterate as ints: byte + offset
                 offsets.extend(zip(range(pos, pos + len(piece)), range(pos + 1, pos + len(piece) + 1)))
             else:
                 for i, char in enumerate(piece):
