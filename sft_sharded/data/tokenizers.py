@@ -44,7 +44,8 @@ class ByteTokenizer:
         self.special_tokens_map = {"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>"}
         self.template_name = "the built-in chat template"
         self._split = re.compile("(" + "|".join(re.escape(t) for t in self.SPECIALS) + ")")
-        self._shift = bytes(min(byte + self.offset, 255) for byte in range(256))  # used for ASCII bytes only
+        # byte -> its id, for ASCII bytes (ids below 256, so a bytes table); the entries past 127 are never read
+        self._shift = bytes(min(byte + self.offset, 255) for byte in range(256))
 
     @property
     def vocab_size(self) -> int:
