@@ -79,8 +79,6 @@ def alternate(windows: dict, rounds: int) -> dict[str, list[float]]:
 def summarize(times: dict[str, list[float]], tokens: int, numerator: str, denominator: str):
     """(each variant's median step seconds and tokens/s, each round's ratio of the two variants' step times
     numerator / denominator) of `alternate`'s times; `tokens` per step."""
-    import statistics
-
     per_variant = {name: {"median_step_s": statistics.median(t), "tokens_per_sec": tokens / statistics.median(t)}
                    for name, t in times.items()}
     return per_variant, [a / b for a, b in zip(times[numerator], times[denominator])]

@@ -279,6 +279,7 @@ def test_cpu_compiler_options_change_no_numbers(tiny_config, mesh_shape):
     tuned = SFTTrainer(Decoder(tiny_config), optax.sgd(0.1), mesh=mesh, compiler_options=dict(options))
     state = tuned.create_train_state(jax.random.key(0), jnp.zeros((8, 16), jnp.int32))
     plain = SFTTrainer(Decoder(tiny_config), optax.sgd(0.1), mesh=mesh, compiler_options={})
+    assert plain.compiler_options == {}  # options given are kept as given
     batch = random_batch(0)
     loss_tuned, grads_tuned = tuned.loss_and_grad(state.params, batch)
     loss_plain, grads_plain = plain.loss_and_grad(state.params, batch)

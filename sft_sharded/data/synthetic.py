@@ -13,6 +13,7 @@ import hashlib
 import zlib
 
 MIN_DIGITS, MAX_DIGITS = 3, 8
+_LENGTHS = MAX_DIGITS - MIN_DIGITS + 1  # how many digit-string lengths a record can have
 _OPS = {"reverse": ("rev", lambda s: s[::-1]), "sort": ("sort", lambda s: "".join(sorted(s)))}
 
 
@@ -29,8 +30,8 @@ def make_pair(key: str, task: str, heldout: bool) -> tuple[str, str]:
         n = int.from_bytes(hashlib.blake2b(f"{key}/{attempt}".encode(), digest_size=16).digest(), "little")
         op = task if task != "mixed" else ("reverse", "sort")[n & 1]
         n >>= 1
-        length = MIN_DIGITS + n % (MAX_DIGITS - MIN_DIGITS + 1)
-        digits = f"{n // (MAX_DIGITS - MIN_DIGITS + 1) % 10**length:0{length}d}"
+        length = MIN_DIGITS + n % _LENGTHS
+        digits = f"{n // _LENGTHS % 10**length:0{length}d}"
         if is_heldout(digits) == heldout:
             name, fn = _OPS[op]
             return f"{name}:{digits}", fn(digits)
