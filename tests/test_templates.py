@@ -300,6 +300,46 @@ def test_dict_lookups_are_jinjas_own():
     assert compile_template(source).render(d=d) == expected == "user|False|3|schema items|user|n"
 
 
+@pytest.mark.parametrize("source", [
+    # globals of jinja's and of transformers', a macro, loop controls, a namespace, a global's name shadowed
+    "{% set ns = namespace(n=0) %}{% for m in messages %}{% if loop.index is divisibleby 3 %}{% break %}{% endif %}"
+    "{% set ns.n = ns.n + 1 %}{{ m.role }}{{ range(2) | list }}{% endfor %}{{ ns.n }}{{ dict(a=1) | tojson }}",
+    "{% macro turn(m) %}<{{ m.role }}>{{ m.content | trim }}{% endmacro %}{% for m in messages %}{{ turn(m) }}"
+    "{% endfor %}{{ bos_token }}{{ pad_token }}{{ tools is none }}{{ documents }}{{ add_generation_prompt }}",
+    "{% set range = 'shadowed' %}{{ range }}{% for namespace in messages %}{{ namespace.content }}{% endfor %}",
+])
+def test_a_render_is_jinjas_render(source):
+    # The globals are merged into the context once per template instead of once per render: what a template
+    # sees must be what jinja's own `render` gives it.
+    from sft_sharded.data.templates import compile_template, render_raw, template_messages
+    from sft_sharded.data.tokenizers import ByteTokenizer
+
+    tok = ByteTokenizer()
+    messages = [{"role": r, "content": f" {r} text "} for r in ("system", "user", "assistant", "user")]
+    expected = compile_template(source).render(messages=template_messages(messages), tools=None, documents=None,
+                                               add_generation_prompt=False, **tok.special_tokens_map)
+    assert render_raw(source, messages, tok) == expected and expected
+
+
+def test_a_failing_render_raises_what_jinjas_does():
+    from jinja2.exceptions import UndefinedError
+
+    from sft_sharded.data.templates import TemplateError, compile_template, render_raw
+    from sft_sharded.data.tokenizers import ByteTokenizer
+
+    tok, messages = ByteTokenizer(), [{"role": "user", "content": "a"}]
+    with pytest.raises(UndefinedError, match="list object has no element 3"):
+        compile_template("{{ messages[3].content }}").render(messages=messages)
+    with pytest.raises(TemplateError, match="UndefinedError: list object has no element 3"):
+        render_raw("{{ messages[3].content }}", messages, tok)
+    for source in ("{{ 1 // 0 }}", "{{ raise_exception('stop') }}"):  # what no row causes passes through as is
+        with pytest.raises(Exception) as ours:
+            render_raw(source, messages, tok)
+        with pytest.raises(Exception) as jinjas:
+            compile_template(source).render(messages=messages)
+        assert type(ours.value) is type(jinjas.value) and str(ours.value) == str(jinjas.value)
+
+
 def test_the_sandbox_cache_keeps_types_apart():
     from sft_sharded.data.templates import compile_template
 
