@@ -12,7 +12,9 @@ scans its layers without remat (its fastest setting here), MaxText runs its defa
 on a synthetic batch of its own format. Both run under the same jax, in MaxText's venv with sft_sharded on
 PYTHONPATH, each under the jax config it sets (MaxText's `initialize` changes some globally: they apply
 to its calls only). Prints the median step time of each and the median over rounds of each round's ratio
-(MaxText / ours: above 1, ours is faster); the last line is JSON.
+(MaxText / ours: above 1, ours is faster); the last line is JSON. Both share the process's malloc, which
+moves the 8-device row (XLA:CPU maps each step's buffers afresh under glibc's): preload tcmalloc with
+`LD_PRELOAD=.../libtcmalloc_minimal.so.4` to measure both without that cost (benchmarks/README.md).
 """
 
 from __future__ import annotations
