@@ -23,6 +23,7 @@ import argparse
 import functools
 import json
 import os
+import resource
 import statistics
 import tempfile
 import time
@@ -140,11 +141,25 @@ def window(step, n: int) -> float:
     return statistics.median(times)
 
 
+def rusage_per_step(step, n: int) -> dict:
+    """Per step over `n` steps: wall time, the process's user and system CPU (every thread: XLA's run the
+    step) and its minor page faults (new pages the kernel maps and zeroes)."""
+    before, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+    for _ in range(n):
+        step()
+    after, elapsed = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter() - start
+    return {"step_s": elapsed / n, "user_s": (after.ru_utime - before.ru_utime) / n,
+            "system_s": (after.ru_stime - before.ru_stime) / n,
+            "minor_faults": (after.ru_minflt - before.ru_minflt) / n}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--devices", type=int, default=8, choices=(1, 8))
     p.add_argument("--rounds", type=int, default=8)
     p.add_argument("--window", type=int, default=3, help="steps per system per round (their median is timed)")
+    p.add_argument("--rusage", type=int, default=0, metavar="N",
+                   help="then N steps of each system with CPU time and page faults per step (`rusage_per_step`)")
     args = p.parse_args()
     if args.devices > 1:  # before jax starts
         os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} " \
@@ -157,11 +172,16 @@ def main() -> None:
         # ours first in even rounds, MaxText first in odd ones
         times = alternate({name: functools.partial(window, steps[name], args.window) for name in ("ours", "maxtext")},
                           args.rounds)
+        usage = {name: rusage_per_step(steps[name], args.rusage) for name in ("ours", "maxtext")} if args.rusage else {}
     result, ratios = summarize(times, SHAPE["rows"] * SHAPE["seq"], "maxtext", "ours")
     result.update(devices=args.devices, median_ratio=statistics.median(ratios), ratios=[round(r, 4) for r in ratios])
     print(f"{args.devices} device(s): ours {result['ours']['tokens_per_sec']:,.0f} tokens/s, MaxText "
           f"{result['maxtext']['tokens_per_sec']:,.0f}; median of {args.rounds} rounds' MaxText/ours step time: "
           f"{result['median_ratio']:.3f}")
+    for name, per_step in usage.items():
+        result[name]["rusage"] = per_step
+        print(f"{name}, per step over {args.rusage}: {per_step['step_s']:.3f} s, user {per_step['user_s']:.2f} s, "
+              f"system {per_step['system_s']:.3f} s, {per_step['minor_faults']:,.0f} minor page faults")
     print(json.dumps(result))
 
 
