@@ -1,7 +1,7 @@
 """Our train step and MaxText's, compiled in one process and timed in alternating windows.
 
     PYTHONPATH=$PWD JAX_PLATFORMS=cpu DECOUPLE_GCLOUD=TRUE $MT_VENV/bin/python benchmarks/maxtext_ab.py \\
-        [--devices 8] [--rounds 8 --window 3]
+        [--devices 8] [--rounds 8 --window 3] [--rusage 5]
 
 `maxtext_side_by_side.sh` runs each system in a process of its own, one after the other; on a machine
 whose speed drifts from minute to minute the ratio of two such runs moves by more than the systems differ
