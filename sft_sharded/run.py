@@ -168,12 +168,14 @@ def restore_or_init(trainer: SFTTrainer, cfg: TrainConfig, tokenizer, ckpt: Chec
     if restored is None:
         return init_state(trainer, cfg), make_iterator(cfg.data, tokenizer, seed=cfg.seed, **shard), 0
     state, saved, step = restored
-    saved_base = ckpt.saved_config(step).get("base")
+    saved_config = ckpt.saved_config(step)
+    saved_base = saved_config.get("base")
     if trainer.lora is not None and saved_base is not None and saved_base != base_fingerprint(cfg):
         raise UserError(f"{ckpt.directory}/{step} trained LoRA adapters on the base {saved_base}, but this run's "
                         f"base is {base_fingerprint(cfg)}; use the same model.path (or preset and seed)")
     state = with_frozen_base(trainer, cfg, state)
-    batches, note = resume_iterator(cfg.data, tokenizer, saved, seed=cfg.seed, step=step, **shard)
+    batches, note = resume_iterator(cfg.data, tokenizer, saved, seed=cfg.seed, step=step, **shard,
+                                    saved_worker_count=saved_config.get("data", {}).get("worker_count"))
     if note:
         say(f"warning: {note}")
     say(f"resumed from {ckpt.directory}/{step}")

@@ -11,6 +11,7 @@ from sft_sharded.data.packing import unpack
 from sft_sharded.data.pipeline import SavedDataState, make_iterator, read_by_index, resume_iterator, scan
 from sft_sharded.data.sources import JsonlSource, ParquetSource
 from sft_sharded.data.tokenizers import ByteTokenizer
+from sft_sharded.errors import UserError
 
 TOK = ByteTokenizer()
 
@@ -115,6 +116,25 @@ def test_resume_picks_the_saved_state_that_fits_this_process_count(numbered):
     resumed, note = resume_iterator(cfg, TOK, other, seed=1, step=5)
     assert note == "ckpt/5/data holds the data state of 2 process(es), not 1; the data order restarts (seed 6)"
     assert batches(resumed) == batches(make_iterator(cfg, TOK, seed=6))
+
+
+def test_a_position_saved_with_worker_processes_resumes_only_with_them(numbered):
+    # grain keeps a position of worker processes in another form: resumed across the two forms it failed on
+    # a missing key ('next_index' one way, 'exhausted' the other); now the checkpoint's worker count is named.
+    cfg = DataConfig(path=str(numbered), batch_size=4, pack_buffer=8, max_length=32, packing=False)
+    it = make_iterator(cfg, TOK, seed=1)
+    next(it)
+    saved = SavedDataState(own=it.get_state(), first=None, saved_by=1, where="ckpt/5/data")
+    expected = texts_of(next(it))
+    resumed, note = resume_iterator(cfg, TOK, saved, seed=1, step=5, saved_worker_count=0)
+    assert note is None and texts_of(next(resumed)) == expected
+    for saved_count, current in ((2, 0), (0, 1)):
+        with pytest.raises(UserError) as err:
+            resume_iterator(dataclasses.replace(cfg, worker_count=current), TOK, saved, seed=1, step=5,
+                            saved_worker_count=saved_count)
+        assert str(err.value) == (f"ckpt/5/data holds a data position saved with data.worker_count={saved_count}, "
+                                  f"which grain keeps in another form than with data.worker_count={current}; "
+                                  f"resume with data.worker_count={saved_count}")
 
 
 def test_epochs_reshuffle_and_seed_matters(numbered):

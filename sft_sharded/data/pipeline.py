@@ -256,13 +256,22 @@ def make_iterator(cfg: DataConfig, tokenizer, *, split: str = "train", seed: int
 
 
 def resume_iterator(cfg: DataConfig, tokenizer, saved: SavedDataState, *, seed: int, step: int,
-                    process_index: int = 0, process_count: int = 1) -> tuple[BatchIterator, str | None]:
+                    process_index: int = 0, process_count: int = 1, saved_worker_count: int | None = None
+                    ) -> tuple[BatchIterator, str | None]:
     """This process's iterator positioned where a checkpoint left the data, and a note when it cannot be.
 
     Saved by as many processes: each takes its own state. With `shard_by="rows"` every process builds the
     same global stream, so any saved state fits any process count. Otherwise the records were sharded
     for another process count: the order restarts with a new shuffle seed (`seed + step`) rather than
-    replaying the first batches (model and optimizer state are exact either way)."""
+    replaying the first batches (model and optimizer state are exact either way).
+
+    grain keeps the position of worker processes (`data.worker_count` > 0) in another form than the main
+    process's: a position saved in one form (`saved_worker_count`, from the checkpoint's config; None when
+    unknown) is refused by name in the other, where grain would fail on a missing key."""
+    if saved_worker_count is not None and (saved_worker_count > 0) != (cfg.worker_count > 0):
+        raise UserError(f"{saved.where} holds a data position saved with data.worker_count={saved_worker_count}, "
+                        f"which grain keeps in another form than with data.worker_count={cfg.worker_count}; "
+                        f"resume with data.worker_count={saved_worker_count}")
     shard = dict(process_index=process_index, process_count=process_count)
     batches = make_iterator(cfg, tokenizer, seed=seed, **shard)
     if saved.own is not None:

@@ -191,7 +191,7 @@ class Checkpointer:
             return self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"] or {}
         except Exception as err:  # noqa: BLE001 - reported; the base check then has nothing to compare
             self.warn(f"warning: checkpoint {self.directory}/{step}: its config cannot be read "
-                      f"({first_line(err)}); the LoRA base is not checked against it")
+                      f"({first_line(err)}); the LoRA base and data.worker_count are not checked against it")
             return {}
 
     def _check_same_model(self, step: int, abstract_state: Any) -> None:
