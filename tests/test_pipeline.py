@@ -118,9 +118,9 @@ def test_resume_picks_the_saved_state_that_fits_this_process_count(numbered):
     assert batches(resumed) == batches(make_iterator(cfg, TOK, seed=6))
 
 
-def test_a_position_saved_with_worker_processes_resumes_only_with_them(numbered):
-    # grain keeps a position of worker processes in another form: resumed across the two forms it failed on
-    # a missing key ('next_index' one way, 'exhausted' the other); now the checkpoint's worker count is named.
+def test_a_position_saved_with_n_worker_processes_resumes_only_with_n(numbered):
+    # grain's position holds one state per worker process: resumed with another number of workers it failed
+    # on a missing key or index (0 <-> 1, 2 -> 1) or gave other batches (1 -> 2); now the saved count is named.
     cfg = DataConfig(path=str(numbered), batch_size=4, pack_buffer=8, max_length=32, packing=False)
     it = make_iterator(cfg, TOK, seed=1)
     next(it)
@@ -128,13 +128,13 @@ def test_a_position_saved_with_worker_processes_resumes_only_with_them(numbered)
     expected = texts_of(next(it))
     resumed, note = resume_iterator(cfg, TOK, saved, seed=1, step=5, saved_worker_count=0)
     assert note is None and texts_of(next(resumed)) == expected
-    for saved_count, current in ((2, 0), (0, 1)):
+    for saved_count, current in ((2, 0), (0, 1), (1, 2)):
         with pytest.raises(UserError) as err:
             resume_iterator(dataclasses.replace(cfg, worker_count=current), TOK, saved, seed=1, step=5,
                             saved_worker_count=saved_count)
         assert str(err.value) == (f"ckpt/5/data holds a data position saved with data.worker_count={saved_count}, "
-                                  f"which grain keeps in another form than with data.worker_count={current}; "
-                                  f"resume with data.worker_count={saved_count}")
+                                  f"which resumes only with as many grain workers (this run: data.worker_count="
+                                  f"{current}); resume with data.worker_count={saved_count}")
 
 
 def test_epochs_reshuffle_and_seed_matters(numbered):

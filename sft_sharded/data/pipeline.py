@@ -265,13 +265,14 @@ def resume_iterator(cfg: DataConfig, tokenizer, saved: SavedDataState, *, seed: 
     for another process count: the order restarts with a new shuffle seed (`seed + step`) rather than
     replaying the first batches (model and optimizer state are exact either way).
 
-    grain keeps the position of worker processes (`data.worker_count` > 0) in another form than the main
-    process's: a position saved in one form (`saved_worker_count`, from the checkpoint's config; None when
-    unknown) is refused by name in the other, where grain would fail on a missing key."""
-    if saved_worker_count is not None and (saved_worker_count > 0) != (cfg.worker_count > 0):
+    grain's saved position holds one iterator state per worker process (`data.worker_count`; the main
+    process's own form for 0), so it resumes exactly only with as many: with another number grain fails on
+    a missing key or index, or silently continues elsewhere in the data. A position saved with another
+    number (`saved_worker_count`, from the checkpoint's config; None when unknown) is refused by name."""
+    if saved_worker_count is not None and saved_worker_count != cfg.worker_count:
         raise UserError(f"{saved.where} holds a data position saved with data.worker_count={saved_worker_count}, "
-                        f"which grain keeps in another form than with data.worker_count={cfg.worker_count}; "
-                        f"resume with data.worker_count={saved_worker_count}")
+                        f"which resumes only with as many grain workers (this run: data.worker_count="
+                        f"{cfg.worker_count}); resume with data.worker_count={saved_worker_count}")
     shard = dict(process_index=process_index, process_count=process_count)
     batches = make_iterator(cfg, tokenizer, seed=seed, **shard)
     if saved.own is not None:
