@@ -135,6 +135,10 @@ def test_a_position_saved_with_n_worker_processes_resumes_only_with_n(numbered):
         assert str(err.value) == (f"ckpt/5/data holds a data position saved with data.worker_count={saved_count}, "
                                   f"which resumes only with as many grain workers (this run: data.worker_count="
                                   f"{current}); resume with data.worker_count={saved_count}")
+    # a position another number of processes saved is not used (the order restarts): nothing to refuse
+    other = SavedDataState(own=None, first=saved.own, saved_by=2, where="ckpt/5/data")
+    _, note = resume_iterator(cfg, TOK, other, seed=1, step=5, saved_worker_count=2)
+    assert note.endswith("the data order restarts (seed 6)")
 
 
 def test_epochs_reshuffle_and_seed_matters(numbered):

@@ -268,22 +268,21 @@ def resume_iterator(cfg: DataConfig, tokenizer, saved: SavedDataState, *, seed: 
     grain's saved position holds one iterator state per worker process (`data.worker_count`; the main
     process's own form for 0), so it resumes exactly only with as many: with another number grain fails on
     a missing key or index, or silently continues elsewhere in the data. A position saved with another
-    number (`saved_worker_count`, from the checkpoint's config; None when unknown) is refused by name."""
+    number (`saved_worker_count`, from the checkpoint's config; None when unknown) is refused by name when
+    it would be used."""
+    shard = dict(process_index=process_index, process_count=process_count)
+    state = saved.own if saved.own is not None else saved.first if cfg.shard_by == "rows" else None
+    if state is None:
+        note = (f"{saved.where} holds the data state of {saved.saved_by} process(es), not {process_count}; the "
+                f"data order restarts (seed {seed + step})")
+        return make_iterator(cfg, tokenizer, seed=seed + step, **shard), note
     if saved_worker_count is not None and saved_worker_count != cfg.worker_count:
         raise UserError(f"{saved.where} holds a data position saved with data.worker_count={saved_worker_count}, "
                         f"which resumes only with as many grain workers (this run: data.worker_count="
                         f"{cfg.worker_count}); resume with data.worker_count={saved_worker_count}")
-    shard = dict(process_index=process_index, process_count=process_count)
     batches = make_iterator(cfg, tokenizer, seed=seed, **shard)
-    if saved.own is not None:
-        batches.set_state(saved.own)
-        return batches, None
-    if cfg.shard_by == "rows" and saved.first is not None:
-        batches.set_state(saved.first)
-        return batches, None
-    note = (f"{saved.where} holds the data state of {saved.saved_by} process(es), not {process_count}; the data "
-            f"order restarts (seed {seed + step})")
-    return make_iterator(cfg, tokenizer, seed=seed + step, **shard), note
+    batches.set_state(state)
+    return batches, None
 
 
 def scan(cfg: DataConfig, tokenizer, seed: int, keep: int = 0, split: str = "train", whole: bool = False
