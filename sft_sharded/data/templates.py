@@ -146,17 +146,16 @@ def compile_template(source: str) -> jinja2.Template:
 
 
 @functools.lru_cache(maxsize=16)
-def _globals(source: str) -> dict:
+def _globals(template: jinja2.Template) -> dict:
     """The compiled template's globals as one plain dict. jinja's `render` merges them out of a ChainMap into
     every render's context (over a third of a short chat's render time); they never change once compiled."""
-    return dict(compile_template(source).globals)
+    return dict(template.globals)
 
 
-def _render(source: str, variables: dict) -> str:
-    """`compile_template(source).render(**variables)`, with the globals merged once per template: the context
-    jinja's `render` makes (its public `new_context`, shared: given the merged dict as is), rendered as there."""
-    template = compile_template(source)
-    context = template.new_context({**_globals(source), **variables}, shared=True)
+def _render(template: jinja2.Template, variables: dict) -> str:
+    """`template.render(**variables)`, with the globals merged once per template: the context jinja's
+    `render` makes (its public `new_context`, shared: given the merged dict as is), rendered as there."""
+    context = template.new_context({**_globals(template), **variables}, shared=True)
     try:
         return template.environment.concat(template.root_render_func(context))
     except Exception:  # noqa: BLE001 - re-raised by jinja with the template's own lines in the traceback
@@ -188,13 +187,13 @@ def render_raw(source: str, messages: list[dict], tokenizer, add_generation_prom
         "bos_token": tokenizer.bos_token, "eos_token": tokenizer.eos_token}
     variables = {k: v for k, v in specials.items() if v is not None}
     try:
-        compile_template(source)
+        template = compile_template(source)
     except jinja2.TemplateSyntaxError as err:
         name = getattr(tokenizer, "template_name", "the chat template")
         raise TemplateSyntax(f"{name}: line {err.lineno}: {err.message}") from None
     try:
-        return _render(source, dict(messages=template_messages(messages), tools=tools, documents=None,
-                                    add_generation_prompt=add_generation_prompt, **variables))
+        return _render(template, dict(messages=template_messages(messages), tools=tools, documents=None,
+                                      add_generation_prompt=add_generation_prompt, **variables))
     except (SecurityError, TemplateError):
         raise
     except (jinja2.TemplateError, TypeError, ValueError, KeyError, IndexError, AttributeError) as err:
