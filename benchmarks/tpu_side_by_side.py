@@ -50,7 +50,8 @@ def maxtext(row: str, loss: str, global_batch: int, hlo_file: str | None) -> dic
     import maxtext
     from maxtext.trainers.pre_train import train_compile
 
-    from sft_sharded.plan import CHIPS, parse_topology, step_stats
+    from sft_sharded.plan import step_stats
+    from sft_sharded.topology import CHIPS, parse_topology
 
     _, model, topology, seq, _ = ROWS[row]
     gen, grid = parse_topology(topology)  # v5p-64 names cores; MaxText's batch is per chip

@@ -205,6 +205,10 @@ def _add_plan_arguments(parser) -> None:
     parser.add_argument("--seq", type=int, default=4096)
     parser.add_argument("--global-batch", type=int, default=64)
     parser.add_argument("--mesh", default="fsdp=-1", help="e.g. fsdp=-1, data=2,fsdp=-1,tensor=4 or fsdp=-1,context=16")
+    parser.add_argument("--slices", type=int, default=1,
+                        help="slices joined over DCN (the topology is one slice); --mesh's data axis spans them")
+    parser.add_argument("--dcn-axis", default="data", choices=("data", "fsdp"),
+                        help="the mesh axis that spans the slices (fsdp: weights gathered over DCN every layer)")
     parser.add_argument("--remat", default="full", choices=REMAT_POLICIES)
     parser.add_argument("--no-scan", action="store_true", help="unroll the layers (slower to compile)")
     parser.add_argument("--attention", default="auto", choices=[a for a in ATTENTION_IMPLEMENTATIONS if a != "cudnn"],

@@ -28,14 +28,29 @@ class ConfigError(UserError):
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class MeshConfig:
     """Sizes of the mesh axes; one may be -1. Checked, and -1 resolved, by `sharding.mesh_shape` against
-    the devices once jax is up. The fields are the mesh's axes, in the mesh's order (`sharding.MESH_AXES`
-    is read from them)."""
+    the devices once jax is up. The fields up to `tensor` are the mesh's axes, in the mesh's order
+    (`sharding.MESH_AXES` is read from them); `slices` and `dcn_axis` say how the mesh lies over slices."""
 
     data: int = 2
     fsdp: int = 2
     expert: int = 1  # expert parallelism: a mixture's experts split between this many groups
     context: int = 1  # context parallelism: each row's positions split between this many devices
     tensor: int = 2
+    # TPU slices joined over the data-centre network (DCN); without slice ids (CPU, GPU) each process stands
+    # in for one. Only `dcn_axis` spans them: its size is a multiple of `slices`, every other axis stays
+    # inside one slice. "data" crosses DCN once per step (the gradient's all-reduce); "fsdp" also gathers
+    # every layer's weights over DCN in the forward and backward passes, for a model whose state does not
+    # fit in one slice.
+    slices: int = dataclasses.field(default=1, metadata={"layout": True})
+    dcn_axis: Literal["data", "fsdp"] = dataclasses.field(default="data", metadata={"layout": True})
+
+    def __post_init__(self):
+        if not isinstance(self.slices, int) or self.slices < 1:
+            raise ConfigError(f"mesh.slices={self.slices!r} must be an int >= 1")
+
+    def axis_sizes(self) -> dict[str, int]:
+        """{axis: size} of the mesh's axes (not the slice layout)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if not f.metadata.get("layout")}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

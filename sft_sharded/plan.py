@@ -9,9 +9,7 @@ per-chip memory and FLOPs. Exits non-zero when the plan does not fit in a chip's
 
 from __future__ import annotations
 
-import dataclasses
 import os
-import re
 import sys
 
 import jax
@@ -26,78 +24,37 @@ from sft_sharded.metrics import flops_per_token, memory_per_device, peak_flops
 from sft_sharded.models import preset
 from sft_sharded.models.attention.choose import Split, choose_kernel
 from sft_sharded.parallel import hlo_collectives
-from sft_sharded.parallel.sharding import (MESH_AXES, batch_sharding, context_size, data_parallel_size,
+from sft_sharded.parallel.sharding import (MESH_AXES, batch_sharding, context_size, data_parallel_size, make_mesh,
                                            mesh_shape)
+from sft_sharded.parallel.slices import slice_of_devices
 from sft_sharded.run import build_trainer
 from sft_sharded.state import abstract_state
+from sft_sharded.topology import CHIPS, host_bounds, parse_topology, torus_wrap
 
-# Per chip: HBM, TensorCores and torus dimensions, from the Cloud TPU system-architecture pages
-# (cloud.google.com/tpu/docs/v4, /v5e, /v5p, /v6e), as published in 2025 (peak FLOP/s: `metrics.peak_flops`).
-CHIPS = {
-    "v4": {"hbm_bytes": 32 * 2**30, "cores_per_chip": 2, "dims": 3},
-    "v5e": {"hbm_bytes": 16 * 2**30, "cores_per_chip": 1, "dims": 2},
-    "v5p": {"hbm_bytes": 95 * 2**30, "cores_per_chip": 2, "dims": 3},
-    "v6e": {"hbm_bytes": 32 * 2**30, "cores_per_chip": 1, "dims": 2},
-}
-# Physical shapes for accelerator-type names (v4 and v5p count TensorCores: two per chip).
-_SHAPES_3D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8", 256: "4x8x8",
-              512: "8x8x8", 1024: "8x8x16"}
-_SHAPES_2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"}
-
-
-def parse_topology(name: str) -> tuple[str, str]:
-    """"v5p-64" (accelerator type) or "v5p:4x4x2" (chip grid) -> (generation, "AxBxC")."""
-    match = re.fullmatch(r"(v4|v5e|v5p|v6e)(?:-(\d+)|:(\d+(?:x\d+)+))", name)
-    if not match:
-        raise ValueError(f"--topology {name!r}: expected e.g. v5p-64, v6e-256 or v5p:2x2x1 ({sorted(CHIPS)})")
-    gen, count, grid = match.groups()
-    if grid:
-        return gen, grid
-    chips = int(count) // CHIPS[gen]["cores_per_chip"]
-    shapes = _SHAPES_3D if CHIPS[gen]["dims"] == 3 else _SHAPES_2D
-    if chips not in shapes:
-        raise ValueError(f"--topology {name!r}: no known chip grid for {chips} chips")
-    return gen, shapes[chips]
-
-
-def parse_mesh(spec: str) -> MeshConfig:
-    """"fsdp=-1,tensor=4" -> MeshConfig (axes not named: 1)."""
-    sizes = {field.name: 1 for field in dataclasses.fields(MeshConfig)}
+def parse_mesh(spec: str, slices: int = 1, dcn_axis: str = "data") -> MeshConfig:
+    """"fsdp=-1,tensor=4" -> MeshConfig (axes not named: 1) over `slices` slices."""
+    sizes = dict.fromkeys(MESH_AXES, 1)
     for part in filter(None, spec.split(",")):
         key, _, value = part.partition("=")
         if key not in sizes:
             raise ValueError(f"--mesh {spec!r}: unknown axis {key!r} (axes: {', '.join(sizes)})")
         sizes[key] = int(value)
-    return MeshConfig(**sizes)
-
-
-def _sides(grid: str) -> list[int]:
-    """"4x4x8" -> [4, 4, 8]: chips along each axis of the slice."""
-    return [int(side) for side in grid.split("x")]
-
-
-def torus_wrap(gen: str, grid: str) -> tuple[bool, bool, bool]:
-    """Which axes of the chip grid close into rings, as the Cloud TPU pages describe the slices: a v4 or v5p
-    slice built of whole 4x4x4 cubes is a 3-D torus, a smaller one an open mesh; of the 2-D chips only the
-    full 16x16 pod closes its two axes. The TPU compiler picks its collectives by it (on 4x4x4 as an open
-    mesh an FSDP gather compiles to an all-reduce of a zero-padded buffer, on the torus to an all-gather),
-    so a plan for the wrong links reports traffic the slice will not have."""
-    sides = _sides(grid)
-    if CHIPS[gen]["dims"] == 3:
-        return (all(side % 4 == 0 for side in sides),) * 3
-    return (sides == [16, 16],) * 2 + (False,)
+    return MeshConfig(**sizes, slices=slices, dcn_axis=dcn_axis)
 
 
 def _topology_mesh(gen: str, grid: str, mesh: MeshConfig, mesh_spec: str) -> jax.sharding.Mesh:
-    """A Mesh over the devices of a TPU topology (no TPU needed), in the order that follows the torus."""
+    """A Mesh over the devices of a TPU topology (no TPU needed), in the order that follows the torus; with
+    several slices, the mesh of `sharding.make_mesh` over the slices' devices (each slice in torus order)."""
     # A chip of two TensorCores is one device ("megacore"), as the runtime presents v4 and v5p chips; libtpu's
     # v4 default is a device per core, which jax cannot lay out as a mesh.
     chip = {"chip_config_name": "megacore"} if CHIPS[gen]["cores_per_chip"] == 2 else {}
-    sides = _sides(grid)
-    host = (min(2, sides[0]), min(2, sides[1]), 1)  # a host holds 2x2 chips; a single-chip slice, one
-    topo = topologies.get_topology_desc(platform="tpu", topology_name=f"{gen}:{grid}", chips_per_host_bounds=host,
-                                        num_slices=1, wrap=torus_wrap(gen, grid), **chip)
-    shape = mesh_shape(dataclasses.asdict(mesh), len(topo.devices))
+    topo = topologies.get_topology_desc(platform="tpu", topology_name=f"{gen}:{grid}",
+                                        chips_per_host_bounds=host_bounds(grid), num_slices=mesh.slices,
+                                        wrap=torus_wrap(gen, grid), **chip)
+    shape = mesh_shape(mesh.axis_sizes(), len(topo.devices))
+    if mesh.slices > 1:
+        return make_mesh(**dict(zip(MESH_AXES, shape)), devices=topo.devices, slices=mesh.slices,
+                         dcn_axis=mesh.dcn_axis)
     try:
         physical = topologies.make_mesh(topo, shape, MESH_AXES)
     except NotImplementedError as err:  # a mesh axis that is no product of the torus's axes
@@ -108,7 +65,8 @@ def _topology_mesh(gen: str, grid: str, mesh: MeshConfig, mesh_spec: str) -> jax
 
 def train_config(model: str, seq: int, global_batch: int, mesh_spec: str, remat: str = "full", scan: bool = True,
                  loss_chunk: int | None = None, attention: str = "auto", lora_rank: int = 0,
-                 base_dtype: str = "bfloat16", context_attention: str = DEFAULT_CONTEXT_SCHEME) -> TrainConfig:
+                 base_dtype: str = "bfloat16", context_attention: str = DEFAULT_CONTEXT_SCHEME, slices: int = 1,
+                 dcn_axis: str = "data") -> TrainConfig:
     """The run config the flags stand for: what `sft-sharded train` with these keys would compile."""
     named = preset(model)
     # LoRA on experts is not implemented: a mixture of experts gets adapters on its attention only. Layers
@@ -117,7 +75,8 @@ def train_config(model: str, seq: int, global_batch: int, mesh_spec: str, remat:
     return TrainConfig(
         model=ModelConfig(preset=model, dtype="bfloat16", remat=remat, scan_layers=scan and not named.layerwise,
                           attention=attention, context_attention=context_attention),
-        mesh=parse_mesh(mesh_spec), data=DataConfig(batch_size=global_batch, max_length=seq, packing=True),
+        mesh=parse_mesh(mesh_spec, slices, dcn_axis),
+        data=DataConfig(batch_size=global_batch, max_length=seq, packing=True),
         loss=LossConfig(chunk_size=loss_chunk),
         lora=LoraConfig(rank=lora_rank, base_dtype=base_dtype, targets=targets))
 
@@ -125,12 +84,12 @@ def train_config(model: str, seq: int, global_batch: int, mesh_spec: str, remat:
 def plan(topology: str, model: str, seq: int, global_batch: int, mesh_spec: str, remat: str = "full",
          scan: bool = True, loss_chunk: int | None = None, attention: str = "auto", lora_rank: int = 0,
          base_dtype: str = "bfloat16", context_attention: str = DEFAULT_CONTEXT_SCHEME,
-         hlo_file: str | None = None) -> dict:
+         hlo_file: str | None = None, slices: int = 1, dcn_axis: str = "data") -> dict:
     """The train step of `train_config(...)` built by the run module, compiled for `topology`."""
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # read when the TPU compiler starts: no metadata server
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
     run_cfg = train_config(model, seq, global_batch, mesh_spec, remat, scan, loss_chunk, attention, lora_rank,
-                           base_dtype, context_attention)
+                           base_dtype, context_attention, slices, dcn_axis)
     gen, grid = parse_topology(topology)
     mesh = _topology_mesh(gen, grid, run_cfg.mesh, mesh_spec)
     _check_split(mesh, global_batch, seq)
@@ -142,8 +101,8 @@ def plan(topology: str, model: str, seq: int, global_batch: int, mesh_spec: str,
     chip, peak, chips = CHIPS[gen], peak_flops(f"TPU {gen}"), mesh.devices.size
     analytic = flops_per_token(cfg, seq) * global_batch * seq / chips
     result = {
-        "topology": f"{gen}:{grid}", "torus": any(torus_wrap(gen, grid)), "chips": chips, "mesh": dict(mesh.shape),
-        "model": model,
+        "topology": f"{gen}:{grid}", "slices": slices, "torus": any(torus_wrap(gen, grid)), "chips": chips,
+        "mesh": dict(mesh.shape), "model": model,
         "params": cfg.num_params(), "seq": seq, "global_batch": global_batch, "remat": remat,
         "scan": cfg.scan_layers, "loss_chunk": trainer.loss_chunk_size, "lora_rank": lora_rank,
         "lora_targets": cfg.lora and cfg.lora.targets, "base_dtype": base_dtype, "hbm_bytes": chip["hbm_bytes"],
@@ -159,7 +118,7 @@ def plan(topology: str, model: str, seq: int, global_batch: int, mesh_spec: str,
             kernel = choose_kernel(attention, cfg.dtype, cfg.head_size, seq, cfg.attn_softcap, split=split)
             result["attention"] = f"split sequence ({cfg.context_attention}, {cfg.context_layout}, {kernel} per shard)"
     result["pallas_calls"] = lowered.as_text().count("tpu_custom_call")
-    return {**result, **_compile(lowered, chip["hbm_bytes"], hlo_file)}
+    return {**result, **_compile(lowered, chip["hbm_bytes"], hlo_file, mesh)}
 
 
 def _check_split(mesh, global_batch: int, seq: int) -> None:
@@ -172,7 +131,7 @@ def _check_split(mesh, global_batch: int, seq: int) -> None:
         raise UserError(f"--seq {seq} is not divisible by the context axis ({context_size(mesh)} devices)")
 
 
-def _compile(lowered, hbm_bytes: int, hlo_file: str | None = None) -> dict:
+def _compile(lowered, hbm_bytes: int, hlo_file: str | None = None, mesh=None) -> dict:
     """`step_stats` of the compiled step, or the TPU compiler's refusal."""
     try:
         compiled = lowered.compile()
@@ -181,12 +140,14 @@ def _compile(lowered, hbm_bytes: int, hlo_file: str | None = None) -> dict:
             raise
         # The TPU compiler itself refuses a program that cannot fit in HBM: that is the answer.
         return {"fits": False, "compiler_error": str(err).splitlines()[0]}
-    return step_stats(compiled, hbm_bytes, hlo_file)
+    return step_stats(compiled, hbm_bytes, hlo_file, mesh)
 
 
-def step_stats(compiled, hbm_bytes: int, hlo_file: str | None = None) -> dict:
+def step_stats(compiled, hbm_bytes: int, hlo_file: str | None = None, mesh=None) -> dict:
     """Per-chip memory, FLOPs and collectives of a compiled step (any system's: benchmarks/tpu_side_by_side.py
-    reads MaxText's with it); with `hlo_file`, the optimized HLO module is written there too."""
+    reads MaxText's with it); with `hlo_file`, the optimized HLO module is written there too. The
+    collectives that cross slices are counted apart when the program's mesh (`mesh`, else the mesh of its
+    first input) spans several."""
     memory = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -200,14 +161,23 @@ def step_stats(compiled, hbm_bytes: int, hlo_file: str | None = None) -> dict:
         "output_bytes": memory.output_size_in_bytes, "alias_bytes": memory.alias_size_in_bytes,
         "total_bytes_per_chip": per_chip, "fits": per_chip <= hbm_bytes,
         "compiled_flops_per_chip": float(cost.get("flops", float("nan"))),
-        "collectives": hlo_collectives.collectives(hlo),
+        "collectives": hlo_collectives.collectives(hlo, _slice_of(compiled, mesh)),
     }
+
+
+def _slice_of(compiled, mesh) -> list[int] | None:
+    """The slice of each logical device id of a program over several slices (None over one)."""
+    if mesh is None:
+        mesh = next(s.mesh for s in jax.tree.leaves(compiled.input_shardings) if hasattr(s, "mesh"))
+    slice_of = slice_of_devices(mesh.devices)
+    return slice_of if len(set(slice_of)) > 1 else None
 
 
 def report(r: dict) -> str:
     gib = 2**30
     head = (f"plan: {r['model']} ({r['params'] / 1e9:.3f}B params) on {r['topology']} "
-            f"({r['chips']} chip{'s' * (r['chips'] > 1)}, {'torus' if r['torus'] else 'open mesh'}), "
+            f"({r['chips']} chip{'s' * (r['chips'] > 1)}, {'torus' if r['torus'] else 'open mesh'}"
+            f"{', %d slices over DCN' % r['slices'] if r.get('slices', 1) > 1 else ''}), "
             f"mesh {r['mesh']}, {r['global_batch']} x {r['seq']} tokens per step, remat {r['remat']}, "
             f"{'scanned' if r['scan'] else 'unrolled'} layers, "
             f"loss chunk {r['loss_chunk'] or 'none (full logits)'}, attention {r['attention']}"
@@ -238,9 +208,10 @@ def main(args) -> int:
     requested one does not fit."""
     common = (args.topology, args.model, args.seq, args.global_batch, args.mesh, args.remat, not args.no_scan,
               args.loss_chunk, args.attention)
+    layout = dict(slices=args.slices, dcn_axis=args.dcn_axis)
     if args.lora_rank:
-        print(report(plan(*common, context_attention=args.context_attention)))
-    result = plan(*common, args.lora_rank, args.base_dtype, args.context_attention, args.hlo_file)
+        print(report(plan(*common, context_attention=args.context_attention, **layout)))
+    result = plan(*common, args.lora_rank, args.base_dtype, args.context_attention, args.hlo_file, **layout)
     print(report(result))
     if not result["fits"]:
         need = result.get("compiler_error") or f"{result['total_bytes_per_chip'] / 2**30:.2f} GiB per chip"

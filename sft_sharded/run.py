@@ -83,7 +83,7 @@ def build_trainer(cfg: TrainConfig, model_cfg: DecoderConfig | None = None, mesh
     """Mesh (cfg.mesh over this process's devices unless given: `plan` gives a TPU topology's), model and
     optimizer of a config; checks that the global batch splits over the mesh."""
     if mesh is None:
-        mesh = make_mesh(**dataclasses.asdict(cfg.mesh))
+        mesh = make_mesh(**dataclasses.asdict(cfg.mesh))  # the axes' sizes and the slice layout
     dp, k = data_parallel_size(mesh), cfg.optim.grad_accum_steps
     if cfg.data.batch_size % dp:
         raise UserError(f"data.batch_size={cfg.data.batch_size} is not divisible by the data-parallel size "

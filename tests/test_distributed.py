@@ -21,7 +21,8 @@ from sft_sharded.parallel.distributed import cluster_kind
 ROOT = Path(__file__).resolve().parents[1]
 SFT = [sys.executable, "-m", "sft_sharded.cli"]
 ARGS = ["steps=10", "log_every=1", "checkpoint.every=5", "eval.every=0", "eval.num_generate=8", "data.num_eval=16",
-        "data.batch_size=8", "data.max_length=64", "data.shard_by=rows", "data.check_records=100"]
+        "data.batch_size=8", "data.max_length=64", "data.shard_by=rows", "data.check_records=100",
+        "optim.grad_accum_steps=2"]
 
 
 def test_cluster_kind_detection():
@@ -76,12 +77,15 @@ def test_every_process_is_refused_a_locked_run_dir_with_the_same_line(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_processes_match_one_process_and_hand_over_a_checkpoint(tmp_path):
+def test_two_processes_as_two_slices_match_one_process_and_hand_over_a_checkpoint(tmp_path):
+    """2 processes x 4 devices as 2 slices (mesh.slices=2: the data axis spans them, each accumulating its
+    own gradient over 2 micro-batches before the one sum across slices) against 1 process x 8 devices
+    with the same global batch; then the 2-slice checkpoint continues in the single process."""
     env = dict(os.environ, SFT_BIN=str(sft_bin(tmp_path)), SFT_LOG_DIR=str(tmp_path / "logs"))
     env.pop("XLA_FLAGS", None)
     multi = subprocess.run([str(ROOT / "launch/local_multiprocess.sh"), "2", "4", "--", "train",
-                            f"run_dir={tmp_path / 'multi'}", *ARGS], env=env, capture_output=True, text=True,
-                           timeout=600)
+                            f"run_dir={tmp_path / 'multi'}", *ARGS, "mesh.slices=2"], env=env,
+                           capture_output=True, text=True, timeout=600)
     assert multi.returncode == 0, multi.stderr[-3000:]
     saved = {p.name for p in (tmp_path / "multi" / "checkpoints" / "5" / "data").iterdir()}
     assert {"process_0-of-2.json", "process_1-of-2.json"} <= saved
@@ -177,6 +181,18 @@ def test_plan_compiles_for_a_tpu_topology_fits_a_published_gemma3_shape_and_refu
         "LoRA rank 4 on q,k,v,o,gate,up,down over a bfloat16 base")
     memory = [float(m) for m in re.findall(r"= ([0-9.]+) GiB of", lora.stdout)]
     assert len(memory) == 2 and memory[1] < memory[0]  # LoRA's step needs less than full fine-tuning's
+    # Two slices of v5p:2x2x1 over DCN: the data axis spans them, the gradient's all-reduce crosses DCN
+    # (the TPU compiler's per-slice program hands it to the DCN transport), the fsdp gathers stay in a slice.
+    slices = _plan("--topology", "v5p:2x2x1", "--slices", "2", "--model", "tiny", "--seq", "128", "--global-batch",
+                   "16", "--mesh", "data=2,fsdp=-1")
+    assert slices.returncode == 0, slices.stderr[-3000:]
+    assert "on v5p:2x2x1 (8 chips, open mesh, 2 slices over DCN), mesh {'data': 2, 'fsdp': 4," in slices.stdout
+    dcn = re.search(r"across slices \(DCN\): all-reduce (\d+) x [0-9.]+ GiB; DCN ([0-9.]+) GiB", slices.stdout)
+    assert dcn and int(dcn.group(1)) > 0, slices.stdout
+    assert not re.search(r"across slices.*all-gather", slices.stdout)
+    straddle = _plan("--topology", "v5p:2x2x1", "--slices", "2", "--model", "tiny", "--mesh", "fsdp=-1")
+    assert straddle.returncode == 2 and straddle.stderr.strip().splitlines()[-1].startswith(
+        "sft-sharded: error: mesh.data=1 is not a multiple of mesh.slices=2"), straddle.stderr[-2000:]
     too_big = _plan("--topology", "v6e-1", "--model", "llama3.1-8b", "--seq", "8192", "--global-batch", "8")
     assert too_big.returncode == 1 and "on v6e:1x1 (1 chip, open mesh)" in too_big.stdout  # a single chip lays out
     assert "DOES NOT FIT" in too_big.stdout and "does not fit" in too_big.stderr

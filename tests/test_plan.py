@@ -2,7 +2,7 @@
 
 import pytest
 
-from sft_sharded.plan import parse_topology, torus_wrap
+from sft_sharded.topology import parse_topology, torus_wrap
 
 
 @pytest.mark.parametrize("name, wrap", [

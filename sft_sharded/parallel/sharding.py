@@ -10,7 +10,6 @@ those axes with a one-time warning: the table says where things go when they can
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import warnings
 from collections.abc import Mapping, Sequence
@@ -23,12 +22,16 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from sft_sharded.config import MeshConfig
 from sft_sharded.errors import UserError
+from sft_sharded.parallel.slices import hybrid_devices, slice_groups
 
-MESH_AXES = tuple(field.name for field in dataclasses.fields(MeshConfig))  # data, fsdp, expert, context, tensor
+MESH_AXES = tuple(MeshConfig().axis_sizes())  # data, fsdp, expert, context, tensor
 # Rows are split over data, fsdp and expert (an expert group holds its own rows, as an fsdp group does),
 # positions of a row over context.
 BATCH_AXES = ("data", "fsdp", "expert")
 SEQUENCE_AXIS = "context"
+# Replicas of the whole model (no weight is split on it): the axis that spans slices over DCN by default,
+# and the one over which gradient accumulation sums once per step (trainers/trainer.py).
+REPLICA_AXIS = "data"
 
 # Logical name -> mesh axes. Activation names ("act_*") are separate from weight names so that sharding
 # a weight's hidden dim on fsdp does not drag the residual stream onto fsdp: gathering a weight per layer
@@ -85,12 +88,37 @@ def mesh_shape(sizes: Mapping[str, int], num_devices: int) -> tuple[int, ...]:
 
 
 def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Sequence[Any] | None = None,
-              expert: int = 1, context: int = 1) -> Mesh:
-    """A Mesh with axes MESH_AXES over `devices` (default: all); one size may be -1."""
+              expert: int = 1, context: int = 1, slices: int = 1, dcn_axis: str = "data",
+              groups: Sequence[Sequence[Any]] | None = None) -> Mesh:
+    """A Mesh with axes MESH_AXES over `devices` (default: all); one size may be -1. With `slices` > 1 the
+    `dcn_axis` ("data" or "fsdp") spans the slices, every other axis stays inside one; `groups` (the
+    devices of each slice) defaults to the devices' own slices (`slices.slice_groups`)."""
     devices = list(jax.devices() if devices is None else devices)
     shape = mesh_shape(dict(data=data, fsdp=fsdp, expert=expert, context=context, tensor=tensor), len(devices))
-    # jax.make_mesh orders devices by physical topology (TPU/GPU); Auto axes keep flax logical rules working.
-    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+    if slices == 1 and groups is None:
+        slice_groups(devices, 1)  # refuses devices of several TPU slices under one ICI mesh
+        # jax.make_mesh orders devices by physical topology (TPU/GPU); Auto axes keep flax logical rules working.
+        return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+    ici, dcn = slice_shapes(shape, slices, dcn_axis)
+    array = hybrid_devices(ici, dcn, slice_groups(devices, slices) if groups is None else groups)
+    return Mesh(array, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def slice_shapes(shape: Sequence[int], slices: int, dcn_axis: str = "data") -> tuple[list[int], list[int]]:
+    """(inside one slice, across slices) sizes of MESH_AXES for a mesh of `shape` over `slices` slices."""
+    if dcn_axis not in ("data", "fsdp"):
+        raise UserError(f"mesh.dcn_axis={dcn_axis!r} must be 'data' or 'fsdp'")
+    sizes = dict(zip(MESH_AXES, shape))
+    if math.prod(shape) % slices:
+        raise UserError(f"mesh.slices={slices} does not divide the {math.prod(shape)} devices")
+    if sizes[dcn_axis] % slices:
+        other = "fsdp" if dcn_axis == "data" else "data"
+        raise UserError(f"mesh.{dcn_axis}={sizes[dcn_axis]} is not a multiple of mesh.slices={slices}: only "
+                        f"{dcn_axis} spans slices (mesh {sizes}); every other axis stays inside one slice"
+                        f" (mesh.dcn_axis={other} lets {other} span them instead)")
+    ici = [size // slices if name == dcn_axis else size for name, size in sizes.items()]
+    dcn = [slices if name == dcn_axis else 1 for name in sizes]
+    return ici, dcn
 
 
 def _axis_size(mesh_axes: Any, mesh: Mesh) -> int:
@@ -184,6 +212,16 @@ def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
 def row_sharding(mesh: Mesh) -> NamedSharding:
     """Rows split over BATCH_AXES, each row whole (prompts for generation, which gathers the sequence)."""
     return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def without_axis(rules: Sequence[tuple[str, Any]], axis: str) -> tuple[tuple[str, Any], ...]:
+    """`rules` with mesh axis `axis` taken out (code that runs per replica, in `shard_map` over it)."""
+    def drop(axes):
+        if axes is None or isinstance(axes, str):
+            return None if axes == axis else axes
+        kept = tuple(a for a in axes if a != axis)
+        return kept or None
+    return tuple((name, drop(axes)) for name, axes in rules)
 
 
 def whole_sequence(rules: Sequence[tuple[str, Any]]) -> tuple[tuple[str, Any], ...]:

@@ -17,6 +17,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import PartitionSpec as P
 
 from sft_sharded import batch as batch_format
 from sft_sharded.parallel import devices, sharding
@@ -201,30 +202,52 @@ class Trainer(abc.ABC):
     def _sums_and_grads(self, params: Any, frozen: Any, batch: Batch, rng: jax.Array | None = None):
         """Summed loss, token count, extra sums and the gradient of the sum with respect to `params` (not
         `frozen`: no gradient of a frozen weight is ever formed), over `grad_accum_steps` micro-batches.
-        `rng` (training with dropout) is folded with the micro-batch index and handed to `loss_terms`."""
+        `rng` (training with dropout) is folded with the micro-batch index and handed to `loss_terms`.
+
+        Over several micro-batches on a mesh with replicas (its `data` axis, which is the axis that spans
+        slices over DCN), each replica accumulates its own rows' gradient and the replicas sum once at the
+        end: left to itself, XLA all-reduces every micro-batch's gradient over the replicas."""
         k = self.grad_accum_steps
         micro_batches = batch if k == 1 else {key: sharding.split_microbatches(x, k, self.mesh)
                                               for key, x in batch.items()}
         whole = self.whole_batch(partition.merge(params, frozen), batch, micro_batches)
-
-        def micro(mb, index):
-            extra_args = {} if rng is None else {"rng": jax.random.fold_in(rng, index)}
-            if whole is not None:
-                extra_args["whole"] = whole
-
-            def f(p):
-                terms, extra = self.loss_terms(partition.merge(p, frozen), mb, **extra_args)
-                return terms.loss_sum + terms.penalty, (terms.loss_sum, terms.num_tokens, extra)
-            (_, (loss_sum, num_tokens, extra)), grads = jax.value_and_grad(f, has_aux=True)(params)
-            return (loss_sum, num_tokens, extra), grads
-
         if k == 1:
-            return micro(batch, 0)
+            return self._micro(params, frozen, batch, 0, whole, rng)
+        axis, rows = sharding.REPLICA_AXIS, micro_batches[BATCH_KEYS[0]].shape[1]
+        if self.mesh.shape[axis] == 1 or rows % sharding.data_parallel_size(self.mesh):
+            return self._accumulate(params, frozen, micro_batches, whole, rng)
+
+        def per_replica(params, frozen, micro_batches, whole, rng):
+            with nn.logical_axis_rules(sharding.without_axis(self.rules, axis)):
+                sums, grads = self._accumulate(params, frozen, micro_batches, whole, rng)
+            return jax.lax.psum((sums, grads), axis)
+
+        own_rows = P(None, axis)  # [k, rows, ...]: each replica's own rows
+        return jax.shard_map(per_replica, mesh=self.mesh, in_specs=(P(), P(), own_rows, P(), P()), out_specs=P(),
+                             axis_names={axis}, check_vma=False)(params, frozen, micro_batches, whole, rng)
+
+    def _micro(self, params, frozen, mb: Batch, index, whole, rng):
+        """Sums and gradient of one micro-batch."""
+        extra_args = {} if rng is None else {"rng": jax.random.fold_in(rng, index)}
+        if whole is not None:
+            extra_args["whole"] = whole
+
+        def f(p):
+            terms, extra = self.loss_terms(partition.merge(p, frozen), mb, **extra_args)
+            return terms.loss_sum + terms.penalty, (terms.loss_sum, terms.num_tokens, extra)
+        (_, (loss_sum, num_tokens, extra)), grads = jax.value_and_grad(f, has_aux=True)(params)
+        return (loss_sum, num_tokens, extra), grads
+
+    def _accumulate(self, params, frozen, micro_batches: Batch, whole, rng):
+        """Sums and gradient over the micro-batches (leading axis of `micro_batches`), one at a time."""
+        def micro(mb, index):
+            return self._micro(params, frozen, mb, index, whole, rng)
 
         def body(acc, xs):
             sums, grads = micro(*xs)
             return jax.tree.map(jnp.add, acc, (sums, grads)), None
 
+        k = micro_batches[BATCH_KEYS[0]].shape[0]
         zero_sums, _ = jax.eval_shape(micro, jax.tree.map(lambda x: x[0], micro_batches), 0)
         init = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero_sums), jax.tree.map(
             lambda p: jnp.zeros(p.shape, jnp.float32), params
