@@ -1,7 +1,9 @@
 """jax.distributed start-up, called once before anything touches a backend.
 
 Which cluster, in order: explicit `SFT_COORDINATOR` / `SFT_NUM_PROCESSES` / `SFT_PROCESS_ID` (and optional
-`SFT_LOCAL_DEVICE_IDS`, comma separated) as set by `launch/local_multiprocess.sh`; a SLURM job step with more
+`SFT_LOCAL_DEVICE_IDS`, comma separated) as set by `launch/local_multiprocess.sh` and the Ray launcher; a
+JobSet pod gives `SFT_SLICE_ID`, `SFT_HOSTS_PER_SLICE` and `SFT_HOST_INDEX` instead of `SFT_PROCESS_ID`
+(Kubernetes can copy the job and pod indices into the environment but not multiply them); a SLURM job step with more
 than one task (jax's own SLURM detection); a multi-host Cloud TPU VM (jax's own TPU detection); otherwise a
 single process, where nothing is initialised.
 """
@@ -30,17 +32,44 @@ def cluster_kind(env=os.environ) -> str:
     return "single"
 
 
+_SLICE_KEYS = ("SFT_SLICE_ID", "SFT_HOSTS_PER_SLICE", "SFT_HOST_INDEX")
+
+
+def explicit_cluster(env=os.environ) -> dict[str, int | str]:
+    """{coordinator, num_processes, process_id, slice_id} of an explicit cluster's environment."""
+    def number(key: str) -> int:
+        try:
+            return int(env[key])
+        except ValueError:
+            raise UserError(f"{key}={env[key]!r} must be an integer") from None
+
+    wanted = ("SFT_NUM_PROCESSES",) + (_SLICE_KEYS if "SFT_PROCESS_ID" not in env else ("SFT_PROCESS_ID",))
+    missing = [k for k in wanted if not env.get(k)]
+    if missing:
+        raise UserError(f"SFT_COORDINATOR is set but {', '.join(missing)} is not")
+    if "SFT_PROCESS_ID" in env:
+        process_id = number("SFT_PROCESS_ID")
+        slice_id = number("SFT_SLICE_ID") if env.get("SFT_SLICE_ID") else 0
+    else:
+        slice_id = number("SFT_SLICE_ID")
+        process_id = slice_id * number("SFT_HOSTS_PER_SLICE") + number("SFT_HOST_INDEX")
+    num_processes = number("SFT_NUM_PROCESSES")
+    if not 0 <= process_id < num_processes:
+        raise UserError(f"process id {process_id} (from the SFT_* environment) is not below SFT_NUM_PROCESSES="
+                        f"{num_processes}")
+    return {"coordinator": env["SFT_COORDINATOR"], "num_processes": num_processes, "process_id": process_id,
+            "slice_id": slice_id}
+
+
 def initialize(env=os.environ) -> str:
     """Start jax.distributed for the detected cluster; returns its kind."""
     kind = cluster_kind(env)
     if kind == "explicit":
-        missing = [k for k in ("SFT_NUM_PROCESSES", "SFT_PROCESS_ID") if not env.get(k)]
-        if missing:
-            raise ValueError(f"SFT_COORDINATOR is set but {', '.join(missing)} is not")
+        cluster = explicit_cluster(env)
         local = env.get("SFT_LOCAL_DEVICE_IDS")
         jax.distributed.initialize(
-            coordinator_address=env["SFT_COORDINATOR"], num_processes=int(env["SFT_NUM_PROCESSES"]),
-            process_id=int(env["SFT_PROCESS_ID"]),
+            coordinator_address=cluster["coordinator"], num_processes=cluster["num_processes"],
+            process_id=cluster["process_id"],
             local_device_ids=[int(i) for i in local.split(",")] if local else None,
         )
     elif kind in ("slurm", "tpu"):

@@ -1,0 +1,1 @@
+"""Launchers for engines that start the processes of a run: GKE JobSet / xpk, Ray."""
