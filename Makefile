@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 ARGS ?=
 
-.PHONY: train test test-fast clean
+.PHONY: train test test-fast clean system-test-deps
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -20,10 +20,16 @@ $(VENV)/.installed-test: $(VENV)/.installed-base
 	$(VENV)/bin/pip install --quiet "jax[tpu]==$$($(VENV)/bin/python -c 'import jax; print(jax.__version__)')"
 	touch $@
 
+# tests/test_slurm.py starts a one-node SLURM (Debian's slurm-wlm and munge); installed where this runs as
+# root with apt (CI, the development VMs), else that test skips.
+system-test-deps:
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && ! command -v slurmctld >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge >/dev/null; fi
+
 train: $(VENV)/.installed-base
 	$(VENV)/bin/sft-sharded train $(ARGS)
 
-test: $(VENV)/.installed-test
+test: $(VENV)/.installed-test system-test-deps
 	$(VENV)/bin/ruff check sft_sharded tests benchmarks
 	$(VENV)/bin/python -m pytest -q -n 2 --dist worksteal --durations=25 tests
 

@@ -133,7 +133,7 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(prog="ray_launch.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--hosts", type=int, required=True, help="processes (one per host), all slices together")
     parser.add_argument("--devices-per-host", type=int, default=0, help="simulated CPU devices per process")
-    parser.add_argument("--address", default=None, help="a running Ray cluster (default: RAY_ADDRESS, else a local one)")
+    parser.add_argument("--address", default=None, help="a Ray cluster (default: RAY_ADDRESS, else a new local one)")
     parser.add_argument("--max-restarts", type=int, default=3)
     parser.add_argument("--cpus-per-host", type=float, default=1)
     parser.add_argument("--tpu-chips-per-host", type=int, default=0, help="Ray's TPU resource per actor")
