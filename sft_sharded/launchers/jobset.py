@@ -26,14 +26,13 @@ import yaml
 
 from sft_sharded.config import load_config
 from sft_sharded.errors import UserError
+from sft_sharded.launchers.common import MEGASCALE_PORT, USER_ERROR_EXIT, megascale_env
 from sft_sharded.topology import CHIPS, parse_topology
 
 API_VERSION = "jobset.x-k8s.io/v1alpha2"
 JOB = "slice"  # the replicated job: one Job per slice
 CONTAINER = "train"
 COORDINATOR_PORT = 8476  # jax.distributed's coordinator (on the first pod of the first slice)
-MEGASCALE_PORT = 8080  # the multi-slice runtime's DCN transport
-USER_ERROR_EXIT = 2  # the CLI's exit status for a user's mistake (errors.UserError)
 # GKE's node label for each TPU generation (cloud.google.com/gke-tpu-accelerator).
 ACCELERATOR_LABELS = {"v4": "tpu-v4-podslice", "v5e": "tpu-v5-lite-podslice", "v5p": "tpu-v5p-slice",
                       "v6e": "tpu-v6e-slice"}
@@ -62,11 +61,8 @@ def _pod_env(slices: int, hosts: int) -> list[dict[str, Any]]:
            {"name": "SFT_HOSTS_PER_SLICE", "value": str(hosts)},
            {"name": "SFT_NUM_PROCESSES", "value": str(slices * hosts)},
            {"name": "SFT_COORDINATOR", "value": f"$(JOBSET_COORDINATOR):{COORDINATOR_PORT}"}]
-    if slices > 1:
-        env += [{"name": "MEGASCALE_COORDINATOR_ADDRESS", "value": "$(JOBSET_COORDINATOR)"},
-                {"name": "MEGASCALE_NUM_SLICES", "value": str(slices)},
-                {"name": "MEGASCALE_SLICE_ID", "value": "$(SFT_SLICE_ID)"},
-                {"name": "MEGASCALE_PORT", "value": str(MEGASCALE_PORT)}]
+    megascale = megascale_env("$(JOBSET_COORDINATOR)", slices, "$(SFT_SLICE_ID)")
+    env += [{"name": name, "value": value} for name, value in megascale.items()]
     return env
 
 

@@ -30,7 +30,8 @@ from pathlib import Path
 
 import ray
 
-USER_ERROR_EXIT = 2  # the CLI's exit status for a user's mistake (errors.UserError)
+from sft_sharded.launchers.common import USER_ERROR_EXIT, megascale_env
+
 _PR_SET_PDEATHSIG = 1
 
 
@@ -91,7 +92,8 @@ def _attempt(args, train_args: list[str], attempt: int, placement, say) -> tuple
         extra = [f"simulate_devices={args.devices_per_host}"] if args.devices_per_host else []
         runs = {}
         for i, actor in enumerate(actors):
-            env = {"SFT_COORDINATOR": coordinator, "SFT_NUM_PROCESSES": str(args.hosts), "SFT_PROCESS_ID": str(i)}
+            env = {"SFT_COORDINATOR": coordinator, "SFT_NUM_PROCESSES": str(args.hosts), "SFT_PROCESS_ID": str(i),
+                   **megascale_env(places[0][0], args.slices, i // (args.hosts // args.slices))}
             if args.devices_per_host:
                 env["JAX_PLATFORMS"] = "cpu"
             log = str(Path(args.log_dir).absolute() / f"attempt_{attempt}" / f"process_{i}.log")
@@ -138,7 +140,9 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--cpus-per-host", type=float, default=1)
     parser.add_argument("--tpu-chips-per-host", type=int, default=0, help="Ray's TPU resource per actor")
     parser.add_argument("--tpu-topology", default=None, help="e.g. v5p:2x2x2: reserve whole slices of it")
-    parser.add_argument("--slices", type=int, default=1, help="with --tpu-topology: how many slices")
+    parser.add_argument("--slices", type=int, default=1,
+                        help="TPU slices (the multi-slice runtime's MEGASCALE_* variables; with --tpu-topology, "
+                             "whole slices reserved)")
     parser.add_argument("--placement-timeout", type=float, default=600)
     parser.add_argument("--log-dir", default=f"logs/ray-{time.strftime('%Y%m%d-%H%M%S')}")
     split = argv.index("--") if "--" in argv else len(argv)
@@ -146,8 +150,8 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     train_args = argv[split + 1:]
     if not train_args or train_args[0] != "train":
         parser.error("after --, give the run's command: train KEY=VALUE ...")
-    if args.hosts < 1 or args.max_restarts < 0:
-        parser.error("--hosts must be >= 1 and --max-restarts >= 0")
+    if args.hosts < 1 or args.max_restarts < 0 or args.slices < 1 or args.hosts % args.slices:
+        parser.error("--hosts must be >= 1 and a multiple of --slices, and --max-restarts >= 0")
     return args, train_args
 
 
