@@ -168,7 +168,9 @@ def step_stats(compiled, hbm_bytes: int, hlo_file: str | None = None, mesh=None)
 def _slice_of(compiled, mesh) -> list[int] | None:
     """The slice of each logical device id of a program over several slices (None over one)."""
     if mesh is None:
-        mesh = next(s.mesh for s in jax.tree.leaves(compiled.input_shardings) if hasattr(s, "mesh"))
+        mesh = next((s.mesh for s in jax.tree.leaves(compiled.input_shardings) if hasattr(s, "mesh")), None)
+    if mesh is None:
+        return None
     slice_of = slice_of_devices(mesh.devices)
     return slice_of if len(set(slice_of)) > 1 else None
 
