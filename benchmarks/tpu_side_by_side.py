@@ -64,7 +64,8 @@ def maxtext(row: str, loss: str, global_batch: int, hlo_file: str | None, slices
     per_chip = global_batch / math.prod(int(n) for n in grid.split("x")) / slices
     config = os.path.join(os.path.dirname(maxtext.__file__), "configs", "base.yml")
     argv = [None, config, f"model_name={model}", f"compile_topology={topology}",
-            f"compile_topology_num_slices={slices}", f"per_device_batch_size={per_chip:g}", f"max_target_length={seq}", "remat_policy=full",
+            f"compile_topology_num_slices={slices}", f"per_device_batch_size={per_chip:g}",
+            f"max_target_length={seq}", "remat_policy=full",
             "dataset_type=synthetic", "enable_checkpointing=false", "skip_jax_distributed_system=true",
             f"base_output_directory={tempfile.mkdtemp()}", "run_name=side_by_side",
             f"num_vocab_tiling={seq // TILE if loss == 'tiled' else 1}"]
