@@ -209,6 +209,7 @@ def _add_plan_arguments(parser) -> None:
                         help="slices joined over DCN (the topology is one slice); --mesh's data axis spans them")
     parser.add_argument("--dcn-axis", default="data", choices=("data", "fsdp"),
                         help="the mesh axis that spans the slices (fsdp: weights gathered over DCN every layer)")
+    parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (optim.grad_accum_steps)")
     parser.add_argument("--remat", default="full", choices=REMAT_POLICIES)
     parser.add_argument("--no-scan", action="store_true", help="unroll the layers (slower to compile)")
     parser.add_argument("--attention", default="auto", choices=[a for a in ATTENTION_IMPLEMENTATIONS if a != "cudnn"],

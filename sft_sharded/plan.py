@@ -18,7 +18,8 @@ from jax.experimental import topologies
 
 from sft_sharded.batch import BATCH_KEYS
 from sft_sharded.choices import DEFAULT_CONTEXT_SCHEME, LORA_MLP_TARGETS, LORA_TARGETS
-from sft_sharded.config import DataConfig, LoraConfig, LossConfig, MeshConfig, ModelConfig, TrainConfig
+from sft_sharded.config import (DataConfig, LoraConfig, LossConfig, MeshConfig, ModelConfig, OptimConfig,
+                                TrainConfig)
 from sft_sharded.errors import UserError
 from sft_sharded.metrics import flops_per_token, memory_per_device, peak_flops
 from sft_sharded.models import preset
@@ -66,7 +67,7 @@ def _topology_mesh(gen: str, grid: str, mesh: MeshConfig, mesh_spec: str) -> jax
 def train_config(model: str, seq: int, global_batch: int, mesh_spec: str, remat: str = "full", scan: bool = True,
                  loss_chunk: int | None = None, attention: str = "auto", lora_rank: int = 0,
                  base_dtype: str = "bfloat16", context_attention: str = DEFAULT_CONTEXT_SCHEME, slices: int = 1,
-                 dcn_axis: str = "data") -> TrainConfig:
+                 dcn_axis: str = "data", grad_accum: int = 1) -> TrainConfig:
     """The run config the flags stand for: what `sft-sharded train` with these keys would compile."""
     named = preset(model)
     # LoRA on experts is not implemented: a mixture of experts gets adapters on its attention only. Layers
@@ -78,18 +79,19 @@ def train_config(model: str, seq: int, global_batch: int, mesh_spec: str, remat:
         mesh=parse_mesh(mesh_spec, slices, dcn_axis),
         data=DataConfig(batch_size=global_batch, max_length=seq, packing=True),
         loss=LossConfig(chunk_size=loss_chunk),
+        optim=OptimConfig(grad_accum_steps=grad_accum),
         lora=LoraConfig(rank=lora_rank, base_dtype=base_dtype, targets=targets))
 
 
 def plan(topology: str, model: str, seq: int, global_batch: int, mesh_spec: str, remat: str = "full",
          scan: bool = True, loss_chunk: int | None = None, attention: str = "auto", lora_rank: int = 0,
          base_dtype: str = "bfloat16", context_attention: str = DEFAULT_CONTEXT_SCHEME,
-         hlo_file: str | None = None, slices: int = 1, dcn_axis: str = "data") -> dict:
+         hlo_file: str | None = None, slices: int = 1, dcn_axis: str = "data", grad_accum: int = 1) -> dict:
     """The train step of `train_config(...)` built by the run module, compiled for `topology`."""
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # read when the TPU compiler starts: no metadata server
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
     run_cfg = train_config(model, seq, global_batch, mesh_spec, remat, scan, loss_chunk, attention, lora_rank,
-                           base_dtype, context_attention, slices, dcn_axis)
+                           base_dtype, context_attention, slices, dcn_axis, grad_accum)
     gen, grid = parse_topology(topology)
     mesh = _topology_mesh(gen, grid, run_cfg.mesh, mesh_spec)
     _check_split(mesh, global_batch, seq)
@@ -101,8 +103,8 @@ def plan(topology: str, model: str, seq: int, global_batch: int, mesh_spec: str,
     chip, peak, chips = CHIPS[gen], peak_flops(f"TPU {gen}"), mesh.devices.size
     analytic = flops_per_token(cfg, seq) * global_batch * seq / chips
     result = {
-        "topology": f"{gen}:{grid}", "slices": slices, "torus": any(torus_wrap(gen, grid)), "chips": chips,
-        "mesh": dict(mesh.shape), "model": model,
+        "topology": f"{gen}:{grid}", "slices": slices, "grad_accum": grad_accum, "torus": any(torus_wrap(gen, grid)),
+        "chips": chips, "mesh": dict(mesh.shape), "model": model,
         "params": cfg.num_params(), "seq": seq, "global_batch": global_batch, "remat": remat,
         "scan": cfg.scan_layers, "loss_chunk": trainer.loss_chunk_size, "lora_rank": lora_rank,
         "lora_targets": cfg.lora and cfg.lora.targets, "base_dtype": base_dtype, "hbm_bytes": chip["hbm_bytes"],
@@ -180,7 +182,8 @@ def report(r: dict) -> str:
     head = (f"plan: {r['model']} ({r['params'] / 1e9:.3f}B params) on {r['topology']} "
             f"({r['chips']} chip{'s' * (r['chips'] > 1)}, {'torus' if r['torus'] else 'open mesh'}"
             f"{', %d slices over DCN' % r['slices'] if r.get('slices', 1) > 1 else ''}), "
-            f"mesh {r['mesh']}, {r['global_batch']} x {r['seq']} tokens per step, remat {r['remat']}, "
+            f"mesh {r['mesh']}, {r['global_batch']} x {r['seq']} tokens per step"
+            f"{' in %d micro-batches' % r['grad_accum'] if r.get('grad_accum', 1) > 1 else ''}, remat {r['remat']}, "
             f"{'scanned' if r['scan'] else 'unrolled'} layers, "
             f"loss chunk {r['loss_chunk'] or 'none (full logits)'}, attention {r['attention']}"
             f"{' (%d Pallas calls)' % r['pallas_calls'] if r.get('pallas_calls') else ''}, "
@@ -210,7 +213,7 @@ def main(args) -> int:
     requested one does not fit."""
     common = (args.topology, args.model, args.seq, args.global_batch, args.mesh, args.remat, not args.no_scan,
               args.loss_chunk, args.attention)
-    layout = dict(slices=args.slices, dcn_axis=args.dcn_axis)
+    layout = dict(slices=args.slices, dcn_axis=args.dcn_axis, grad_accum=args.grad_accum)
     if args.lora_rank:
         print(report(plan(*common, context_attention=args.context_attention, **layout)))
     result = plan(*common, args.lora_rank, args.base_dtype, args.context_attention, args.hlo_file, **layout)

@@ -32,7 +32,7 @@ def test_slice_groups_by_process_on_cpu_and_by_slice_id_on_tpu():
 
 
 @pytest.mark.parametrize("devices, slices, message", [
-    ([fake(i, process=0) for i in range(4)], 2, "mesh.slices=2, but the 4 devices lie in 1 processes (each stands in"),
+    ([fake(i, process=0) for i in range(4)], 2, "mesh.slices=2, but the 4 devices lie in 1 process (off TPUs each process stands in"),
     ([fake(i, slice_index=None, platform="tpu") for i in range(4)], 2, "TPU device 0 has no slice id"),
     ([fake(i, slice_index=i // 2, platform="tpu") for i in range(4)], 1, "mesh.slices=1, but the 4 devices lie in 2 slices"),
     ([fake(i, process=int(i > 0)) for i in range(4)], 2, "the slices hold different numbers of devices ([1, 3])"),
@@ -59,7 +59,7 @@ def test_a_two_slice_mesh_keeps_every_axis_but_data_inside_a_slice():
     (dict(data=1, fsdp=8, slices=2), "mesh.data=1 is not a multiple of mesh.slices=2: only data spans slices"),
     (dict(data=4, fsdp=2, slices=4, dcn_axis="fsdp"), "mesh.fsdp=2 is not a multiple of mesh.slices=4: only fsdp"),
     (dict(data=1, fsdp=-1, slices=3), "mesh.slices=3 does not divide the 8 devices"),
-    (dict(data=2, fsdp=-1, slices=2), "but the 8 devices lie in 1 processes"),  # one process: no second slice
+    (dict(data=2, fsdp=-1, slices=2), "but the 8 devices lie in 1 process (off TPUs"),  # one process: no second slice
 ])
 def test_make_mesh_refuses_axes_that_straddle_slices(kwargs, message):
     with pytest.raises(UserError) as err:

@@ -165,10 +165,10 @@ def report(totals: dict[str, dict[str, float]]) -> str:
     total = sum(t["bytes"] for t in totals.values()) / 2**30
     line = f"collectives per chip per step: {', '.join(parts) or 'none'}; total {total:.2f} GiB"
     if any("dcn_bytes" in t for t in totals.values()):
-        dcn = [f"{kind} {t['dcn_count']} x {t['dcn_bytes'] / 2**30:.3f} GiB" for kind, t in totals.items()
+        mib = 2**20  # DCN in MiB: a slice's whole gradient, often far below a GiB per chip
+        dcn = [f"{kind} {t['dcn_count']} x {t['dcn_bytes'] / mib:.2f} MiB" for kind, t in totals.items()
                if t.get("dcn_count")]
-        dcn_total = sum(t.get("dcn_bytes", 0.0) for t in totals.values()) / 2**30
-        ici_total = total - dcn_total
-        line += (f"\n  across slices (DCN): {', '.join(dcn) or 'none'}; DCN {dcn_total:.3f} GiB, "
-                 f"inside slices (ICI) {ici_total:.2f} GiB per chip per step")
+        dcn_total = sum(t.get("dcn_bytes", 0.0) for t in totals.values())
+        line += (f"\n  across slices (DCN): {', '.join(dcn) or 'none'}; DCN {dcn_total / mib:.2f} MiB, "
+                 f"inside slices (ICI) {total - dcn_total / 2**30:.2f} GiB per chip per step")
     return line

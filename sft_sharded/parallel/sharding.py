@@ -215,7 +215,7 @@ def row_sharding(mesh: Mesh) -> NamedSharding:
 
 
 def without_axis(rules: Sequence[tuple[str, Any]], axis: str) -> tuple[tuple[str, Any], ...]:
-    """`rules` with mesh axis `axis` taken out (code that runs per replica, in `shard_map` over it)."""
+    """`rules` with mesh axis `axis` taken out (code vmapped over it, per replica)."""
     def drop(axes):
         if axes is None or isinstance(axes, str):
             return None if axes == axis else axes

@@ -42,8 +42,10 @@ def slice_groups(devices: Sequence[Any], slices: int) -> list[list[Any]]:
     for device in devices:
         groups[slice_key(device) if tpu or slices > 1 else 0].append(device)
     if len(groups) != slices:
-        what = "slices" if tpu else "processes (each stands in for a slice)"
-        raise UserError(f"mesh.slices={slices}, but the {len(devices)} devices lie in {len(groups)} {what}")
+        n = len(groups)
+        what = ("slice" if n == 1 else "slices") if tpu else (
+            f"{'process' if n == 1 else 'processes'} (off TPUs each process stands in for a slice)")
+        raise UserError(f"mesh.slices={slices}, but the {len(devices)} devices lie in {n} {what}")
     sizes = {len(g) for g in groups.values()}
     if len(sizes) > 1:
         raise UserError(f"mesh.slices={slices}: the slices hold different numbers of devices "

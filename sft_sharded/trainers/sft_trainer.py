@@ -107,6 +107,12 @@ class SFTTrainer(Trainer):
         terms, _ = self.loss_terms(params, batch)
         return terms.mean()
 
+    @property
+    def replicas_accumulate_apart(self) -> bool:
+        """Not with experts: jax cannot vmap their grouped matmul (`ragged_dot`) over replicas that share
+        the weights, so XLA sums a mixture's gradient over the replicas once per micro-batch."""
+        return not (self._config is not None and self._config.num_experts)
+
     def whole_batch(self, params, batch: Batch, micro_batches: Batch) -> WholeBatch | None:
         """With router losses and micro-batches: the whole batch's router sums and target count, from a
         forward pass over every micro-batch first. The load-balancing loss multiplies two batch means, so

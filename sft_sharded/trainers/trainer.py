@@ -17,7 +17,6 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import PartitionSpec as P
 
 from sft_sharded import batch as batch_format
 from sft_sharded.parallel import devices, sharding
@@ -204,9 +203,15 @@ class Trainer(abc.ABC):
         `frozen`: no gradient of a frozen weight is ever formed), over `grad_accum_steps` micro-batches.
         `rng` (training with dropout) is folded with the micro-batch index and handed to `loss_terms`.
 
-        Over several micro-batches on a mesh with replicas (its `data` axis, which is the axis that spans
-        slices over DCN), each replica accumulates its own rows' gradient and the replicas sum once at the
-        end: left to itself, XLA all-reduces every micro-batch's gradient over the replicas."""
+        Over several micro-batches on a mesh with replicas (its `data` axis, the axis that spans slices over
+        DCN), each replica accumulates its own rows' gradient and the replicas sum once at the end: left to
+        itself, XLA all-reduces every micro-batch's gradient over the replicas. The replicas are a vmapped
+        axis laid on the data axis (`spmd_axis_name`) rather than a `shard_map` over it, whose partially
+        manual region XLA 0.12's partitioner aborts on (the embedding gather of a table split on `tensor`).
+        XLA still sums per micro-batch in two cases: with dropout, whose masks are drawn for the whole
+        micro-batch as on any other mesh (it trains LoRA's small gradient), and for a model that cannot be
+        vmapped (`replicas_accumulate_apart`).
+        """
         k = self.grad_accum_steps
         micro_batches = batch if k == 1 else {key: sharding.split_microbatches(x, k, self.mesh)
                                               for key, x in batch.items()}
@@ -214,17 +219,20 @@ class Trainer(abc.ABC):
         if k == 1:
             return self._micro(params, frozen, batch, 0, whole, rng)
         axis, rows = sharding.REPLICA_AXIS, micro_batches[BATCH_KEYS[0]].shape[1]
-        if self.mesh.shape[axis] == 1 or rows % sharding.data_parallel_size(self.mesh):
+        replicas = self.mesh.shape[axis]
+        if (replicas == 1 or rng is not None or not self.replicas_accumulate_apart
+                or rows % sharding.data_parallel_size(self.mesh)):
             return self._accumulate(params, frozen, micro_batches, whole, rng)
+        # [k, rows, ...] -> [k, replicas, rows / replicas, ...]: the rows are split over the data axis first
+        # (sharding.BATCH_AXES), so a replica's rows are one contiguous block and nothing moves between devices.
+        own = {key: x.reshape(k, replicas, rows // replicas, *x.shape[2:]) for key, x in micro_batches.items()}
 
-        def per_replica(params, frozen, micro_batches, whole, rng):
+        def per_replica(own_micro_batches):
             with nn.logical_axis_rules(sharding.without_axis(self.rules, axis)):
-                sums, grads = self._accumulate(params, frozen, micro_batches, whole, rng)
-            return jax.lax.psum((sums, grads), axis)
+                return self._accumulate(params, frozen, own_micro_batches, whole, None)
 
-        own_rows = P(None, axis)  # [k, rows, ...]: each replica's own rows
-        return jax.shard_map(per_replica, mesh=self.mesh, in_specs=(P(), P(), own_rows, P(), P()), out_specs=P(),
-                             axis_names={axis}, check_vma=False)(params, frozen, micro_batches, whole, rng)
+        sums, grads = jax.vmap(per_replica, in_axes=1, spmd_axis_name=axis)(own)
+        return jax.tree.map(lambda x: jnp.sum(x, axis=0), (sums, grads))
 
     def _micro(self, params, frozen, mb: Batch, index, whole, rng):
         """Sums and gradient of one micro-batch."""
@@ -254,6 +262,11 @@ class Trainer(abc.ABC):
         )
         (sums, grads), _ = jax.lax.scan(body, init, (micro_batches, jnp.arange(k)))
         return sums, grads
+
+    @property
+    def replicas_accumulate_apart(self) -> bool:
+        """Whether the model can be vmapped over the data axis's replicas (`_sums_and_grads`)."""
+        return True
 
     def whole_batch(self, params: Any, batch: Batch, micro_batches: Batch) -> Any:
         """What every micro-batch's loss needs to know about the whole batch (a subclass's hook; None here,
