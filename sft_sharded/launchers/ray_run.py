@@ -24,6 +24,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections import deque
 from pathlib import Path
@@ -179,4 +180,10 @@ def main(argv: list[str] | None = None) -> int:
         say(f"giving up after {args.max_restarts} restarts (logs: {args.log_dir})")
         return 1
     finally:
-        ray.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # A driver whose cluster is busy or going away can wait in shutdown for good: bounded, the verdict
+        # above is already out (launch/ray_launch.py then exits without Ray's exit handlers).
+        stopper = threading.Thread(target=ray.shutdown, daemon=True)
+        stopper.start()
+        stopper.join(timeout=30)
