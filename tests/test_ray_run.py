@@ -102,9 +102,8 @@ def test_two_actors_match_one_process_a_killed_actor_restarts_to_the_same_parame
     code, out, err, straight, _ = launch(address, env, tmp_path, "straight")
     assert code == 0, err[-3000:]
     assert "finished after 0 restarts" in err
-    # process 0's output: streamed here as it comes (Ray forwards it; the last lines may still be on their way
-    # when the launcher exits), all of it in its log file
-    assert "step 1: loss" in out
+    # process 0's output, all of it, in its log file (Ray's forwarding of the stream to the driver is best
+    # effort: under load it lags behind the run, so the test does not count on it)
     assert "trained 6 steps (1-6)" in (tmp_path / "straight-logs" / "attempt_0" / "process_0.log").read_text()
     single = subprocess.run([sys.executable, "-m", "sft_sharded.cli", "train", f"run_dir={tmp_path / 'single'}",
                              *ARGS], env=env, capture_output=True, text=True, timeout=600)
