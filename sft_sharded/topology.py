@@ -47,9 +47,12 @@ def host_bounds(grid: str) -> tuple[int, int, int]:
     return min(2, sides[0]), min(2, sides[1]), 1
 
 
-def hosts(grid: str) -> int:
-    """Hosts (VMs, pods on GKE) of one slice of this chip grid."""
-    return math.prod(_sides(grid)) // math.prod(host_bounds(grid))
+def slice_hosts(gen: str, grid: str) -> tuple[int, int]:
+    """(hosts, chips per host) of one slice as GKE provisions it: 2-D chips (v5e, v6e) up to 8 on one
+    host; otherwise 4 chips a host (fewer on a slice smaller than that)."""
+    chips = math.prod(_sides(grid))
+    per_host = chips if CHIPS[gen]["dims"] == 2 and chips <= 8 else min(4, chips)
+    return chips // per_host, per_host
 
 
 def torus_wrap(gen: str, grid: str) -> tuple[bool, bool, bool]:

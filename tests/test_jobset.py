@@ -12,8 +12,9 @@ import pytest
 import yaml
 from optional import optional
 
-from sft_sharded.launchers.jobset import main, manifest, slice_hosts, xpk_command
+from sft_sharded.launchers.jobset import main, manifest, xpk_command
 from sft_sharded.parallel.distributed import cluster_kind, explicit_cluster
+from sft_sharded.topology import slice_hosts
 
 ROOT = Path(__file__).resolve().parents[1]
 CRD = ROOT.parent / "shared" / "k8s" / "jobset.x-k8s.io_jobsets.yaml"

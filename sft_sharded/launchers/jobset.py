@@ -27,7 +27,7 @@ import yaml
 from sft_sharded.config import load_config
 from sft_sharded.errors import UserError
 from sft_sharded.launchers.common import MEGASCALE_PORT, USER_ERROR_EXIT, megascale_env
-from sft_sharded.topology import CHIPS, parse_topology
+from sft_sharded.topology import parse_topology, slice_hosts
 
 API_VERSION = "jobset.x-k8s.io/v1alpha2"
 JOB = "slice"  # the replicated job: one Job per slice
@@ -38,16 +38,6 @@ ACCELERATOR_LABELS = {"v4": "tpu-v4-podslice", "v5e": "tpu-v5-lite-podslice", "v
                       "v6e": "tpu-v6e-slice"}
 # xpk's --tpu-type prefix for each generation (it counts chips for v5e/v6e, TensorCores for v4/v5p).
 XPK_PREFIX = {"v4": "v4", "v5e": "v5litepod", "v5p": "v5p", "v6e": "v6e"}
-
-
-def slice_hosts(gen: str, grid: str) -> tuple[int, int]:
-    """(hosts, chips per host) of one slice as GKE provisions it: 2-D chips (v5e, v6e) up to 8 on one
-    host; otherwise 4 chips a host (fewer on a slice smaller than that)."""
-    chips = 1
-    for side in grid.split("x"):
-        chips *= int(side)
-    per_host = chips if CHIPS[gen]["dims"] == 2 and chips <= 8 else min(4, chips)
-    return chips // per_host, per_host
 
 
 def _pod_env(slices: int, hosts: int) -> list[dict[str, Any]]:
